@@ -13,7 +13,6 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TINY_ARCH = "L2RCLIP-Tiny"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1 @@
+"""Backbone loading, rank prompts, RankFormer, prompt text encoding and the L2RCLIP model."""

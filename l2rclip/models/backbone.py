@@ -1,0 +1,166 @@
+"""Loading a CLIP backbone through open_clip, with an honest offline story.
+
+`pretrained` is one of:
+- an open_clip tag (`openai`, `laion2b_s34b_b88k`, ...): weights come from the local cache, or are
+  downloaded on a connected machine. Offline and not cached, loading fails within seconds with a
+  message that says how to supply the weights, instead of hanging in retries;
+- a path to a local weights file (`.bin`, `.pt`, `.safetensors`);
+- `none`: random initialisation. Useful for pipeline checks and tests, and loudly *not CLIP*.
+
+The text tower and the logit scale are always frozen (L2RCLIP tunes prompts, not the text encoder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TINY_ARCH = "L2RCLIP-Tiny"
+_HF_HOST = "huggingface.co"
+_PROBE_TIMEOUT_S = 3.0
+
+
+class WeightsUnavailableError(RuntimeError):
+    """CLIP weights were asked for by tag but cannot be found locally or downloaded."""
+
+
+@dataclass
+class Backbone:
+    """An open_clip CLIP model with its preprocessing and tokenizer.
+
+    Attributes:
+        model: the open_clip CLIP (text tower and logit scale frozen).
+        preprocess_train: training transform (augmenting).
+        preprocess_eval: evaluation transform (resize + centre crop).
+        tokenizer: the architecture's tokenizer.
+        arch: architecture name; pretrained: the weights source as given.
+        is_clip: False when the weights are random (`pretrained: none`).
+    """
+
+    model: nn.Module
+    preprocess_train: Any
+    preprocess_eval: Any
+    tokenizer: Any
+    arch: str
+    pretrained: str
+    is_clip: bool
+
+
+def register_builtin_configs() -> None:
+    """Make the package's own architecture configs (the tiny test model) known to open_clip."""
+    if TINY_ARCH not in open_clip.list_models():
+        config_dir = resources.files("l2rclip.models") / "configs"
+        open_clip.add_model_config(Path(str(config_dir)))
+
+
+def load_backbone(arch: str, pretrained: str | None, device: str | torch.device = "cpu") -> Backbone:
+    """Create the CLIP model and transforms for `arch` with weights from `pretrained`.
+
+    Raises:
+        ValueError: unknown architecture or a `pretrained` that is neither tag, file nor `none`.
+        WeightsUnavailableError: a tag whose weights are not cached and cannot be downloaded.
+    """
+    register_builtin_configs()
+    if arch not in open_clip.list_models():
+        raise ValueError(f"model.arch: unknown open_clip architecture {arch!r}; "
+                         f"expected one of open_clip.list_models() (e.g. ViT-B-16, ViT-B-32, {TINY_ARCH})")
+    source = _resolve_weights(arch, pretrained)
+    quick_gelu = bool(source.get("quick_gelu", False))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
+        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+            arch, pretrained=source.get("path"), force_quick_gelu=quick_gelu, device=device)
+    if source["path"] is None:
+        warnings.warn(f"model.pretrained is 'none': {arch} is randomly initialised. This is NOT CLIP; "
+                      "results measure the pipeline, not the method.", UserWarning, stacklevel=2)
+    freeze_text_tower(model)
+    return Backbone(model=model, preprocess_train=preprocess_train, preprocess_eval=preprocess_eval,
+                    tokenizer=open_clip.get_tokenizer(arch), arch=arch, pretrained=str(pretrained),
+                    is_clip=source["path"] is not None)
+
+
+def text_tower_modules(model: nn.Module) -> list[nn.Module | nn.Parameter]:
+    """The pieces of an open_clip CLIP that make up the text side (and the logit scale)."""
+    names = ["token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
+             "logit_scale", "logit_bias"]
+    return [getattr(model, name) for name in names if getattr(model, name, None) is not None]
+
+
+def freeze_text_tower(model: nn.Module) -> None:
+    """Freeze token embedding, text transformer, projection and logit scale (no gradients, ever)."""
+    if not hasattr(model, "transformer") or not hasattr(model, "token_embedding"):
+        raise ValueError(f"{type(model).__name__} has no built-in CLIP text tower; L2RCLIP needs an "
+                         "open_clip architecture with a standard text transformer (not a HF text model)")
+    for part in text_tower_modules(model):
+        params = [part] if isinstance(part, nn.Parameter) else part.parameters()
+        for param in params:
+            param.requires_grad_(False)
+
+
+def _resolve_weights(arch: str, pretrained: str | None) -> dict[str, Any]:
+    """Turn `pretrained` into {'path': tag-or-file-or-None, 'quick_gelu': bool}, failing fast offline."""
+    if pretrained is None or str(pretrained).lower() in ("", "none", "null"):
+        return {"path": None}
+    if os.path.isfile(pretrained):
+        return {"path": str(pretrained)}
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    if not tag_cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise ValueError(f"model.pretrained: {pretrained!r} is neither a weights file nor a tag of {arch}; "
+                         f"expected a file path, 'none', or one of the tags {tags}")
+    if not _tag_is_cached(tag_cfg):
+        host = _HF_HOST if tag_cfg.get("hf_hub") else urlparse(tag_cfg.get("url", "")).hostname
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        if offline or not _reachable(host):
+            raise WeightsUnavailableError(_offline_message(arch, pretrained, tag_cfg, offline))
+    return {"path": pretrained, "quick_gelu": tag_cfg.get("quick_gelu", False)}
+
+
+def _tag_is_cached(tag_cfg: dict[str, Any]) -> bool:
+    """Whether open_clip would find the tag's weights without the network."""
+    if tag_cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+        # Same convention as open_clip: "org/model/" means the default file names.
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        return any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+    url = tag_cfg.get("url", "")
+    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(urlparse(url).path)
+    return bool(url) and cached.is_file()
+
+
+def _reachable(host: str | None) -> bool:
+    """A quick TCP probe, so that an offline machine fails in seconds rather than after retries."""
+    if not host:
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_message(arch: str, tag: str, tag_cfg: dict[str, Any], offline_env: bool) -> str:
+    where = tag_cfg.get("hf_hub") or tag_cfg.get("url")
+    why = "HF_HUB_OFFLINE is set" if offline_env else "the download host cannot be reached"
+    return (f"CLIP weights for {arch} with pretrained={tag!r} are not cached here and {why} "
+            f"(source: {where}). Supply the weights in one of these ways:\n"
+            f"  1. on a connected machine run: python -c \"import open_clip; "
+            f"open_clip.create_model('{arch}', pretrained='{tag}')\" and copy its Hugging Face cache "
+            f"(~/.cache/huggingface) to this machine;\n"
+            f"  2. set model.pretrained in params.yaml to a local weights file "
+            f"(open_clip .bin/.pt/.safetensors);\n"
+            f"  3. set model.pretrained: none for a random-init pipeline check (NOT CLIP results).")
