@@ -5,8 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Quiet, offline-friendly settings for the embedded tools (see DESIGN.md).
-export HF_HUB_OFFLINE ?= 1
+# Quiet settings for the embedded tools (see DESIGN.md). Tests force HF_HUB_OFFLINE=1 themselves;
+# `make demo` may download CLIP weights where a network is available.
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1

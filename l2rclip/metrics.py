@@ -1,0 +1,216 @@
+"""Prediction rules and evaluation metrics for ordinal classification (METHOD.md section 5).
+
+Everything here works on numpy arrays of probabilities ``p = softmax(z)`` (N, M), so the same
+code scores L2RCLIP, the baselines and saved predictions. Two prediction rules are reported:
+**argmax** (the most probable rank) and **expectation** (``sum_k p_k value_k``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+from scipy.special import entr
+from scipy.stats import spearmanr
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    mean_absolute_error,
+    root_mean_squared_error,
+)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; subtracts the row maximum so large logits do not overflow."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def rank_distribution_summary(probs: np.ndarray, rank_values: np.ndarray) -> dict[str, np.ndarray]:
+    """Both prediction rules and the spread of each predicted distribution over rank values.
+
+    Args:
+        probs: (N, M) probabilities, rows summing to 1.
+        rank_values: (M,) numeric value of each rank.
+
+    Returns:
+        ``argmax`` (N,) rank index, ``argmax_value`` (N,), ``expected_value`` (N,), ``std`` (N,)
+        the standard deviation of the value under p (an uncertainty in value units) and ``entropy``
+        (N,) in nats (an uncertainty that ignores the order).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    values = np.asarray(rank_values, dtype=np.float64)
+    argmax = probs.argmax(axis=1)  # (N,)
+    expected = probs @ values  # (N,)
+    # Centred second moment: E[v^2] - E[v]^2 cancels catastrophically for large values (ages).
+    variance = (probs * (values[None, :] - expected[:, None]) ** 2).sum(axis=1)  # (N,)
+    return {
+        "argmax": argmax,
+        "argmax_value": values[argmax],
+        "expected_value": expected,
+        "std": np.sqrt(variance),
+        "entropy": entr(probs).sum(axis=1),  # entr(0) = 0, so empty ranks add nothing
+    }
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """Measure the expected calibration error with equal-width confidence bins.
+
+    Bins are ``(0, 1/n], (1/n, 2/n], ..., ((n-1)/n, 1]`` (a confidence of 0 joins the first);
+    ECE is ``sum_b (n_b / N) |accuracy_b - mean confidence_b|``, so a model whose confidence
+    matches its hit rate scores 0.
+
+    Args:
+        confidence: (N,) predicted probability of the predicted rank, in [0, 1].
+        correct: (N,) whether the prediction was right.
+        n_bins: number of bins.
+
+    Returns:
+        ECE in [0, 1].
+    """
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
+    if confidence.shape != correct.shape or confidence.ndim != 1 or confidence.size == 0:
+        raise ValueError(
+            f"expected non-empty 1-d confidence and correct of the same shape, "
+            f"found {confidence.shape} and {correct.shape}"
+        )
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, found {n_bins}")
+    inner_edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]  # (n_bins - 1,)
+    bins = np.searchsorted(inner_edges, confidence, side="left")  # (N,), right-closed bins
+    count = np.bincount(bins, minlength=n_bins)  # (n_bins,)
+    gap = np.abs(
+        np.bincount(bins, weights=correct, minlength=n_bins)
+        - np.bincount(bins, weights=confidence, minlength=n_bins)
+    )  # (n_bins,), |sum correct - sum confidence| = n_b |acc_b - conf_b|
+    return float(gap.sum() / count.sum())
+
+
+def prototype_ordinality(text_features: np.ndarray) -> float:
+    """Share of steps away from an anchor rank along which prototype similarity strictly falls.
+
+    With ``S`` the cosine similarity of the M prototypes, every anchor rank i and every step one
+    rank farther from i is checked: ``S[i, j+1] < S[i, j]`` for ``j > i`` (stepping up) and
+    ``S[i, j-1] < S[i, j]`` for ``j < i`` (stepping down). The step away from i itself is not
+    counted (``S[i, i]`` is trivially the largest). A score of 1.0 means similarity falls
+    monotonically with the rank gap on both sides of every rank; ties count as failures. With
+    fewer than 3 ranks there is no step to check and the score is vacuously 1.0.
+
+    Args:
+        text_features: (M, E) rank prototypes (re-normalised here, so cosines are exact).
+
+    Returns:
+        Ordinality in [0, 1].
+    """
+    features = np.asarray(text_features, dtype=np.float64)
+    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    n_ranks = features.shape[0]
+    similarity = features @ features.T  # (M, M)
+    step = similarity[:, 1:] - similarity[:, :-1]  # (M, M-1); column c: S[i, c+1] - S[i, c]
+    anchor = np.arange(n_ranks)[:, None]  # (M, 1)
+    column = np.arange(n_ranks - 1)[None, :]  # (1, M-1)
+    upward = column >= anchor + 1  # step c -> c+1 moves away from i above it
+    downward = column <= anchor - 2  # step c+1 -> c moves away from i below it
+    n_steps = int(upward.sum() + downward.sum())
+    if n_steps == 0:
+        return 1.0
+    n_falls = int(((step < 0) & upward).sum() + ((step > 0) & downward).sum())
+    return n_falls / n_steps
+
+
+def _validate(probs: np.ndarray, labels: np.ndarray, rank_values: np.ndarray) -> None:
+    """Raise ValueError (expected vs found) unless the three arrays describe N samples over M ranks."""
+    if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
+        raise ValueError(f"expected probs of shape (N, M) with N, M > 0, found shape {probs.shape}")
+    if labels.shape != (probs.shape[0],):
+        raise ValueError(
+            f"labels shape {labels.shape} does not match probs shape {probs.shape}: expected (N,)"
+        )
+    if rank_values.shape != (probs.shape[1],):
+        raise ValueError(
+            f"rank_values shape {rank_values.shape} does not match probs shape {probs.shape}: expected (M,)"
+        )
+    if labels.min() < 0 or labels.max() >= probs.shape[1]:
+        raise ValueError(
+            f"labels must be rank indices in 0..{probs.shape[1] - 1}, found {labels.min()}..{labels.max()}"
+        )
+    if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("expected probs rows to sum to 1 (apply softmax to logits first)")
+
+
+def _quadratic_weighted_kappa(labels: np.ndarray, predicted: np.ndarray, n_ranks: int) -> float:
+    """QWK over all M ranks; the 0/0 case (one shared rank, perfect agreement) is scored 1.0."""
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        kappa = cohen_kappa_score(labels, predicted, labels=np.arange(n_ranks), weights="quadratic")
+    if np.isnan(kappa):
+        return 1.0 if np.array_equal(labels, predicted) else 0.0
+    return float(kappa)
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman correlation, 0.0 where it is undefined (a constant input or a single sample)."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return 0.0
+    rho = spearmanr(x, y).statistic
+    return 0.0 if np.isnan(rho) else float(rho)
+
+
+def ordinal_metrics(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    rank_values: np.ndarray,
+    cs_theta: float = 5.0,
+    ece_bins: int = 15,
+) -> dict[str, float]:
+    """All evaluation metrics of METHOD.md section 5 for one split.
+
+    Value-unit metrics (``mae``, ``rmse``, ``cs``, ``spearman``) use the expectation rule unless
+    named ``_argmax``; class metrics (``accuracy``, ``off_by_one_accuracy``, ``qwk``, ``ece``)
+    use the argmax rank, with the off-by-one gap counted in rank indices.
+
+    Args:
+        probs: (N, M) predicted probabilities, rows summing to 1.
+        labels: (N,) true rank indices.
+        rank_values: (M,) numeric value of each rank.
+        cs_theta: CS@theta threshold in value units (share with absolute error <= theta).
+        ece_bins: number of equal-width bins of the calibration error.
+
+    Returns:
+        ``mae``, ``mae_argmax``, ``accuracy``, ``off_by_one_accuracy``, ``cs``, ``rmse``, ``qwk``,
+        ``spearman``, ``ece``, ``mean_std``, ``mean_entropy``, all plain floats.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    values = np.asarray(rank_values, dtype=np.float64)
+    _validate(probs, labels, values)
+    labels = labels.astype(np.int64)
+    summary = rank_distribution_summary(probs, values)
+    predicted = summary["argmax"]
+    expected = summary["expected_value"]
+    true_values = values[labels]  # (N,)
+    return {
+        "mae": float(mean_absolute_error(true_values, expected)),
+        "mae_argmax": float(mean_absolute_error(true_values, summary["argmax_value"])),
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "off_by_one_accuracy": float(np.mean(np.abs(predicted - labels) <= 1)),
+        "cs": float(np.mean(np.abs(expected - true_values) <= cs_theta)),
+        "rmse": float(root_mean_squared_error(true_values, expected)),
+        "qwk": _quadratic_weighted_kappa(labels, predicted, probs.shape[1]),
+        "spearman": _spearman(expected, true_values),
+        "ece": expected_calibration_error(probs.max(axis=1), predicted == labels, ece_bins),
+        "mean_std": float(summary["std"].mean()),
+        "mean_entropy": float(summary["entropy"].mean()),
+    }
+
+
+def prefix_metrics(metrics: Mapping[str, float], split: str) -> dict[str, float]:
+    """Name metrics by split, ``{"mae": 2.1}`` -> ``{"test/mae": 2.1}`` (the project's key convention)."""
+    if not split or "/" in split:
+        raise ValueError(f"expected a split name without '/', such as 'test', found {split!r}")
+    return {f"{split}/{name}": value for name, value in metrics.items()}
