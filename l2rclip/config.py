@@ -48,24 +48,42 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where images and labels come from, and what to do with bad rows."""
+    """Where images and labels come from, and what to do with bad rows.
+
+    `decode_workers` is the number of threads that decode images during validation (null: one
+    per CPU); decoding releases the GIL, so threads speed it up without copying data.
+    """
 
     source: str = "demo"
     root: str = "data/demo"
     list_file: str | None = None
     on_bad: Literal["skip", "fail"] = "skip"
+    decode_workers: int | None = None
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    """How images are divided into train / val / test, per fold."""
+    """How images are divided into train / val / test, per fold.
+
+    `n_folds` is for `kfold`; `n_repeats` and the per-rank counts `n_train`/`n_val`/`n_test` are
+    for `repeats` (HCI: 210 / 5 / 50 per decade, 10 repeats). `shift_keep` keeps that share of
+    the training images of the `shift_ranks` most frequent training ranks (null: half of them).
+    `missing_ranks` says whether a rank without training images in a fold is an error or a
+    warning (rare ages, e.g. FG-NET's single 69-year-old, make it unavoidable there).
+    """
 
     protocol: Literal["kfold", "given", "repeats", "logo"] = "kfold"
     n_folds: int = 5
     val_fraction: float = 0.1
     few_shot: int | None = None
     shift_keep: float | None = None
+    shift_ranks: int | None = None
+    n_repeats: int = 10
+    n_train: int = 210
+    n_val: int = 5
+    n_test: int = 50
+    missing_ranks: Literal["error", "warn"] = "error"
 
 
 @dataclass(frozen=True)

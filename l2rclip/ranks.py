@@ -57,7 +57,7 @@ class RankSpace:
         values = tuple(float(v) for v in values)
         if len(values) != len(labels):
             raise RankError(f"expected {len(labels)} values (one per label), found {len(values)}")
-        if any(b <= a for a, b in zip(values, values[1:])):
+        if any(b <= a for a, b in zip(values, values[1:], strict=False)):
             raise RankError(f"rank values must increase strictly, found {values!r}")
         names = tuple(number_words(v) for v in values) if names is None else tuple(map(str, names))
         if len(names) != len(labels):

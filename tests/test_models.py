@@ -14,8 +14,6 @@ from l2rclip.models.rankformer import RankFormer
 from l2rclip.ranks import RankSpace
 
 
-
-
 @pytest.fixture(scope="module")
 def backbone():
     torch.manual_seed(0)

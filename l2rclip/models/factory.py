@@ -30,5 +30,5 @@ def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig
 
 
 def similarity_scale(model: L2RCLIP) -> float:
-    """s = exp(logit_scale): 100 for OpenAI CLIP."""
+    """S = exp(logit_scale): 100 for OpenAI CLIP."""
     return math.exp(float(model.logit_scale))

@@ -89,11 +89,11 @@ class L2RCLIP(nn.Module):
         return super().train(mode)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> L2-normalised features (B, E)."""
+        """Images (B, 3, H, W) -> L2-normalised features (B, E)."""
         return F.normalize(self.image_encoder(images).float(), dim=-1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """z = s * v @ t.T: (B, E) x (M, E) -> (B, M)."""
+        """Z = s * v @ t.T: (B, E) x (M, E) -> (B, M)."""
         return self.logit_scale.exp() * image_features @ text_features.t()
 
     def forward(self, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None,

@@ -1,0 +1,74 @@
+"""Torch datasets over a split table, and deterministic data loaders.
+
+The dataset reads images with the same `load_rgb` that validation used, so what was checked is
+exactly what trains. The transform is the caller's: training augmentation or the evaluation
+resize + centre crop are choices of the training code, not of the data.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from l2rclip.data.validate import load_rgb
+
+
+class RankImageDataset(Dataset):
+    """Images of a split table with their rank indices.
+
+    Args:
+        table: rows with `path` (relative to `root`, or absolute) and `rank` (index 0..M-1),
+            e.g. `l2rclip.data.splits.select(splits, fold, "train")`.
+        root: the folder relative paths start from.
+        transform: PIL RGB image -> tensor, e.g. an open_clip preprocess.
+    """
+
+    def __init__(self, table: pd.DataFrame, root: str | Path,
+                 transform: Callable[[Image.Image], torch.Tensor]):
+        root = Path(root)
+        self.paths = [root / path for path in table["path"]]
+        self.ranks = table["rank"].to_numpy(dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_rgb(self.paths[index])), int(self.ranks[index])
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and `random` in a loader worker from torch's per-worker seed.
+
+    Torch seeds each worker from the loader's generator, but not numpy or `random`; without
+    this, augmentations drawing from them would differ run to run (or repeat across workers).
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """Build a DataLoader whose order and worker randomness follow `seed` alone.
+
+    Args:
+        dataset: e.g. a `RankImageDataset`.
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (training) or keep the table order (evaluation).
+        num_workers: loader processes (0: load in the main process, where transforms draw
+            from the main process's generators, which the stage entry seeds once).
+        seed: seeds the shuffling generator and, through it, every worker's torch, numpy and
+            `random` generators.
+        drop_last: drop a final incomplete batch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      worker_init_fn=seed_worker, generator=generator, drop_last=drop_last)

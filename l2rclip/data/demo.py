@@ -1,0 +1,184 @@
+"""The embedded demo set: generated images of 1 to 10 shapes, labelled by how many there are.
+
+Counting is ordinal, needs no download, and is learnable by CLIP-like models, so the whole
+pipeline can run end to end on any machine. Everything is drawn from the seed with numpy's
+Generator and PIL, and PNGs carry no timestamps, so the same settings give byte-identical files.
+
+Layout under `root`:
+    images/<count:02d>/<group:04d>.png   one image per (count, group)
+    labels.csv                           path,label,group
+    manifest.json                        settings + every image's objects (shape, cx, cy, r)
+
+The group `g<index>` is a pseudo-subject: image `index` of every count shares its background
+colour, the way a person's photos share a face across ages. Grouped splitting then keeps a
+"look" on one side of a split, as it must keep a person, and the demo exercises that code path.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = 1
+COUNTS = range(1, 11)
+SHAPES = ("circle", "square", "triangle")
+GAP = 3.0  # px between the circles that enclose two shapes, so that no two shapes touch
+MIN_RADIUS = 4.0  # px; smaller shapes stop being recognisable
+MIN_IMAGE_SIZE = 48  # smallest side where ten shapes of MIN_RADIUS reliably fit
+_PLACEMENT_ATTEMPTS = 100
+_PLACEMENT_TRIES = 200
+_CORNERS = {"square": 4, "triangle": 3}
+
+
+def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96,
+                  seed: int = 0) -> pd.DataFrame:
+    """Write the demo set under `root` (unless it is already there) and return its table.
+
+    Args:
+        root: output folder, created if needed.
+        n_per_rank: images per count 1..10 (also the number of pseudo-subject groups).
+        image_size: side of the square images, in pixels.
+        seed: everything drawn depends only on it (and on the image's count and group).
+
+    Returns:
+        `path` (relative to root), `label` (int64, the number of shapes 1..10), `group` ("g0000"..),
+        ordered by label then group.
+
+    Raises:
+        ValueError: n_per_rank below 1 or image_size below MIN_IMAGE_SIZE (ten shapes would not fit).
+    """
+    if n_per_rank < 1:
+        raise ValueError(f"n_per_rank: expected at least 1, found {n_per_rank}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size: expected at least {MIN_IMAGE_SIZE} px, found {image_size}")
+    root = Path(root)
+    settings = {"version": GENERATOR_VERSION, "n_per_rank": n_per_rank, "image_size": image_size,
+                "seed": seed}
+    previous = _read_manifest(root)
+    if previous is not None and previous["settings"] == settings and _complete(root, previous):
+        log.info("demo set in %s is up to date (%s)", root, settings)
+        return demo_table(previous)
+    backgrounds = [_background(np.random.default_rng([seed, group])) for group in range(n_per_rank)]
+    images = []
+    for count in COUNTS:
+        for group, background in enumerate(backgrounds):
+            rng = np.random.default_rng([seed, group, count])
+            objects = place_objects(rng, count, image_size)
+            path = f"images/{count:02d}/{group:04d}.png"
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            _draw(rng, objects, image_size, background).save(root / path, format="PNG")
+            images.append({"path": path, "label": count, "group": f"g{group:04d}", "objects": objects})
+    manifest = {"settings": settings, "images": images}
+    _remove_stale(root, previous, {image["path"] for image in images})
+    table = demo_table(manifest)
+    table.to_csv(root / "labels.csv", index=False)
+    # The manifest goes last: an interrupted run leaves no manifest, so the next run starts over.
+    staging = root / "manifest.json.tmp"
+    staging.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    staging.replace(root / "manifest.json")
+    log.info("generated %d demo images in %s (%s)", len(images), root, settings)
+    return table
+
+
+def demo_table(manifest: dict[str, Any]) -> pd.DataFrame:
+    """Build the source table (`path,label,group`) of a demo manifest."""
+    frame = pd.DataFrame([{k: image[k] for k in ("path", "label", "group")} for image in manifest["images"]])
+    frame["label"] = frame["label"].astype("int64")
+    frame["group"] = frame["group"].astype(object)
+    return frame
+
+
+def place_objects(rng: np.random.Generator, count: int, size: int) -> list[list[Any]]:
+    """Non-overlapping shapes for one image: `[shape, cx, cy, r]`, each inside its circle of radius r.
+
+    Enclosing circles keep at least `GAP` px apart and inside the image, which makes the count
+    unambiguous whatever the shape's rotation. Radii shrink with the count so ten shapes still fit;
+    if random placement jams, the whole image is retried smaller (still deterministic).
+    """
+    for attempt in range(_PLACEMENT_ATTEMPTS):
+        largest = max(MIN_RADIUS, 0.3 * size / math.sqrt(count) * 0.85**attempt)
+        objects: list[list[Any]] = []
+        while len(objects) < count:
+            placed = _place_one(rng, objects, size, largest)
+            if placed is None:
+                break
+            objects.append(placed)
+        else:
+            return objects
+    raise RuntimeError(f"cannot place {count} shapes of radius >= {MIN_RADIUS} px in {size} px")
+
+
+def _place_one(rng: np.random.Generator, objects: list[list[Any]], size: int,
+               largest: float) -> list[Any] | None:
+    """Draw one shape clear of `objects`, or None after `_PLACEMENT_TRIES` misses."""
+    for _ in range(_PLACEMENT_TRIES):
+        r = round(float(rng.uniform(max(MIN_RADIUS, 0.55 * largest), largest)), 2)
+        cx, cy = (round(float(v), 2) for v in rng.uniform(r + 1, size - 1 - r, size=2))
+        if all(math.hypot(cx - x, cy - y) >= r + s + GAP for _, x, y, s in objects):
+            return [SHAPES[int(rng.integers(len(SHAPES)))], cx, cy, r]
+    return None
+
+
+def _background(rng: np.random.Generator) -> tuple[float, float, float]:
+    """Draw a group's background as HSV: any hue, muted, either dark or light."""
+    dark = bool(rng.integers(2))
+    return (float(rng.random()), float(rng.uniform(0.1, 0.5)),
+            float(rng.uniform(0.1, 0.3) if dark else rng.uniform(0.75, 0.95)))
+
+
+def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
+    red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def _draw(rng: np.random.Generator, objects: list[list[Any]], size: int,
+          background: tuple[float, float, float]) -> Image.Image:
+    """Render the shapes in vivid colours whose brightness is far from the background's."""
+    image = Image.new("RGB", (size, size), _rgb(*background))
+    draw = ImageDraw.Draw(image)
+    light_background = background[2] > 0.5
+    for shape, cx, cy, r in objects:
+        value = rng.uniform(0.15, 0.4) if light_background else rng.uniform(0.8, 1.0)
+        colour = _rgb(float(rng.random()), float(rng.uniform(0.6, 1.0)), float(value))
+        if shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+            continue
+        turn = rng.uniform(0.0, 2 * math.pi)
+        corners = _CORNERS[shape]
+        draw.polygon([(cx + r * math.cos(turn + 2 * math.pi * k / corners),
+                       cy + r * math.sin(turn + 2 * math.pi * k / corners)) for k in range(corners)],
+                     fill=colour)
+    return image
+
+
+def _read_manifest(root: Path) -> dict[str, Any] | None:
+    path = root / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        log.warning("%s is not valid JSON; regenerating the demo set", path)
+        return None
+    return manifest if isinstance(manifest, dict) and {"settings", "images"} <= set(manifest) else None
+
+
+def _complete(root: Path, manifest: dict[str, Any]) -> bool:
+    return (root / "labels.csv").is_file() and all((root / i["path"]).is_file() for i in manifest["images"])
+
+
+def _remove_stale(root: Path, previous: dict[str, Any] | None, keep: set[str]) -> None:
+    """Delete images of an earlier generation that this one did not rewrite (e.g. fewer per rank)."""
+    for image in previous["images"] if previous else ():
+        if image["path"] not in keep:
+            (root / image["path"]).unlink(missing_ok=True)

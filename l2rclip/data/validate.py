@@ -1,0 +1,271 @@
+"""Check a source table row by row before anything trains on it, and load images as RGB.
+
+Real datasets carry missing files, truncated downloads, odd pixel formats and typos in labels.
+Finding them here, once, in one report, is cheaper than a crash in epoch 3 or a silently wrong
+label. Every image is opened and fully decoded exactly once (decoding is what catches truncated
+files); decoding runs in a thread pool because PIL releases the GIL while it decodes.
+Source files are only read, never changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from l2rclip.ranks import RankSpace
+
+log = logging.getLogger(__name__)
+
+ALLOWED_COLUMNS = ("path", "label", "group", "fold", "split")
+REPORT_COLUMNS = ("row", "path", "label", "reason", "detail")
+WHITE = (255, 255, 255)
+# Integer modes whose values span 0..65535 (16-bit PNG/TIFF); PIL's convert() would clip them.
+_WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# EXIF orientations 5..8 rotate by 90 degrees, so the displayed width is the stored height.
+_TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+
+
+class DataValidationError(ValueError):
+    """A source table is malformed, or a bad row was found with `on_bad="fail"`."""
+
+
+class _Decoded(NamedTuple):
+    """What decoding one file found: its metadata, or why it is bad."""
+
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    reason: str | None = None
+    detail: str = ""
+
+
+def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Open an image as upright 8-bit RGB, whatever its stored format.
+
+    Models expect RGB in 0..255; stored images may be greyscale, 16-bit, CMYK, palette, carry an
+    alpha channel or an EXIF rotation. Doing every conversion here keeps validation and training
+    reading pixels identically.
+
+    Args:
+        path: the image file.
+        background: colour under transparent pixels (alpha is composited, not dropped, so a
+            transparent region does not turn into whatever colour its hidden pixels hold).
+
+    Returns:
+        An RGB image, rotated as its EXIF orientation says.
+    """
+    with Image.open(path) as image:
+        upright = ImageOps.exif_transpose(image)
+    return to_rgb(upright, background)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Convert a decoded image to 8-bit RGB: 16-bit scaled (not clipped), alpha composited."""
+    if image.mode in _WIDE_MODES:
+        wide = np.asarray(image, dtype=np.float64)  # (H, W)
+        eight = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
+                   on_bad: Literal["skip", "fail"] = "skip",
+                   workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split a source table into good rows and a report of bad ones.
+
+    Bad reasons: `missing_file`, `empty_file`, `corrupt_image` (PIL cannot decode it all),
+    `decompression_bomb` (more pixels than `PIL.Image.MAX_IMAGE_PIXELS`), `missing_label`,
+    `non_numeric_label` (text where the ranks are numbers), `label_not_in_ranks` and `duplicate`
+    (the same path again; within the same fold when the table has folds, since fold lists may
+    list an image once per fold). The first occurrence of a duplicate is kept.
+
+    Args:
+        table: the source table (`path`, `label`, optional `group`, `fold`, `split`).
+        root: the folder that relative paths start from.
+        rank_space: the ranks labels must belong to.
+        on_bad: `skip` reports bad rows and goes on; `fail` raises at the first bad row.
+        workers: decoding threads (None: one per CPU).
+
+    Returns:
+        `(good, report)`. `good` keeps the table's columns (with `group` added as None when
+        absent) plus `row` (the row number in `table`, from 0), `rank` (index in the rank space),
+        `value`, and `width`, `height` (as displayed, after EXIF rotation) and `mode` (as stored).
+        `report` has one row per bad row: `row`, `path`, `label`, `reason`, `detail`.
+
+    Raises:
+        DataValidationError: a missing or unknown column (always), or the first bad row when
+            `on_bad="fail"`.
+    """
+    _check_columns(table)
+    root = Path(root)
+    files = [_resolve(root, path) for path in table["path"]]
+    early = _early_reasons(table, files, rank_space)
+    to_decode = list(dict.fromkeys(f for f, r in zip(files, early, strict=True) if r is None))
+    good_rows: list[dict[str, Any]] = []
+    bad_rows: list[dict[str, Any]] = []
+    # Filters are process-wide, so the pool's threads see this one; the pool is shut down (inner
+    # context) before the filters are restored.
+    with warnings.catch_warnings(), \
+            ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
+            tqdm(total=len(to_decode), desc="decoding images", unit="img", disable=None) as progress:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        decoded = _in_order(pool.map(_decode, to_decode), to_decode, progress)
+        for row, (record, file, reason) in enumerate(zip(table.to_dict("records"), files, early,
+                                                             strict=True)):
+            result = decoded(file) if reason is None else _Decoded(reason=reason[0], detail=reason[1])
+            if result.reason is None:
+                index = rank_space.index_of(record["label"])
+                good_rows.append({"row": row, **record, "rank": index,
+                                  "value": float(rank_space.value_of(index)), "width": result.width,
+                                  "height": result.height, "mode": result.mode})
+                continue
+            if on_bad == "fail":
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise DataValidationError(f"row {row} of the source table ({record['path']}): "
+                                          f"{result.reason}: {result.detail}")
+            bad_rows.append({"row": row, "path": record["path"], "label": record["label"],
+                             "reason": result.reason, "detail": result.detail})
+    good, report = _frames(table, good_rows, bad_rows)
+    _log_counts(len(table), good, report)
+    return good, report
+
+
+def _check_columns(table: pd.DataFrame) -> None:
+    """Reject tables whose columns do not follow the source contract (a structural error)."""
+    expected = ", ".join(ALLOWED_COLUMNS)
+    for column in table.columns:
+        if column not in ALLOWED_COLUMNS:
+            raise DataValidationError(f"source table has unknown column {column!r}; "
+                                      f"expected columns: {expected}")
+    for column in ("path", "label"):
+        if column not in table.columns:
+            raise DataValidationError(f"source table lacks required column {column!r}; "
+                                      f"expected columns: {expected}")
+
+
+def _resolve(root: Path, path: Any) -> str:
+    """Normalised file name of a table path (absolute paths stay as they are); '' when blank."""
+    if path is None or (isinstance(path, float) and np.isnan(path)) or not str(path).strip():
+        return ""
+    return os.path.normpath(root / str(path).strip())
+
+
+def _early_reasons(table: pd.DataFrame, files: list[str],
+                   rank_space: RankSpace) -> list[tuple[str, str] | None]:
+    """Reasons that need no decoding (labels, duplicates, blank paths), one per row or None."""
+    folds = table["fold"].tolist() if "fold" in table.columns else [None] * len(table)
+    first_seen: dict[tuple[str, Any], int] = {}
+    reasons: list[tuple[str, str] | None] = []
+    for row, (file, fold, label) in enumerate(zip(files, folds, table["label"], strict=True)):
+        key = (file, fold)
+        if not file:
+            reasons.append(("missing_file", "the path is blank"))
+        elif key in first_seen:
+            where = "" if fold is None else f" in fold {fold}"
+            reasons.append(("duplicate", f"same path as row {first_seen[key]}{where}; the first is kept"))
+        else:
+            first_seen[key] = row
+            reasons.append(_label_reason(label, rank_space))
+    return reasons
+
+
+def _label_reason(label: Any, rank_space: RankSpace) -> tuple[str, str] | None:
+    """Why a label cannot be mapped to a rank, or None when it can."""
+    if label is None or (isinstance(label, float) and np.isnan(label)) or str(label).strip() == "":
+        return "missing_label", f"the label is blank; expected one of {rank_space.describe()}"
+    if rank_space.contains(label):
+        return None
+    expected = f"expected one of {rank_space.describe()}"
+    numeric_space = all(isinstance(x, (int, float, np.number)) for x in rank_space.labels)
+    if numeric_space and not _is_number(label):
+        return "non_numeric_label", f"label {label!r} is not a number; {expected}"
+    return "label_not_in_ranks", f"label {label!r} is not a rank; {expected}"
+
+
+def _is_number(label: Any) -> bool:
+    try:
+        float(label)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _decode(file: str) -> _Decoded:
+    """Open and fully decode one file, returning its metadata or the reason it is bad."""
+    try:
+        size = os.stat(file).st_size
+    except OSError:
+        return _Decoded(reason="missing_file", detail=f"no file at {file}")
+    if size == 0:
+        return _Decoded(reason="empty_file", detail=f"{file} has 0 bytes")
+    try:
+        with Image.open(file) as image:
+            image.load()
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+            width, height = image.size
+            mode = image.mode
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        return _Decoded(reason="decompression_bomb", detail=str(error))
+    except Exception as error:  # noqa: BLE001 - PIL's format plugins raise many types on bad bytes
+        return _Decoded(reason="corrupt_image", detail=f"{type(error).__name__}: {error}")
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        width, height = height, width
+    return _Decoded(width, height, mode)
+
+
+def _in_order(results: Iterator[_Decoded], files: list[str],
+              progress: tqdm) -> Callable[[str], _Decoded]:
+    """Lookup `file -> result` that pulls results from the pool lazily, in submission order.
+
+    Rows are visited in order and each file is first needed in the order it was submitted, so
+    the next unseen file is always the next result: output order is deterministic and
+    `on_bad="fail"` stops at the first bad row without waiting for later images.
+    """
+    done: dict[str, _Decoded] = {}
+    pending = iter(files)
+
+    def lookup(file: str) -> _Decoded:
+        while file not in done:
+            done[next(pending)] = next(results)
+            progress.update()
+        return done[file]
+    return lookup
+
+
+def _frames(table: pd.DataFrame, good_rows: list[dict[str, Any]],
+            bad_rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Good and report tables with fixed columns, even when empty."""
+    columns = ["row", *[c for c in ALLOWED_COLUMNS if c in table.columns or c == "group"],
+               "rank", "value", "width", "height", "mode"]
+    good = pd.DataFrame(good_rows, columns=columns)
+    good["group"] = good["group"].astype(object).where(good["group"].notna(), None)
+    good = good.astype({"row": "int64", "rank": "int64", "value": "float64",
+                        "width": "int64", "height": "int64"})
+    return good, pd.DataFrame(bad_rows, columns=list(REPORT_COLUMNS))
+
+
+def _log_counts(total: int, good: pd.DataFrame, report: pd.DataFrame) -> None:
+    """Log how many rows passed and, for the rest, how many per reason."""
+    reasons = report["reason"].value_counts().sort_index()
+    detail = ", ".join(f"{reason}: {count}" for reason, count in reasons.items())
+    log.info("validated %d rows: %d good, %d bad%s", total, len(good), len(report),
+             f" ({detail})" if detail else "")
+    for bad in report.head(5).itertuples():
+        log.warning("bad row %d (%s): %s: %s", bad.row, bad.path, bad.reason, bad.detail)
+    if len(report) > 5:
+        log.warning("... and %d more bad rows (see the report)", len(report) - 5)

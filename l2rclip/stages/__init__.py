@@ -1,0 +1,1 @@
+"""DVC stage entry points: each a pure function plus a thin `main(argv)` for `python -m`."""

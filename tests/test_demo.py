@@ -1,0 +1,105 @@
+import json
+import math
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from l2rclip.data.demo import GAP, MIN_IMAGE_SIZE, generate_demo, place_objects
+
+
+@pytest.fixture(scope="module")
+def default_set(tmp_path_factory):
+    """The demo set at its default settings (600 images of 96 px), generated once for the module."""
+    root = tmp_path_factory.mktemp("demo")
+    return root, generate_demo(root)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_default_set_has_n_per_rank_images_of_every_count_1_to_10(default_set):
+    root, table = default_set
+    assert list(table.columns) == ["path", "label", "group"]
+    assert table["label"].dtype == np.int64
+    assert table["label"].value_counts().sort_index().to_dict() == {k: 60 for k in range(1, 11)}
+    assert table["group"].nunique() == 60
+    assert (table.groupby("group")["label"].apply(sorted) == [list(range(1, 11))] * 60).all()
+    assert table["path"].is_unique and all((root / p).is_file() for p in table["path"])
+    on_disk = pd.read_csv(root / "labels.csv", dtype={"group": str})
+    pd.testing.assert_frame_equal(on_disk, table, check_dtype=False)
+    with Image.open(root / table["path"].iloc[0]) as image:
+        assert image.size == (96, 96) and image.mode == "RGB"
+
+
+def test_every_image_shows_exactly_label_separate_shapes(default_set):
+    root, table = default_set
+    manifest = json.loads((root / "manifest.json").read_text())
+    objects = {image["path"]: image["objects"] for image in manifest["images"]}
+    for path, label in zip(table["path"], table["label"], strict=True):
+        shapes = objects[path]
+        assert len(shapes) == label
+        for _, cx, cy, r in shapes:
+            assert r + 1 <= cx <= 95 - r and r + 1 <= cy <= 95 - r
+        for (_, x1, y1, r1), (_, x2, y2, r2) in combinations(shapes, 2):
+            assert math.hypot(x1 - x2, y1 - y2) >= r1 + r2 + GAP
+        # The drawn pixels agree: shapes are the connected regions that differ from the background
+        # (8-connected: PIL's polygon fill may leave a corner pixel touching only diagonally).
+        pixels = np.asarray(Image.open(root / path))
+        _, regions = ndimage.label((pixels != pixels[0, 0]).any(axis=2), structure=np.ones((3, 3)))
+        assert regions == label, path
+
+
+def test_two_generations_are_byte_identical_and_the_seed_matters(tmp_path):
+    first = generate_demo(tmp_path / "a", n_per_rank=3, image_size=48, seed=7)
+    second = generate_demo(tmp_path / "b", n_per_rank=3, image_size=48, seed=7)
+    other = generate_demo(tmp_path / "c", n_per_rank=3, image_size=48, seed=8)
+    pd.testing.assert_frame_equal(first, second)
+    pd.testing.assert_frame_equal(first, other)  # same table: only the pictures depend on the seed
+    a, b, c = (_files(tmp_path / name) for name in "abc")
+    assert len(a) == 3 * 10 + 2  # images + labels.csv + manifest.json
+    assert a == b
+    images = [k for k in a if k.endswith(".png")]
+    assert all(a[k] != c[k] for k in images)
+
+
+def test_existing_set_with_same_settings_is_not_rewritten(tmp_path):
+    generate_demo(tmp_path, n_per_rank=2, image_size=48)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")}
+    table = generate_demo(tmp_path, n_per_rank=2, image_size=48)
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.png")} == stamps
+    assert len(table) == 20
+
+
+def test_changed_settings_regenerate_and_drop_stale_images(tmp_path):
+    generate_demo(tmp_path, n_per_rank=3, image_size=48)
+    table = generate_demo(tmp_path, n_per_rank=2, image_size=48)
+    assert len(table) == 20
+    on_disk = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert on_disk == sorted(table["path"])
+    assert json.loads((tmp_path / "manifest.json").read_text())["settings"]["n_per_rank"] == 2
+
+
+def test_a_missing_image_triggers_regeneration(tmp_path):
+    table = generate_demo(tmp_path, n_per_rank=1, image_size=48)
+    (tmp_path / table["path"].iloc[-1]).unlink()
+    generate_demo(tmp_path, n_per_rank=1, image_size=48)
+    assert (tmp_path / table["path"].iloc[-1]).is_file()
+
+
+@pytest.mark.parametrize("count", [1, 10])
+def test_placement_fits_in_the_smallest_allowed_image(count):
+    shapes = place_objects(np.random.default_rng(0), count, MIN_IMAGE_SIZE)
+    assert len(shapes) == count
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"n_per_rank": 0}, "n_per_rank"),
+                                                 ({"image_size": MIN_IMAGE_SIZE - 1}, "image_size")])
+def test_bad_settings_are_rejected(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_demo(tmp_path, **kwargs)
