@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +24,7 @@ from l2rclip.data.dataset import RankImageDataset
 from l2rclip.data.sources import load_source
 from l2rclip.losses import OrdinalLoss
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
-from l2rclip.models.backbone import TINY_ARCH, Backbone, WeightsUnavailableError, load_backbone
-from l2rclip.models.factory import build_l2rclip
+from l2rclip.models.factory import build_l2rclip, resolve_backbone
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -45,29 +43,12 @@ class CheckResult:
     seconds: float
 
 
-def load_backbone_or_fallback(params: Params) -> tuple[Backbone, Params]:
-    """The configured backbone, or the tiny random one when CLIP weights cannot be had.
-
-    Returns the backbone and the params actually used (model.arch/pretrained replaced on fallback),
-    so every output can say which backbone produced it.
-    """
-    try:
-        return load_backbone(params.model.arch, params.model.pretrained), params
-    except WeightsUnavailableError as error:
-        log.warning("%s\nFalling back to a small randomly initialised backbone (%s): the run checks "
-                    "the pipeline; its numbers are NOT CLIP results.", error, TINY_ARCH)
-    model = dataclasses.replace(params.model, arch=TINY_ARCH, pretrained="none")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fallback has just been announced
-        backbone = load_backbone(TINY_ARCH, "none")
-    return backbone, dataclasses.replace(params, model=model)
-
-
 def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
     """Run the check (see the module docstring); raises AssertionError when something is wrong."""
     start = time.perf_counter()
     torch.manual_seed(params.seed)
-    backbone, params = load_backbone_or_fallback(params)
+    backbone, model_config = resolve_backbone(params.model)
+    params = dataclasses.replace(params, model=model_config)
     space = RankSpace.from_config(params.ranks)
     model = build_l2rclip(backbone, space, params.model)
 

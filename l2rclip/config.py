@@ -121,12 +121,28 @@ class RankFormerConfig:
 
 
 @dataclass(frozen=True)
+class FallbackConfig:
+    """What training uses when the CLIP weights cannot be had (offline): a pipeline check.
+
+    The fallback backbone is randomly initialised, so its image tower learns from scratch: it
+    needs a larger learning rate (`lr_image`) and more `epochs` than a pretrained tower
+    fine-tuned gently.
+    """
+
+    enabled: bool = True
+    arch: str = "L2RCLIP-Tiny"
+    lr_image: float = 1e-3
+    epochs: int = 40
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Backbone and prompt model. `pretrained`: open_clip tag, local weights file, or `none`."""
 
     arch: str = "ViT-B-16"
     pretrained: str = "openai"
     image_tower: Literal["train", "frozen"] = "train"
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     rankformer: RankFormerConfig = field(default_factory=RankFormerConfig)
 
@@ -151,6 +167,7 @@ class TrainConfig:
 
     schedule: Literal["one_stage", "two_stage"] = "one_stage"
     epochs: int = 10
+    stage1_epochs: int = 5
     batch_size: int = 32
     optimizer: Literal["adam", "radam", "adamw"] = "adam"
     lr_prompt: float = 1e-4
@@ -161,6 +178,10 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     num_workers: int = 0
     device: str = "auto"
+    amp: bool = True
+    select_metric: str = "mae"
+    eval_batch_size: int = 64
+    feature_cache: str = "outputs/cache"
 
 
 @dataclass(frozen=True)
@@ -172,10 +193,19 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: experiment name; `enabled: false` records nothing (the pipeline runs the same)."""
+
+    enabled: bool = True
+    experiment: str = "l2rclip"
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
     seed: int = 0
+    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
     ranks: RanksConfig = field(default_factory=RanksConfig)
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
@@ -183,6 +213,7 @@ class Params:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import warnings
 
 from l2rclip.config import ModelConfig
-from l2rclip.models.backbone import Backbone
+from l2rclip.models.backbone import Backbone, WeightsUnavailableError, load_backbone
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.models.prompts import RankPromptLearner
 from l2rclip.models.rankformer import RankFormer
 from l2rclip.models.text_encoder import PromptTextEncoder
 from l2rclip.ranks import RankSpace
+
+log = logging.getLogger(__name__)
 
 
 def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) -> L2RCLIP:
@@ -32,3 +36,23 @@ def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig
 def similarity_scale(model: L2RCLIP) -> float:
     """S = exp(logit_scale): 100 for OpenAI CLIP."""
     return math.exp(float(model.logit_scale))
+
+
+def resolve_backbone(config: ModelConfig, device: str = "cpu") -> tuple[Backbone, ModelConfig]:
+    """The configured backbone, or the small random fallback when its weights cannot be had.
+
+    The fallback applies only with `model.fallback.enabled`, and is announced as a warning.
+    Returns the backbone and the model config actually used (arch and pretrained replaced on
+    fallback), so every output can say what produced it; `backbone.is_clip` tells which.
+    """
+    try:
+        return load_backbone(config.arch, config.pretrained, device), config
+    except WeightsUnavailableError as error:
+        if not config.fallback.enabled:
+            raise
+        log.warning("%s\nFalling back to a small randomly initialised backbone (%s): this run checks the "
+                    "pipeline; its numbers are NOT CLIP results.", error, config.fallback.arch)
+    used = dataclasses.replace(config, arch=config.fallback.arch, pretrained="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback has just been announced
+        return load_backbone(used.arch, "none", device), used

@@ -1,0 +1,91 @@
+"""Running a model over images or cached features, and turning probabilities into a table.
+
+Used by validation during training, by the evaluate stage and by prediction, so that every
+place reports the same numbers from the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from l2rclip.metrics import rank_distribution_summary
+from l2rclip.models.l2rclip import L2RCLIP
+from l2rclip.ranks import RankSpace
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA (bfloat16 where supported), a no-op context elsewhere."""
+    if device.type != "cuda" or not enabled:
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+@torch.no_grad()
+def predict_probabilities(model: L2RCLIP, batches: Iterable[dict[str, torch.Tensor]],
+                          device: torch.device, amp: bool = False) -> np.ndarray:
+    """Rank probabilities for every batch of inputs, in order.
+
+    Args:
+        model: the model; evaluated with its prototypes computed (or taken from cache) once.
+        batches: dicts with `images` (B, 3, H, W) or `image_features` (B, E).
+        device: where to run.
+        amp: mixed precision on CUDA.
+
+    Returns:
+        (N, M) float64 probabilities.
+    """
+    was_training = model.training
+    model.eval()
+    text_features = model.prototypes()  # (M, E): once for the whole pass
+    chunks = []
+    for batch in batches:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, amp):
+            logits = model(**inputs, text_features=text_features)["logits"]  # (B, M)
+        chunks.append(logits.float().softmax(dim=1).cpu().double().numpy())
+    model.train(was_training)
+    if not chunks:
+        raise ValueError("predict_probabilities: expected at least one batch, found none (empty split?)")
+    return np.concatenate(chunks)  # (N, M)
+
+
+def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSpace,
+                      with_probabilities: bool = True) -> pd.DataFrame:
+    """One row per image: true rank/value (when known), both prediction rules, uncertainty.
+
+    Args:
+        table: rows in the order of `probs`, with `path` and optionally `rank` and `value`.
+        probs: (N, M) rank probabilities.
+        rank_space: the ranks.
+        with_probabilities: add one `p_<k>` column per rank.
+    """
+    if len(table) != len(probs):
+        raise ValueError(f"predictions_table: {len(table)} rows but {len(probs)} probability rows")
+    summary = rank_distribution_summary(probs, rank_space.value_array)
+    out = pd.DataFrame({"path": table["path"].astype(str).to_numpy()})
+    for column in ("label", "rank", "value"):
+        if column in table:
+            out[column] = table[column].to_numpy()
+    out["pred_rank"] = summary["argmax"]
+    out["pred_label"] = [rank_space.label_of(int(k)) for k in summary["argmax"]]
+    out["pred_name"] = [rank_space.names[int(k)] for k in summary["argmax"]]
+    out["pred_value"] = summary["argmax_value"]
+    out["expected_value"] = summary["expected_value"]
+    out["std"] = summary["std"]
+    out["entropy"] = summary["entropy"]
+    out["confidence"] = probs.max(axis=1)
+    if with_probabilities:
+        for k in range(probs.shape[1]):
+            out[f"p_{k}"] = probs[:, k]
+    return out
+
+
+def probabilities_of(predictions: pd.DataFrame) -> np.ndarray:
+    """The (N, M) probability block of a predictions table written with probabilities."""
+    columns = sorted((c for c in predictions.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
+    return predictions[columns].to_numpy(dtype=np.float64)

@@ -1,0 +1,86 @@
+"""Frozen image features, computed once and reused.
+
+With the image tower frozen (two-stage stage 1, or `model.image_tower: frozen`) every epoch would
+encode the same images through the same weights again. Instead, all images of the prepared set
+are encoded once (evaluation transform, no augmentation) and stored as safetensors under a key
+made of the image tower's weights, the transform, and every file's path, size and modification
+time; any change to one of these gives a new key, so a stale cache is never read. All folds of
+a run share one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.evaluation import autocast
+from l2rclip.models.l2rclip import L2RCLIP
+
+log = logging.getLogger(__name__)
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Hash of a module's parameters and buffers (names, shapes, dtypes and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_fingerprint(paths: list[Path]) -> str:
+    """Hash of the files' paths, sizes and modification times (as DVC judges changes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        stat = path.stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def cached_image_features(model: L2RCLIP, table: pd.DataFrame, root: str | Path,
+                          transform: Callable, cache_dir: str | Path, device: torch.device,
+                          batch_size: int = 64, num_workers: int = 0, amp: bool = False) -> torch.Tensor:
+    """L2-normalised features of every image in `table`, in table order: (N, E), on the CPU.
+
+    Args:
+        model: the model whose (frozen) image tower encodes.
+        table: rows with `path` (relative to `root`) and `rank`.
+        root: image root.
+        transform: the evaluation transform.
+        cache_dir: where feature files live.
+        device: where to encode.
+        batch_size: images per encoding batch.
+        num_workers: loader processes.
+        amp: mixed precision on CUDA.
+    """
+    root = Path(root)
+    paths = [root / p for p in table["path"]]
+    key = hashlib.blake2b(digest_size=16)
+    for part in (weights_fingerprint(model.image_encoder), repr(transform), images_fingerprint(paths)):
+        key.update(part.encode())
+    file = Path(cache_dir) / f"features-{key.hexdigest()}.safetensors"
+    if file.is_file():
+        log.info("image features: reusing %s (%d images)", file, len(paths))
+        return load_file(file)["features"]
+    log.info("image features: encoding %d images once (frozen image tower) into %s", len(paths), file)
+    loader = make_loader(RankImageDataset(table, root, transform), batch_size, shuffle=False,
+                         num_workers=num_workers)
+    chunks = []
+    model.eval()
+    with torch.no_grad():
+        for images, _ in loader:
+            with autocast(device, amp):
+                chunks.append(model.encode_images(images.to(device)).float().cpu())  # (B, E)
+    features = torch.cat(chunks)  # (N, E)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_suffix(".partial")
+    save_file({"features": features}, partial)
+    partial.replace(file)  # atomic: a killed run never leaves a half-written cache
+    return features

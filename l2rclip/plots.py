@@ -1,0 +1,299 @@
+"""Evaluation pictures: what a reader checks first, drawn as PNG files for MLflow and the report.
+
+``dvc plots show`` loads its renderer from the network, so every picture is rendered here with
+matplotlib's Agg canvas on a private ``Figure`` (no pyplot, no global state). Files carry no
+timestamp or version metadata, so the same input gives the same bytes and DVC sees no change.
+Every plot function writes one PNG to ``path`` and returns that path; ``title_suffix`` adds a title
+line such as "PIPELINE CHECK (random backbone)", so a picture from an untrained model cannot pass for a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix
+
+from l2rclip.metrics import expected_calibration_error, prototype_ordinality
+from l2rclip.ranks import RankSpace
+
+logger = logging.getLogger(__name__)
+
+MAX_TICKS = 20  # more rank names than this are thinned to every k-th
+MAX_ANNOTATED = 15  # heat-map cells carry numbers only up to this many ranks
+PREDICTION_COLUMNS = ("rank", "value", "pred_rank", "pred_value", "expected_value", "std", "confidence")
+
+
+def _vectors(**arrays: object) -> list[np.ndarray]:
+    """Named 1-d inputs as float arrays; ValueError when one is empty or their lengths differ."""
+    out = [np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays.values()]  # each (N,)
+    (first, n), *rest = zip(arrays, (a.size for a in out), strict=True)
+    if n == 0:
+        raise ValueError(f"expected at least one sample in {first}, found an empty array")
+    for name, length in rest:
+        if length != n:
+            raise ValueError(f"{first} has length {n} but {name} has length {length}: expected equal lengths")
+    return out
+
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list[Axes]]:
+    """A Figure bound to an Agg canvas, so nothing touches pyplot's global state or a display."""
+    fig = Figure(figsize=(width, height), layout="compressed")  # compressed: no gaps around square heat maps
+    FigureCanvasAgg(fig)
+    return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
+
+
+def _save(fig: Figure, path: str | Path, title: str, title_suffix: str) -> Path:
+    """Title the figure, write it as a PNG without metadata (byte-stable output) and return the path."""
+    fig.suptitle(f"{title}\n{title_suffix}" if title_suffix else title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight", metadata={"Software": None})
+    logger.info("wrote %s", path)
+    return path
+
+
+def _rank_axis(ax: Axes, names: Sequence[str], axis: str, positions: np.ndarray | None = None) -> None:
+    """Label the x or y axis with rank names, every k-th beyond MAX_TICKS so labels stay legible."""
+    keep = np.arange(0, len(names), math.ceil(len(names) / MAX_TICKS))
+    ticks = np.arange(len(names)) if positions is None else positions
+    labels = [str(names[i]) for i in keep]
+    if axis == "x":
+        ax.set_xticks(ticks[keep], labels, rotation=90 if max(map(len, labels)) > 3 else 0)
+    else:
+        ax.set_yticks(ticks[keep], labels)
+
+
+def _heatmap(matrix: np.ndarray, names: Sequence[str], fmt: str, label: str) -> tuple[Figure, Axes]:
+    """Draw an (M, M) matrix with rank-name ticks and, for small M, the value in every cell."""
+    side = max(5.0, 0.16 * len(names) + 2.0)  # room for M tick labels
+    fig, (ax,) = _figure(side + 1.0, side)
+    image = ax.imshow(matrix, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=label, fraction=0.046, pad=0.04)
+    _rank_axis(ax, names, "x")
+    _rank_axis(ax, names, "y")
+    if len(names) <= MAX_ANNOTATED:
+        for (row, col), value in np.ndenumerate(matrix):
+            colour = "white" if image.norm(value) < 0.5 else "black"  # readable on viridis
+            ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=7, color=colour)
+    return fig, ax
+
+
+def confusion_matrix_plot(true_ranks: np.ndarray, pred_ranks: np.ndarray, rank_names: Sequence[str],
+                          path: str | Path, normalize: bool = True, title_suffix: str = "") -> Path:
+    """Heat map of true rank (rows) against argmax rank (columns); an ordinal model hugs the diagonal.
+
+    Args:
+        true_ranks: (N,) true rank indices in 0..M-1.
+        pred_ranks: (N,) predicted rank indices in 0..M-1.
+        rank_names: (M,) tick labels, one per rank.
+        path: PNG file to write.
+        normalize: divide each row by its count (rows without samples stay 0).
+        title_suffix: extra title line, e.g. "PIPELINE CHECK (random backbone)".
+    """
+    true, pred = _vectors(true_ranks=true_ranks, pred_ranks=pred_ranks)
+    n_ranks = len(rank_names)
+    for name, ranks in (("true_ranks", true), ("pred_ranks", pred)):
+        if ranks.min() < 0 or ranks.max() >= n_ranks:
+            raise ValueError(f"{name} must be rank indices in 0..{n_ranks - 1} (one per rank name), "
+                             f"found {ranks.min():g}..{ranks.max():g}")
+    matrix = confusion_matrix(true.astype(np.int64), pred.astype(np.int64), labels=np.arange(n_ranks),
+                              normalize="true" if normalize else None)  # (M, M)
+    fig, ax = _heatmap(matrix, rank_names, ".2f" if normalize else ".0f",
+                       "share of the true rank" if normalize else "count")
+    ax.set(xlabel="predicted rank (argmax)", ylabel="true rank")
+    return _save(fig, path, f"Confusion matrix (N={true.size})", title_suffix)
+
+
+def error_by_rank_plot(true_values: np.ndarray, expected_values: np.ndarray, argmax_values: np.ndarray,
+                       rank_values: np.ndarray, rank_names: Sequence[str], path: str | Path,
+                       title_suffix: str = "") -> Path:
+    """Mean absolute error per true rank for both prediction rules, with the test count per rank.
+
+    Shows where the error lives (often the rare extreme ranks) and whether expectation beats argmax
+    everywhere or only on average. Each true value is assigned to its nearest rank value; ranks
+    without test images are left out.
+
+    Args:
+        true_values: (N,) true values.
+        expected_values: (N,) expectation-rule predictions.
+        argmax_values: (N,) argmax-rule predictions.
+        rank_values: (M,) value of each rank.
+        rank_names: (M,) name of each rank.
+        path: PNG file to write.
+        title_suffix: extra title line.
+    """
+    true, expected, argmax = _vectors(true_values=true_values, expected_values=expected_values,
+                                      argmax_values=argmax_values)
+    values, _ = _vectors(rank_values=rank_values, rank_names=np.zeros(len(rank_names)))  # (M,); lengths agree
+    rank = np.abs(true[:, None] - values[None, :]).argmin(axis=1)  # (N,) nearest rank index
+    count = np.bincount(rank, minlength=values.size)  # (M,)
+    present = np.flatnonzero(count)  # ranks with test images
+    x = np.arange(present.size)
+    fig, (ax,) = _figure(max(6.0, 0.2 * present.size + 3.0), 4.5)
+    for offset, (rule, predicted) in zip((-0.2, 0.2), (("expectation", expected), ("argmax", argmax)),
+                                         strict=True):
+        error = np.abs(predicted - true)  # (N,)
+        mae = np.bincount(rank, weights=error, minlength=values.size)[present] / count[present]  # (R,)
+        ax.bar(x + offset, mae, width=0.4, label=f"{rule} (MAE {error.mean():.2f})")
+    _rank_axis(ax, [rank_names[i] for i in present], "x", positions=x)
+    ax.set(xlabel="true rank", ylabel="mean absolute error", ylim=(0, 1.3 * ax.get_ylim()[1]))  # legend room
+    counts_ax = ax.twinx()
+    counts_ax.plot(x, count[present], color="grey", alpha=0.6, marker=".", label="test images")
+    counts_ax.set(ylabel="test images", ylim=(0, 1.3 * count.max()))
+    ax.legend(handles=[*ax.containers, *counts_ax.lines], loc="upper left", ncols=3, fontsize=8)
+    return _save(fig, path, "Error by true rank", title_suffix)
+
+
+def predicted_vs_true_plot(true_values: np.ndarray, expected_values: np.ndarray, std: np.ndarray,
+                           path: str | Path, title_suffix: str = "") -> Path:
+    """Expected value against true value, with the predicted spread as light error bars.
+
+    Discrete true values are jittered (fixed seed, so the picture is reproducible) to keep the
+    points of one rank from hiding each other.
+
+    Args:
+        true_values: (N,) true values.
+        expected_values: (N,) expectation-rule predictions.
+        std: (N,) standard deviation of each predicted distribution, in value units.
+        path: PNG file to write.
+        title_suffix: extra title line.
+    """
+    true, expected, spread = _vectors(true_values=true_values, expected_values=expected_values, std=std)
+    x = true
+    unique = np.unique(true)
+    if unique.size < true.size:
+        step = np.diff(unique).min() if unique.size > 1 else 1.0
+        x = true + np.random.default_rng(0).uniform(-0.2, 0.2, true.size) * step  # (N,)
+    fig, (ax,) = _figure(5.5, 5.5)
+    ax.errorbar(x, expected, yerr=spread, fmt="o", markersize=3, alpha=0.6, elinewidth=0.6, ecolor="lightgrey",
+                label=f"expected value (MAE {np.abs(expected - true).mean():.2f})")
+    low, high = min(true.min(), expected.min()), max(true.max(), expected.max())
+    ax.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="y = x")
+    ax.set(xlabel="true value", ylabel="predicted value (expectation)")
+    ax.legend(loc="upper left")
+    return _save(fig, path, f"Predicted vs true (N={true.size})", title_suffix)
+
+
+def prototype_similarity_plot(text_features: np.ndarray, rank_names: Sequence[str], path: str | Path,
+                              title_suffix: str = "") -> Path:
+    """Cosine similarity of the M rank prototypes; ordered prototypes fade away from the diagonal.
+
+    Args:
+        text_features: (M, E) rank prototypes (normalised here).
+        rank_names: (M,) name of each rank.
+        path: PNG file to write.
+        title_suffix: extra title line.
+    """
+    features = np.asarray(text_features, dtype=np.float64)
+    if features.ndim != 2 or features.size == 0:
+        raise ValueError(f"expected non-empty text_features of shape (M, E), found shape {features.shape}")
+    if features.shape[0] != len(rank_names):
+        raise ValueError(f"text_features has length {features.shape[0]} but rank_names has length "
+                         f"{len(rank_names)}: expected one prototype per rank")
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # (M, E)
+    fig, ax = _heatmap(unit @ unit.T, rank_names, ".2f", "cosine similarity")  # (M, M)
+    ax.set(xlabel="rank", ylabel="rank")
+    return _save(fig, path, f"Prototype similarity (ordinality {prototype_ordinality(features):.3f})",
+                 title_suffix)
+
+
+def calibration_plot(confidence: np.ndarray, correct: np.ndarray, path: str | Path, n_bins: int = 15,
+                     title_suffix: str = "") -> Path:
+    """Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration.
+
+    Bins match ``expected_calibration_error`` (equal width, right-closed), so bars and ECE agree.
+
+    Args:
+        confidence: (N,) probability of the predicted rank, in [0, 1].
+        correct: (N,) whether the argmax prediction was right.
+        path: PNG file to write.
+        n_bins: number of equal-width bins.
+        title_suffix: extra title line.
+    """
+    conf, hit = _vectors(confidence=confidence, correct=correct)
+    ece = expected_calibration_error(conf, hit, n_bins)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)  # (n_bins + 1,)
+    bins = np.searchsorted(edges[1:-1], conf, side="left")  # (N,)
+    count = np.bincount(bins, minlength=n_bins)  # (n_bins,)
+    accuracy = np.bincount(bins, weights=hit, minlength=n_bins) / np.maximum(count, 1)  # (n_bins,)
+    fig, (ax,) = _figure(5.5, 5.0)
+    ax.bar(edges[:-1], accuracy, width=1.0 / n_bins, align="edge", edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
+    for left, n, height in zip(edges[:-1], count, accuracy, strict=True):
+        if n:
+            ax.text(left + 0.5 / n_bins, height + 0.01, str(n), ha="center", va="bottom", fontsize=6,
+                    color="grey", alpha=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (max probability)", ylabel="accuracy")
+    ax.legend(loc="upper left")
+    return _save(fig, path, f"Calibration (ECE {ece:.3f}, N={conf.size})", title_suffix)
+
+
+def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
+                    metric_names: Sequence[str] | None = None, title_suffix: str = "") -> Path:
+    """One panel per metric: the fold values as dots and their mean ± sample std (ddof=1).
+
+    Panels have their own y scale, because MAE in years and accuracy in [0, 1] share no axis.
+
+    Args:
+        per_fold: metric name -> value per fold.
+        path: PNG file to write.
+        metric_names: metrics to draw, in order; default all of ``per_fold``.
+        title_suffix: extra title line.
+    """
+    names = list(per_fold) if metric_names is None else list(metric_names)
+    if not names:
+        raise ValueError("expected at least one metric in per_fold, found none")
+    missing = [name for name in names if name not in per_fold]
+    if missing:
+        raise ValueError(f"metric_names {missing} not in per_fold, which has {sorted(per_fold)}")
+    fig, axes = _figure(2.4 * len(names) + 0.5, 3.8, ncols=len(names))
+    for ax, name in zip(axes, names, strict=True):
+        (folds,) = _vectors(**{name: per_fold[name]})
+        mean, std = folds.mean(), (folds.std(ddof=1) if folds.size > 1 else 0.0)
+        ax.plot(np.linspace(-0.15, 0.15, folds.size), folds, "o", alpha=0.7, label="folds")
+        ax.errorbar([0.45], [mean], yerr=[std], fmt="D", color="black", capsize=4, label="mean ± std")
+        ax.set(xlim=(-0.4, 0.8), xticks=[], title=f"{name}\n{mean:.3g} ± {std:.2g}")
+    axes[0].legend(loc="best", fontsize=7)
+    return _save(fig, path, f"Cross-validation ({max(len(per_fold[n]) for n in names)} folds)", title_suffix)
+
+
+def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray, rank_space: RankSpace,
+                     out_dir: str | Path, title_suffix: str = "") -> dict[str, Path]:
+    """Write the five evaluation pictures of one split into ``out_dir``.
+
+    Args:
+        predictions: one row per test image with columns ``rank``, ``value``, ``pred_rank``,
+            ``pred_value``, ``expected_value``, ``std`` and ``confidence``.
+        text_features: (M, E) rank prototypes.
+        rank_space: the ranks the indices refer to.
+        out_dir: folder for the PNG files (created).
+        title_suffix: extra title line on every picture.
+
+    Returns:
+        Picture name (file stem) -> written path.
+    """
+    missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions lack columns {missing}: expected {list(PREDICTION_COLUMNS)}, "
+                         f"found {list(predictions.columns)}")
+    p = {c: predictions[c].to_numpy() for c in PREDICTION_COLUMNS}  # each (N,)
+    names = rank_space.names
+    inputs = {  # picture name -> (function, arguments before the path)
+        "confusion_matrix": (confusion_matrix_plot, (p["rank"], p["pred_rank"], names)),
+        "error_by_rank": (error_by_rank_plot,
+                          (p["value"], p["expected_value"], p["pred_value"], rank_space.value_array, names)),
+        "predicted_vs_true": (predicted_vs_true_plot, (p["value"], p["expected_value"], p["std"])),
+        "prototype_similarity": (prototype_similarity_plot, (text_features, names)),
+        "calibration": (calibration_plot, (p["confidence"], p["rank"] == p["pred_rank"])),
+    }
+    out = Path(out_dir)
+    return {name: plot(*args, out / f"{name}.png", title_suffix=title_suffix)
+            for name, (plot, args) in inputs.items()}

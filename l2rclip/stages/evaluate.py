@@ -1,0 +1,109 @@
+"""DVC stage `evaluate@fold`: the best model of a fold on its test split, never seen before.
+
+Outputs:
+    <out>/predictions.csv       one row per test image: truth, both prediction rules, std,
+                                entropy, confidence, per-rank probabilities
+    <out>/figures/*.png         confusion matrix, error by rank, predicted vs true, prototype
+                                similarity, calibration
+    <metrics>                   `test/...` metrics (JSON, a DVC metric), plus the MAE of always
+                                predicting the training median, the baseline every model must beat
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from l2rclip.config import Params, load_params
+from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.data.splits import select
+from l2rclip.evaluation import predict_probabilities, predictions_table
+from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality
+from l2rclip.models.checkpoint import load_model
+from l2rclip.plots import evaluation_plots
+from l2rclip.stages.common import (
+    PIPELINE_CHECK,
+    pick_device,
+    read_prepared,
+    run_main,
+    seed_everything,
+    stage_parser,
+    write_json,
+)
+from l2rclip.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def median_baseline_mae(train_values: np.ndarray, test_values: np.ndarray) -> float:
+    """MAE of always predicting the median training value: the floor any model must beat."""
+    return float(np.abs(test_values - np.median(train_values)).mean())
+
+
+def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, out_dir: Path,
+                  metrics_file: Path) -> dict[str, Any]:
+    """Evaluate `model_dir` on fold `fold`'s test split; returns the metrics written."""
+    seed_everything(params.seed)
+    _, splits = read_prepared(prepared)
+    test, train = select(splits, fold, "test"), select(splits, fold, "train")
+    if test.empty:
+        raise ValueError(f"fold {fold} has an empty test split in {prepared / 'splits.csv'}")
+    device = pick_device(params.train.device)
+    model, meta = load_model(model_dir, device=device)
+    rank_space = meta["rank_space"]
+    model.cache_prototypes()  # (M, E): computed once for the whole test set
+    loader = make_loader(RankImageDataset(test, params.data.root, meta["preprocess"]),
+                         params.train.eval_batch_size, shuffle=False, num_workers=params.train.num_workers)
+    probs = predict_probabilities(model, ({"images": images} for images, _ in loader), device, params.train.amp)
+    predictions = predictions_table(test, probs, rank_space)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
+
+    metrics = ordinal_metrics(probs, test["rank"].to_numpy(), rank_space.value_array,
+                              params.eval.cs_theta, params.eval.ece_bins)
+    metrics["ordinality"] = prototype_ordinality(model.cached_prototypes.cpu().numpy())
+    metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
+    metrics["n_images"] = float(len(test))
+    result = {**prefix_metrics(metrics, "test"), "fold": fold, "backbone": meta["backbone"],
+              "is_clip": meta["is_clip"], "best_epoch": meta["epoch"]}
+    write_json(metrics_file, result)
+    suffix = "" if meta["is_clip"] else f"\n{PIPELINE_CHECK}"
+    figures = evaluation_plots(predictions, model.cached_prototypes.cpu().numpy(), rank_space,
+                               out_dir / "figures", title_suffix=suffix)
+
+    tracker, ids = Tracker.from_handle(model_dir.parent)
+    run_id = ids.get("run_id")
+    tracker.log_metrics(run_id, prefix_metrics(metrics, "test"))
+    tracker.log_artifact(run_id, out_dir / "predictions.csv", "evaluate")
+    for path in figures.values():
+        tracker.log_artifact(run_id, path, "evaluate/figures")
+    tracker.end_run(run_id)
+    log.info("fold %d test: MAE %.3f (median baseline %.3f), accuracy %.3f", fold, metrics["mae"],
+             metrics["mae_median_baseline"], metrics["accuracy"])
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of the stage (see `--help`)."""
+    parser = stage_parser(
+        "evaluate",
+        "Evaluate a fold's best model on that fold's test split: predictions, metrics "
+        "(both prediction rules) and figures.")
+    parser.add_argument("--fold", type=int, required=True, help="fold number")
+    parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
+                        help="the prepare stage's output folder (default: %(default)s)")
+    parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and figures/")
+    parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the test metrics")
+    args = parser.parse_args(argv)
+    return run_main(lambda: evaluate_fold(load_params(args.params), args.fold, args.prepared, args.model,
+                                          args.out, args.metrics) and 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""DVC stage `report`: mean and std across folds, a markdown table, and the change since last time.
+
+Outputs:
+    <out>/metrics.json      {"test/<metric>": {"mean", "std", "folds": [...]}, ...} (a DVC metric)
+    <out>/report.md         the table, the median baseline, and the comparison with the metrics of
+                            the last committed run (what `dvc metrics diff` shows, read from git)
+    <out>/figures/cv_summary.png
+The std is the sample standard deviation over folds (ddof=1), as papers report it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from l2rclip.config import Params, load_params
+from l2rclip.plots import cv_summary_plot
+from l2rclip.stages.common import PIPELINE_CHECK, run_main, stage_parser, write_json
+from l2rclip.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = ("mae", "mae_argmax", "accuracy", "off_by_one_accuracy", "cs", "rmse", "qwk", "spearman",
+                 "ece", "ordinality", "mae_median_baseline")
+
+
+def summarise(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean, std (ddof=1; 0 for one fold) and per-fold values of every numeric `test/` metric."""
+    keys = sorted({k for m in per_fold for k, v in m.items() if k.startswith("test/") and isinstance(v, float)})
+    summary = {}
+    for key in keys:
+        values = np.array([m[key] for m in per_fold if key in m], dtype=float)
+        summary[key] = {"mean": float(values.mean()),
+                        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                        "folds": [float(v) for v in values]}
+    return summary
+
+
+def previous_summary(path: Path) -> dict[str, Any] | None:
+    """The report metrics as last committed to git (None when there are none)."""
+    try:
+        text = subprocess.run(["git", "show", f"HEAD:{path.as_posix()}"], capture_output=True, text=True,
+                              check=True).stdout
+        return json.loads(text)
+    except (subprocess.CalledProcessError, FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> str:
+    """The report as markdown."""
+    lines = [f"# Cross-validated results: {header['source']}", ""]
+    if not header["is_clip"]:
+        lines += [f"> **{PIPELINE_CHECK}**", ""]
+    lines += [f"Backbone `{header['backbone']}`, {header['n_folds']} folds; mean +- std (ddof=1) over folds.",
+              "", "| metric | mean | std | per fold |", "|---|---|---|---|"]
+    for name in TABLE_METRICS:
+        entry = summary.get(f"test/{name}")
+        if entry:
+            folds = ", ".join(f"{v:.3f}" for v in entry["folds"])
+            lines.append(f"| {name} | {entry['mean']:.4f} | {entry['std']:.4f} | {folds} |")
+    mae, base = summary.get("test/mae"), summary.get("test/mae_median_baseline")
+    if mae and base and base["mean"] > 0:
+        gain = 1.0 - mae["mean"] / base["mean"]
+        lines += ["", f"MAE (expectation) is {gain:.0%} below always predicting the training median "
+                      f"({mae['mean']:.3f} vs {base['mean']:.3f})."]
+    lines += ["", "## Change since the last committed run", ""]
+    if previous is None:
+        lines.append("No committed report to compare with (first run, or outputs not committed).")
+    else:
+        lines += ["| metric | before | now | change |", "|---|---|---|---|"]
+        for name in TABLE_METRICS:
+            key = f"test/{name}"
+            if key in summary and isinstance(previous.get(key), dict):
+                before, now = previous[key]["mean"], summary[key]["mean"]
+                lines.append(f"| {name} | {before:.4f} | {now:.4f} | {now - before:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -> dict[str, Any]:
+    """Summarise the folds of `params.folds`; returns the summary written to metrics.json."""
+    files = [metrics_dir / f"fold_{fold}.json" for fold in params.folds]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"expected the evaluate stage's metrics, missing: {', '.join(missing)}")
+    per_fold = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    summary = summarise(per_fold)
+    header = {"source": params.data.source, "backbone": per_fold[0]["backbone"],
+              "is_clip": all(m["is_clip"] for m in per_fold), "n_folds": len(per_fold)}
+    metrics_file = out_dir / "metrics.json"
+    previous = previous_summary(metrics_file)
+    write_json(metrics_file, {**summary, **header})
+    (out_dir / "report.md").write_text(markdown(summary, previous, header), encoding="utf-8")
+    figure = cv_summary_plot({k: v["folds"] for k, v in summary.items()},
+                             out_dir / "figures" / "cv_summary.png",
+                             metric_names=[f"test/{m}" for m in ("mae", "mae_median_baseline", "accuracy")])
+
+    tracker, ids = Tracker.from_handle(train_root / str(params.folds[0]) / "train")
+    parent = ids.get("parent_run_id")
+    tracker.log_metrics(parent, {f"{k}_{stat}": v[stat] for k, v in summary.items() for stat in ("mean", "std")})
+    for path in (out_dir / "report.md", metrics_file, figure):
+        tracker.log_artifact(parent, path, "report")
+    tracker.end_run(parent)
+    log.info("report: %s", ", ".join(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()
+                                      if k in ("test/mae", "test/accuracy")))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of the stage (see `--help`)."""
+    parser = stage_parser(
+        "report",
+        "Mean and std over folds of every test metric, a markdown report and the change "
+        "since the last committed run.")
+    parser.add_argument("--metrics-dir", type=Path, default=Path("outputs/metrics"),
+                        help="folder of the per-fold metrics fold_<k>.json (default: %(default)s)")
+    parser.add_argument("--folds-dir", type=Path, default=Path("outputs/folds"),
+                        help="folder of the per-fold training outputs (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/report"),
+                        help="output folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    return run_main(lambda: report(load_params(args.params), args.metrics_dir, args.out, args.folds_dir) and 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""DVC stage `train@fold`: train one fold, keep the best (by validation) and the last checkpoint.
+
+Outputs in `--out` (declared `persist: true` in dvc.yaml, so a killed run resumes):
+    best/           model.safetensors + model.json of the best validation epoch
+    last/           the last epoch's model, optimiser and scheduler state (for resuming)
+    history.csv     one row per epoch: train loss terms, validation metrics, seconds
+    summary.json    best epoch and metrics, wall time, the backbone actually used
+    tracking.json   MLflow ids, so evaluate logs into the same run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from l2rclip.config import Params, load_params, to_flat_dict
+from l2rclip.data.splits import select
+from l2rclip.models.factory import build_l2rclip, resolve_backbone
+from l2rclip.ranks import RankSpace
+from l2rclip.resume import find_state
+from l2rclip.stages.common import (
+    PIPELINE_CHECK,
+    data_version,
+    fingerprint,
+    pick_device,
+    read_prepared,
+    run_main,
+    seed_everything,
+    stage_parser,
+    write_json,
+)
+from l2rclip.tracking import Tracker, git_state, pipeline_key
+from l2rclip.training import FoldData, fit
+
+log = logging.getLogger(__name__)
+
+
+def open_fold_run(params: Params, fold: int, out_dir: Path, version: str, resuming: bool,
+                  tags: dict[str, Any]) -> tuple[Tracker, str | None]:
+    """The MLflow child run of this fold under the pipeline's parent run (the same one when resuming)."""
+    if resuming and (out_dir / "tracking.json").is_file():
+        tracker, ids = Tracker.from_handle(out_dir)
+        if ids.get("run_id"):
+            return tracker, ids["run_id"]
+    tracker = Tracker(experiment=params.tracking.experiment, enabled=params.tracking.enabled)
+    flat = to_flat_dict(params)
+    parent = tracker.parent_run(pipeline_key(flat, version), name=f"{params.data.source} pipeline",
+                                params=flat, tags=tags)
+    run_id = (tracker.child_run(parent, name=f"fold {fold}", params=flat, tags={**tags, "l2rclip.fold": fold})
+              if parent else None)
+    if run_id:
+        tracker.write_handle(out_dir, run_id, parent)
+    return tracker, run_id
+
+
+def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict[str, Any]:
+    """Train fold `fold` from the prepared data into `out_dir`; returns the summary."""
+    seed_everything(params.seed)
+    images, splits = read_prepared(prepared)
+    folds = sorted(splits["fold"].unique())
+    if fold not in folds:
+        raise ValueError(f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of {folds}")
+    device = pick_device(params.train.device)
+    backbone, model_config = resolve_backbone(params.model, device=str(device))
+    rank_space = RankSpace.from_config(params.ranks)
+    model = build_l2rclip(backbone, rank_space, model_config).to(device)
+    version = data_version(prepared)
+    meta = {"backbone": model_config.arch, "pretrained": model_config.pretrained,
+            "is_clip": backbone.is_clip, "fold": fold, "data_version": version}
+    tags = {**git_state(), "l2rclip.data_version": version, "l2rclip.backbone": model_config.arch,
+            "l2rclip.pipeline_check": str(not backbone.is_clip).lower()}
+    if not backbone.is_clip:
+        tags["mlflow.note.content"] = PIPELINE_CHECK
+    used = params
+    if model_config != params.model:  # the random fallback learns from scratch: its own rate and length
+        fallback = params.model.fallback
+        used = dataclasses.replace(params, train=dataclasses.replace(
+            params.train, lr_image=fallback.lr_image, epochs=fallback.epochs))
+    run_fingerprint = fingerprint(used, fold, version)
+    resuming = find_state(out_dir / "last", run_fingerprint) is not None
+    if not resuming and out_dir.exists():  # DVC keeps this folder (persist): clear another run's files
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker, run_id = open_fold_run(params, fold, out_dir, version, resuming, tags)
+    params = used
+
+    data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
+                    root=Path(params.data.root))
+    result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
+                 (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
+                 run_fingerprint, meta=meta,
+                 on_epoch=lambda metrics, epoch: tracker.log_metrics(run_id, metrics, step=epoch))
+    pd.DataFrame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
+    summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
+               "train_images": len(data.train), "val_images": len(data.val), "seconds": result.seconds,
+               "label": None if backbone.is_clip else PIPELINE_CHECK}
+    write_json(out_dir / "summary.json", summary)
+    tracker.log_artifact(run_id, out_dir / "history.csv")
+    tracker.log_params(run_id, {"train.lr_image_used": params.train.lr_image,
+                                "train.epochs_used": params.train.epochs})
+    log.info("fold %d trained in %.0f s: best epoch %d, %s", fold, result.seconds, result.best_epoch,
+             ", ".join(f"{k} {v:.3f}" for k, v in result.best_metrics.items() if k.startswith("val/mae")))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of the stage (see `--help`)."""
+    parser = stage_parser(
+        "train",
+        "Train one fold: validation-based model selection, best and last checkpoints, "
+        "resuming from the last one after an interruption.")
+    parser.add_argument("--fold", type=int, required=True, help="fold number (a fold of splits.csv)")
+    parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
+                        help="the prepare stage's output folder (default: %(default)s)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
+    args = parser.parse_args(argv)
+    return run_main(lambda: train_fold(load_params(args.params), args.fold, args.prepared, args.out) and 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

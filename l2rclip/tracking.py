@@ -1,0 +1,298 @@
+"""MLflow helpers: one parent run per pipeline run, one child run per fold, never fatal.
+
+DVC runs `train@fold`, `evaluate@fold` and `report` as separate processes, so there is no shared
+"active run": every call names its run id through `MlflowClient`, and the train stage writes the
+ids to `tracking.json` in its output folder so later stages log into the same runs. Tracking records
+what happened but is not needed for it to happen: any MLflow error (an unreachable server, a deleted
+run) logs one warning and makes the tracker a no-op; it never owns local files, so nothing is lost.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils import validation as limits
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_KEY_TAG = "l2rclip.pipeline_key"
+PARENT_TAG = "mlflow.parentRunId"
+HANDLE_FILE = "tracking.json"
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow accepts only these in param/metric keys
+T = TypeVar("T")
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` if set, else an absolute `sqlite:///` URI of ./mlflow.db.
+
+    Absolute, so that stages started from other folders (DVC, Prefect workers) share one store.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def pipeline_key(flat_params: dict, data_version: str) -> str:
+    """Short stable hash of the resolved params and the data version.
+
+    Every stage process of one pipeline run computes the same key and so finds the same parent run.
+    """
+    blob = json.dumps({"params": flat_params, "data": data_version}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """The HEAD commit of the repository at `cwd`, or None when it is not a git checkout."""
+    return _git(cwd, "rev-parse", "HEAD")
+
+
+def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
+    """Tag values that say which code ran: the commit and whether the work tree differed from it."""
+    status = _git(cwd, "status", "--porcelain")
+    return {"git_commit": git_commit(cwd), "git_dirty": None if status is None else str(bool(status)).lower()}
+
+
+def _git(cwd: str | Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _safe_key(key: str) -> str:
+    """Replace characters MLflow rejects (e.g. `@` in `test/cs@5`) so one key cannot stop tracking."""
+    return _BAD_KEY_CHARS.sub("_", str(key))
+
+
+def _text(value: Any, limit: int) -> str:
+    text = json.dumps(list(value), default=str) if isinstance(value, (list, tuple)) else str(value)
+    if len(text) > limit:
+        logger.debug("MLflow value of %d chars truncated to %d", len(text), limit)
+    return text[:limit]
+
+
+def _local_store_dir(uri: str) -> Path | None:
+    """The folder that holds a sqlite or file store (where `mlartifacts/` goes), None for servers."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent
+    if uri.startswith("file:") or "://" not in uri:  # a file store: a folder of runs
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path)).resolve().parent
+    return None
+
+
+def _unreachable(uri: str) -> str | None:
+    """Why an http(s) server cannot be used, or None; a short probe instead of minutes of retries."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=3):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered (perhaps 401 behind a proxy): reachable
+    except (OSError, ValueError) as error:
+        return f"{uri} is unreachable ({error})"
+
+
+class Tracker:
+    """Logs to MLflow by explicit run ids; turns itself off with one warning on the first failure.
+
+    Every public method returns None (and does nothing) once the tracker is disabled, so callers
+    never need to check `enabled` or catch MLflow errors.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "l2rclip", enabled: bool = True):
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment = experiment
+        self._enabled = enabled
+        self._experiment_id: str | None = None
+        self._client: MlflowClient | None = None
+        if not enabled:
+            return
+        if self.tracking_uri.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+            reason = _unreachable(self.tracking_uri)
+            if reason is not None:
+                self._disable("connect", reason)
+                return
+        self._client = self._guard("connect", lambda: MlflowClient(self.tracking_uri))
+
+    @property
+    def enabled(self) -> bool:
+        """False when constructed disabled or after the first MLflow failure."""
+        return self._enabled
+
+    def _disable(self, operation: str, error: Any) -> None:
+        if self._enabled:
+            logger.warning("MLflow tracking disabled: %s failed on %s: %s. Training goes on; local "
+                           "outputs are unaffected.", operation, self.tracking_uri, error)
+        self._enabled = False
+
+    def _guard(self, operation: str, call: Callable[[], T]) -> T | None:
+        if not self._enabled:
+            return None
+        try:
+            return call()
+        except Exception as error:  # any failure: tracking must never stop training
+            self._disable(operation, error)
+            return None
+
+    @property
+    def _exp_id(self) -> str:
+        """Experiment id by name (cached), creating the experiment on first use."""
+        if self._experiment_id is None:
+            found = self._client.get_experiment_by_name(self.experiment)
+            self._experiment_id = found.experiment_id if found else self._create_experiment()
+        return self._experiment_id
+
+    def _create_experiment(self) -> str:
+        """Create the experiment; on a local store its artifacts go to `mlartifacts/` beside the store."""
+        store = _local_store_dir(self.tracking_uri)
+        folder = re.sub(r"[^\w.\-]", "_", self.experiment)
+        location = (store / "mlartifacts" / folder).as_uri() if store else None
+        try:
+            return self._client.create_experiment(self.experiment, artifact_location=location)
+        except MlflowException:  # another stage process may have created it meanwhile
+            found = self._client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _find_parents(self, key: str) -> list:
+        return list(self._client.search_runs(
+            [self._exp_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
+            order_by=["attributes.start_time ASC", "attributes.run_id ASC"]))
+
+    def parent_run(self, key: str, name: str, params: dict, tags: dict) -> str | None:
+        """Find the pipeline run tagged with `key`, or create it with `params` and `tags`.
+
+        Fold processes may race to create it; each then keeps the oldest run with the key and a
+        loser deletes its own, so all folds end up under one parent.
+        """
+        def find_or_create() -> str:
+            found = self._find_parents(key)
+            if found:
+                return found[0].info.run_id
+            run_id = self._create(name, params, {**tags, PIPELINE_KEY_TAG: key})
+            oldest = self._find_parents(key)[0].info.run_id
+            if oldest != run_id:
+                self._client.delete_run(run_id)
+            return oldest
+        return self._guard("parent_run", find_or_create)
+
+    def child_run(self, parent_id: str, name: str, params: dict, tags: dict) -> str | None:
+        """Create a run nested under `parent_id` (pass the fold as tag `l2rclip.fold`)."""
+        return self._guard("child_run", lambda: self._create(name, params, {**tags, PARENT_TAG: parent_id}))
+
+    def _create(self, name: str, params: dict, tags: dict) -> str:
+        run_id = self._client.create_run(self._exp_id, run_name=name).info.run_id
+        self._log_params(run_id, params)
+        self._set_tags(run_id, tags)
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log metrics at `step` in one batch; NaN, infinite or non-numeric values are skipped."""
+        def log() -> None:
+            stamp = int(time.time() * 1000)
+            batch = []
+            for key, value in metrics.items():
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    number = math.nan
+                if not math.isfinite(number):
+                    logger.debug("metric %s=%r is not a finite number; not logged", key, value)
+                    continue
+                batch.append(Metric(_safe_key(key), number, stamp, step or 0))
+            self._log_batch(run_id, "metrics", batch, limits.MAX_METRICS_PER_BATCH)
+        self._guard("log_metrics", log)
+
+    def _log_batch(self, run_id: str, kind: str, items: list, size: int) -> None:
+        """Send `items` as `log_batch(kind=...)` calls of at most `size` (MLflow's per-request limits)."""
+        for start in range(0, len(items), size):
+            self._client.log_batch(run_id, **{kind: items[start:start + size]})
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        """Log (nested) params under dotted keys, stringified and cut to MLflow's length limit."""
+        self._guard("log_params", lambda: self._log_params(run_id, params))
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        batch = [Param(_safe_key(k), _text(v, limits.MAX_PARAM_VAL_LENGTH)) for k, v in _flatten(params)]
+        self._log_batch(run_id, "params", batch, limits.MAX_PARAMS_TAGS_PER_BATCH)
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        """Set tags; None values are left out (an absent tag is more honest than "None")."""
+        self._guard("set_tags", lambda: self._set_tags(run_id, tags))
+
+    def _set_tags(self, run_id: str, tags: dict) -> None:
+        batch = [RunTag(str(k), _text(v, limits.MAX_TAG_VAL_LENGTH)) for k, v in tags.items() if v is not None]
+        self._log_batch(run_id, "tags", batch, limits.MAX_PARAMS_TAGS_PER_BATCH)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy one local file into the run's artifacts (the local file stays where it is)."""
+        self._guard("log_artifact", lambda: self._client.log_artifact(run_id, str(path), artifact_path))
+
+    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a local folder's contents into the run's artifacts."""
+        self._guard("log_artifacts", lambda: self._client.log_artifacts(run_id, str(directory), artifact_path))
+
+    def log_dict(self, run_id: str, obj: dict, artifact_file: str) -> None:
+        """Store `obj` as a JSON or YAML artifact (format from the extension of `artifact_file`)."""
+        self._guard("log_dict", lambda: self._client.log_dict(run_id, obj, artifact_file))
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Mark the run terminated with `status` (FINISHED, FAILED or KILLED)."""
+        self._guard("end_run", lambda: self._client.set_terminated(run_id, status))
+
+    def write_handle(self, folder: str | Path, run_id: str | None, parent_id: str | None) -> Path:
+        """Write `folder/tracking.json` so later stage processes log into the same runs.
+
+        Written even when tracking is off (ids are then null), so the file is always there as a stage
+        output; errors writing it are local errors and are raised.
+        """
+        path = Path(folder) / HANDLE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = {"tracking_uri": self.tracking_uri, "experiment_id": self._experiment_id,
+                  "parent_run_id": parent_id, "run_id": run_id}
+        path.write_text(json.dumps(handle, indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_handle(cls, folder: str | Path) -> tuple[Tracker, dict]:
+        """A tracker on the store and experiment in `folder/tracking.json`, and the ids it holds.
+
+        A missing or unreadable file gives a disabled tracker and `{}` (with a warning); a handle
+        written while tracking was off gives a disabled tracker without a new warning.
+        """
+        path = Path(folder) / HANDLE_FILE
+        try:
+            handle = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            logger.warning("MLflow tracking disabled: cannot read run handle %s (%s)", path, error)
+            return cls(enabled=False), {}
+        if not handle.get("run_id"):
+            logger.info("%s has no run id (tracking was off when it was written); not tracking", path)
+            return cls(handle.get("tracking_uri"), enabled=False), handle
+        tracker = cls(handle["tracking_uri"])
+        tracker._experiment_id = handle.get("experiment_id")
+        return tracker, handle

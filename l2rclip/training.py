@@ -1,0 +1,247 @@
+"""Training loops and schedules (METHOD.md section 4), with validation-based model selection.
+
+- one-stage: prompts, RankFormer and (unless frozen) the image tower together, `ce + kl_t2i + cop`.
+- two-stage: stage 1 freezes the image tower and trains prompts + RankFormer on cached image
+  features with `supcon + cop_batch`; stage 2 freezes the prompts (prototypes computed once)
+  and trains the image tower with `ce + kl_t2i + cop`.
+
+Every epoch ends with validation on the split carved from train (never test), the best
+checkpoint by `train.select_metric`, and the resumable state. Each epoch starts by reseeding from
+(seed, epoch), so a run resumed after a kill finishes exactly as an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from l2rclip.config import EvalConfig, LossConfig, ModelConfig, TrainConfig
+from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.evaluation import autocast, predict_probabilities
+from l2rclip.features import cached_image_features
+from l2rclip.losses import OrdinalLoss
+from l2rclip.metrics import ordinal_metrics, prefix_metrics
+from l2rclip.models.checkpoint import save_model
+from l2rclip.models.l2rclip import L2RCLIP
+from l2rclip.optim import build_optimizer, warmup_cosine
+from l2rclip.ranks import RankSpace
+from l2rclip.resume import TrainState, find_state, restore, save_state
+
+log = logging.getLogger(__name__)
+
+HIGHER_IS_BETTER = {"accuracy", "off_by_one_accuracy", "cs", "qwk", "spearman"}
+IMAGE_TERMS = ("ce", "kl_t2i", "cop")
+PROMPT_TERMS = ("supcon", "cop_batch")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of epochs with one set of trainable parts and loss terms."""
+
+    name: str
+    epochs: int
+    terms: tuple[str, ...]
+    train_image_tower: bool
+    train_prompts: bool
+
+
+def schedule_phases(train: TrainConfig, image_tower: str) -> list[Phase]:
+    """The phases of `train.schedule`; two-stage needs a trainable image tower for stage 2."""
+    if train.schedule == "one_stage":
+        return [Phase("one_stage", train.epochs, IMAGE_TERMS, image_tower == "train", True)]
+    if image_tower != "train":
+        raise ValueError("train.schedule two_stage trains the image tower in stage 2: "
+                         "expected model.image_tower: train, found frozen")
+    return [Phase("stage1", train.stage1_epochs, PROMPT_TERMS, False, True),
+            Phase("stage2", train.epochs, IMAGE_TERMS, True, False)]
+
+
+@dataclass
+class FoldData:
+    """One fold's training inputs: every prepared image (for the feature cache), train and val rows."""
+
+    images: pd.DataFrame
+    train: pd.DataFrame
+    val: pd.DataFrame
+    root: Path
+
+
+@dataclass
+class TrainResult:
+    """What `fit` leaves behind."""
+
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict]
+    seconds: float
+
+
+def phase_loss(loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...]) -> OrdinalLoss:
+    """The loss of a phase: the configured weights of its terms, other terms switched off."""
+    weights = {name: (getattr(loss, name) if name in terms else 0.0) for name in IMAGE_TERMS + PROMPT_TERMS}
+    if not any(weights.values()):
+        raise ValueError(f"every loss term of this phase is 0: set one of loss.{', loss.'.join(terms)} > 0")
+    return OrdinalLoss(rank_space.values, **{**dataclasses.asdict(loss), **weights})
+
+
+def fit(model: L2RCLIP, rank_space: RankSpace, data: FoldData, model_config: ModelConfig,
+        train: TrainConfig, loss: LossConfig, eval_config: EvalConfig, transforms: tuple[Callable, Callable],
+        out_dir: Path, seed: int, device: torch.device, fingerprint: str,
+        on_epoch: Callable[[dict, int], None] = lambda metrics, epoch: None,
+        meta: dict | None = None) -> TrainResult:
+    """Train with the configured schedule, writing `best/`, `last/` and resuming from `last/`.
+
+    Args:
+        model: the model, on `device`.
+        rank_space: its ranks.
+        data: the fold's images.
+        model_config: the `model` section (saved with checkpoints).
+        train: optimisation settings.
+        loss: loss weights.
+        eval_config: metric settings for validation.
+        transforms: (training transform, evaluation transform).
+        out_dir: where `best/`, `last/` and the feature cache pointer go.
+        seed: the stage seed.
+        device: where to train.
+        fingerprint: identifies params + data; a saved state with another one is not resumed.
+        on_epoch: called with each epoch's metrics (for tracking).
+        meta: extra JSON metadata saved with the checkpoints (backbone, is_clip...).
+    """
+    start = time.perf_counter()
+    meta = meta or {}
+    last_dir, best_dir = out_dir / "last", out_dir / "best"
+    state = find_state(last_dir, fingerprint) or TrainState(fingerprint)
+    if state.epoch:
+        log.info("resuming from %s after epoch %d", last_dir, state.epoch)
+    phases = schedule_phases(train, model_config.image_tower)
+    features = None
+    if any(not p.train_image_tower for p in phases):
+        features = cached_image_features(model, data.images, data.root, transforms[1], train.feature_cache,
+                                         device, train.eval_batch_size, train.num_workers, train.amp)
+        index = {path: i for i, path in enumerate(data.images["path"])}
+        features = {split: features[[index[p] for p in table["path"]]]
+                    for split, table in (("train", data.train), ("val", data.val))}
+    first_epoch, restored = 0, False
+    for phase in phases:
+        end = first_epoch + phase.epochs
+        if state.epoch >= end:
+            first_epoch = end
+            continue
+        model.set_image_tower_trainable(phase.train_image_tower)
+        for part in (model.prompt_learner, model.rankformer):
+            for param in [] if part is None else part.parameters():
+                param.requires_grad_(phase.train_prompts)
+        optimizer = build_optimizer(model.param_groups(train.lr_prompt, train.lr_rankformer, train.lr_image,
+                                                       train.weight_decay), train.optimizer)
+        steps = -(-len(data.train) // train.batch_size)
+        scheduler = warmup_cosine(optimizer, train.warmup_epochs * steps, phase.epochs * steps)
+        if state.epoch and not restored:
+            mid_phase = state.epoch > first_epoch
+            restore(last_dir, model, optimizer if mid_phase else None, scheduler if mid_phase else None)
+            restored = True
+        criterion = phase_loss(loss, rank_space, phase.terms).to(device)
+        fixed_text = None if phase.train_prompts else model.compute_prototypes().detach()
+        use_features = features is not None and not phase.train_image_tower
+        for epoch in range(state.epoch, end):
+            torch.manual_seed(seed * 10_000 + epoch)
+            batches = (_feature_batches(features["train"], data.train, train.batch_size, seed * 10_000 + epoch)
+                       if use_features else
+                       _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch))
+            tick = time.perf_counter()
+            terms = _train_epoch(model, criterion, optimizer, scheduler, batches, fixed_text, train, device,
+                                 f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps)
+            val = _validate(model, data, features if use_features else None, transforms[1], train, eval_config,
+                            rank_space, device)
+            seconds = time.perf_counter() - tick
+            record = {"epoch": epoch + 1, "phase": phase.name, **prefix_metrics(terms, "train"), **val,
+                      "epoch_seconds": seconds}
+            state.history.append(record)
+            score = val.get(f"val/{train.select_metric}", -float(epoch))  # no val split: keep the last
+            sign = 1.0 if train.select_metric in HIGHER_IS_BETTER or not val else -1.0
+            if state.best_score is None or sign * score > sign * state.best_score:
+                state.best_score, state.best_epoch = float(score), epoch + 1
+                save_model(model, best_dir, model_config, rank_space,
+                           extra={**meta, "epoch": epoch + 1, "val": val})
+            state.epoch = epoch + 1
+            save_state(last_dir, model, model_config, rank_space, optimizer, scheduler, state, meta)
+            on_epoch({k: v for k, v in record.items() if k not in ("epoch", "phase")}, epoch + 1)
+            log.info("epoch %d/%d [%s] loss %.4f | %s | %.1f s, %.0f img/s", epoch + 1,
+                     sum(p.epochs for p in phases), phase.name, terms["loss"],
+                     ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k in ("val/mae", "val/accuracy")),
+                     seconds, len(data.train) / seconds)
+        first_epoch = end
+    best = next(r for r in state.history if r["epoch"] == state.best_epoch)
+    return TrainResult(best_epoch=state.best_epoch, best_metrics=best, history=state.history,
+                       seconds=time.perf_counter() - start)
+
+
+def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
+                   seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
+    loader = make_loader(RankImageDataset(table, root, transform), train.batch_size, shuffle=True,
+                         num_workers=train.num_workers, seed=seed)
+    for images, labels in loader:
+        yield {"images": images}, labels
+
+
+def _feature_batches(features: torch.Tensor, table: pd.DataFrame, batch_size: int,
+                     seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
+    labels = torch.as_tensor(table["rank"].to_numpy(dtype=np.int64))  # (N,)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    for chunk in order.split(batch_size):
+        yield {"image_features": features[chunk]}, labels[chunk]
+
+
+def _train_epoch(model: L2RCLIP, criterion: OrdinalLoss, optimizer: torch.optim.Optimizer, scheduler,
+                 batches, fixed_text: torch.Tensor | None, train: TrainConfig, device: torch.device,
+                 description: str, total: int) -> dict[str, float]:
+    """One pass over the training batches; returns the mean of every loss term."""
+    model.train()
+    sums: dict[str, float] = {}
+    count = 0
+    # A bar on a terminal only (disable=None); logs get the one line per epoch instead.
+    progress = tqdm(batches, desc=description, total=total, leave=False, mininterval=1.0, unit="batch",
+                    disable=None)
+    for inputs, labels in progress:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+        labels = labels.to(device)
+        with autocast(device, train.amp):
+            terms = criterion(model(**inputs, text_features=fixed_text), labels)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                           train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(labels)
+        count += len(labels)
+        progress.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
+    return {name: total / max(count, 1) for name, total in sums.items()}
+
+
+def _validate(model: L2RCLIP, data: FoldData, features: dict | None, transform: Callable,
+              train: TrainConfig, eval_config: EvalConfig, rank_space: RankSpace,
+              device: torch.device) -> dict[str, float]:
+    """`val/...` metrics on the validation split (empty dict when there is none)."""
+    if data.val.empty:
+        return {}
+    if features is not None:
+        batches = ({"image_features": chunk} for chunk in features["val"].split(train.eval_batch_size))
+    else:
+        loader = make_loader(RankImageDataset(data.val, data.root, transform), train.eval_batch_size,
+                             shuffle=False, num_workers=train.num_workers)
+        batches = ({"images": images} for images, _ in loader)
+    probs = predict_probabilities(model, batches, device, train.amp)
+    metrics = ordinal_metrics(probs, data.val["rank"].to_numpy(), rank_space.value_array,
+                              eval_config.cs_theta, eval_config.ece_bins)
+    return prefix_metrics(metrics, "val")
