@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
-.PHONY: demo test test-all lint install clean
+.PHONY: demo fgnet test test-all lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## demo: the main job on the embedded demo set
+## demo: the main job: the DVC pipeline on the embedded demo set, tracked in MLflow
 demo: $(STAMP)
-	$(BIN)/l2rclip check
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip demo
+
+## fgnet: 5 subject-grouped folds on FG-NET (ages 0..69) as a DVC experiment (needs ../shared/data/fgnet)
+FGNET ?= ../shared/data/fgnet
+fgnet: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-5fold \
+	  -S data.source=fgnet -S data.root=$(FGNET) -S ranks.start=0 -S ranks.stop=69 \
+	  -S split.missing_ranks=warn -S eval.cs_theta=5 -S tracking.experiment=l2rclip-fgnet \
+	  -S 'model.prompt.context_init=a photo of a person aged'
 
 ## test: the default (fast, offline) test suite
 test: $(STAMP)

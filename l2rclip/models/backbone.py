@@ -92,6 +92,16 @@ def load_backbone(arch: str, pretrained: str | None, device: str | torch.device 
                     is_clip=source["path"] is not None)
 
 
+def weights_unavailable_reason(arch: str, pretrained: str | None) -> str | None:
+    """Why the weights of `arch`/`pretrained` cannot be had here, or None when they can (cheap: no load)."""
+    register_builtin_configs()
+    try:
+        _resolve_weights(arch, pretrained)
+    except WeightsUnavailableError as error:
+        return str(error)
+    return None
+
+
 def text_tower_modules(model: nn.Module) -> list[nn.Module | nn.Parameter]:
     """The pieces of an open_clip CLIP that make up the text side (and the logit scale)."""
     names = ["token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
