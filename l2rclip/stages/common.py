@@ -71,11 +71,15 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n", encoding="utf-8")
 
 
-def stage_parser(module: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser for `python -m l2rclip.stages.<module>` with the shared `--params`."""
+def stage_parser(module: str, description: str, per_fold: bool = False) -> argparse.ArgumentParser:
+    """The parser of `python -m l2rclip.stages.<module>`: `--params`; per fold `--fold`, `--prepared`."""
     parser = argparse.ArgumentParser(prog=f"python -m l2rclip.stages.{module}", description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (default: %(default)s)")
+    if per_fold:
+        parser.add_argument("--fold", type=int, required=True, help="fold number (a fold of splits.csv)")
+        parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
+                            help="the prepare stage's output folder (default: %(default)s)")
     return parser
 
 

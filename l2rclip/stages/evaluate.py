@@ -93,10 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(
         "evaluate",
         "Evaluate a fold's best model on that fold's test split: predictions, metrics "
-        "(both prediction rules) and figures.")
-    parser.add_argument("--fold", type=int, required=True, help="fold number")
-    parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
-                        help="the prepare stage's output folder (default: %(default)s)")
+        "(both prediction rules) and figures.", per_fold=True)
     parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and figures/")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the test metrics")

@@ -115,10 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(
         "train",
         "Train one fold: validation-based model selection, best and last checkpoints, "
-        "resuming from the last one after an interruption.")
-    parser.add_argument("--fold", type=int, required=True, help="fold number (a fold of splits.csv)")
-    parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
-                        help="the prepare stage's output folder (default: %(default)s)")
+        "resuming from the last one after an interruption.", per_fold=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
     args = parser.parse_args(argv)
     return run_main(lambda: train_fold(load_params(args.params), args.fold, args.prepared, args.out) and 0)
