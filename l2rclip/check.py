@@ -22,10 +22,10 @@ import torch
 from l2rclip.config import Params
 from l2rclip.data.dataset import RankImageDataset
 from l2rclip.data.sources import load_source
-from l2rclip.losses import OrdinalLoss
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
 from l2rclip.models.factory import build_l2rclip, resolve_backbone
 from l2rclip.ranks import RankSpace
+from l2rclip.training import IMAGE_TERMS, phase_loss
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
     labels = torch.tensor(batch["rank"].to_numpy())  # (B,)
 
     frozen = {name: p.detach().clone() for name, p in model.text_encoder.named_parameters()}
-    criterion = OrdinalLoss.from_config(params.loss, space.values)
+    criterion = phase_loss(params.loss, space, IMAGE_TERMS)  # the one-stage loss
     optimizer = torch.optim.Adam(model.param_groups(params.train.lr_prompt, params.train.lr_rankformer,
                                                     params.train.lr_image))
     losses = []

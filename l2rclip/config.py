@@ -135,12 +135,25 @@ class FallbackConfig:
     epochs: int = 40
 
 
+METHODS = ("l2rclip", "ordinalclip", "coop", "zero_shot", "linear_probe", "coral", "corn")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Backbone and prompt model. `pretrained`: open_clip tag, local weights file, or `none`."""
+    """Backbone, method and prompt model. `pretrained`: open_clip tag, local weights file, or `none`.
+
+    `method` picks the model trained in the same harness: `l2rclip` (prompts + RankFormer + cop,
+    each part switchable below), the presets `ordinalclip` (RankFormer and cop off) and `coop`
+    (plain prompts, CE only), `zero_shot` (`prompt_template` per rank, no training),
+    `linear_probe` (logistic regression on frozen features, C chosen on validation from
+    `probe_c`), and the ordinal heads `coral` / `corn` on the image tower.
+    """
 
     arch: str = "ViT-B-16"
     pretrained: str = "openai"
+    method: Literal[METHODS] = "l2rclip"  # type: ignore[valid-type]
+    prompt_template: str = "a photo of {}."
+    probe_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     image_tower: Literal["train", "frozen"] = "train"
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -154,8 +167,8 @@ class LossConfig:
     ce: float = 1.0
     kl_t2i: float = 1.0
     cop: float = 1.0
-    cop_batch: float = 0.0
-    supcon: float = 0.0
+    cop_batch: float = 1.0
+    supcon: float = 1.0
     cop_tightness: float = 1.0
     cop_diversity: float = 1.0
     supcon_temperature: float = 0.07
@@ -173,6 +186,7 @@ class TrainConfig:
     lr_prompt: float = 1e-4
     lr_rankformer: float = 1e-4
     lr_image: float = 1e-5
+    lr_head: float = 1e-3
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     grad_clip: float | None = 1.0

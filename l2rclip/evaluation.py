@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from l2rclip.metrics import rank_distribution_summary
+from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
 
@@ -26,12 +27,12 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_probabilities(model: L2RCLIP, batches: Iterable[dict[str, torch.Tensor]],
+def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
                           device: torch.device, amp: bool = False) -> np.ndarray:
     """Rank probabilities for every batch of inputs, in order.
 
     Args:
-        model: the model; evaluated with its prototypes computed (or taken from cache) once.
+        model: the model; its prototypes (if it has any) computed or taken from cache once.
         batches: dicts with `images` (B, 3, H, W) or `image_features` (B, E).
         device: where to run.
         amp: mixed precision on CUDA.
@@ -47,7 +48,7 @@ def predict_probabilities(model: L2RCLIP, batches: Iterable[dict[str, torch.Tens
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, amp):
             logits = model(**inputs, text_features=text_features)["logits"]  # (B, M)
-        chunks.append(logits.float().softmax(dim=1).cpu().double().numpy())
+        chunks.append(model.rank_probabilities(logits.float()).cpu().double().numpy())
     model.train(was_training)
     if not chunks:
         raise ValueError("predict_probabilities: expected at least one batch, found none (empty split?)")

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.evaluation import autocast
-from l2rclip.models.l2rclip import L2RCLIP
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +43,13 @@ def images_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def cached_image_features(model: L2RCLIP, table: pd.DataFrame, root: str | Path,
+def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str | Path,
                           transform: Callable, cache_dir: str | Path, device: torch.device,
                           batch_size: int = 64, num_workers: int = 0, amp: bool = False) -> torch.Tensor:
     """L2-normalised features of every image in `table`, in table order: (N, E), on the CPU.
 
     Args:
-        model: the model whose (frozen) image tower encodes.
+        model: a model with `image_encoder` and `encode_images` (L2RCLIP or an ordinal head).
         table: rows with `path` (relative to `root`) and `rank`.
         root: image root.
         transform: the evaluation transform.

@@ -265,14 +265,15 @@ def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
     return _save(fig, path, f"Cross-validation ({max(len(per_fold[n]) for n in names)} folds)", title_suffix)
 
 
-def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray, rank_space: RankSpace,
+def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray | None, rank_space: RankSpace,
                      out_dir: str | Path, title_suffix: str = "") -> dict[str, Path]:
     """Write the five evaluation pictures of one split into ``out_dir``.
 
     Args:
         predictions: one row per test image with columns ``rank``, ``value``, ``pred_rank``,
             ``pred_value``, ``expected_value``, ``std`` and ``confidence``.
-        text_features: (M, E) rank prototypes.
+        text_features: (M, E) rank prototypes, or None for models without them (ordinal heads):
+            then the prototype-similarity picture is left out.
         rank_space: the ranks the indices refer to.
         out_dir: folder for the PNG files (created).
         title_suffix: extra title line on every picture.
@@ -294,6 +295,8 @@ def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray, rank_
         "prototype_similarity": (prototype_similarity_plot, (text_features, names)),
         "calibration": (calibration_plot, (p["confidence"], p["rank"] == p["pred_rank"])),
     }
+    if text_features is None:
+        del inputs["prototype_similarity"]
     out = Path(out_dir)
     return {name: plot(*args, out / f"{name}.png", title_suffix=title_suffix)
             for name, (plot, args) in inputs.items()}

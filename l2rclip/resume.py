@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 
 from l2rclip.config import ModelConfig
 from l2rclip.models.checkpoint import WEIGHTS_FILE, save_model
-from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def save_state(folder: Path, model: L2RCLIP, config: ModelConfig, rank_space: RankSpace,
+def save_state(folder: Path, model: torch.nn.Module, config: ModelConfig, rank_space: RankSpace,
                optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
                extra: dict[str, Any]) -> None:
     """Atomically replace `folder` with the current training state."""
@@ -74,10 +73,10 @@ def find_state(folder: Path, fingerprint: str) -> TrainState | None:
     return state
 
 
-def restore(folder: Path, model: L2RCLIP, optimizer: torch.optim.Optimizer | None = None,
+def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
             scheduler: Any = None) -> None:
     """Load the saved model weights, and the optimiser and scheduler state when given (mid-phase)."""
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE, device=str(model.logit_scale.device)))
+    model.load_state_dict(load_file(folder / WEIGHTS_FILE, device=str(next(model.parameters()).device)))
     if optimizer is not None:
         blob = torch.load(folder / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
         optimizer.load_state_dict(blob["optimizer"])

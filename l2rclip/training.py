@@ -29,8 +29,10 @@ from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.evaluation import autocast, predict_probabilities
 from l2rclip.features import cached_image_features
 from l2rclip.losses import OrdinalLoss
+from l2rclip.methods import HEAD_KINDS
 from l2rclip.metrics import ordinal_metrics, prefix_metrics
 from l2rclip.models.checkpoint import save_model
+from l2rclip.models.heads import HeadLoss, OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.optim import build_optimizer, warmup_cosine
 from l2rclip.ranks import RankSpace
@@ -54,10 +56,13 @@ class Phase:
     train_prompts: bool
 
 
-def schedule_phases(train: TrainConfig, image_tower: str) -> list[Phase]:
-    """The phases of `train.schedule`; two-stage needs a trainable image tower for stage 2."""
+def schedule_phases(train: TrainConfig, image_tower: str, method: str = "l2rclip") -> list[Phase]:
+    """The phases of `train.schedule`; two-stage needs prompts and a trainable image tower."""
     if train.schedule == "one_stage":
         return [Phase("one_stage", train.epochs, IMAGE_TERMS, image_tower == "train", True)]
+    if method in HEAD_KINDS:
+        raise ValueError(f"train.schedule two_stage learns prompts in stage 1; model.method {method} has "
+                         "none: use one_stage")
     if image_tower != "train":
         raise ValueError("train.schedule two_stage trains the image tower in stage 2: "
                          "expected model.image_tower: train, found frozen")
@@ -85,15 +90,21 @@ class TrainResult:
     seconds: float
 
 
-def phase_loss(loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...]) -> OrdinalLoss:
-    """The loss of a phase: the configured weights of its terms, other terms switched off."""
+def phase_loss(loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...],
+               method: str = "l2rclip") -> OrdinalLoss | HeadLoss:
+    """The loss of a phase: the configured weights of its terms, other terms switched off.
+
+    Ordinal heads have their own loss (CE, CORAL or CORN) instead of the prompt losses.
+    """
+    if method in HEAD_KINDS:
+        return HeadLoss(HEAD_KINDS[method], len(rank_space))
     weights = {name: (getattr(loss, name) if name in terms else 0.0) for name in IMAGE_TERMS + PROMPT_TERMS}
     if not any(weights.values()):
         raise ValueError(f"every loss term of this phase is 0: set one of loss.{', loss.'.join(terms)} > 0")
     return OrdinalLoss(rank_space.values, **{**dataclasses.asdict(loss), **weights})
 
 
-def fit(model: L2RCLIP, rank_space: RankSpace, data: FoldData, model_config: ModelConfig,
+def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData, model_config: ModelConfig,
         train: TrainConfig, loss: LossConfig, eval_config: EvalConfig, transforms: tuple[Callable, Callable],
         out_dir: Path, seed: int, device: torch.device, fingerprint: str,
         on_epoch: Callable[[dict, int], None] = lambda metrics, epoch: None,
@@ -122,7 +133,7 @@ def fit(model: L2RCLIP, rank_space: RankSpace, data: FoldData, model_config: Mod
     state = find_state(last_dir, fingerprint) or TrainState(fingerprint)
     if state.epoch:
         log.info("resuming from %s after epoch %d", last_dir, state.epoch)
-    phases = schedule_phases(train, model_config.image_tower)
+    phases = schedule_phases(train, model_config.image_tower, model_config.method)
     features = None
     if any(not p.train_image_tower for p in phases):
         features = cached_image_features(model, data.images, data.root, transforms[1], train.feature_cache,
@@ -136,19 +147,15 @@ def fit(model: L2RCLIP, rank_space: RankSpace, data: FoldData, model_config: Mod
         if state.epoch >= end:
             first_epoch = end
             continue
-        model.set_image_tower_trainable(phase.train_image_tower)
-        for part in (model.prompt_learner, model.rankformer):
-            for param in [] if part is None else part.parameters():
-                param.requires_grad_(phase.train_prompts)
-        optimizer = build_optimizer(model.param_groups(train.lr_prompt, train.lr_rankformer, train.lr_image,
-                                                       train.weight_decay), train.optimizer)
+        model.set_trainable(image_tower=phase.train_image_tower, prompts=phase.train_prompts)
+        optimizer = build_optimizer(parameter_groups(model, train), train.optimizer)
         steps = -(-len(data.train) // train.batch_size)
         scheduler = warmup_cosine(optimizer, train.warmup_epochs * steps, phase.epochs * steps)
         if state.epoch and not restored:
             mid_phase = state.epoch > first_epoch
             restore(last_dir, model, optimizer if mid_phase else None, scheduler if mid_phase else None)
             restored = True
-        criterion = phase_loss(loss, rank_space, phase.terms).to(device)
+        criterion = phase_loss(loss, rank_space, phase.terms, model_config.method).to(device)
         fixed_text = None if phase.train_prompts else model.compute_prototypes().detach()
         use_features = features is not None and not phase.train_image_tower
         for epoch in range(state.epoch, end):
@@ -159,7 +166,7 @@ def fit(model: L2RCLIP, rank_space: RankSpace, data: FoldData, model_config: Mod
             tick = time.perf_counter()
             terms = _train_epoch(model, criterion, optimizer, scheduler, batches, fixed_text, train, device,
                                  f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps)
-            val = _validate(model, data, features if use_features else None, transforms[1], train, eval_config,
+            val = validate(model, data, features if use_features else None, transforms[1], train, eval_config,
                             rank_space, device)
             seconds = time.perf_counter() - tick
             record = {"epoch": epoch + 1, "phase": phase.name, **prefix_metrics(terms, "train"), **val,
@@ -184,6 +191,13 @@ def fit(model: L2RCLIP, rank_space: RankSpace, data: FoldData, model_config: Mod
                        seconds=time.perf_counter() - start)
 
 
+def parameter_groups(model: L2RCLIP | OrdinalHeadModel, train: TrainConfig) -> list[dict]:
+    """The optimiser groups of either model kind, with the learning rates of `train`."""
+    if isinstance(model, OrdinalHeadModel):
+        return model.param_groups(train.lr_head, train.lr_image, train.weight_decay)
+    return model.param_groups(train.lr_prompt, train.lr_rankformer, train.lr_image, train.weight_decay)
+
+
 def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
                    seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
     loader = make_loader(RankImageDataset(table, root, transform), train.batch_size, shuffle=True,
@@ -200,7 +214,8 @@ def _feature_batches(features: torch.Tensor, table: pd.DataFrame, batch_size: in
         yield {"image_features": features[chunk]}, labels[chunk]
 
 
-def _train_epoch(model: L2RCLIP, criterion: OrdinalLoss, optimizer: torch.optim.Optimizer, scheduler,
+def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | HeadLoss,
+                 optimizer: torch.optim.Optimizer, scheduler,
                  batches, fixed_text: torch.Tensor | None, train: TrainConfig, device: torch.device,
                  description: str, total: int) -> dict[str, float]:
     """One pass over the training batches; returns the mean of every loss term."""
@@ -229,7 +244,7 @@ def _train_epoch(model: L2RCLIP, criterion: OrdinalLoss, optimizer: torch.optim.
     return {name: total / max(count, 1) for name, total in sums.items()}
 
 
-def _validate(model: L2RCLIP, data: FoldData, features: dict | None, transform: Callable,
+def validate(model: L2RCLIP | OrdinalHeadModel, data: FoldData, features: dict | None, transform: Callable,
               train: TrainConfig, eval_config: EvalConfig, rank_space: RankSpace,
               device: torch.device) -> dict[str, float]:
     """`val/...` metrics on the validation split (empty dict when there is none)."""

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from l2rclip.config import ConfigError, ModelConfig, from_dict, to_dict
 from l2rclip.models.backbone import load_backbone
-from l2rclip.models.factory import build_l2rclip
+from l2rclip.models.factory import build_model
+from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
 
@@ -35,7 +36,7 @@ class ModelFileError(ValueError):
     """A model folder that is missing, incomplete or not an l2rclip model."""
 
 
-def save_model(model: L2RCLIP, folder: str | Path, config: ModelConfig, rank_space: RankSpace,
+def save_model(model: L2RCLIP | OrdinalHeadModel, folder: str | Path, config: ModelConfig, rank_space: RankSpace,
                extra: dict[str, Any] | None = None) -> Path:
     """Write `model.safetensors` and `model.json` into `folder` (created if needed).
 
@@ -79,7 +80,8 @@ def read_model_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[L2RCLIP, dict[str, Any]]:
+def load_model(folder: str | Path,
+               device: str | torch.device = "cpu") -> tuple[L2RCLIP | OrdinalHeadModel, dict[str, Any]]:
     """Rebuild a saved model; returns the model (in eval mode) and its metadata.
 
     Raises:
@@ -100,8 +102,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random init is overwritten by the saved weights below
         backbone = load_backbone(config.arch, "none", device=device)
-    model = build_l2rclip(backbone, rank_space, config).to(device)
-    model.cached_prototypes = state.get("cached_prototypes", model.cached_prototypes)
+    model = build_model(backbone, rank_space, config).to(device)
+    if "cached_prototypes" in state:  # its size is only known from the file
+        model.cached_prototypes = state["cached_prototypes"]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

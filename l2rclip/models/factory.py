@@ -8,7 +8,9 @@ import math
 import warnings
 
 from l2rclip.config import ModelConfig
+from l2rclip.methods import HEAD_KINDS
 from l2rclip.models.backbone import Backbone, WeightsUnavailableError, load_backbone
+from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.models.prompts import RankPromptLearner
 from l2rclip.models.rankformer import RankFormer
@@ -31,6 +33,16 @@ def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig
                    prompt_learner=prompt_learner, rankformer=rankformer,
                    logit_scale=float(clip.logit_scale.detach()),
                    train_image_tower=config.image_tower == "train")
+
+
+def build_model(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) -> L2RCLIP | OrdinalHeadModel:
+    """The model of `config.method`: an ordinal head for the head baselines, else L2RCLIP."""
+    kind = HEAD_KINDS.get(config.method)
+    if kind is None:
+        return build_l2rclip(backbone, rank_space, config)
+    visual = backbone.model.visual
+    return OrdinalHeadModel(visual, kind, len(rank_space), int(visual.output_dim),
+                            train_image_tower=config.image_tower == "train" and config.method != "linear_probe")
 
 
 def similarity_scale(model: L2RCLIP) -> float:

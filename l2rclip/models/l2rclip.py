@@ -49,17 +49,20 @@ class L2RCLIP(nn.Module):
         self.rankformer = rankformer
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.register_buffer("cached_prototypes", torch.empty(0))
-        self.set_image_tower_trainable(train_image_tower)
+        self.set_trainable(image_tower=train_image_tower, prompts=True)
 
     @property
     def n_ranks(self) -> int:
         """M."""
         return self.prompt_learner.n_ranks
 
-    def set_image_tower_trainable(self, trainable: bool) -> None:
-        """Freeze or unfreeze the image tower (two-stage training switches it)."""
+    def set_trainable(self, image_tower: bool, prompts: bool) -> None:
+        """Freeze or unfreeze the image tower and the prompts + RankFormer (two-stage switches both)."""
         for param in self.image_encoder.parameters():
-            param.requires_grad_(trainable)
+            param.requires_grad_(image_tower)
+        for part in (self.prompt_learner, self.rankformer):
+            for param in [] if part is None else part.parameters():
+                param.requires_grad_(prompts)
 
     def prompt_block(self) -> torch.Tensor:
         """R' = RankFormer(R), or R when RankFormer is off; shape (M, L, D)."""
@@ -78,9 +81,18 @@ class L2RCLIP(nn.Module):
 
     @torch.no_grad()
     def cache_prototypes(self) -> torch.Tensor:
-        """Compute the prototypes once and keep them (saved with the model) for inference."""
-        self.cached_prototypes = self.compute_prototypes().detach()
+        """Compute the prototypes once and keep them (saved with the model) for inference.
+
+        A cache that is already there is kept: it is either this method's own result or fixed
+        prototypes set on purpose (zero-shot CLIP's hand-written prompts). Training drops it.
+        """
+        if self.training or not self.cached_prototypes.numel():
+            self.cached_prototypes = self.compute_prototypes().detach()
         return self.cached_prototypes
+
+    def rank_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Rank distribution p = softmax(z): (B, M)."""
+        return logits.softmax(dim=1)
 
     def train(self, mode: bool = True) -> L2RCLIP:
         """Switching to training drops the prototype cache, which training would make stale."""

@@ -37,7 +37,7 @@ from l2rclip.stages.common import (
 )
 from l2rclip.tracking import Tracker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("l2rclip.stages.evaluate")  # not __main__ under python -m
 
 
 def median_baseline_mae(train_values: np.ndarray, test_values: np.ndarray) -> float:
@@ -56,7 +56,8 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     device = pick_device(params.train.device)
     model, meta = load_model(model_dir, device=device)
     rank_space = meta["rank_space"]
-    model.cache_prototypes()  # (M, E): computed once for the whole test set
+    prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
+    prototypes = None if prototypes is None else prototypes.cpu().numpy()
     loader = make_loader(RankImageDataset(test, params.data.root, meta["preprocess"]),
                          params.train.eval_batch_size, shuffle=False, num_workers=params.train.num_workers)
     probs = predict_probabilities(model, ({"images": images} for images, _ in loader), device, params.train.amp)
@@ -66,14 +67,16 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
 
     metrics = ordinal_metrics(probs, test["rank"].to_numpy(), rank_space.value_array,
                               params.eval.cs_theta, params.eval.ece_bins)
-    metrics["ordinality"] = prototype_ordinality(model.cached_prototypes.cpu().numpy())
+    if prototypes is not None:
+        metrics["ordinality"] = prototype_ordinality(prototypes)
     metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
     metrics["n_images"] = float(len(test))
-    result = {**prefix_metrics(metrics, "test"), "fold": fold, "backbone": meta["backbone"],
+    result = {**prefix_metrics(metrics, "test"), "fold": fold, "method": meta.get("method", "l2rclip"),
+              "backbone": meta["backbone"],
               "is_clip": meta["is_clip"], "best_epoch": meta["epoch"]}
     write_json(metrics_file, result)
     suffix = "" if meta["is_clip"] else f"\n{PIPELINE_CHECK}"
-    figures = evaluation_plots(predictions, model.cached_prototypes.cpu().numpy(), rank_space,
+    figures = evaluation_plots(predictions, prototypes, rank_space,
                                out_dir / "figures", title_suffix=suffix)
 
     tracker, ids = Tracker.from_handle(model_dir.parent)

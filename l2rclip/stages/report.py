@@ -25,7 +25,7 @@ from l2rclip.plots import cv_summary_plot
 from l2rclip.stages.common import PIPELINE_CHECK, run_main, stage_parser, write_json
 from l2rclip.tracking import Tracker
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("l2rclip.stages.report")  # not __main__ under python -m
 
 TABLE_METRICS = ("mae", "mae_argmax", "accuracy", "off_by_one_accuracy", "cs", "rmse", "qwk", "spearman",
                  "ece", "ordinality", "mae_median_baseline")

@@ -20,9 +20,11 @@ from typing import Any
 
 import pandas as pd
 
+from l2rclip.baselines import fit_untrained
 from l2rclip.config import Params, load_params, to_flat_dict
 from l2rclip.data.splits import select
-from l2rclip.models.factory import build_l2rclip, resolve_backbone
+from l2rclip.methods import UNTRAINED, resolve_method
+from l2rclip.models.factory import build_model, resolve_backbone
 from l2rclip.ranks import RankSpace
 from l2rclip.resume import find_state
 from l2rclip.stages.common import (
@@ -39,7 +41,7 @@ from l2rclip.stages.common import (
 from l2rclip.tracking import Tracker, git_state, pipeline_key
 from l2rclip.training import FoldData, fit
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("l2rclip.stages.train")  # not __main__ under python -m
 
 
 def open_fold_run(params: Params, fold: int, out_dir: Path, version: str, resuming: bool,
@@ -63,6 +65,7 @@ def open_fold_run(params: Params, fold: int, out_dir: Path, version: str, resumi
 def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict[str, Any]:
     """Train fold `fold` from the prepared data into `out_dir`; returns the summary."""
     seed_everything(params.seed)
+    params = resolve_method(params)
     images, splits = read_prepared(prepared)
     folds = sorted(splits["fold"].unique())
     if fold not in folds:
@@ -70,9 +73,9 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict
     device = pick_device(params.train.device)
     backbone, model_config = resolve_backbone(params.model, device=str(device))
     rank_space = RankSpace.from_config(params.ranks)
-    model = build_l2rclip(backbone, rank_space, model_config).to(device)
+    model = build_model(backbone, rank_space, model_config).to(device)
     version = data_version(prepared)
-    meta = {"backbone": model_config.arch, "pretrained": model_config.pretrained,
+    meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
             "is_clip": backbone.is_clip, "fold": fold, "data_version": version}
     tags = {**git_state(), "l2rclip.data_version": version, "l2rclip.backbone": model_config.arch,
             "l2rclip.pipeline_check": str(not backbone.is_clip).lower()}
@@ -93,10 +96,15 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict
 
     data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
                     root=Path(params.data.root))
-    result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
-                 (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
-                 run_fingerprint, meta=meta,
-                 on_epoch=lambda metrics, epoch: tracker.log_metrics(run_id, metrics, step=epoch))
+    if model_config.method in UNTRAINED:
+        result = fit_untrained(model_config.method, model, backbone, rank_space, data, model_config, params.train,
+                               params.eval, backbone.preprocess_eval, out_dir, params.seed, device, meta)
+        tracker.log_metrics(run_id, {k: v for k, v in result.best_metrics.items() if k.startswith("val/")})
+    else:
+        result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
+                     (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
+                     run_fingerprint, meta=meta,
+                     on_epoch=lambda metrics, epoch: tracker.log_metrics(run_id, metrics, step=epoch))
     pd.DataFrame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
                "train_images": len(data.train), "val_images": len(data.val), "seconds": result.seconds,
