@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
-.PHONY: demo fgnet test test-all lint install clean
+.PHONY: demo fgnet fgnet-methods test test-all lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,11 +29,22 @@ demo: $(STAMP)
 
 ## fgnet: 5 subject-grouped folds on FG-NET (ages 0..69) as a DVC experiment (needs ../shared/data/fgnet)
 FGNET ?= ../shared/data/fgnet
+FGNET_SET = -S data.source=fgnet -S data.root=$(FGNET) -S ranks.start=0 -S ranks.stop=69 \
+	-S split.missing_ranks=warn -S eval.cs_theta=5 -S tracking.experiment=l2rclip-fgnet \
+	-S 'model.prompt.context_init=a photo of a person aged' \
+	-S 'model.prompt_template=a photo of a {} year old person.'
 fgnet: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-5fold \
-	  -S data.source=fgnet -S data.root=$(FGNET) -S ranks.start=0 -S ranks.stop=69 \
-	  -S split.missing_ranks=warn -S eval.cs_theta=5 -S tracking.experiment=l2rclip-fgnet \
-	  -S 'model.prompt.context_init=a photo of a person aged'
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-5fold $(FGNET_SET)
+
+## fgnet-methods: every method on FG-NET with the same backbone, budget and seed, then the README table
+METHODS = l2rclip ordinalclip coop zero_shot linear_probe coral corn
+FGNET_EPOCHS ?= 15
+fgnet-methods: $(STAMP)
+	for method in $(METHODS); do \
+	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-m-$$method $(FGNET_SET) \
+	    -S model.method=$$method -S train.epochs=$(FGNET_EPOCHS) -S model.fallback.epochs=$(FGNET_EPOCHS) || exit 1; \
+	done
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip results --prefix fgnet-m- --readme README.md --marker fgnet
 
 ## test: the default (fast, offline) test suite
 test: $(STAMP)

@@ -53,10 +53,43 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(args: argparse.Namespace) -> int:
+    from l2rclip.results import collect, markdown_table, write_between_markers
+
+    table = markdown_table(collect(".", args.prefix))
+    if args.readme:
+        write_between_markers(Path(args.readme), args.marker, table)
+        print(f"wrote the table of experiments '{args.prefix}*' into {args.readme} ({args.marker})")
+    else:
+        print(table, end="")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from l2rclip.stages import prepare
 
     return prepare.main(["--params", args.params, "--out", args.out])
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from l2rclip.predict import Predictor, expand_inputs
+
+    try:
+        paths = expand_inputs(args.inputs)
+        if not paths:
+            raise ValueError(f"no images found in {', '.join(args.inputs)}")
+        predictor = Predictor.load(args.model, device=args.device)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
+                                    with_probabilities=args.probabilities)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.6g")
+    errors = int((table["error"] != "").sum())
+    print(f"predicted {len(table) - errors} of {len(table)} images ({errors} errors) -> {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,10 +115,39 @@ def build_parser() -> argparse.ArgumentParser:
                     "small random fallback backbone (model.fallback), labelled a pipeline check.")
     demo.set_defaults(func=_demo)
 
+    results = commands.add_parser(
+        "results", help="tabulate DVC experiments (mean +- std of MAE and accuracy, training time)",
+        description="Read `dvc exp show --json`, keep the experiments whose name starts with --prefix and "
+                    "print a markdown table from their outputs/report/metrics.json, or write it into a file "
+                    "between the markers <!-- MARKER:start --> and <!-- MARKER:end -->.")
+    results.add_argument("--prefix", default="", help="experiment name prefix (default: all experiments)")
+    results.add_argument("--readme", help="file to write the table into (default: print it)")
+    results.add_argument("--marker", default="results", help="marker name in that file (default: results)")
+    results.set_defaults(func=_results)
+
     prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)")
     prepare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     prepare.add_argument("--out", default="outputs/prepare", help="output folder (default: outputs/prepare)")
     prepare.set_defaults(func=_prepare)
+
+    predict = commands.add_parser(
+        "predict", help="predict the rank of images with a saved or registered model, into a CSV",
+        description="Predict images, folders (searched recursively for image files) and CSV lists (a `path` "
+                    "column; relative paths start from the CSV's folder) with a model folder or an MLflow "
+                    "URI (runs:/<run_id>/model, models:/<name>@champion, models:/<name>/<version>; the store "
+                    "is MLFLOW_TRACKING_URI, else ./mlflow.db). Writes one row per image in input order; an "
+                    "unreadable image gets its error in the `error` column and the others go on.")
+    predict.add_argument("model", help="model folder or MLflow model URI")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image file, folder, or CSV with a path column")
+    predict.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    predict.add_argument("--probabilities", action="store_true", help="add one p_<k> column per rank")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    predict.add_argument("--num-workers", type=int, default=0,
+                         help="loader processes reading images (default: 0, in the main process)")
+    predict.add_argument("--device", default="auto",
+                         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
+    predict.set_defaults(func=_predict)
     return parser
 
 

@@ -58,7 +58,8 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
     lines = [f"# Cross-validated results: {header['source']}", ""]
     if not header["is_clip"]:
         lines += [f"> **{PIPELINE_CHECK}**", ""]
-    lines += [f"Backbone `{header['backbone']}`, {header['n_folds']} folds; mean +- std (ddof=1) over folds.",
+    lines += [f"Method `{header['method']}`, backbone `{header['backbone']}`, {header['n_folds']} folds "
+              f"(training {header['train_seconds']:.0f} s in all); mean +- std (ddof=1) over folds.",
               "", "| metric | mean | std | per fold |", "|---|---|---|---|"]
     for name in TABLE_METRICS:
         entry = summary.get(f"test/{name}")
@@ -91,8 +92,10 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
         raise FileNotFoundError(f"expected the evaluate stage's metrics, missing: {', '.join(missing)}")
     per_fold = [json.loads(f.read_text(encoding="utf-8")) for f in files]
     summary = summarise(per_fold)
-    header = {"source": params.data.source, "backbone": per_fold[0]["backbone"],
-              "is_clip": all(m["is_clip"] for m in per_fold), "n_folds": len(per_fold)}
+    header = {"source": params.data.source, "method": per_fold[0].get("method", "l2rclip"),
+              "backbone": per_fold[0]["backbone"], "is_clip": all(m["is_clip"] for m in per_fold),
+              "n_folds": len(per_fold),
+              "train_seconds": float(sum(m.get("train_seconds") or 0.0 for m in per_fold))}
     metrics_file = out_dir / "metrics.json"
     previous = previous_summary(metrics_file)
     write_json(metrics_file, {**summary, **header})
