@@ -17,6 +17,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from l2rclip.results import collect, markdown_table, write_between_markers
+
+# Whole pipelines in subprocesses: generous limits for a loaded machine (about a minute when idle).
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -83,10 +88,15 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
 
     assert stages_run(run(["dvc", "repro"], repo, env)) == set()  # nothing changed, nothing runs
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["loss"]["cop"] = 0.5
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], repo, env)) == {"train@1", "evaluate@1", "report"}
+    # an ablation as a DVC experiment: reruns exactly train, evaluate and report
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline"], repo, env)
+    ablation = run(["dvc", "exp", "run", "--name", "cop-half", "-S", "loss.cop=0.5"], repo, env)
+    assert stages_run(ablation) == {"train@1", "evaluate@1", "report"}
+    rows = collect(repo, prefix="cop-")
+    assert [r["name"] for r in rows] == ["cop-half"] and rows[0]["params"]["loss"]["cop"] == 0.5
+    table = markdown_table(rows)
+    assert "| cop-half | l2rclip | L2RCLIP-Tiny (random init, NOT CLIP) | 1 |" in table
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("pipeline-test")
@@ -139,3 +149,14 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
                                                                 reference / "last/state.json")]
     drop_time = [[{k: v for k, v in r.items() if k != "epoch_seconds"} for r in h] for h in history]
     assert drop_time[0] == drop_time[1]
+
+
+def test_results_table_written_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- t:start -->\nold\n<!-- t:end -->\nafter\n")
+    write_between_markers(readme, "t", "| new |\n")
+    assert readme.read_text() == "intro\n<!-- t:start -->\n| new |\n<!-- t:end -->\nafter\n"
+    with pytest.raises(ValueError, match="expected the markers"):
+        write_between_markers(readme, "other", "x")
+    with pytest.raises(ValueError, match="no experiments"):
+        markdown_table([])
