@@ -78,7 +78,7 @@ def scratch_repo(tmp_path):
 def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_repo, tmp_path):
     repo, env = scratch_repo
     first = run(["dvc", "repro"], repo, env)
-    assert stages_run(first) == {"demo", "prepare", "train@1", "evaluate@1", "report"}
+    assert stages_run(first) == {"demo", "prepare", "train@1", "evaluate@1", "report", "register"}
     assert "NOT CLIP" in first  # the offline fallback says so plainly
     summary = json.loads((repo / "outputs/report/metrics.json").read_text())
     assert len(summary["test/mae"]["folds"]) == 1 and summary["is_clip"] is False
@@ -88,11 +88,11 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
 
     assert stages_run(run(["dvc", "repro"], repo, env)) == set()  # nothing changed, nothing runs
 
-    # an ablation as a DVC experiment: reruns exactly train, evaluate and report
+    # an ablation as a DVC experiment: reruns exactly train, evaluate, report (and registers the new model)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     ablation = run(["dvc", "exp", "run", "--name", "cop-half", "-S", "loss.cop=0.5"], repo, env)
-    assert stages_run(ablation) == {"train@1", "evaluate@1", "report"}
+    assert stages_run(ablation) == {"train@1", "evaluate@1", "report", "register"}
     rows = collect(repo, prefix="cop-")
     assert [r["name"] for r in rows] == ["cop-half"] and rows[0]["params"]["loss"]["cop"] == 0.5
     table = markdown_table(rows)

@@ -1,0 +1,267 @@
+"""The model a user loads: predict images, folders and CSV lists with a saved or registered model.
+
+A `Predictor` wraps one l2rclip model folder (local, or fetched from MLflow by a `runs:/` or
+`models:/` URI), computes the rank prototypes once at load, and turns images into the same table
+the evaluate stage writes (`l2rclip.evaluation.predictions_table`), one row per input in input
+order. An input that cannot be read gets its error on its own row and the rest go on: in a
+folder of ten thousand photos one truncated file must not cost the other 9,999 predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from l2rclip.data.sources.base import list_images
+from l2rclip.data.validate import load_rgb, to_rgb
+from l2rclip.evaluation import predict_probabilities, predictions_table
+from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
+from l2rclip.models.heads import OrdinalHeadModel
+from l2rclip.models.l2rclip import L2RCLIP
+from l2rclip.stages.common import pick_device
+
+log = logging.getLogger(__name__)
+
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+# Keys of load_model's metadata that save_model writes itself or that are live objects, not JSON.
+_REBUILT_META = frozenset({"format", "version", "model", "ranks", "rank_space", "config", "preprocess"})
+
+
+def resolve_model_dir(uri: str, tracking_uri: str | None = None, download_to: str | Path | None = None) -> Path:
+    """The local l2rclip model folder behind `uri`.
+
+    A local folder is used as is (or searched, when it is a downloaded MLflow model that holds the
+    folder as an artifact). `runs:/<run_id>/<path>`, `models:/<name>@<alias>` and
+    `models:/<name>/<version>` are downloaded first, since the pyfunc model logged by
+    `l2rclip.registry` keeps the l2rclip folder inside its artifacts.
+
+    Args:
+        uri: a folder, or an MLflow `runs:/` or `models:/` URI.
+        tracking_uri: MLflow store, also the model registry, for URIs (default:
+            `l2rclip.tracking.default_tracking_uri()`).
+        download_to: where MLflow URIs are downloaded (default: a new temporary folder that the
+            caller owns).
+
+    Raises:
+        ModelFileError: nothing at `uri`, or no (or more than one) l2rclip model inside it.
+    """
+    if not uri.startswith(MLFLOW_SCHEMES):
+        return _find_model_folder(Path(uri), uri)
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from l2rclip.tracking import default_tracking_uri
+
+    store = tracking_uri or default_tracking_uri()
+    target = Path(download_to) if download_to else Path(tempfile.mkdtemp(prefix="l2rclip-model-"))
+    try:
+        with mlflow_store(store):  # models:/ URIs are resolved against MLflow's global registry URI
+            local = download_artifacts(artifact_uri=uri, dst_path=str(target))
+    except MlflowException as error:
+        if not download_to:
+            shutil.rmtree(target, ignore_errors=True)
+        raise ModelFileError(f"{uri}: cannot fetch the model from MLflow at {store}: {error.message}") from None
+    return _find_model_folder(Path(local), uri)
+
+
+@contextmanager
+def mlflow_store(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking (and so registry) URI at `uri` for a block, then restore it exactly.
+
+    Some MLflow calls take no store argument (`log_model`, resolving `models:/` URIs), so the global
+    must be switched. MLflow's own switch also writes `MLFLOW_TRACKING_URI` into the environment and
+    unsets it on the way back; the variable is put back as it was, so that no later code (and no
+    later stage in this process) sees another store.
+    """
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _find_model_folder(root: Path, uri: str) -> Path:
+    """`root` when it is a model folder, else the one model folder somewhere under it."""
+    expected = f"an l2rclip model folder ({CONFIG_FILE} + {WEIGHTS_FILE}) or an MLflow model holding one"
+    if not root.exists():
+        raise ModelFileError(f"{uri}: expected {expected}; nothing exists at {root}")
+    if (root / CONFIG_FILE).is_file():
+        return root
+    found = sorted(path.parent for path in root.rglob(CONFIG_FILE) if (path.parent / WEIGHTS_FILE).is_file())
+    if len(found) != 1:
+        what = "none" if not found else f"{len(found)}: {', '.join(map(str, found))}"
+        raise ModelFileError(f"{uri}: expected {expected}; found {what} under {root}")
+    return found[0]
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image paths from image files, folders (recursive, sorted) and CSV lists with a `path` column.
+
+    Paths that do not exist are kept, so that they are reported on their own rows rather than
+    silently dropped. Relative paths in a CSV start from the CSV's folder, so a list travels with
+    its images.
+
+    Raises:
+        ValueError: a CSV file without a `path` column.
+    """
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(list_images(item))
+        elif item.suffix.lower() == ".csv" and item.is_file():
+            table = pd.read_csv(item, dtype=str, keep_default_na=False)
+            if "path" not in table.columns:
+                raise ValueError(f"{item}: expected a CSV with a `path` column; found columns "
+                                 f"{', '.join(table.columns) or '(none)'}")
+            paths.extend(item.parent / path for path in table["path"])
+        else:
+            paths.append(item)
+    return paths
+
+
+class _Inputs(Dataset):
+    """Inputs read and transformed one by one; a failure becomes the item's message, not an exception."""
+
+    def __init__(self, items: Sequence[Any], read: Callable[[Any], Image.Image],
+                 transform: Callable[[Image.Image], torch.Tensor]):
+        self.items, self.read, self.transform = items, read, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return index, self.transform(self.read(self.items[index])), ""  # (3, H, W)
+        except Exception as error:  # noqa: BLE001 - any unreadable input is reported on its own row
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
+    """Stack the readable images of a batch; keep the others' errors by input index."""
+    good = [(index, image) for index, image, _ in batch if image is not None]
+    return {"index": [index for index, _ in good],
+            "images": torch.stack([image for _, image in good]) if good else None,  # (B_ok, 3, H, W)
+            "errors": {index: error for index, image, error in batch if image is None}}
+
+
+class Predictor:
+    """A loaded model with its prototypes cached, predicting tables of images.
+
+    Args:
+        model: L2RCLIP (its prototypes are cached here unless the file had them) or an ordinal
+            head baseline (no prototypes).
+        meta: `load_model`'s metadata (`rank_space`, `preprocess`, `config`, ...).
+        device: where to run.
+        amp: mixed precision on CUDA, as the evaluate stage uses by default; ignored elsewhere.
+    """
+
+    def __init__(self, model: L2RCLIP | OrdinalHeadModel, meta: dict[str, Any], device: torch.device,
+                 amp: bool = True):
+        self.model = model.eval()
+        self.meta = meta
+        self.rank_space = meta["rank_space"]
+        self.transform = meta["preprocess"]
+        self.device = device
+        self.amp = amp
+        model.cache_prototypes()  # (M, E): the only text-tower pass this predictor makes (if any)
+
+    @classmethod
+    def load(cls, uri: str | Path, device: str = "auto", tracking_uri: str | None = None,
+             amp: bool = True) -> Predictor:
+        """Load a model folder or an MLflow `runs:/` / `models:/` URI (see `resolve_model_dir`)."""
+        torch_device = pick_device(device)
+        with tempfile.TemporaryDirectory(prefix="l2rclip-model-") as download:
+            model, meta = load_model(resolve_model_dir(str(uri), tracking_uri, download), device=torch_device)
+        if meta.get("is_clip") is False:
+            log.warning("%s has a random-initialised backbone: its predictions are a pipeline check, "
+                        "not CLIP results", uri)
+        return cls(model, meta, torch_device, amp)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the model with its cached prototypes, so that a loader never runs the text tower."""
+        extra = {key: value for key, value in self.meta.items() if key not in _REBUILT_META}
+        return save_model(self.model, folder, self.meta["config"], self.rank_space, extra=extra)
+
+    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
+                      with_probabilities: bool = False, progress: bool = True) -> pd.DataFrame:
+        """Predict image files; one row per path, in input order (see `predict`)."""
+        return self.predict([Path(p) for p in paths], load_rgb, [str(p) for p in paths], batch_size,
+                            num_workers, with_probabilities, progress)
+
+    def predict_images(self, images: Sequence[Image.Image], with_probabilities: bool = False,
+                       batch_size: int = 64) -> pd.DataFrame:
+        """Predict in-memory PIL images (path column `image[<i>]`), without a progress bar."""
+        return self.predict(list(images), to_rgb, [f"image[{i}]" for i in range(len(images))], batch_size,
+                            with_probabilities=with_probabilities, progress=False)
+
+    def predict(self, items: Sequence[Any], read: Callable[[Any], Image.Image], names: Sequence[str],
+                batch_size: int = 64, num_workers: int = 0, with_probabilities: bool = False,
+                progress: bool = True) -> pd.DataFrame:
+        """Predict any inputs that `read` turns into PIL images, batched through a DataLoader.
+
+        Args:
+            items: the inputs (paths, images, encoded strings...); must be picklable for workers.
+            read: input -> PIL image (module-level, so that loader workers can use it).
+            names: the `path` column, one per input.
+            batch_size: images per forward pass.
+            num_workers: loader processes reading and transforming images (0: this process).
+            with_probabilities: add one `p_<k>` column per rank.
+            progress: show a progress bar.
+
+        Returns:
+            One row per input, in input order: `path`, `pred_rank` (nullable int), `pred_label`,
+            `pred_name`, `pred_value`, `expected_value`, `std`, `entropy`, `confidence`, the
+            `p_<k>` columns when asked, and `error` ("" when the input was read, else why not; its
+            prediction columns are then empty).
+        """
+        if len(names) != len(items):
+            raise ValueError(f"predict: expected one name per input, found {len(names)} for {len(items)}")
+        loader = DataLoader(_Inputs(items, read, self.transform), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=_collate,
+                            pin_memory=self.device.type == "cuda")
+        done: list[int] = []
+        errors: dict[int, str] = {}
+
+        def batches() -> Iterator[dict[str, torch.Tensor]]:
+            with tqdm(total=len(items), desc="predicting", unit="img", disable=not progress) as bar:
+                for batch in loader:
+                    done.extend(batch["index"])
+                    errors.update(batch["errors"])
+                    bar.update(len(batch["index"]) + len(batch["errors"]))
+                    if batch["images"] is not None:
+                        yield {"images": batch["images"]}
+
+        try:
+            probs = predict_probabilities(self.model, batches(), self.device, self.amp)  # (N_ok, M)
+        except ValueError:
+            if done:
+                raise
+            probs = np.empty((0, len(self.rank_space)))  # no input could be read: every row is an error
+        table = pd.DataFrame({"path": [str(name) for name in names]})
+        found = predictions_table(table.iloc[done], probs, self.rank_space, with_probabilities)
+        found = found.astype({"pred_label": object}).set_axis(done).reindex(range(len(items)))
+        found["path"] = table["path"]
+        found["pred_rank"] = found["pred_rank"].astype("Int64")
+        found["error"] = [errors.get(index, "") for index in range(len(items))]
+        if errors:
+            log.warning("%d of %d inputs could not be read (see the error column)", len(errors), len(items))
+        return found

@@ -1,0 +1,147 @@
+"""DVC stage `register`: register the best fold's model in the MLflow model registry.
+
+The fold is chosen by its best VALIDATION score (`val/<train.select_metric>` in each fold's
+`summary.json`; lower is better unless the metric is in `HIGHER_IS_BETTER`), never by its test
+score: the test split is for reporting, and choosing on it would make the reported numbers
+optimistic. The chosen `best/` model is logged as an l2rclip pyfunc under the pipeline's parent
+run and registered as a new version of `l2rclip-<data.source>`, with version tags for the data
+version, a params hash, the fold, its validation score, the report's CV test means and whether the
+backbone was CLIP. It becomes the `champion` only when there is none yet; replacing a champion is
+the promotion flow's decision.
+
+Tracking is never fatal: with tracking disabled, no run handle, or MLflow failing, the stage
+writes `"registered": false` and the reason, and exits 0.
+
+Output: `<out>/registered.json`.
+
+Expected dvc.yaml entry (after `report`):
+
+    register:
+      cmd: python -m l2rclip.stages.register --params params.yaml --out outputs/register
+      deps:
+        - outputs/report/metrics.json
+        - outputs/metrics
+        - l2rclip/stages/register.py
+        - l2rclip/registry.py
+        - l2rclip/serving.py
+        - l2rclip/predict.py
+      params:
+        - folds
+        - data.source
+        - train.select_metric
+        - tracking
+      outs:
+        - outputs/register/registered.json:
+            cache: false
+
+It also reads `outputs/folds/<k>/train/{summary.json,tracking.json,best/}`, which are outputs of
+`train@k` upstream of the metrics it depends on (a dependency on the folder `outputs/folds` would
+also see DVC's own `.gitignore` files there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from l2rclip.config import Params, load_params
+from l2rclip.registry import default_model_name, register
+from l2rclip.stages.common import fingerprint, run_main, stage_parser, write_json
+from l2rclip.tracking import Tracker, _safe_key
+from l2rclip.training import HIGHER_IS_BETTER
+
+log = logging.getLogger("l2rclip.stages.register")  # not __main__ under python -m
+
+
+def choose_fold(params: Params, folds_dir: Path) -> tuple[int, float | None, dict[str, Any]]:
+    """The fold with the best validation score; returns (fold, score, its summary).
+
+    Folds without the score (no validation split) are skipped; when none has it, the first fold
+    is chosen and the score is None.
+
+    Raises:
+        FileNotFoundError: a fold's `summary.json` is missing.
+    """
+    metric = params.train.select_metric
+    key, sign = f"val/{metric}", (1.0 if metric in HIGHER_IS_BETTER else -1.0)
+    summaries, scored = {}, []
+    for fold in params.folds:
+        path = folds_dir / str(fold) / "train" / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"expected the train stage's summary of fold {fold} at {path}; run "
+                                    f"`dvc repro train@{fold}` first")
+        summaries[fold] = json.loads(path.read_text(encoding="utf-8"))
+        score = (summaries[fold].get("best") or {}).get(key)
+        if isinstance(score, (int, float)) and math.isfinite(score):
+            scored.append((sign * score, -params.folds.index(fold), fold, float(score)))
+        else:
+            log.warning("%s has no finite %s in `best` (no validation split?); fold %d not considered",
+                        path, key, fold)
+    if not scored:
+        fold = params.folds[0]
+        log.warning("no fold has a validation %s: registering fold %d, the first", key, fold)
+        return fold, None, summaries[fold]
+    _, _, fold, score = max(scored)  # ties: the earlier fold in params.folds
+    return fold, score, summaries[fold]
+
+
+def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: Path) -> dict[str, Any]:
+    """Choose the fold, register its best model, and write `registered.json`; returns its content."""
+    fold, score, summary = choose_fold(params, folds_dir)
+    metric = params.train.select_metric
+    model_dir = folds_dir / str(fold) / "train" / "best"
+    if not report_file.is_file():
+        raise FileNotFoundError(f"expected the report stage's metrics at {report_file}; run `dvc repro report`")
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    name = default_model_name(params.data.source)
+    result: dict[str, Any] = {"name": name, "fold": fold, "select_metric": metric, f"val/{metric}": score,
+                              "model_dir": model_dir.as_posix(), "registered": False}
+    tags = {"l2rclip.source": params.data.source, "l2rclip.data_version": summary.get("data_version"),
+            "l2rclip.params_hash": fingerprint(params), "l2rclip.fold": fold,
+            "l2rclip.select_metric": metric, f"l2rclip.val/{metric}": score,
+            **{_safe_key(f"l2rclip.{key}_mean"): entry["mean"] for key, entry in report.items()
+               if key.startswith("test/") and isinstance(entry, dict)}}
+    tracker, ids = Tracker.from_handle(model_dir.parent)
+    parent = ids.get("parent_run_id")
+    if not params.tracking.enabled or not tracker.enabled or not parent:
+        result["reason"] = ("tracking.enabled is false" if not params.tracking.enabled
+                            else f"no MLflow parent run in {model_dir.parent / 'tracking.json'}")
+    else:
+        try:
+            result.update(register(model_dir, name, parent, tags, tracker.tracking_uri), registered=True)
+        except Exception as error:  # noqa: BLE001 - tracking is never fatal: say why, keep the outputs
+            log.warning("model not registered: MLflow failed on %s: %s", tracker.tracking_uri, error)
+            result["reason"] = f"MLflow failed on {tracker.tracking_uri}: {type(error).__name__}: {error}"
+        else:
+            tracker.set_tags(parent, {"l2rclip.registered_model": result["model_uri"]})
+    write_json(out_dir / "registered.json", result)
+    log.info("fold %d (val/%s %s): %s", fold, metric, score,
+             result["model_uri"] if result["registered"] else f"not registered: {result['reason']}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of the stage (see `--help`)."""
+    parser = stage_parser(
+        "register",
+        "Register the model of the fold with the best validation score in the MLflow model registry "
+        "(champion when there is none yet); without tracking, record why not and exit 0.")
+    parser.add_argument("--folds-dir", type=Path, default=Path("outputs/folds"),
+                        help="folder of the per-fold training outputs (default: %(default)s)")
+    parser.add_argument("--report", type=Path, default=Path("outputs/report/metrics.json"),
+                        help="the report stage's metrics, whose test means become version tags "
+                             "(default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/register"),
+                        help="output folder for registered.json (default: %(default)s)")
+    args = parser.parse_args(argv)
+    return run_main(lambda: register_best(load_params(args.params), args.folds_dir, args.report, args.out)
+                    and 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Prefect flows around the DVC pipeline: Prefect decides *when* and *where*, DVC what to rebuild.
+
+Flows (each also a command, `python -m pipelines.<name> --help`):
+    pipeline    `dvc repro` with retries on transient failures; returns the cross-validated report.
+    ablation    variants of the params as DVC experiments, compared in a table and a plot.
+    retrain     rebuild when data, params or code changed, then promote the new model only when it
+                beats the champion on the same test images.
+    deploy      serve `retrain` on a cron schedule (needs a running `prefect server start`).
+"""

@@ -1,0 +1,187 @@
+"""Flow `retrain`: rebuild when something changed, promote the new model only when it is better.
+
+1. `dvc status`: if no stage is stale and the registered version of the last run has already been
+   decided on (it is the champion, or carries a decision), the flow logs "up to date" and stops.
+2. Otherwise the `pipeline` flow runs `dvc repro`; its `register` stage registers the best
+   validation fold's model as a new version of `l2rclip-<data.source>` (the champion when there
+   is none yet).
+3. The new version and the champion are scored on the SAME images: the current test split of the
+   fold the new version was trained on (`outputs/prepare/splits.csv`), each through its own
+   registered artifacts (`l2rclip.predict.Predictor`), with `l2rclip.metrics.ordinal_metrics`.
+   Comparing the report's numbers instead would compare different test sets whenever the data
+   changed. If the data changed, some of these images may have been in the champion's training
+   set, which favours the champion: the rule errs towards keeping it.
+4. `decide`: promote (move the `champion` alias) only when the new version is better by more
+   than `margin`; otherwise keep. The decision and its reason are recorded on the new version.
+
+    python -m pipelines.retrain --repo . --margin 0.05
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from prefect import flow, get_run_logger, task
+
+from l2rclip.config import EvalConfig, Params, load_params
+from l2rclip.data.splits import read_splits, select
+from l2rclip.evaluation import probabilities_of
+from l2rclip.metrics import ordinal_metrics
+from l2rclip.predict import Predictor
+from l2rclip.registry import DECISION_TAG, KEPT, PROMOTED, REASON_TAG, champion, default_model_name, keep, promote
+from pipelines.common import (
+    PREPARED,
+    REGISTERED,
+    lower_is_better,
+    project,
+    read_json,
+    run_cli,
+    stale_stages,
+    tracking_uri,
+)
+from pipelines.pipeline import pipeline
+
+LINEAGE_TAGS = ("l2rclip.data_version", "l2rclip.params_hash")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether the new version replaces the champion, and why (recorded on the version)."""
+
+    promote: bool
+    reason: str
+
+
+def decide(new: float, current: float, margin: float = 0.0, metric: str = "test/mae") -> Decision:
+    """Promote only when `new` beats the champion's `current` score by more than `margin`.
+
+    A tie, a gain within the margin, or a score that is not a number keeps the champion: replacing
+    a model in service needs evidence, and noise between two training runs is not evidence.
+
+    Args:
+        new: the new version's score.
+        current: the champion's score on the same images.
+        margin: the smallest improvement that counts, in the metric's units (>= 0).
+        metric: the metric's name, which also says its direction (`lower_is_better`).
+    """
+    if margin < 0:
+        raise ValueError(f"margin: expected a non-negative improvement in {metric} units, found {margin}")
+    gain = current - new if lower_is_better(metric) else new - current
+    scores = f"{metric} {new:.4f} vs champion {current:.4f} on the same test images"
+    if math.isfinite(gain) and gain > margin:
+        return Decision(True, f"{scores}: better by {gain:.4f} (> margin {margin:g})")
+    what = "not a number" if not math.isfinite(gain) else f"better by only {gain:.4f}" if gain > 0 else (
+        "no better" if gain == 0 else f"worse by {-gain:.4f}")
+    return Decision(False, f"{scores}: {what} (promotion needs > margin {margin:g})")
+
+
+@task
+def score(model_uri: str, store: str, paths: list[str], labels: list[Any], device: str, amp: bool,
+          settings: EvalConfig, metric: str) -> float:
+    """`metric` of the registered model `model_uri` on the images `paths` with true `labels`."""
+    predictor = Predictor.load(model_uri, device=device, tracking_uri=store, amp=amp)
+    table = predictor.predict_paths(paths, with_probabilities=True, progress=False)
+    unread = table.loc[table["error"] != "", ["path", "error"]]
+    if not unread.empty:
+        raise ValueError(f"cannot score {model_uri}: {len(unread)} test images unreadable, e.g. "
+                         f"{unread.iloc[0]['path']}: {unread.iloc[0]['error']}")
+    space = predictor.rank_space
+    metrics = ordinal_metrics(probabilities_of(table), space.indices(labels), space.value_array,
+                              settings.cs_theta, settings.ece_bins)
+    name = metric.rsplit("/", 1)[-1]
+    if name not in metrics:
+        raise ValueError(f"metric {metric!r}: expected test/<name> with name one of {', '.join(sorted(metrics))}")
+    return metrics[name]
+
+
+def _lineage(champion_tags: dict[str, str], new_tags: dict[str, str]) -> dict[str, dict[str, str | None]]:
+    """What differs between the champion's training and the new version's: data version, params."""
+    return {tag: {"champion": champion_tags.get(tag), "new": new_tags.get(tag)} for tag in LINEAGE_TAGS
+            if champion_tags.get(tag) != new_tags.get(tag)}
+
+
+@flow(name="retrain")
+def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> dict[str, Any]:
+    """Retrain when data, params or code changed; promote the new version only if it is better.
+
+    Args:
+        repo: the project folder; its `params.yaml` names the dataset (and so the registered model).
+        margin: the smallest improvement in `metric` that promotes (its units, e.g. 0.05 years).
+        metric: `test/<name>` of `l2rclip.metrics.ordinal_metrics`, computed on the test split.
+
+    Returns:
+        `decision` (`promoted` or `kept_champion`), `reason`, `up_to_date` (nothing had changed),
+        `name`, `version` (the new one), `champion` (the version that holds the alias now),
+        `stale` (the stages that had to run), `changes` (data version / params hash that differ
+        from the champion's), and `scores` when both models were scored.
+
+    Raises:
+        RuntimeError: the pipeline registered no model (tracking off, MLflow failing).
+    """
+    logger = get_run_logger()
+    root = project(repo)
+    params = load_params(root / "params.yaml")
+    store = tracking_uri(root)
+    name = default_model_name(params.data.source)
+    stale = stale_stages(root)
+    if stale:
+        logger.info("changed since the last run (stages to rebuild): %s", ", ".join(stale))
+        pipeline(str(root))
+    registered = read_json(root / REGISTERED)
+    if not registered or not registered.get("registered"):
+        reason = (registered or {}).get("reason", f"no {REGISTERED}; is the register stage in dvc.yaml?")
+        raise RuntimeError(f"retrain: the pipeline registered no model: {reason}")
+    version = str(registered["version"])
+    new = MlflowClient(store).get_model_version(name, version)
+    current = champion(name, store)
+    held = str(current.version) if current is not None else None  # MLflow gives int or str versions
+    result: dict[str, Any] = {"name": name, "version": version, "stale": stale, "up_to_date": not stale,
+                              "changes": _lineage(current.tags if current else {}, new.tags)}
+    if new.tags.get(DECISION_TAG) or held == version:
+        decision = new.tags.get(DECISION_TAG, PROMOTED)
+        logger.info("%s version %s was already decided on (%s)%s", name, version, decision,
+                    "; up to date" if not stale else "")
+        return {**result, "decision": decision, "reason": new.tags.get(REASON_TAG, ""),
+                "champion": held}
+    if current is None:
+        decision = Decision(True, "there was no champion")
+    else:
+        logger.info("new version %s vs champion %s; lineage differences: %s", version, held,
+                    result["changes"] or "none (same data and params: code or training changed)")
+        result["scores"] = compare(root, params, int(registered["fold"]),
+                                   {"new": version, "champion": held}, name, store, metric)
+        decision = decide(result["scores"]["new"], result["scores"]["champion"], margin, metric)
+    (promote if decision.promote else keep)(name, version, decision.reason, store)
+    after = str(champion(name, store).version)
+    logger.info("%s version %s: %s; champion is version %s", name, version, decision.reason, after)
+    return {**result, "decision": PROMOTED if decision.promote else KEPT, "reason": decision.reason,
+            "champion": after}
+
+
+def compare(root: Path, params: Params, fold: int, versions: dict[str, str], name: str, store: str,
+            metric: str) -> dict[str, float]:
+    """Score each of `versions` (role -> version of `name`) on the test split of `fold`."""
+    test = select(read_splits(root / PREPARED / "splits.csv"), fold, "test")
+    paths = [str(root / params.data.root / path) for path in test["path"]]
+    return {role: score(f"models:/{name}/{version}", store, paths, test["label"].tolist(), params.train.device,
+                        params.train.amp, params.eval, metric) for role, version in versions.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: run the flow once, print the decision as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=__doc__.split("\n")[0])
+    parser.add_argument("--repo", default=".", help="project folder (default: %(default)s)")
+    parser.add_argument("--margin", type=float, default=0.0, help="smallest improvement that promotes")
+    parser.add_argument("--metric", default="test/mae", help="test metric compared (default: %(default)s)")
+    return run_cli(parser, lambda a: retrain(a.repo, a.margin, a.metric), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
