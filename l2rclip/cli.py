@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import subprocess
 import sys
@@ -48,9 +49,20 @@ def _demo(args: argparse.Namespace) -> int:
     print("Results:\n"
           f"  report:   {report}  (figures in outputs/report/figures, per fold in outputs/folds/<k>/evaluate)\n"
           "  metrics:  dvc metrics show   |   dvc metrics diff (against the last commit)\n"
-          "  models:   outputs/folds/<k>/train/best (safetensors + model.json)\n"
+          "  models:   outputs/folds/<k>/train/best (safetensors + model.json)"
+          f"{_registered_line()}\n"
           "  MLflow:   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   then open http://127.0.0.1:5000")
     return 0
+
+
+def _registered_line() -> str:
+    """Where the registered model is, as a ready-to-run predict command (empty if none)."""
+    file = Path("outputs/register/registered.json")
+    info = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    if not info.get("registered"):
+        return ""
+    return (f"\n  registry: {info['name']} version {info['version']}; predict with:\n"
+            f"            l2rclip predict models:/{info['name']}@champion data/demo --out predictions.csv")
 
 
 def _results(args: argparse.Namespace) -> int:
