@@ -32,7 +32,7 @@ FGNET ?= ../shared/data/fgnet
 FGNET_SET = -S data.source=fgnet -S data.root=$(FGNET) -S ranks.start=0 -S ranks.stop=69 \
 	-S split.missing_ranks=warn -S eval.cs_theta=5 -S tracking.experiment=l2rclip-fgnet \
 	-S 'model.prompt.context_init=a photo of a person aged' \
-	-S 'model.prompt_template=a photo of a {} year old person.'
+	-S "model.prompt_template='a photo of a {} year old person.'"
 fgnet: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-5fold $(FGNET_SET)
 

@@ -26,7 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
-from test_pipeline import ROOT, SMALL, merge
+from test_pipeline import ROOT, SMALL, copy_project, merge
 
 from l2rclip.config import ModelConfig, PromptConfig, load_params
 from l2rclip.data.demo import generate_demo
@@ -267,13 +267,7 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_ablation_runs_four_experiments_and_compares_them(harness, env, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copytree(ROOT / "l2rclip", repo / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo = copy_project(tmp_path / "repo", SMALL)
     sh(["git", "init", "-q"], repo)
     sh([str(BIN / "dvc"), "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)

@@ -59,16 +59,21 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
-@pytest.fixture
-def scratch_repo(tmp_path):
-    """A git + DVC repository holding the project's pipeline, code (as dependencies) and small params."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def copy_project(repo: Path, override: dict) -> Path:
+    """The project's pipeline and code (its dependencies) in `repo`, with params.yaml merged with `override`."""
+    repo.mkdir(parents=True)
     shutil.copytree(ROOT / "l2rclip", repo / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), SMALL)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), override)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+@pytest.fixture
+def scratch_repo(tmp_path):
+    """A git + DVC repository holding the project's pipeline, code (as dependencies) and small params."""
+    repo = copy_project(tmp_path / "repo", SMALL)
     env = environment(tmp_path)
     run(["git", "init", "-q"], repo, env)
     run(["dvc", "init", "-q"], repo, env)
