@@ -58,6 +58,9 @@ class Phase:
 
 def schedule_phases(train: TrainConfig, image_tower: str, method: str = "l2rclip") -> list[Phase]:
     """The phases of `train.schedule`; two-stage needs prompts and a trainable image tower."""
+    if train.epochs < 1 or (train.schedule == "two_stage" and train.stage1_epochs < 0):
+        raise ValueError(f"train.epochs: expected at least 1 (stage1_epochs >= 0), found epochs={train.epochs}, "
+                         f"stage1_epochs={train.stage1_epochs}")
     if train.schedule == "one_stage":
         return [Phase("one_stage", train.epochs, IMAGE_TERMS, image_tower == "train", True)]
     if method in HEAD_KINDS:
@@ -208,10 +211,19 @@ def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: 
 
 def _feature_batches(features: torch.Tensor, table: pd.DataFrame, batch_size: int,
                      seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
-    labels = torch.as_tensor(table["rank"].to_numpy(dtype=np.int64))  # (N,)
+    labels = torch.tensor(table["rank"].to_numpy(dtype=np.int64))  # (N,); a copy: pandas arrays are read-only
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     for chunk in order.split(batch_size):
         yield {"image_features": features[chunk]}, labels[chunk]
+
+
+def optimisation_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None) -> None:
+    """Backward, optional gradient-norm clipping over the optimised parameters, and the update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    optimizer.step()
 
 
 def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | HeadLoss,
@@ -230,12 +242,7 @@ def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | Hea
         labels = labels.to(device)
         with autocast(device, train.amp):
             terms = criterion(model(**inputs, text_features=fixed_text), labels)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if train.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                           train.grad_clip)
-        optimizer.step()
+        optimisation_step(optimizer, terms["loss"], train.grad_clip)
         scheduler.step()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(labels)

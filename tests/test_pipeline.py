@@ -165,3 +165,19 @@ def test_results_table_written_between_markers(tmp_path):
         write_between_markers(readme, "other", "x")
     with pytest.raises(ValueError, match="no experiments"):
         markdown_table([])
+
+
+@pytest.mark.slow
+def test_every_method_runs_as_a_dvc_experiment(scratch_repo):
+    """`dvc exp run -S model.method=<each>` on the demo set, as the README documents it."""
+    repo, env = scratch_repo
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline"], repo, env)
+    methods = ["l2rclip", "ordinalclip", "coop", "zero_shot", "linear_probe", "coral", "corn"]
+    for method in methods:
+        run(["dvc", "exp", "run", "--name", f"method-{method}", "-S", f"model.method={method}"], repo, env)
+    rows = {row["name"]: row for row in collect(repo, prefix="method-")}
+    assert sorted(rows) == sorted(f"method-{m}" for m in methods)
+    for method in methods:
+        metrics = rows[f"method-{method}"]["metrics"]
+        assert metrics["method"] == method and 0.0 <= metrics["test/accuracy"]["mean"] <= 1.0
