@@ -44,7 +44,8 @@ def collect(repo: str | Path = ".", prefix: str = "") -> list[dict[str, Any]]:
     for revision in _revisions(json.loads(output)):
         name, data = revision.get("name") or "", revision.get("data") or {}
         report = ((data.get("metrics") or {}).get(REPORT) or {}).get("data")
-        if name.startswith(prefix) and name != "workspace" and report:
+        # rev "workspace": the workspace, or an experiment still running there (its data are not its own)
+        if name.startswith(prefix) and revision.get("rev") != "workspace" and report:
             params = ((data.get("params") or {}).get("params.yaml") or {}).get("data", {})
             rows.append({"name": name, "params": params, "metrics": report})
     rows.sort(key=lambda row: row["name"])
