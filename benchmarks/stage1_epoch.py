@@ -40,6 +40,7 @@ from l2rclip.features import cached_image_features
 from l2rclip.models.backbone import load_backbone
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.ranks import RankSpace
+from l2rclip.resume import TrainState
 from l2rclip.training import FoldData, fit
 
 
@@ -114,10 +115,12 @@ def main() -> None:
             p = params[variant]
             model.load_state_dict(initial)
             tick = time.perf_counter()
-            result = fit(model, rank_space, data, p.model, p.train, p.loss, p.eval, transforms,
-                         tmp / "runs" / f"{variant}-{repeat}", p.seed, device, f"bench-{variant}-{repeat}")
+            seconds: list[float] = []
+            fit(model, rank_space, data, p.model, p.train, p.loss, p.eval, transforms,
+                tmp / "runs" / f"{variant}-{repeat}", p.seed, device, TrainState(f"bench-{variant}-{repeat}"),
+                on_epoch=lambda metrics, epoch: seconds.append(metrics["epoch_seconds"]))
             fits[variant].append(time.perf_counter() - tick)
-            epochs[variant] += [r["epoch_seconds"] for r in result.history]
+            epochs[variant] += seconds
 
         # The run's shared cache, filled once up front (untimed), as the first fold of a pipeline does.
         cached_image_features(model, data.images, data.root, transforms[1], tmp / "cache", device,

@@ -40,10 +40,18 @@ def _demo(args: argparse.Namespace) -> int:
               f"initialised backbone {params.model.fallback.arch}. Every output and MLflow run is labelled "
               "a PIPELINE CHECK: its numbers are NOT CLIP results.\n", flush=True)
     dvc = Path(sys.executable).with_name("dvc")
-    result = subprocess.run([str(dvc) if dvc.exists() else "dvc", "repro"], check=False)
+    dvc = str(dvc) if dvc.exists() else "dvc"
+    result = subprocess.run([dvc, "repro"], check=False)
     if result.returncode:
         print(f"dvc repro failed (exit {result.returncode}); see the messages above", file=sys.stderr)
         return result.returncode
+    if args.push:  # so that any clone can `dvc pull` these results instead of recomputing them
+        pushed = subprocess.run([dvc, "push"], check=False)
+        if pushed.returncode:
+            print(f"dvc push failed (exit {pushed.returncode}): the results are here but not on the DVC "
+                  "remote; see `dvc remote list`, fix the remote (README, Team set-up) and run `dvc push`",
+                  file=sys.stderr)
+            return pushed.returncode
     report = Path("outputs/report/report.md")
     print("\n" + report.read_text(encoding="utf-8"))
     print("Results:\n"
@@ -121,14 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check)
 
     demo = commands.add_parser(
-        "demo", help="run the whole DVC pipeline (dvc repro) and say where the results are",
-        description="Run `dvc repro` on params.yaml (by default the embedded demo set) and print the "
+        "demo", help="run the whole DVC pipeline (dvc repro), push the outputs (dvc push), say where results are",
+        description="Run `dvc repro` on params.yaml (by default the embedded demo set), `dvc push` the outputs "
+                    "to the default DVC remote (.dvc/config) and print the "
                     "cross-validated report. Offline, without CLIP weights, says so and runs on the "
                     "small random fallback backbone (model.fallback), labelled a pipeline check.")
+    demo.add_argument("--no-push", dest="push", action="store_false",
+                      help="do not `dvc push` the outputs to the default DVC remote afterwards")
     demo.set_defaults(func=_demo)
 
     results = commands.add_parser(
-        "results", help="tabulate DVC experiments (mean +- std of MAE and accuracy, training time)",
+        "results", help="tabulate DVC experiments (mean +- std of MAE and accuracy)",
         description="Read `dvc exp show --json`, keep the experiments whose name starts with --prefix and "
                     "print a markdown table from their outputs/report/metrics.json, or write it into a file "
                     "between the markers <!-- MARKER:start --> and <!-- MARKER:end -->.")

@@ -84,6 +84,10 @@ class SplitConfig:
     n_val: int = 5
     n_test: int = 50
     missing_ranks: Literal["error", "warn"] = "error"
+    # Promotion holdout (l2rclip.data.holdout): this share of groups, chosen by a stable hash with
+    # `holdout_salt`, leaves every fold and is the retrain gate's set. 0: none (published protocols).
+    holdout_fraction: float = 0.0
+    holdout_salt: str = "l2rclip-gate"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 DECISION_TAG = "l2rclip.decision"
 REASON_TAG = "l2rclip.decision_reason"
+HOLDOUT_SPEC_TAG = "l2rclip.holdout_spec"  # the promotion holdout's definition (l2rclip.data.holdout)
 PROMOTED = "promoted"
 KEPT = "kept_champion"
 

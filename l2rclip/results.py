@@ -53,17 +53,20 @@ def collect(repo: str | Path = ".", prefix: str = "") -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One row per experiment: method, backbone and weights, MAE and accuracy (mean +- std), time."""
+    """One row per experiment: method, backbone and weights, MAE and accuracy (mean +- std).
+
+    Training time is not a DVC metric (it differs on every run; see `l2rclip.timings`): compare
+    it in MLflow (`train_seconds` on each run).
+    """
     if not rows:
         raise ValueError("no experiments with a report to tabulate: run them first (see README)")
-    lines = ["| experiment | method | backbone (weights) | folds | MAE | accuracy | training time (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | method | backbone (weights) | folds | MAE | accuracy |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         m, model = row["metrics"], row["params"].get("model", {})
         weights = "CLIP " + str(model.get("pretrained")) if m.get("is_clip") else "random init, NOT CLIP"
         cells = [row["name"], m.get("method", model.get("method", "l2rclip")), f"{m.get('backbone')} ({weights})",
-                 str(m.get("n_folds")), _mean_std(m, "test/mae"), _mean_std(m, "test/accuracy"),
-                 f"{m.get('train_seconds', float('nan')):.0f}"]
+                 str(m.get("n_folds")), _mean_std(m, "test/mae"), _mean_std(m, "test/accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     if any(not row["metrics"].get("is_clip") for row in rows):
         lines += ["", "Rows marked *random init, NOT CLIP* come from a randomly initialised backbone (no CLIP "

@@ -36,7 +36,7 @@ from l2rclip.models.heads import HeadLoss, OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.optim import build_optimizer, warmup_cosine
 from l2rclip.ranks import RankSpace
-from l2rclip.resume import TrainState, find_state, restore, save_state
+from l2rclip.resume import TrainState, restore, save_state
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def phase_loss(loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...],
 
 def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData, model_config: ModelConfig,
         train: TrainConfig, loss: LossConfig, eval_config: EvalConfig, transforms: tuple[Callable, Callable],
-        out_dir: Path, seed: int, device: torch.device, fingerprint: str,
+        out_dir: Path, seed: int, device: torch.device, state: TrainState,
         on_epoch: Callable[[dict, int], None] = lambda metrics, epoch: None,
         meta: dict | None = None) -> TrainResult:
     """Train with the configured schedule, writing `best/`, `last/` and resuming from `last/`.
@@ -126,14 +126,15 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         out_dir: where `best/`, `last/` and the feature cache pointer go.
         seed: the stage seed.
         device: where to train.
-        fingerprint: identifies params + data; a saved state with another one is not resumed.
-        on_epoch: called with each epoch's metrics (for tracking).
+        state: where training stands: a fresh `TrainState` or the one `find_state` checked as
+            the same computation (then finished epochs are skipped and the rest resumed).
+        on_epoch: called with each epoch's metrics and `epoch_seconds` (for tracking; timings
+            stay out of the history so that a rerun writes identical files).
         meta: extra JSON metadata saved with the checkpoints (backbone, is_clip...).
     """
     start = time.perf_counter()
     meta = meta or {}
     last_dir, best_dir = out_dir / "last", out_dir / "best"
-    state = find_state(last_dir, fingerprint) or TrainState(fingerprint)
     if state.epoch:
         log.info("resuming from %s after epoch %d", last_dir, state.epoch)
     phases = schedule_phases(train, model_config.image_tower, model_config.method)
@@ -172,8 +173,7 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
             val = validate(model, data, features if use_features else None, transforms[1], train, eval_config,
                             rank_space, device)
             seconds = time.perf_counter() - tick
-            record = {"epoch": epoch + 1, "phase": phase.name, **prefix_metrics(terms, "train"), **val,
-                      "epoch_seconds": seconds}
+            record = {"epoch": epoch + 1, "phase": phase.name, **prefix_metrics(terms, "train"), **val}
             state.history.append(record)
             score = val.get(f"val/{train.select_metric}", -float(epoch))  # no val split: keep the last
             sign = 1.0 if train.select_metric in HIGHER_IS_BETTER or not val else -1.0
@@ -183,7 +183,8 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
                            extra={**meta, "epoch": epoch + 1, "val": val})
             state.epoch = epoch + 1
             save_state(last_dir, model, model_config, rank_space, optimizer, scheduler, state, meta)
-            on_epoch({k: v for k, v in record.items() if k not in ("epoch", "phase")}, epoch + 1)
+            on_epoch({**{k: v for k, v in record.items() if k not in ("epoch", "phase")},
+                      "epoch_seconds": seconds}, epoch + 1)
             log.info("epoch %d/%d [%s] loss %.4f | %s | %.1f s, %.0f img/s", epoch + 1,
                      sum(p.epochs for p in phases), phase.name, terms["loss"],
                      ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k in ("val/mae", "val/accuracy")),

@@ -5,14 +5,17 @@
 2. Otherwise the `pipeline` flow runs `dvc repro`; its `register` stage registers the best
    validation fold's model as a new version of `l2rclip-<data.source>` (the champion when there
    is none yet).
-3. The new version and the champion are scored on the SAME images: the current test split of the
-   fold the new version was trained on (`outputs/prepare/splits.csv`), each through its own
+3. The new version and the champion are scored on the SAME images, which NEITHER trained on: the
+   promotion holdout (`outputs/prepare/holdout.csv`, `l2rclip.data.holdout`), each through its own
    registered artifacts (`l2rclip.predict.Predictor`), with `l2rclip.metrics.ordinal_metrics`.
-   Comparing the report's numbers instead would compare different test sets whenever the data
-   changed. If the data changed, some of these images may have been in the champion's training
-   set, which favours the champion: the rule errs towards keeping it.
+   A fold's test split would not do: it is redrawn when data changes, so it holds images of the
+   champion's training split. The holdout is defined by a stable hash of the group id, so it holds
+   no image either model trained on as long as both were made under the same definition
+   (`split.holdout_fraction` and `holdout_salt`, tagged on every version as `l2rclip.holdout_spec`);
+   versions made under different definitions are not compared, and the champion stays.
 4. `decide`: promote (move the `champion` alias) only when the new version is better by more
-   than `margin`; otherwise keep. The decision and its reason are recorded on the new version.
+   than `margin`; otherwise keep. The decision, its reason and the gate set's size and version
+   (`l2rclip.gate_images`, `l2rclip.gate_version`) are recorded on the new version.
 
     python -m pipelines.retrain --repo . --margin 0.05
 """
@@ -27,15 +30,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 
 from l2rclip.config import EvalConfig, Params, load_params
-from l2rclip.data.splits import read_splits, select
+from l2rclip.data.holdout import holdout_version
 from l2rclip.evaluation import probabilities_of
 from l2rclip.metrics import ordinal_metrics
 from l2rclip.predict import Predictor
-from l2rclip.registry import DECISION_TAG, KEPT, PROMOTED, REASON_TAG, champion, default_model_name, keep, promote
+from l2rclip.registry import (
+    DECISION_TAG,
+    HOLDOUT_SPEC_TAG,
+    KEPT,
+    PROMOTED,
+    REASON_TAG,
+    champion,
+    default_model_name,
+    keep,
+    promote,
+)
 from pipelines.common import (
     PREPARED,
     REGISTERED,
@@ -74,7 +88,7 @@ def decide(new: float, current: float, margin: float = 0.0, metric: str = "test/
     if margin < 0:
         raise ValueError(f"margin: expected a non-negative improvement in {metric} units, found {margin}")
     gain = current - new if lower_is_better(metric) else new - current
-    scores = f"{metric} {new:.4f} vs champion {current:.4f} on the same test images"
+    scores = f"{metric} {new:.4f} vs champion {current:.4f} on the same holdout images"
     if math.isfinite(gain) and gain > margin:
         return Decision(True, f"{scores}: better by {gain:.4f} (> margin {margin:g})")
     what = "not a number" if not math.isfinite(gain) else f"better by only {gain:.4f}" if gain > 0 else (
@@ -114,7 +128,7 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
     Args:
         repo: the project folder; its `params.yaml` names the dataset (and so the registered model).
         margin: the smallest improvement in `metric` that promotes (its units, e.g. 0.05 years).
-        metric: `test/<name>` of `l2rclip.metrics.ordinal_metrics`, computed on the test split.
+        metric: `test/<name>` of `l2rclip.metrics.ordinal_metrics`, computed on the promotion holdout.
 
     Returns:
         `decision` (`promoted` or `kept_champion`), `reason`, `up_to_date` (nothing had changed),
@@ -150,14 +164,21 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
                     "; up to date" if not stale else "")
         return {**result, "decision": decision, "reason": new.tags.get(REASON_TAG, ""),
                 "champion": held}
+    gate = read_holdout(root)
     if current is None:
         decision = Decision(True, "there was no champion")
+    elif (mismatch := gate_mismatch(current.tags, new.tags, gate)) is not None:
+        decision = Decision(False, mismatch)
     else:
-        logger.info("new version %s vs champion %s; lineage differences: %s", version, held,
+        logger.info("new version %s vs champion %s on the promotion holdout (%d images, version %s); "
+                    "lineage differences: %s", version, held, len(gate), holdout_version(gate),
                     result["changes"] or "none (same data and params: code or training changed)")
-        result["scores"] = compare(root, params, int(registered["fold"]),
-                                   {"new": version, "champion": held}, name, store, metric)
+        result["scores"] = compare(root, params, gate, {"new": version, "champion": held}, name, store, metric)
         decision = decide(result["scores"]["new"], result["scores"]["champion"], margin, metric)
+    result["gate"] = {"images": len(gate), "version": holdout_version(gate),
+                      "spec": new.tags.get(HOLDOUT_SPEC_TAG)}
+    MlflowClient(store).set_model_version_tag(name, version, "l2rclip.gate_images", str(len(gate)))
+    MlflowClient(store).set_model_version_tag(name, version, "l2rclip.gate_version", result["gate"]["version"])
     (promote if decision.promote else keep)(name, version, decision.reason, store)
     after = str(champion(name, store).version)
     logger.info("%s version %s: %s; champion is version %s", name, version, decision.reason, after)
@@ -165,12 +186,32 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
             "champion": after}
 
 
-def compare(root: Path, params: Params, fold: int, versions: dict[str, str], name: str, store: str,
+def read_holdout(root: Path) -> pd.DataFrame:
+    """The promotion holdout written by the prepare stage (empty when `split.holdout_fraction` is 0)."""
+    path = root / PREPARED / "holdout.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"expected the promotion holdout at {path}; run `dvc repro prepare`")
+    return pd.read_csv(path, dtype={"path": str, "group": str}, keep_default_na=False)
+
+
+def gate_mismatch(champion_tags: dict[str, str], new_tags: dict[str, str], gate: pd.DataFrame) -> str | None:
+    """Why the two versions cannot be compared fairly on `gate`, or None when they can."""
+    held, now = champion_tags.get(HOLDOUT_SPEC_TAG), new_tags.get(HOLDOUT_SPEC_TAG)
+    if gate.empty:
+        return ("no promotion holdout (split.holdout_fraction is 0): no image is kept from both models' "
+                "training, so there is no fair comparison; set split.holdout_fraction > 0 and retrain")
+    if held is None or held != now:
+        return (f"the champion was trained under another promotion holdout ({held or 'none recorded'}, "
+                f"now {now}): it may have trained on today's gate images, so the versions are not "
+                "compared; set the champion alias by hand (MLflow UI or client) if intended")
+    return None
+
+
+def compare(root: Path, params: Params, gate: pd.DataFrame, versions: dict[str, str], name: str, store: str,
             metric: str) -> dict[str, float]:
-    """Score each of `versions` (role -> version of `name`) on the test split of `fold`."""
-    test = select(read_splits(root / PREPARED / "splits.csv"), fold, "test")
-    paths = [str(root / params.data.root / path) for path in test["path"]]
-    return {role: score(f"models:/{name}/{version}", store, paths, test["label"].tolist(), params.train.device,
+    """Score each of `versions` (role -> version of `name`) on the promotion holdout `gate`."""
+    paths = [str(root / params.data.root / path) for path in gate["path"]]
+    return {role: score(f"models:/{name}/{version}", store, paths, gate["label"].tolist(), params.train.device,
                         params.train.amp, params.eval, metric) for role, version in versions.items()}
 
 
@@ -179,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=__doc__.split("\n")[0])
     parser.add_argument("--repo", default=".", help="project folder (default: %(default)s)")
     parser.add_argument("--margin", type=float, default=0.0, help="smallest improvement that promotes")
-    parser.add_argument("--metric", default="test/mae", help="test metric compared (default: %(default)s)")
+    parser.add_argument("--metric", default="test/mae",
+                        help="metric compared on the promotion holdout (default: %(default)s)")
     return run_cli(parser, lambda a: retrain(a.repo, a.margin, a.metric), argv)
 
 

@@ -30,12 +30,13 @@ from test_pipeline import ROOT, SMALL, copy_project, merge
 
 from l2rclip.config import ModelConfig, PromptConfig, load_params
 from l2rclip.data.demo import generate_demo
+from l2rclip.data.holdout import holdout_spec
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.predict import Predictor
 from l2rclip.ranks import RankSpace
-from l2rclip.registry import champion, register
+from l2rclip.registry import HOLDOUT_SPEC_TAG, champion, register
 from l2rclip.stages.common import fingerprint
 from l2rclip.tracking import Tracker
 from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand
@@ -193,7 +194,8 @@ def tiny_model(folder: Path, seed: int) -> Path:
 REGISTER_STAGE = {  # the project's register stage; the stages before it are files the test writes
     "cmd": "python -m l2rclip.stages.register --params params.yaml --out outputs/register",
     "deps": ["outputs/report/metrics.json", "outputs/metrics"],
-    "params": ["folds", "data.source", "train.select_metric", "tracking"],
+    "params": ["folds", "data.source", "split.holdout_fraction", "split.holdout_salt", "train.select_metric",
+               "tracking"],
     "outs": [{"outputs/register/registered.json": {"cache": False}}],
 }
 
@@ -202,8 +204,9 @@ REGISTER_STAGE = {  # the project's register stage; the stages before it are fil
 def retrain_repo(env, tmp_path):
     """A project whose last training produced `strong` (fold 0) while the champion is `weak`.
 
-    Both models are random; which one is better is set by the test labels: they are `strong`'s own
-    predictions, so `strong` is right on (almost) every image and `weak` is not.
+    Both models are random; which one is better is set by the promotion holdout's labels: they are
+    `strong`'s own predictions, so `strong` is right on (almost) every image and `weak` is not.
+    The fold's test split holds other images with other labels: the gate must not look at it.
     """
     repo = dvc_project(tmp_path / "repo", {"register": REGISTER_STAGE})
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
@@ -214,10 +217,13 @@ def retrain_repo(env, tmp_path):
     predicted = Predictor.load(strong, device="cpu").predict_paths(
         [repo / "data/demo" / path for path in images["path"]], progress=False)
     labels = predicted["pred_label"].astype(int)
-    splits = pd.DataFrame({"fold": 0, "split": "test", "path": images["path"], "group": images["group"],
-                           "label": labels, "rank": labels - 1, "value": labels.astype(float)})
+    holdout = pd.DataFrame({"path": images["path"], "group": images["group"], "label": labels,
+                            "rank": labels - 1, "value": labels.astype(float)})
     (repo / "outputs/prepare").mkdir(parents=True)
-    splits.to_csv(repo / "outputs/prepare/splits.csv", index=False)
+    holdout.to_csv(repo / "outputs/prepare/holdout.csv", index=False)
+    wrong = (labels % 10) + 1  # the test split, labelled against `strong`: scoring on it would keep `weak`
+    holdout.assign(fold=0, split="test", label=wrong, rank=wrong - 1).to_csv(
+        repo / "outputs/prepare/splits.csv", index=False)
 
     tracker = Tracker(env, experiment="retrain-test")
     parent = tracker.parent_run("key-v2", "demo pipeline", {}, {})
@@ -233,7 +239,8 @@ def retrain_repo(env, tmp_path):
 
     old_run = tracker.parent_run("key-v1", "demo pipeline", {}, {})
     hash_now = fingerprint(load_params(repo / "params.yaml"))
-    lineage = {"l2rclip.data_version": "v1", "l2rclip.params_hash": hash_now}
+    spec = holdout_spec(params["split"]["holdout_fraction"], params["split"]["holdout_salt"])
+    lineage = {"l2rclip.data_version": "v1", "l2rclip.params_hash": hash_now, HOLDOUT_SPEC_TAG: spec}
     first = register(weak, "l2rclip-demo", old_run, lineage, env)
     assert first["champion"] and first["version"] == 1
     return repo, weak
@@ -247,6 +254,8 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
     assert (promoted["stale"], promoted["version"], promoted["decision"], promoted["champion"]) == (
         ["register"], "2", "promoted", "2")
     assert promoted["scores"]["new"] < promoted["scores"]["champion"] - 0.5
+    assert promoted["gate"]["images"] == 20 and len(promoted["gate"]["version"]) == 16
+    assert client.get_model_version("l2rclip-demo", "2").tags["l2rclip.gate_images"] == "20"
     assert promoted["changes"] == {"l2rclip.data_version": {"champion": "v1", "new": "v2"}}
     assert client.get_model_version("l2rclip-demo", "2").tags["l2rclip.decision"] == "promoted"
 
@@ -260,6 +269,17 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
     assert (kept["version"], kept["decision"], kept["champion"]) == ("3", "kept_champion", "2")
     assert "worse by" in kept["reason"] and str(champion("l2rclip-demo", env).version) == "2"
     assert client.get_model_version("l2rclip-demo", "3").tags["l2rclip.decision_reason"] == kept["reason"]
+    assert "same holdout images" in kept["reason"]
+
+
+def test_retrain_refuses_to_compare_models_made_under_different_holdouts(harness, retrain_repo, env):
+    repo, _ = retrain_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["split"]["holdout_salt"] = "another-salt"  # the champion (version 1) was made under the old one
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = retrain(str(repo))
+    assert (result["decision"], result["champion"]) == ("kept_champion", "1") and "scores" not in result
+    assert "another promotion holdout" in result["reason"] and "salt=another-salt" in result["reason"]
 
 
 # --- slow: the project's pipeline as DVC experiments; a real Prefect server ----------------------------

@@ -18,6 +18,7 @@ import torch
 
 from l2rclip.config import ConfigError, Params, to_flat_dict
 from l2rclip.data.splits import read_splits
+from l2rclip.locking import OutputLockedError
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,6 @@ def run_main(entry: Callable[[], int]) -> int:
     logging.getLogger("l2rclip").setLevel(logging.INFO)
     try:
         return entry()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, OutputLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -11,7 +11,6 @@ Outputs:
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -46,12 +45,6 @@ def median_baseline_mae(train_values: np.ndarray, test_values: np.ndarray) -> fl
     return float(np.abs(test_values - np.median(train_values)).mean())
 
 
-def _train_seconds(model_dir: Path) -> float | None:
-    """Training wall time of the fold, from the train stage's summary beside the model (if any)."""
-    summary = model_dir.parent / "summary.json"
-    return json.loads(summary.read_text(encoding="utf-8"))["seconds"] if summary.is_file() else None
-
-
 def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, out_dir: Path,
                   metrics_file: Path) -> dict[str, Any]:
     """Evaluate `model_dir` on fold `fold`'s test split; returns the metrics written."""
@@ -79,8 +72,7 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
     metrics["n_images"] = float(len(test))
     result = {**prefix_metrics(metrics, "test"), "fold": fold, "method": meta.get("method", "l2rclip"),
-              "backbone": meta["backbone"], "train_seconds": _train_seconds(model_dir),
-              "is_clip": meta["is_clip"], "best_epoch": meta["epoch"]}
+              "backbone": meta["backbone"], "is_clip": meta["is_clip"], "best_epoch": meta["epoch"]}
     write_json(metrics_file, result)
     suffix = "" if meta["is_clip"] else f"\n{PIPELINE_CHECK}"
     figures = evaluation_plots(predictions, prototypes, rank_space,

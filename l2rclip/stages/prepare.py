@@ -6,6 +6,8 @@ format, no timestamps), so DVC sees no change when nothing changed:
                    given], rank, value, width, height, mode; sorted by path then row.
     bad_rows.csv   row, path, label, reason, detail; written (header only) when nothing is bad.
     splits.csv     fold, split, path, group, label, rank, value: a row per (image, fold).
+    holdout.csv    path, group, label, rank, value: the promotion holdout (`split.holdout_fraction`,
+                   l2rclip.data.holdout), in no fold; header only when the fraction is 0.
     summary.json   counts: rows, bad rows by reason, images per rank, split sizes per fold.
 The source data is only read.
 """
@@ -25,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from l2rclip.config import ConfigError, Params, load_params
+from l2rclip.data.holdout import HOLDOUT_COLUMNS, holdout_spec, holdout_version, split_holdout
 from l2rclip.data.sources import SourceError, load_source
 from l2rclip.data.splits import SPLITS, SplitError, make_splits
 from l2rclip.data.validate import DataValidationError, validate_table
@@ -40,7 +43,7 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
 
     Args:
         params: the whole configuration (uses `seed`, `ranks`, `data`, `split`).
-        out_dir: folder for the four output files; created when missing.
+        out_dir: folder for the five output files; created when missing.
 
     Returns:
         The summary that is also written to `summary.json`.
@@ -62,17 +65,26 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
                                   f"at {params.data.root} is usable (see the reasons above)")
     # Sorting by path makes the folds independent of the order in which a source lists files.
     good = good.sort_values(["path", "row"], kind="mergesort").reset_index(drop=True)
-    splits = make_splits(good, params.split, params.seed, rank_space)
+    folded, holdout = split_holdout(good, params.split.holdout_fraction, params.split.holdout_salt)
+    if folded.empty:
+        raise SplitError(f"split.holdout_fraction {params.split.holdout_fraction} leaves no image for the folds "
+                         f"({len(good)} good images, all in the holdout); lower it")
+    splits = make_splits(folded, params.split, params.seed, rank_space)
+    holdout = holdout[[c for c in HOLDOUT_COLUMNS if c in holdout.columns]]
     summary = _summary(params, table, good, report, splits, rank_space)
+    summary["holdout"] = {"images": len(holdout), "spec": holdout_spec(params.split.holdout_fraction,
+                                                                        params.split.holdout_salt),
+                          "version": holdout_version(holdout)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(good, out_dir / "images.csv")
     _write_csv(report, out_dir / "bad_rows.csv")
     _write_csv(splits, out_dir / "splits.csv")
+    _write_csv(holdout, out_dir / "holdout.csv")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
                                           encoding="utf-8")
-    log.info("prepare: %d good and %d bad rows, %d folds, written to %s", len(good), len(report),
-             len(summary["folds"]), out_dir)
+    log.info("prepare: %d good and %d bad rows, %d folds, %d images in the promotion holdout, written to %s",
+             len(good), len(report), len(summary["folds"]), len(holdout), out_dir)
     return summary
 
 

@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from l2rclip.config import Params, load_params
-from l2rclip.registry import default_model_name, register
+from l2rclip.data.holdout import holdout_spec
+from l2rclip.registry import HOLDOUT_SPEC_TAG, default_model_name, register
 from l2rclip.stages.common import fingerprint, run_main, stage_parser, write_json
 from l2rclip.tracking import Tracker, _safe_key
 from l2rclip.training import HIGHER_IS_BETTER
@@ -104,6 +105,7 @@ def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: P
     tags = {"l2rclip.source": params.data.source, "l2rclip.data_version": summary.get("data_version"),
             "l2rclip.params_hash": fingerprint(params), "l2rclip.fold": fold,
             "l2rclip.select_metric": metric, f"l2rclip.val/{metric}": score,
+            HOLDOUT_SPEC_TAG: holdout_spec(params.split.holdout_fraction, params.split.holdout_salt),
             **{_safe_key(f"l2rclip.{key}_mean"): entry["mean"] for key, entry in report.items()
                if key.startswith("test/") and isinstance(entry, dict)}}
     tracker, ids = Tracker.from_handle(model_dir.parent)

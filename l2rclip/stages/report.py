@@ -23,6 +23,7 @@ import numpy as np
 from l2rclip.config import Params, load_params
 from l2rclip.plots import cv_summary_plot
 from l2rclip.stages.common import PIPELINE_CHECK, run_main, stage_parser, write_json
+from l2rclip.timings import read_seconds
 from l2rclip.tracking import Tracker
 
 log = logging.getLogger("l2rclip.stages.report")  # not __main__ under python -m
@@ -58,8 +59,8 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
     lines = [f"# Cross-validated results: {header['source']}", ""]
     if not header["is_clip"]:
         lines += [f"> **{PIPELINE_CHECK}**", ""]
-    lines += [f"Method `{header['method']}`, backbone `{header['backbone']}`, {header['n_folds']} folds "
-              f"(training {header['train_seconds']:.0f} s in all); mean +- std (ddof=1) over folds.",
+    lines += [f"Method `{header['method']}`, backbone `{header['backbone']}`, {header['n_folds']} folds; "
+              "mean +- std (ddof=1) over folds.",
               "", "| metric | mean | std | per fold |", "|---|---|---|---|"]
     for name in TABLE_METRICS:
         entry = summary.get(f"test/{name}")
@@ -94,8 +95,7 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     summary = summarise(per_fold)
     header = {"source": params.data.source, "method": per_fold[0].get("method", "l2rclip"),
               "backbone": per_fold[0]["backbone"], "is_clip": all(m["is_clip"] for m in per_fold),
-              "n_folds": len(per_fold),
-              "train_seconds": float(sum(m.get("train_seconds") or 0.0 for m in per_fold))}
+              "n_folds": len(per_fold)}
     metrics_file = out_dir / "metrics.json"
     previous = previous_summary(metrics_file)
     write_json(metrics_file, {**summary, **header})
@@ -107,6 +107,9 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     tracker, ids = Tracker.from_handle(train_root / str(params.folds[0]) / "train")
     parent = ids.get("parent_run_id")
     tracker.log_metrics(parent, {f"{k}_{stat}": v[stat] for k, v in summary.items() for stat in ("mean", "std")})
+    seconds = [read_seconds(train_root / str(fold) / "train") for fold in params.folds]
+    if all(s is not None for s in seconds):  # timings stay out of DVC's files (l2rclip.timings)
+        tracker.log_metrics(parent, {"train_seconds": float(sum(seconds))})
     for path in (out_dir / "report.md", metrics_file, figure):
         tracker.log_artifact(parent, path, "report")
     tracker.end_run(parent)

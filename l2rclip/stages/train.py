@@ -3,9 +3,14 @@
 Outputs in `--out` (declared `persist: true` in dvc.yaml, so a killed run resumes):
     best/           model.safetensors + model.json of the best validation epoch
     last/           the last epoch's model, optimiser and scheduler state (for resuming)
-    history.csv     one row per epoch: train loss terms, validation metrics, seconds
-    summary.json    best epoch and metrics, wall time, the backbone actually used
+    history.csv     one row per epoch: train loss terms, validation metrics (fixed column order)
+    summary.json    best epoch and metrics, the backbone actually used
     tracking.json   MLflow ids, so evaluate logs into the same run
+Beside it, not DVC outputs: `<out>_timings.json` (seconds: they differ on every run, so they are
+kept out of the files DVC hashes) and `<out>.lock` (held while the stage runs).
+
+A run resumes from `last/` only when it is the same computation (`l2rclip.resume.run_identity`:
+params, fold, data, package code, library versions); otherwise it starts fresh and says why.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ import pandas as pd
 from l2rclip.baselines import fit_untrained
 from l2rclip.config import Params, load_params, to_flat_dict
 from l2rclip.data.splits import select
+from l2rclip.locking import exclusive_output
 from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.models.factory import build_model, resolve_backbone
 from l2rclip.ranks import RankSpace
-from l2rclip.resume import find_state
+from l2rclip.resume import TrainState, find_state, identity_fingerprint, run_identity
 from l2rclip.stages.common import (
     PIPELINE_CHECK,
     data_version,
-    fingerprint,
     pick_device,
     read_prepared,
     run_main,
@@ -38,6 +43,7 @@ from l2rclip.stages.common import (
     stage_parser,
     write_json,
 )
+from l2rclip.timings import Timings, timings_path
 from l2rclip.tracking import Tracker, git_state, pipeline_key
 from l2rclip.training import FoldData, fit
 
@@ -62,19 +68,35 @@ def open_fold_run(params: Params, fold: int, out_dir: Path, version: str, resumi
     return tracker, run_id
 
 
+def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
+    """The per-epoch history with a fixed column order (epoch, phase, then sorted), resumed or not."""
+    frame = pd.DataFrame(history)
+    first = [c for c in ("epoch", "phase") if c in frame.columns]
+    return frame[first + sorted(c for c in frame.columns if c not in first)]
+
+
 def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict[str, Any]:
-    """Train fold `fold` from the prepared data into `out_dir`; returns the summary."""
+    """Train fold `fold` from the prepared data into `out_dir`; returns the summary.
+
+    Everything that can fail on the inputs (params, prepared data, fold, backbone) is checked
+    before `out_dir` is touched, and `out_dir` is locked against a second trainer for the run.
+    """
     seed_everything(params.seed)
     params = resolve_method(params)
     images, splits = read_prepared(prepared)
     folds = sorted(splits["fold"].unique())
     if fold not in folds:
         raise ValueError(f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of {folds}")
+    with exclusive_output(out_dir):
+        return _train_locked(params, fold, images, splits, out_dir, data_version(prepared))
+
+
+def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.DataFrame, out_dir: Path,
+                  version: str) -> dict[str, Any]:
     device = pick_device(params.train.device)
     backbone, model_config = resolve_backbone(params.model, device=str(device))
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
-    version = data_version(prepared)
     meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
             "is_clip": backbone.is_clip, "fold": fold, "data_version": version}
     tags = {**git_state(), "l2rclip.data_version": version, "l2rclip.backbone": model_config.arch,
@@ -86,13 +108,20 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict
         fallback = params.model.fallback
         used = dataclasses.replace(params, train=dataclasses.replace(
             params.train, lr_image=fallback.lr_image, epochs=fallback.epochs))
-    run_fingerprint = fingerprint(used, fold, version)
-    resuming = find_state(out_dir / "last", run_fingerprint) is not None
+    identity = run_identity(to_flat_dict(used), fold, version)
+    state = find_state(out_dir / "last", identity, aside=out_dir.parent)
+    resuming = state is not None
     if not resuming and out_dir.exists():  # DVC keeps this folder (persist): clear another run's files
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    state = state or TrainState(identity_fingerprint(identity), identity)
+    timings = Timings.load(timings_path(out_dir), resuming)
     tracker, run_id = open_fold_run(params, fold, out_dir, version, resuming, tags)
     params = used
+
+    def on_epoch(metrics: dict[str, float], epoch: int) -> None:
+        timings.epoch_seconds[str(epoch)] = round(metrics["epoch_seconds"], 3)
+        tracker.log_metrics(run_id, metrics, step=epoch)
 
     data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
                     root=Path(params.data.root))
@@ -103,17 +132,20 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict
     else:
         result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
                      (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
-                     run_fingerprint, meta=meta,
-                     on_epoch=lambda metrics, epoch: tracker.log_metrics(run_id, metrics, step=epoch))
-    pd.DataFrame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
+                     state, meta=meta, on_epoch=on_epoch)
+    history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
-               "train_images": len(data.train), "val_images": len(data.val), "seconds": result.seconds,
+               "train_images": len(data.train), "val_images": len(data.val),
                "label": None if backbone.is_clip else PIPELINE_CHECK}
     write_json(out_dir / "summary.json", summary)
+    timings.add_process(result.seconds)
+    timings.save(timings_path(out_dir))
+    tracker.log_metrics(run_id, {"train_seconds": timings.seconds})
     tracker.log_artifact(run_id, out_dir / "history.csv")
     tracker.log_params(run_id, {"train.lr_image_used": params.train.lr_image,
                                 "train.epochs_used": params.train.epochs})
-    log.info("fold %d trained in %.0f s: best epoch %d, %s", fold, result.seconds, result.best_epoch,
+    log.info("fold %d trained in %.0f s (%.0f s in all processes): best epoch %d, %s", fold, result.seconds,
+             timings.seconds, result.best_epoch,
              ", ".join(f"{k} {v:.3f}" for k, v in result.best_metrics.items() if k.startswith("val/mae")))
     return summary
 
