@@ -84,7 +84,8 @@ def fit_untrained(method: str, model: L2RCLIP | OrdinalHeadModel, backbone: Back
         model.cached_prototypes = zero_shot_prototypes(backbone, rank_space, model_config.prompt_template)
     else:
         features = cached_image_features(model, data.images, data.root, eval_transform, train.feature_cache,
-                                         device, train.eval_batch_size, train.num_workers, train.amp).numpy()
+                                         device, train.eval_batch_size, train.num_workers, train.amp,
+                                         store=data.store).numpy()
         index = {path: i for i, path in enumerate(data.images["path"])}
         x = {name: features[[index[p] for p in table["path"]]] for name, table in
              (("train", data.train), ("val", data.val))}

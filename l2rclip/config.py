@@ -194,7 +194,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     grad_clip: float | None = 1.0
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"
     device: str = "auto"
     amp: bool = True
     select_metric: str = "mae"
@@ -219,6 +219,21 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """The `preprocess` stage: every image decoded once into a uint8 store (l2rclip.data.store).
+
+    `margin` enlarges the stored side beyond the model input (room for training crops; 0 keeps
+    evaluation from the store identical to evaluation from the files); `enabled: false` makes
+    train and evaluate decode the files every epoch instead (the old path, for comparison).
+    """
+
+    enabled: bool = True
+    margin: float = 0.0
+    shard_size: int = 4096
+    workers: int | None = None
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -227,6 +242,7 @@ class Params:
     ranks: RanksConfig = field(default_factory=RanksConfig)
     data: DataConfig = field(default_factory=DataConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

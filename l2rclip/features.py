@@ -19,7 +19,9 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from l2rclip.data.batch_transforms import store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.data.store import ImageStore
 from l2rclip.evaluation import autocast
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,8 @@ def images_fingerprint(paths: list[Path]) -> str:
 
 def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str | Path,
                           transform: Callable, cache_dir: str | Path, device: torch.device,
-                          batch_size: int = 64, num_workers: int = 0, amp: bool = False) -> torch.Tensor:
+                          batch_size: int = 64, num_workers: int | str = 0, amp: bool = False,
+                          store: ImageStore | None = None) -> torch.Tensor:
     """L2-normalised features of every image in `table`, in table order: (N, E), on the CPU.
 
     Args:
@@ -58,25 +61,33 @@ def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str
         batch_size: images per encoding batch.
         num_workers: loader processes.
         amp: mixed precision on CUDA.
+        store: read the images from this store (`l2rclip.data.store`) instead of the files.
     """
     root = Path(root)
     paths = [root / p for p in table["path"]]
+    # The key says where the pixels come from: the files and the transform, or the store's shards.
+    source = (f"{store.spec}|{images_fingerprint(store.shard_files)}" if store is not None
+              else f"{transform!r}|{images_fingerprint(paths)}")
     key = hashlib.blake2b(digest_size=16)
-    for part in (weights_fingerprint(model.image_encoder), repr(transform), images_fingerprint(paths)):
+    for part in (weights_fingerprint(model.image_encoder), source):
         key.update(part.encode())
     file = Path(cache_dir) / f"features-{key.hexdigest()}.safetensors"
     if file.is_file():
         log.info("image features: reusing %s (%d images)", file, len(paths))
         return load_file(file)["features"]
     log.info("image features: encoding %d images once (frozen image tower) into %s", len(paths), file)
-    loader = make_loader(RankImageDataset(table, root, transform), batch_size, shuffle=False,
-                         num_workers=num_workers)
+    if store is not None:
+        batches = store_eval_batches(table, store, batch_size, num_workers, device)
+    else:
+        loader = make_loader(RankImageDataset(table, root, transform), batch_size, shuffle=False,
+                             num_workers=num_workers, device=device)
+        batches = (images.to(device, non_blocking=True) for images, _ in loader)
     chunks = []
     model.eval()
     with torch.no_grad():
-        for images, _ in loader:
+        for images in batches:
             with autocast(device, amp):
-                chunks.append(model.encode_images(images.to(device)).float().cpu())  # (B, E)
+                chunks.append(model.encode_images(images).float().cpu())  # (B, E)
     features = torch.cat(chunks)  # (N, E)
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_suffix(".partial")

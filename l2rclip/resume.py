@@ -7,9 +7,9 @@ moment leaves either the previous or the new state, never a torn one. Random sta
 saving: training reseeds at the start of every epoch from the seed and the epoch number.
 
 Resuming must only ever continue the *same* computation. The state records the run's identity
-(`run_identity`: the params, fold, data version, a hash of each l2rclip source file the stage
-imported, which are exactly its code deps in dvc.yaml, and the versions of the libraries that
-compute); a saved state with another identity is not resumed, and the log says in one line what
+(`run_identity`: the params, fold, data version, a hash of each l2rclip source file in the
+stage's import closure, which dvc.yaml lists as its code deps, and the versions of the libraries
+that compute); a saved state with another identity is not resumed, and the log says in one line what
 differed. So `dvc repro` after a code edit retrains from scratch instead of "resuming" a finished
 run, and an unchanged rerun still skips or continues as before.
 
@@ -27,7 +27,6 @@ import logging
 import pickle
 import platform
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from l2rclip.code_deps import code_hashes
 from l2rclip.config import ModelConfig
 from l2rclip.models.checkpoint import WEIGHTS_FILE, save_model
 from l2rclip.ranks import RankSpace
@@ -45,31 +45,12 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-PACKAGE_ROOT = Path(__file__).resolve().parent
 # What reading a damaged state raises (json, safetensors, torch.load's zip and unpickler).
 UNREADABLE = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError,
               SafetensorError)
 # Libraries whose version can change the numbers a training step computes.
 COMPUTING_LIBRARIES = ("torch", "open_clip_torch", "numpy", "safetensors", "pillow", "coral-pytorch",
                        "scikit-learn")
-
-
-def loaded_sources(package: Path = PACKAGE_ROOT) -> list[Path]:
-    """The source files of the package's modules imported in this process (the stage's code).
-
-    This is the import closure that dvc.yaml lists as the stage's code deps (a test keeps the two
-    in step), plus the packaged architecture configs the backbone reads.
-    """
-    files = {Path(module.__file__).resolve() for name, module in list(sys.modules.items())
-             if name.split(".")[0] == package.name and getattr(module, "__file__", None)}
-    files |= set((package / "models" / "configs").glob("*.json"))
-    return sorted(f for f in files if package in f.parents)
-
-
-def code_hashes(package: Path = PACKAGE_ROOT) -> dict[str, str]:
-    """sha256 (16 hex) of each of `loaded_sources`, by path relative to the package's parent."""
-    return {path.relative_to(package.parent).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            for path in loaded_sources(package)}
 
 
 def library_versions() -> dict[str, str]:
@@ -83,9 +64,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def run_identity(params: dict[str, Any], fold: int, data_version: str) -> dict[str, Any]:
-    """What makes two training runs the same computation: params, fold, data, code, libraries."""
-    return {"params": params, "fold": fold, "data": data_version, "code": code_hashes(),
+def run_identity(params: dict[str, Any], fold: int, data_version: str,
+                 stage: str = "l2rclip.stages.train") -> dict[str, Any]:
+    """What makes two training runs the same computation: params, fold, data, code, libraries.
+
+    The code is the import closure of the `stage` module (`l2rclip.code_deps`), which is what
+    dvc.yaml lists as the stage's code deps.
+    """
+    return {"params": params, "fold": fold, "data": data_version, "code": code_hashes(stage),
             "libraries": library_versions()}
 
 

@@ -25,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from l2rclip.config import EvalConfig, LossConfig, ModelConfig, TrainConfig
-from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.data.batch_transforms import normalize, random_resized_crop, store_eval_batches
+from l2rclip.data.dataset import EpochSampler, RankImageDataset, make_loader
+from l2rclip.data.store import ImageStore, StoreDataset, collate_batch
 from l2rclip.evaluation import autocast, predict_probabilities
 from l2rclip.features import cached_image_features
 from l2rclip.losses import OrdinalLoss
@@ -81,6 +83,7 @@ class FoldData:
     train: pd.DataFrame
     val: pd.DataFrame
     root: Path
+    store: ImageStore | None = None  # the preprocess stage's uint8 store; None: decode the files
 
 
 @dataclass
@@ -141,11 +144,14 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
     features = None
     if any(not p.train_image_tower for p in phases):
         features = cached_image_features(model, data.images, data.root, transforms[1], train.feature_cache,
-                                         device, train.eval_batch_size, train.num_workers, train.amp)
+                                         device, train.eval_batch_size, train.num_workers, train.amp,
+                                         store=data.store)
         index = {path: i for i, path in enumerate(data.images["path"])}
         features = {split: features[[index[p] for p in table["path"]]]
                     for split, table in (("train", data.train), ("val", data.val))}
     first_epoch, restored = 0, False
+    store_batches = (StoreBatches(data.train, data.store, train, seed, device)
+                     if data.store is not None else None)
     for phase in phases:
         end = first_epoch + phase.epochs
         if state.epoch >= end:
@@ -164,9 +170,12 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         use_features = features is not None and not phase.train_image_tower
         for epoch in range(state.epoch, end):
             torch.manual_seed(seed * 10_000 + epoch)
-            batches = (_feature_batches(features["train"], data.train, train.batch_size, seed * 10_000 + epoch)
-                       if use_features else
-                       _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch))
+            if use_features:
+                batches = _feature_batches(features["train"], data.train, train.batch_size, seed * 10_000 + epoch)
+            elif store_batches is not None:
+                batches = store_batches.epoch(epoch)
+            else:
+                batches = _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch)
             tick = time.perf_counter()
             terms = _train_epoch(model, criterion, optimizer, scheduler, batches, fixed_text, train, device,
                                  f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps)
@@ -200,6 +209,32 @@ def parameter_groups(model: L2RCLIP | OrdinalHeadModel, train: TrainConfig) -> l
     if isinstance(model, OrdinalHeadModel):
         return model.param_groups(train.lr_head, train.lr_image, train.weight_decay)
     return model.param_groups(train.lr_prompt, train.lr_rankformer, train.lr_image, train.weight_decay)
+
+
+class StoreBatches:
+    """Training batches from the image store: one loader for all epochs, augmentation on `device`.
+
+    The loader's workers only copy uint8 pixels (persistent on CUDA); crops are drawn from a
+    generator seeded by (seed, epoch) in this process, so batches do not depend on the workers.
+    """
+
+    def __init__(self, table: pd.DataFrame, store: ImageStore, train: TrainConfig, seed: int,
+                 device: torch.device):
+        self.store, self.seed, self.device = store, seed, device
+        self.sampler = EpochSampler(len(table), seed)
+        self.loader = make_loader(StoreDataset(table, store), train.batch_size, shuffle=True,
+                                  num_workers=train.num_workers, device=device, sampler=self.sampler,
+                                  collate_fn=collate_batch)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
+        """The batches of `epoch`: normalised random crops (B, 3, H, W) on the device, and ranks (B,)."""
+        self.sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(self.seed * 10_000 + epoch)
+        spec = self.store.spec
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)  # uint8 (B, 3, S, S)
+            crops = random_resized_crop(images, spec.image_size, generator)  # (B, 3, H, W), 0..255
+            yield {"images": normalize(crops, spec)}, labels
 
 
 def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
@@ -260,6 +295,9 @@ def validate(model: L2RCLIP | OrdinalHeadModel, data: FoldData, features: dict |
         return {}
     if features is not None:
         batches = ({"image_features": chunk} for chunk in features["val"].split(train.eval_batch_size))
+    elif data.store is not None:
+        batches = ({"images": images} for images in store_eval_batches(
+            data.val, data.store, train.eval_batch_size, train.num_workers, device))
     else:
         loader = make_loader(RankImageDataset(data.val, data.root, transform), train.eval_batch_size,
                              shuffle=False, num_workers=train.num_workers)

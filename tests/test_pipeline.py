@@ -83,7 +83,7 @@ def scratch_repo(tmp_path):
 def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_repo, tmp_path):
     repo, env = scratch_repo
     first = run(["dvc", "repro"], repo, env)
-    assert stages_run(first) == {"demo", "prepare", "train@1", "evaluate@1", "report", "register"}
+    assert stages_run(first) == {"demo", "prepare", "preprocess", "train@1", "evaluate@1", "report", "register"}
     assert "NOT CLIP" in first  # the offline fallback says so plainly
     summary = json.loads((repo / "outputs/report/metrics.json").read_text())
     assert len(summary["test/mae"]["folds"]) == 1 and summary["is_clip"] is False

@@ -26,6 +26,7 @@ def git_repo(path: Path, env: dict) -> Path:
     run(["git", "init", "-q"], path, env)
     run(["dvc", "init", "-q"], path, env)
     shutil.copy(ROOT / ".dvc/config", path / ".dvc/config")  # the project's default remote
+    shutil.copy(ROOT / ".gitignore", path / ".gitignore")  # timings and locks are never committed
     return path
 
 

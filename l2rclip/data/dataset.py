@@ -7,15 +7,16 @@ resize + centre crop are choices of the training code, not of the data.
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from l2rclip.data.validate import load_rgb
 
@@ -55,20 +56,59 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                seed: int = 0, drop_last: bool = False) -> DataLoader:
+def resolve_workers(num_workers: int | str) -> int:
+    """`auto`: half the CPUs (at most 8), leaving the rest to the training process; else the number."""
+    if num_workers == "auto":
+        return min(8, (os.cpu_count() or 2) // 2)
+    return int(num_workers)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded shuffle whose order depends only on (seed, epoch): `set_epoch` before each pass.
+
+    Unlike a shuffling DataLoader's own generator, the order of epoch e does not depend on how many
+    epochs ran before in this process, so one loader (with persistent workers) serves every epoch
+    and a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the permutation of `epoch`."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 10_000 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int | str = 0,
+                seed: int = 0, drop_last: bool = False, device: torch.device | str | None = None,
+                sampler: Sampler | None = None, collate_fn: Callable | None = None) -> DataLoader:
     """Build a DataLoader whose order and worker randomness follow `seed` alone.
 
     Args:
-        dataset: e.g. a `RankImageDataset`.
+        dataset: e.g. a `RankImageDataset` or a `StoreDataset`.
         batch_size: images per batch.
         shuffle: reshuffle every epoch (training) or keep the table order (evaluation).
-        num_workers: loader processes (0: load in the main process, where transforms draw
-            from the main process's generators, which the stage entry seeds once).
+        num_workers: loader processes, or `auto` (`resolve_workers`); 0 loads in the main process,
+            where transforms draw from the main process's generators, which the stage seeds once.
         seed: seeds the shuffling generator and, through it, every worker's torch, numpy and
             `random` generators.
         drop_last: drop a final incomplete batch.
+        device: where the batches go; on CUDA batches are pinned (for non-blocking copies) and,
+            with an `EpochSampler`, workers persist across epochs.
+        sampler: a sampler instead of `shuffle` (e.g. `EpochSampler`).
+        collate_fn: how items become a batch (default: torch's).
     """
+    workers = resolve_workers(num_workers)
+    cuda = device is not None and torch.device(device).type == "cuda"
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      worker_init_fn=seed_worker, generator=generator, drop_last=drop_last)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
+                      sampler=sampler, num_workers=workers, worker_init_fn=seed_worker, generator=generator,
+                      drop_last=drop_last, pin_memory=cuda, collate_fn=collate_fn,
+                      persistent_workers=cuda and workers > 0 and isinstance(sampler, EpochSampler))

@@ -9,7 +9,7 @@ import warnings
 
 from l2rclip.config import ModelConfig
 from l2rclip.methods import HEAD_KINDS
-from l2rclip.models.backbone import Backbone, WeightsUnavailableError, load_backbone
+from l2rclip.models.backbone import Backbone, WeightsUnavailableError, load_backbone, weights_unavailable_reason
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.models.prompts import RankPromptLearner
@@ -48,6 +48,16 @@ def build_model(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) 
 def similarity_scale(model: L2RCLIP) -> float:
     """S = exp(logit_scale): 100 for OpenAI CLIP."""
     return math.exp(float(model.logit_scale))
+
+
+def planned_backbone(config: ModelConfig) -> ModelConfig:
+    """The model config `resolve_backbone` will end up with, decided without loading any weights.
+
+    The preprocess stage needs the backbone's input geometry before training loads it.
+    """
+    if config.fallback.enabled and weights_unavailable_reason(config.arch, config.pretrained):
+        return dataclasses.replace(config, arch=config.fallback.arch, pretrained="none")
+    return config
 
 
 def resolve_backbone(config: ModelConfig, device: str = "cpu") -> tuple[Backbone, ModelConfig]:

@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 
 from l2rclip.config import Params, load_params
+from l2rclip.data.batch_transforms import store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.splits import select
+from l2rclip.data.store import open_store
 from l2rclip.evaluation import predict_probabilities, predictions_table
 from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality
 from l2rclip.models.checkpoint import load_model
@@ -46,8 +48,11 @@ def median_baseline_mae(train_values: np.ndarray, test_values: np.ndarray) -> fl
 
 
 def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, out_dir: Path,
-                  metrics_file: Path) -> dict[str, Any]:
-    """Evaluate `model_dir` on fold `fold`'s test split; returns the metrics written."""
+                  metrics_file: Path, store_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate `model_dir` on fold `fold`'s test split; returns the metrics written.
+
+    Images come from the preprocess stage's store at `store_dir` (None: from the image files).
+    """
     seed_everything(params.seed)
     _, splits = read_prepared(prepared)
     test, train = select(splits, fold, "test"), select(splits, fold, "train")
@@ -58,9 +63,15 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     rank_space = meta["rank_space"]
     prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
     prototypes = None if prototypes is None else prototypes.cpu().numpy()
-    loader = make_loader(RankImageDataset(test, params.data.root, meta["preprocess"]),
-                         params.train.eval_batch_size, shuffle=False, num_workers=params.train.num_workers)
-    probs = predict_probabilities(model, ({"images": images} for images, _ in loader), device, params.train.amp)
+    store = open_store(store_dir, model.image_encoder, meta["backbone"], params.preprocess.margin)
+    if store is not None:
+        batches = store_eval_batches(test, store, params.train.eval_batch_size, params.train.num_workers, device)
+    else:
+        loader = make_loader(RankImageDataset(test, params.data.root, meta["preprocess"]),
+                             params.train.eval_batch_size, shuffle=False, num_workers=params.train.num_workers,
+                             device=device)
+        batches = (images for images, _ in loader)
+    probs = predict_probabilities(model, ({"images": images} for images in batches), device, params.train.amp)
     predictions = predictions_table(test, probs, rank_space)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
@@ -99,9 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and figures/")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the test metrics")
+    parser.add_argument("--store", type=Path, default=Path("outputs/preprocess"),
+                        help="the preprocess stage's image store (default: %(default)s)")
     args = parser.parse_args(argv)
     return run_main(lambda: evaluate_fold(load_params(args.params), args.fold, args.prepared, args.model,
-                                          args.out, args.metrics) and 0)
+                                          args.out, args.metrics, args.store) and 0)
 
 
 if __name__ == "__main__":

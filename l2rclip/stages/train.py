@@ -28,6 +28,7 @@ import pandas as pd
 from l2rclip.baselines import fit_untrained
 from l2rclip.config import Params, load_params, to_flat_dict
 from l2rclip.data.splits import select
+from l2rclip.data.store import open_store
 from l2rclip.locking import exclusive_output
 from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.models.factory import build_model, resolve_backbone
@@ -75,8 +76,11 @@ def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     return frame[first + sorted(c for c in frame.columns if c not in first)]
 
 
-def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict[str, Any]:
+def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path,
+               store_dir: Path | None = None) -> dict[str, Any]:
     """Train fold `fold` from the prepared data into `out_dir`; returns the summary.
+
+    `store_dir` is the preprocess stage's image store (None: decode the image files every epoch).
 
     Everything that can fail on the inputs (params, prepared data, fold, backbone) is checked
     before `out_dir` is touched, and `out_dir` is locked against a second trainer for the run.
@@ -88,13 +92,14 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict
     if fold not in folds:
         raise ValueError(f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of {folds}")
     with exclusive_output(out_dir):
-        return _train_locked(params, fold, images, splits, out_dir, data_version(prepared))
+        return _train_locked(params, fold, images, splits, out_dir, data_version(prepared), store_dir)
 
 
 def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.DataFrame, out_dir: Path,
-                  version: str) -> dict[str, Any]:
+                  version: str, store_dir: Path | None) -> dict[str, Any]:
     device = pick_device(params.train.device)
     backbone, model_config = resolve_backbone(params.model, device=str(device))
+    store = open_store(store_dir, backbone.model, model_config.arch, params.preprocess.margin)
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
     meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
@@ -124,7 +129,7 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
         tracker.log_metrics(run_id, metrics, step=epoch)
 
     data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
-                    root=Path(params.data.root))
+                    root=Path(params.data.root), store=store)
     if model_config.method in UNTRAINED:
         result = fit_untrained(model_config.method, model, backbone, rank_space, data, model_config, params.train,
                                params.eval, backbone.preprocess_eval, out_dir, params.seed, device, meta)
@@ -157,8 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Train one fold: validation-based model selection, best and last checkpoints, "
         "resuming from the last one after an interruption.", per_fold=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
+    parser.add_argument("--store", type=Path, default=Path("outputs/preprocess"),
+                        help="the preprocess stage's image store (default: %(default)s)")
     args = parser.parse_args(argv)
-    return run_main(lambda: train_fold(load_params(args.params), args.fold, args.prepared, args.out) and 0)
+    return run_main(lambda: train_fold(load_params(args.params), args.fold, args.prepared, args.out,
+                                       args.store) and 0)
 
 
 if __name__ == "__main__":

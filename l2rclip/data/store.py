@@ -1,0 +1,250 @@
+"""The image store: every good image decoded once, resized and cropped, kept as uint8 tensors.
+
+Decoding and resizing a JPEG costs a CPU core about 5 ms; a GPU trains on an image in well under
+1 ms. So the `preprocess` stage decodes every image of the prepared set once, with the same
+`load_rgb` as validation (EXIF orientation, modes, the bomb limit), applies the *geometric part* of
+the backbone's own evaluation transform (open_clip's resize of the shorter side + centre crop, with
+its interpolation) at side `S = round(image_size * (1 + margin))`, and writes the pixels as uint8.
+
+Layout of the store folder (a DVC output):
+    store.json           the spec (`StoreSpec`: model input size, stored side, interpolation,
+                         resize mode, mean, std, arch) and the shard list.
+    index.csv            path, shard, row: where each image of `images.csv` lies.
+    shard_00000.npy ...  uint8 arrays (n, S, S, 3), at most `shard_size` images each, read
+                         memory-mapped, so a worker touches only the pages of its batch.
+
+With `margin: 0` the stored pixels are exactly what the evaluation transform feeds to ToTensor, so
+evaluating from the store gives the same numbers as from the files (tested). A margin keeps room
+for the training crops; evaluation then resizes the stored crop down to the input size (a second
+resampling: predictions agree closely, not bit for bit). Normalisation (mean, std) and training
+augmentation happen per batch, on the training device (`l2rclip.data.batch_transforms`).
+`predict` on arbitrary images keeps the JPEG path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import pandas as pd
+import torch
+from open_clip.transform import PreprocessCfg
+from torch.utils.data import Dataset
+from torchvision.transforms import CenterCrop, Compose
+
+from l2rclip.data.validate import load_rgb
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE, INDEX_FILE = "store.json", "index.csv"
+
+
+class StoreError(ValueError):
+    """A store is missing, incomplete, or was made for another preprocessing than the model's."""
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """What the stored pixels are: the backbone's preprocessing config and the stored side."""
+
+    arch: str
+    image_size: int          # the model's input side
+    side: int                # the stored side, image_size * (1 + margin)
+    interpolation: str
+    resize_mode: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def matches(self, other: StoreSpec) -> bool:
+        """Same pixels: everything but the arch name (two archs may share a preprocessing)."""
+        return {**asdict(self), "arch": None} == {**asdict(other), "arch": None}
+
+
+def spec_for(arch: str, pretrained: str | None, margin: float) -> StoreSpec:
+    """The preprocessing open_clip gives `arch` with `pretrained`, read from configs (no weights loaded)."""
+    from l2rclip.models.backbone import register_builtin_configs  # torch-heavy: only when a spec is made
+
+    register_builtin_configs()
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise StoreError(f"model.arch: unknown open_clip architecture {arch!r}")
+    merged = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {})}
+    tag = _tag_config(arch, pretrained)
+    if tag:
+        merged.update({k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag})
+    size = config["vision_cfg"]["image_size"]
+    if isinstance(size, (list, tuple)):
+        if size[0] != size[1]:
+            raise StoreError(f"{arch}: non-square input {size} is not supported by the image store")
+        size = size[0]
+    if margin < 0:
+        raise StoreError(f"preprocess.margin: expected >= 0, found {margin}")
+    return StoreSpec(arch=arch, image_size=int(size), side=round(size * (1 + margin)),
+                     interpolation=merged["interpolation"], resize_mode=merged["resize_mode"],
+                     mean=tuple(merged["mean"]), std=tuple(merged["std"]))
+
+
+def _tag_config(arch: str, pretrained: str | None) -> dict[str, Any]:
+    """open_clip's config of a weights tag ({} for `none` or a local file, which use the defaults)."""
+    if pretrained is None or str(pretrained).lower() in ("", "none", "null") or os.path.isfile(pretrained):
+        return {}
+    return open_clip.get_pretrained_cfg(arch, str(pretrained)) or {}
+
+
+def model_spec(model: torch.nn.Module, arch: str, margin: float) -> StoreSpec:
+    """The spec of a loaded open_clip model (what its own transforms do), to check a store against."""
+    cfg = {**asdict(PreprocessCfg()), **open_clip.get_model_preprocess_cfg(model)}
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    return StoreSpec(arch=arch, image_size=int(size), side=round(size * (1 + margin)),
+                     interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"],
+                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+def geometric_transform(spec: StoreSpec) -> Compose:
+    """open_clip's evaluation transform at the stored side, up to (not including) ToTensor."""
+    full = open_clip.image_transform(spec.side, is_train=False, mean=spec.mean, std=spec.std,
+                                     resize_mode=spec.resize_mode, interpolation=spec.interpolation)
+    steps = []
+    for step in full.transforms:
+        steps.append(step)
+        if isinstance(step, CenterCrop):
+            return Compose(steps)
+    raise StoreError(f"open_clip's evaluation transform has no centre crop: {full}")
+
+
+def write_store(paths: Sequence[str], root: str | Path, spec: StoreSpec, out_dir: Path,
+                shard_size: int = 4096, workers: int | None = None) -> dict[str, Any]:
+    """Decode `paths` (relative to `root`) once into a store at `out_dir`; returns store.json's content.
+
+    Decoding runs on `workers` threads (PIL releases the GIL); shards are written in path order,
+    so the same inputs give byte-identical files.
+    """
+    if shard_size < 1:
+        raise StoreError(f"preprocess.shard_size: expected >= 1, found {shard_size}")
+    transform, root = geometric_transform(spec), Path(root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def pixels(path: str) -> np.ndarray:
+        image = np.asarray(transform(load_rgb(root / path)), dtype=np.uint8)  # (S, S, 3)
+        if image.shape != (spec.side, spec.side, 3):
+            raise StoreError(f"{root / path}: expected {spec.side}x{spec.side} RGB after the transform, "
+                             f"found shape {image.shape}")
+        return image
+
+    shards, index = [], []
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for number, start in enumerate(range(0, len(paths), shard_size)):
+            chunk = list(paths[start:start + shard_size])
+            name = f"shard_{number:05d}.npy"
+            array = np.lib.format.open_memmap(out_dir / name, mode="w+", dtype=np.uint8,
+                                              shape=(len(chunk), spec.side, spec.side, 3))
+            for row, image in enumerate(pool.map(pixels, chunk)):
+                array[row] = image
+            array.flush()
+            del array
+            shards.append({"file": name, "images": len(chunk)})
+            index += [(path, number, row) for row, path in enumerate(chunk)]
+            log.info("preprocess: %d / %d images", start + len(chunk), len(paths))
+    pd.DataFrame(index, columns=["path", "shard", "row"]).to_csv(out_dir / INDEX_FILE, index=False,
+                                                                 lineterminator="\n")
+    content = {"spec": asdict(spec), "shards": shards, "images": len(paths)}
+    (out_dir / SPEC_FILE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
+    return content
+
+
+class ImageStore:
+    """A store opened for reading: `spec`, and `gather(paths)` -> uint8 (N, 3, S, S)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        spec_file = self.folder / SPEC_FILE
+        if not spec_file.is_file():
+            raise StoreError(f"expected an image store at {self.folder} ({SPEC_FILE} missing); run "
+                             "`dvc repro preprocess`")
+        content = json.loads(spec_file.read_text(encoding="utf-8"))
+        spec = content["spec"]
+        self.spec = StoreSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+        self.shard_files = [self.folder / s["file"] for s in content["shards"]]
+        index = pd.read_csv(self.folder / INDEX_FILE, dtype={"path": str}, keep_default_na=False)
+        self.location = dict(zip(index["path"], zip(index["shard"], index["row"], strict=True), strict=True))
+        self._shards: dict[int, np.ndarray] = {}
+
+    def check(self, expected: StoreSpec) -> None:
+        """Fail unless the stored pixels are what a model with `expected` preprocessing needs."""
+        if not self.spec.matches(expected):
+            raise StoreError(f"the image store {self.folder} was made for {asdict(self.spec)}, but the model "
+                             f"needs {asdict(expected)}; run `dvc repro preprocess`")
+
+    def rows(self, paths: Sequence[str]) -> list[tuple[int, int]]:
+        """(shard, row) of each path; a path the store lacks is an error naming it."""
+        missing = [p for p in paths if p not in self.location]
+        if missing:
+            raise StoreError(f"{len(missing)} images are not in the store {self.folder}, e.g. {missing[0]}; "
+                             "the store is older than the prepared data: run `dvc repro preprocess`")
+        return [self.location[p] for p in paths]
+
+    def gather(self, locations: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """uint8 (N, 3, S, S) of the images at `locations`, one fancy-index read per shard."""
+        out = np.empty((len(locations), self.spec.side, self.spec.side, 3), dtype=np.uint8)
+        by_shard: dict[int, list[int]] = {}
+        for i, (shard, _) in enumerate(locations):
+            by_shard.setdefault(int(shard), []).append(i)
+        for shard, positions in by_shard.items():
+            rows = [locations[i][1] for i in positions]
+            out[positions] = self._shard(shard)[rows]
+        return torch.from_numpy(out).permute(0, 3, 1, 2)  # (N, 3, S, S), a view of the copy
+
+    def _shard(self, number: int) -> np.ndarray:
+        if number not in self._shards:  # opened lazily, per process (loader workers included)
+            self._shards[number] = np.load(self.shard_files[number], mmap_mode="r")
+        return self._shards[number]
+
+
+def open_store(folder: Path | None, model: torch.nn.Module, arch: str, margin: float) -> ImageStore | None:
+    """The store at `folder` checked against `model`'s preprocessing; None: read the image files.
+
+    None when `folder` is None (library use) or the preprocess stage ran with `enabled: false`.
+    """
+    if folder is None:
+        return None
+    spec_file = Path(folder) / SPEC_FILE
+    if spec_file.is_file() and json.loads(spec_file.read_text(encoding="utf-8")).get("enabled") is False:
+        return None
+    store = ImageStore(folder)
+    store.check(model_spec(model, arch, margin))
+    return store
+
+
+class StoreDataset(Dataset):
+    """The images of a split table, read from an `ImageStore`, with their rank indices.
+
+    Defines `__getitems__`, so a DataLoader fetches each batch with one read per shard instead of
+    one per image; items are uint8 (3, S, S) and batches uint8 (B, 3, S, S).
+    """
+
+    def __init__(self, table: pd.DataFrame, store: ImageStore):
+        self.store = store
+        self.locations = store.rows(list(table["path"]))
+        self.ranks = torch.as_tensor(table["rank"].to_numpy(dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.store.gather([self.locations[index]])[0], int(self.ranks[index])
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.store.gather([self.locations[i] for i in indices]), self.ranks[indices]
+
+
+def collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DataLoader collate for `StoreDataset.__getitems__`, which already returns a batch."""
+    return batch
