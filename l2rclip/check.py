@@ -2,7 +2,8 @@
 
 It loads params.yaml, the configured CLIP backbone (or, when its weights cannot be had, a small
 randomly initialised one, said plainly), builds L2RCLIP, takes a batch of the embedded demo set
-through the real preprocessing, runs a few optimisation steps with every configured loss term,
+through the real preprocessing (an image store written as the preprocess stage writes it, and the
+training crops drawn from it), runs a few optimisation steps with every configured loss term,
 and evaluates the batch with the cached prototypes. It verifies what must hold after training
 steps (finite losses, an untouched text tower, the truncated prototypes equal to the full-length
 ones) and raises if anything does not.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,9 @@ import numpy as np
 import torch
 
 from l2rclip.config import Params
-from l2rclip.data.dataset import RankImageDataset
+from l2rclip.data.batch_transforms import normalize, random_resized_crop
 from l2rclip.data.sources import load_source
+from l2rclip.data.store import ImageStore, model_spec, write_store
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
 from l2rclip.models.factory import build_l2rclip, resolve_backbone
 from l2rclip.ranks import RankSpace
@@ -58,7 +61,13 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
                         seed=params.seed)
     table = table.assign(rank=space.indices(table["label"]))
     batch = table.groupby("rank", sort=True).head(per_rank)
-    images = torch.stack([image for image, _ in RankImageDataset(batch, root, backbone.preprocess_train)])
+    with tempfile.TemporaryDirectory() as folder:
+        spec = model_spec(backbone.model, params.model.arch, params.preprocess.margin)
+        write_store(list(batch["path"]), root, spec, Path(folder))
+        store = ImageStore(folder)
+        pixels = store.gather(store.rows(list(batch["path"])))  # uint8 (B, 3, S, S)
+    crops = random_resized_crop(pixels, store.spec.image_size, torch.Generator().manual_seed(params.seed))
+    images = normalize(crops, store.spec)  # (B, 3, H, W)
     labels = torch.tensor(batch["rank"].to_numpy())  # (B,)
 
     frozen = {name: p.detach().clone() for name, p in model.text_encoder.named_parameters()}
