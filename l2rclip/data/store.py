@@ -233,7 +233,7 @@ class StoreDataset(Dataset):
     def __init__(self, table: pd.DataFrame, store: ImageStore):
         self.store = store
         self.locations = store.rows(list(table["path"]))
-        self.ranks = torch.as_tensor(table["rank"].to_numpy(dtype=np.int64))
+        self.ranks = torch.tensor(table["rank"].to_numpy(dtype=np.int64))  # a copy: pandas arrays are read-only
 
     def __len__(self) -> int:
         return len(self.locations)

@@ -110,8 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and figures/")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the test metrics")
-    parser.add_argument("--store", type=Path, default=Path("outputs/preprocess"),
-                        help="the preprocess stage's image store (default: %(default)s)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
+                             "passes it (default: none, decode the image files)")
     args = parser.parse_args(argv)
     return run_main(lambda: evaluate_fold(load_params(args.params), args.fold, args.prepared, args.model,
                                           args.out, args.metrics, args.store) and 0)

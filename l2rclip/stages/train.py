@@ -162,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Train one fold: validation-based model selection, best and last checkpoints, "
         "resuming from the last one after an interruption.", per_fold=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
-    parser.add_argument("--store", type=Path, default=Path("outputs/preprocess"),
-                        help="the preprocess stage's image store (default: %(default)s)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
+                             "passes it (default: none, decode the image files)")
     args = parser.parse_args(argv)
     return run_main(lambda: train_fold(load_params(args.params), args.fold, args.prepared, args.out,
                                        args.store) and 0)
