@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from l2rclip.data.sources.base import list_images
-from l2rclip.data.validate import load_rgb, to_rgb
+from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_rgb, to_rgb
 from l2rclip.evaluation import predict_probabilities, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
@@ -172,10 +173,12 @@ class Predictor:
         meta: `load_model`'s metadata (`rank_space`, `preprocess`, `config`, ...).
         device: where to run.
         amp: mixed precision on CUDA, as the evaluate stage uses by default; ignored elsewhere.
+        max_pixels: decompression-bomb limit of every image read (`data.max_image_pixels`).
     """
 
     def __init__(self, model: L2RCLIP | OrdinalHeadModel, meta: dict[str, Any], device: torch.device,
-                 amp: bool = True):
+                 amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.max_pixels = check_max_pixels(max_pixels)
         self.model = model.eval()
         self.meta = meta
         self.rank_space = meta["rank_space"]
@@ -186,7 +189,7 @@ class Predictor:
 
     @classmethod
     def load(cls, uri: str | Path, device: str = "auto", tracking_uri: str | None = None,
-             amp: bool = True) -> Predictor:
+             amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
         """Load a model folder or an MLflow `runs:/` / `models:/` URI (see `resolve_model_dir`)."""
         torch_device = pick_device(device)
         with tempfile.TemporaryDirectory(prefix="l2rclip-model-") as download:
@@ -194,7 +197,7 @@ class Predictor:
         if meta.get("is_clip") is False:
             log.warning("%s has a random-initialised backbone: its predictions are a pipeline check, "
                         "not CLIP results", uri)
-        return cls(model, meta, torch_device, amp)
+        return cls(model, meta, torch_device, amp, max_pixels)
 
     def save(self, folder: str | Path) -> Path:
         """Write the model with its cached prototypes, so that a loader never runs the text tower."""
@@ -204,8 +207,8 @@ class Predictor:
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
                       with_probabilities: bool = False, progress: bool = True) -> pd.DataFrame:
         """Predict image files; one row per path, in input order (see `predict`)."""
-        return self.predict([Path(p) for p in paths], load_rgb, [str(p) for p in paths], batch_size,
-                            num_workers, with_probabilities, progress)
+        return self.predict([Path(p) for p in paths], partial(load_rgb, max_pixels=self.max_pixels),
+                            [str(p) for p in paths], batch_size, num_workers, with_probabilities, progress)
 
     def predict_images(self, images: Sequence[Image.Image], with_probabilities: bool = False,
                        batch_size: int = 64) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """Prediction: rows in input order, bad inputs on their own rows, the evaluate stage's numbers."""
 
+import base64
 import warnings
 from pathlib import Path
 
@@ -7,18 +8,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from l2rclip import cli
 from l2rclip.config import ModelConfig, PromptConfig
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
-from l2rclip.data.validate import load_rgb
+from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb, validate_table
 from l2rclip.evaluation import predict_probabilities, predictions_table
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.checkpoint import ModelFileError, load_model, save_model
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.predict import Predictor, expand_inputs, resolve_model_dir
 from l2rclip.ranks import RankSpace
+from l2rclip.serving import encode_image, predict_frame
 
 NUMBERS = ["pred_rank", "pred_value", "expected_value", "std", "entropy", "confidence"]
 
@@ -150,3 +153,29 @@ def test_cli_writes_the_csv(model_dir, demo_root, tmp_path, capsys):
     assert f"predicted 2 of 3 images (1 errors) -> {out}" in capsys.readouterr().out
     assert cli.main(["predict", str(tmp_path / "no-model"), str(demo_root), "--out", str(out)]) == 2
     assert "no-model: expected an l2rclip model folder" in capsys.readouterr().err
+
+
+def test_one_pixel_limit_in_prepare_predict_and_serving(model_dir, tmp_path, monkeypatch):
+    """The same limit and message everywhere; before, 89.5 Mpx in prepare, 179 Mpx in predict/serving."""
+    from test_validate import png_header_only
+
+    (tmp_path / "bomb.png").write_bytes(png_header_only(10_000, 10_000))  # 100 Mpx, only its header
+    Image.new("RGB", (101, 100)).save(tmp_path / "wide.png")
+    table = pd.DataFrame({"path": ["bomb.png", "wide.png"], "label": [1, 2]})
+    encoded = [base64.b64encode((tmp_path / name).read_bytes()).decode() for name in table["path"]]
+    too_large = {"bomb.png": f"10000x10000 = 100000000 pixels, more than the limit data.max_image_pixels = "}
+    for limit, refused in ((DEFAULT_MAX_PIXELS, ["bomb.png"]), (10_000, ["bomb.png", "wide.png"])):
+        predictor = Predictor.load(model_dir, device="cpu", max_pixels=limit)
+        _, report = validate_table(table, tmp_path, RankSpace(range(1, 11)), max_pixels=limit)
+        predicted = predictor.predict_paths([tmp_path / name for name in table["path"]], progress=False)
+        served = predict_frame(predictor, pd.DataFrame({"image": encoded}))
+        assert report["path"].tolist() == refused and set(report["reason"]) == {"decompression_bomb"}
+        expected = [f"ImageTooLargeError: {detail}" for detail in report["detail"]]
+        assert expected[0] == f"ImageTooLargeError: {too_large['bomb.png']}{limit}"
+        assert [e for e in predicted["error"] if e] == expected == [e for e in served["error"] if e]
+    assert served.loc[1, "error"].endswith("101x100 = 10100 pixels, more than the limit data.max_image_pixels = 10000")
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    (tmp_path / "vast.png").write_bytes(png_header_only(20_000, 20_000))  # 400 Mpx: over PIL's own error limit
+    with pytest.raises(OSError, match="truncated|cannot"):  # admitted by a higher limit: fails on its missing data
+        load_rgb(tmp_path / "vast.png", max_pixels=500_000_000)
