@@ -122,21 +122,70 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     its images.
 
     Raises:
-        ValueError: a CSV file without a `path` column.
+        ValueError: a CSV file that cannot be read as a table with a `path` column (named).
     """
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             paths.extend(list_images(item))
         elif item.suffix.lower() == ".csv" and item.is_file():
-            table = pd.read_csv(item, dtype=str, keep_default_na=False)
-            if "path" not in table.columns:
-                raise ValueError(f"{item}: expected a CSV with a `path` column; found columns "
-                                 f"{', '.join(table.columns) or '(none)'}")
-            paths.extend(item.parent / path for path in table["path"])
+            paths.extend(item.parent / path for path in _listed_paths(item))
         else:
             paths.append(item)
     return paths
+
+
+def _listed_paths(listing: Path) -> list[str]:
+    """The `path` column of a CSV list; errors name the file (pandas' own do not)."""
+    expected = "expected a CSV with a `path` column"
+    try:
+        table = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{listing}: {expected}; found an empty file") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{listing}: {expected}; found unreadable text ({error})") from None
+    if "path" not in table.columns:
+        raise ValueError(f"{listing}: {expected}; found columns {', '.join(table.columns) or '(none)'}")
+    return table["path"].tolist()
+
+
+def check_output_file(path: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """`path` as the output file, once it is known that a file can be written there.
+
+    Checked before any work, so that an hour of predictions is not lost to a typo: not a folder,
+    not one of the `inputs` (which would be overwritten), an existing file writable, and the
+    nearest existing parent a folder this process may create files in.
+
+    Raises:
+        ValueError: why no file can be written at `path`.
+    """
+    out = Path(path)
+    why = f"cannot write the predictions to {out}"
+    if out.is_dir():
+        raise ValueError(f"{why}: expected a file name, found a folder")
+    if out.exists() and any(out.resolve() == Path(item).resolve() for item in inputs):
+        raise ValueError(f"{why}: it is one of the inputs, which would be overwritten")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{why}: the file exists and is not writable")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{why}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{why}: no permission to create files in {parent}")
+    return out
+
+
+def write_table(table: pd.DataFrame, out: Path) -> None:
+    """Write `table` as CSV at `out` atomically: a complete new file or the old one untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic there
+    try:
+        table.to_csv(temporary, index=False, float_format="%.6g")
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class _Inputs(Dataset):

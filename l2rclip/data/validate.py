@@ -83,7 +83,7 @@ def open_image(file: str | Path | io.BytesIO, max_pixels: int = DEFAULT_MAX_PIXE
         ImageTooLargeError: the image has more than `max_pixels` pixels.
     """
     check_max_pixels(max_pixels)
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = max_pixels
     limit = f"the limit data.max_image_pixels = {max_pixels}"
     try:
