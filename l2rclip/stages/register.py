@@ -32,6 +32,7 @@ Expected dvc.yaml entry (after `report`):
         - l2rclip/stages/register.py
         - l2rclip/registry.py
         - l2rclip/serving.py
+        - l2rclip/served_model.py
         - l2rclip/predict.py
       params:
         - folds
