@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from l2rclip import __version__
+from l2rclip.config import DataConfig
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -91,25 +92,41 @@ def _prepare(args: argparse.Namespace) -> int:
     return prepare.main(["--params", args.params, "--out", args.out])
 
 
+# Exit statuses of `l2rclip predict` (documented in its --help and the README).
+EXIT_BAD_REQUEST = 2      # bad arguments, inputs, model or --out: nothing was predicted or written
+EXIT_SOME_FAILED = 3      # the CSV was written, but some inputs could not be read (its `error` column)
+EXIT_NONE_PREDICTED = 4   # the CSV was written, but no input could be read
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from l2rclip.predict import Predictor, expand_inputs
+    from l2rclip.predict import Predictor, check_output_file, expand_inputs, write_table
 
     try:
         paths = expand_inputs(args.inputs)
         if not paths:
             raise ValueError(f"no images found in {', '.join(args.inputs)}")
-        predictor = Predictor.load(args.model, device=args.device)
+        out = check_output_file(args.out, [*args.inputs, *paths])
+        predictor = Predictor.load(args.model, device=args.device, max_pixels=args.max_image_pixels)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_REQUEST
     table = predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
                                     with_probabilities=args.probabilities)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, float_format="%.6g")
-    errors = int((table["error"] != "").sum())
-    print(f"predicted {len(table) - errors} of {len(table)} images ({errors} errors) -> {out}")
-    return 0
+    try:
+        write_table(table, out)
+    except OSError as error:  # checked before the work; still possible (disk full, a folder removed meanwhile)
+        print(f"error: cannot write the predictions to {out}: {error}", file=sys.stderr)
+        return EXIT_BAD_REQUEST
+    failed = table[table["error"] != ""]
+    print(f"predicted {len(table) - len(failed)} of {len(table)} images ({len(failed)} errors) -> {out}")
+    if failed.empty:
+        return 0
+    example = f"e.g. {failed.iloc[0]['path']}: {failed.iloc[0]['error']} (every reason: the error column of {out})"
+    if len(failed) == len(table):
+        print(f"error: no input could be predicted; {example}", file=sys.stderr)
+        return EXIT_NONE_PREDICTED
+    print(f"warning: {len(failed)} of {len(table)} inputs could not be read; {example}", file=sys.stderr)
+    return EXIT_SOME_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "column; relative paths start from the CSV's folder) with a model folder or an MLflow "
                     "URI (runs:/<run_id>/model, models:/<name>@champion, models:/<name>/<version>; the store "
                     "is MLFLOW_TRACKING_URI, else ./mlflow.db). Writes one row per image in input order; an "
-                    "unreadable image gets its error in the `error` column and the others go on.")
+                    "unreadable image gets its error in the `error` column and the others go on. --out is "
+                    "checked before any work and replaced only by a complete file.",
+        epilog=f"exit status: 0 every input predicted; {EXIT_SOME_FAILED} the CSV was written but some inputs "
+               f"could not be read (see its error column); {EXIT_NONE_PREDICTED} the CSV was written but no "
+               f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written).")
     predict.add_argument("model", help="model folder or MLflow model URI")
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image file, folder, or CSV with a path column")
@@ -170,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="loader processes reading images (default: 0, in the main process)")
     predict.add_argument("--device", default="auto",
                          help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
+    predict.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels,
+                         help="refuse images with more pixels (decompression bombs), as data.max_image_pixels "
+                              "does in prepare and serving (default: %(default)s)")
     predict.set_defaults(func=_predict)
     return parser
 

@@ -52,6 +52,8 @@ class DataConfig:
 
     `decode_workers` is the number of threads that decode images during validation (null: one
     per CPU); decoding releases the GIL, so threads speed it up without copying data.
+    `max_image_pixels` is the one decompression-bomb limit (width x height), applied by
+    `l2rclip.data.validate.open_image` in prepare, predict and the served model (default: PIL's).
     """
 
     source: str = "demo"
@@ -59,6 +61,7 @@ class DataConfig:
     list_file: str | None = None
     on_bad: Literal["skip", "fail"] = "skip"
     decode_workers: int | None = None
+    max_image_pixels: int = 89_478_485
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -234,6 +237,19 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """Limits of one request to the served model, stored in the registered model's config.
+
+    `mlflow models serve` reads a whole request body before the model sees it and has no size
+    limit of its own: put a proxy with a body cap in front of it (README). The model refuses
+    more than `max_rows` rows, or more than `max_request_bytes` of base64 image text in all.
+    """
+
+    max_rows: int = 64
+    max_request_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -248,6 +264,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

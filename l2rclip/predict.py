@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from l2rclip.data.sources.base import list_images
-from l2rclip.data.validate import load_rgb, to_rgb
+from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_rgb, to_rgb
 from l2rclip.evaluation import predict_probabilities, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
@@ -121,21 +122,70 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     its images.
 
     Raises:
-        ValueError: a CSV file without a `path` column.
+        ValueError: a CSV file that cannot be read as a table with a `path` column (named).
     """
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
             paths.extend(list_images(item))
         elif item.suffix.lower() == ".csv" and item.is_file():
-            table = pd.read_csv(item, dtype=str, keep_default_na=False)
-            if "path" not in table.columns:
-                raise ValueError(f"{item}: expected a CSV with a `path` column; found columns "
-                                 f"{', '.join(table.columns) or '(none)'}")
-            paths.extend(item.parent / path for path in table["path"])
+            paths.extend(item.parent / path for path in _listed_paths(item))
         else:
             paths.append(item)
     return paths
+
+
+def _listed_paths(listing: Path) -> list[str]:
+    """The `path` column of a CSV list; errors name the file (pandas' own do not)."""
+    expected = "expected a CSV with a `path` column"
+    try:
+        table = pd.read_csv(listing, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{listing}: {expected}; found an empty file") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{listing}: {expected}; found unreadable text ({error})") from None
+    if "path" not in table.columns:
+        raise ValueError(f"{listing}: {expected}; found columns {', '.join(table.columns) or '(none)'}")
+    return table["path"].tolist()
+
+
+def check_output_file(path: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """`path` as the output file, once it is known that a file can be written there.
+
+    Checked before any work, so that an hour of predictions is not lost to a typo: not a folder,
+    not one of the `inputs` (which would be overwritten), an existing file writable, and the
+    nearest existing parent a folder this process may create files in.
+
+    Raises:
+        ValueError: why no file can be written at `path`.
+    """
+    out = Path(path)
+    why = f"cannot write the predictions to {out}"
+    if out.is_dir():
+        raise ValueError(f"{why}: expected a file name, found a folder")
+    if out.exists() and any(out.resolve() == Path(item).resolve() for item in inputs):
+        raise ValueError(f"{why}: it is one of the inputs, which would be overwritten")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{why}: the file exists and is not writable")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{why}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{why}: no permission to create files in {parent}")
+    return out
+
+
+def write_table(table: pd.DataFrame, out: Path) -> None:
+    """Write `table` as CSV at `out` atomically: a complete new file or the old one untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic there
+    try:
+        table.to_csv(temporary, index=False, float_format="%.6g")
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class _Inputs(Dataset):
@@ -172,10 +222,12 @@ class Predictor:
         meta: `load_model`'s metadata (`rank_space`, `preprocess`, `config`, ...).
         device: where to run.
         amp: mixed precision on CUDA, as the evaluate stage uses by default; ignored elsewhere.
+        max_pixels: decompression-bomb limit of every image read (`data.max_image_pixels`).
     """
 
     def __init__(self, model: L2RCLIP | OrdinalHeadModel, meta: dict[str, Any], device: torch.device,
-                 amp: bool = True):
+                 amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.max_pixels = check_max_pixels(max_pixels)
         self.model = model.eval()
         self.meta = meta
         self.rank_space = meta["rank_space"]
@@ -186,7 +238,7 @@ class Predictor:
 
     @classmethod
     def load(cls, uri: str | Path, device: str = "auto", tracking_uri: str | None = None,
-             amp: bool = True) -> Predictor:
+             amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
         """Load a model folder or an MLflow `runs:/` / `models:/` URI (see `resolve_model_dir`)."""
         torch_device = pick_device(device)
         with tempfile.TemporaryDirectory(prefix="l2rclip-model-") as download:
@@ -194,7 +246,7 @@ class Predictor:
         if meta.get("is_clip") is False:
             log.warning("%s has a random-initialised backbone: its predictions are a pipeline check, "
                         "not CLIP results", uri)
-        return cls(model, meta, torch_device, amp)
+        return cls(model, meta, torch_device, amp, max_pixels)
 
     def save(self, folder: str | Path) -> Path:
         """Write the model with its cached prototypes, so that a loader never runs the text tower."""
@@ -204,8 +256,8 @@ class Predictor:
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
                       with_probabilities: bool = False, progress: bool = True) -> pd.DataFrame:
         """Predict image files; one row per path, in input order (see `predict`)."""
-        return self.predict([Path(p) for p in paths], load_rgb, [str(p) for p in paths], batch_size,
-                            num_workers, with_probabilities, progress)
+        return self.predict([Path(p) for p in paths], partial(load_rgb, max_pixels=self.max_pixels),
+                            [str(p) for p in paths], batch_size, num_workers, with_probabilities, progress)
 
     def predict_images(self, images: Sequence[Image.Image], with_probabilities: bool = False,
                        batch_size: int = 64) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 
 from l2rclip.models.checkpoint import read_model_meta
-from l2rclip.serving import log_pyfunc
+from l2rclip.serving import RequestLimits, log_pyfunc
 from l2rclip.tracking import default_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ def _client(tracking_uri: str | None) -> MlflowClient:
 
 
 def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any],
-             tracking_uri: str | None = None, set_champion_if_missing: bool = True) -> dict[str, Any]:
+             tracking_uri: str | None = None, set_champion_if_missing: bool = True,
+             limits: RequestLimits | None = None) -> dict[str, Any]:
     """Log `model_dir` as a pyfunc under `run_id` and register it as a new version of `name`.
 
     Args:
@@ -53,6 +54,7 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
             are added from the model's metadata unless given.
         tracking_uri: MLflow store, also the registry (default: `default_tracking_uri()`).
         set_champion_if_missing: make this version the champion when `name` has none yet.
+        limits: request limits the served version applies (default: the params defaults).
 
     Returns:
         `name`, `version` (int), `model_uri` (`models:/<name>/<version>`), `run_id`, and
@@ -63,7 +65,7 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
     meta = read_model_meta(model_dir)
     version_tags = {"l2rclip.is_clip": str(meta.get("is_clip")).lower(), "l2rclip.backbone": meta["model"]["arch"],
                     **tags}
-    logged_uri = log_pyfunc(model_dir, run_id, uri)  # models:/<model_id>
+    logged_uri = log_pyfunc(model_dir, run_id, uri, limits=limits)  # models:/<model_id>
     try:
         client.create_registered_model(name, description="L2RCLIP ordinal classifier (l2rclip pyfunc)")
     except MlflowException as error:

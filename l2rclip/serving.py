@@ -7,8 +7,16 @@ can carry. A pytorch-flavour model would take tensors (and by default demands an
 infer them); an image service wants files in and a table out, so we log a pyfunc whose signature
 is inferred from a real request and its real answer, stored with it as the example request.
 
-The logged model imports `l2rclip` when loaded (no code is copied into it), so serve it where
-l2rclip is installed: `mlflow models serve -m models:/<name>@champion --env-manager local`.
+The pyfunc is logged as MLflow "models from code": the logged model holds the source file
+`l2rclip/served_model.py` (three lines that import `L2RCLIPModel` from the installed package),
+not a cloudpickle of the object. Loading a pickle runs whatever code it holds, so anyone who can
+write the artifact store could run code on the server; loading this model runs only the readable
+file and the installed l2rclip (the weights are safetensors, the config JSON). No other code is
+copied into the model, so serve it where l2rclip is installed:
+`mlflow models serve -m models:/<name>@champion --env-manager local`.
+
+Request limits (`RequestLimits`: rows, bytes of base64 image text, pixels per image) are the
+logged model's `model_config`, so the server applies the limits the model was registered with.
 """
 
 from __future__ import annotations
@@ -19,17 +27,21 @@ import io
 import logging
 import tempfile
 import warnings
+from dataclasses import asdict, dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from PIL import Image
 
-from l2rclip.data.validate import load_rgb
+from l2rclip.config import DataConfig, ServingConfig
+from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb
 from l2rclip.predict import Predictor, mlflow_store
 from l2rclip.tracking import default_tracking_uri
 
@@ -37,6 +49,7 @@ log = logging.getLogger(__name__)
 
 INPUT_COLUMN = "image"
 MODEL_ARTIFACT = "model"
+MODEL_CODE = Path(__file__).with_name("served_model.py")  # the models-from-code file MLflow logs
 # Installed distributions the pyfunc needs at load time, pinned to the versions that logged it.
 _REQUIRED = ("l2rclip", "mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pandas", "pillow")
 
@@ -48,30 +61,74 @@ def encode_image(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(text: str) -> Image.Image:
-    """Base64 text of an image file -> upright RGB image (raises on bad base64 or bad image bytes)."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the served model (params `serving.*`, `data.max_image_pixels`).
+
+    `mlflow models serve` reads the whole body before the model sees it and has no body cap of
+    its own; these limits bound the work and memory a request can cause once it is read (the
+    proxy in front bounds the body itself, README). Stored as the logged model's `model_config`.
+    """
+
+    max_rows: int = ServingConfig.max_rows
+    max_request_bytes: int = ServingConfig.max_request_bytes
+    max_image_pixels: int = DataConfig.max_image_pixels
+
+    def __post_init__(self) -> None:
+        keys = {"max_rows": "serving.max_rows", "max_request_bytes": "serving.max_request_bytes",
+                "max_image_pixels": "data.max_image_pixels"}
+        for name, key in keys.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key}: expected a positive integer, found {value!r}")
+
+    def check(self, images: list[Any]) -> None:
+        """Refuse a request with too many rows or too much image text, before decoding any of it.
+
+        Raises:
+            MlflowException: INVALID_PARAMETER_VALUE, which the scoring server answers with 400.
+        """
+        if len(images) > self.max_rows:
+            raise MlflowException.invalid_parameter_value(
+                f"expected at most serving.max_rows = {self.max_rows} images per request, found "
+                f"{len(images)}; send them in several requests")
+        size = sum(len(image) for image in images if isinstance(image, str))
+        if size > self.max_request_bytes:
+            raise MlflowException.invalid_parameter_value(
+                f"expected at most serving.max_request_bytes = {self.max_request_bytes} bytes of base64 "
+                f"image text per request, found {size}; send fewer or smaller images per request")
+
+
+def decode_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Base64 text of an image file -> upright RGB image (raises on bad base64, bad bytes, too many pixels)."""
     try:
         data = base64.b64decode(text, validate=True)
     except binascii.Error as error:
         raise ValueError(f"expected base64 text of an image file, found invalid base64 ({error})") from None
-    return load_rgb(io.BytesIO(data))
+    return load_rgb(io.BytesIO(data), max_pixels=max_pixels)
 
 
-def predict_frame(predictor: Predictor, model_input: pd.DataFrame) -> pd.DataFrame:
+def predict_frame(predictor: Predictor, model_input: pd.DataFrame,
+                  limits: RequestLimits | None = None) -> pd.DataFrame:
     """The pyfunc's prediction: one row per input row, probabilities included, JSON-safe.
 
     Missing values (the prediction columns of an undecodable row) become None, because the
     scoring server writes the table as JSON, where NaN is invalid and pandas' NA cannot be written.
+    Images are decoded under the predictor's pixel limit; an image over it gets its error on its
+    own row, like any unreadable image.
 
     Raises:
-        ValueError: `model_input` has no `image` column.
+        MlflowException: no `image` column, or the request breaks `limits` (default: the
+            params defaults); the scoring server answers 400 with the message.
     """
     if INPUT_COLUMN not in model_input.columns:
-        raise ValueError(f"expected a DataFrame with an {INPUT_COLUMN!r} column of base64-encoded images; "
-                         f"found columns {', '.join(map(str, model_input.columns)) or '(none)'}")
+        raise MlflowException.invalid_parameter_value(
+            f"expected a DataFrame with an {INPUT_COLUMN!r} column of base64-encoded images; "
+            f"found columns {', '.join(map(str, model_input.columns)) or '(none)'}")
     images = model_input[INPUT_COLUMN].tolist()
-    table = predictor.predict(images, decode_image, [f"image[{i}]" for i in range(len(images))],
-                              with_probabilities=True, progress=False)
+    (limits or RequestLimits()).check(images)
+    table = predictor.predict(images, partial(decode_image, max_pixels=predictor.max_pixels),
+                              [f"image[{i}]" for i in range(len(images))], with_probabilities=True, progress=False)
     return table.astype(object).where(table.notna(), None)
 
 
@@ -79,13 +136,14 @@ class L2RCLIPModel(PythonModel):
     """MLflow pyfunc: base64 images in an `image` column -> the Predictor's table."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        """Load the l2rclip model folder logged as the `model` artifact (prototypes cached)."""
-        self.predictor = Predictor.load(context.artifacts[MODEL_ARTIFACT])
+        """Load the `model` artifact (prototypes cached) under the limits in the model config."""
+        self.limits = RequestLimits(**(context.model_config or {}))
+        self.predictor = Predictor.load(context.artifacts[MODEL_ARTIFACT], max_pixels=self.limits.max_image_pixels)
 
     def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Predict every row of `model_input` (see `predict_frame`)."""
-        return predict_frame(self.predictor, model_input)
+        return predict_frame(self.predictor, model_input, self.limits)
 
 
 def requirements() -> list[str]:
@@ -94,29 +152,32 @@ def requirements() -> list[str]:
 
 
 def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = None,
-               artifact_path: str = "model") -> str:
-    """Log an l2rclip model folder as a pyfunc model under an existing run; returns its model URI.
+               artifact_path: str = "model", limits: RequestLimits | None = None) -> str:
+    """Log an l2rclip model folder as a models-from-code pyfunc under an existing run; returns its URI.
 
     Args:
         model_dir: the model folder (or any URI `Predictor.load` accepts).
         run_id: the run to log under (e.g. the pipeline's parent run); it is ended afterwards.
         tracking_uri: MLflow store (default: `default_tracking_uri()`).
         artifact_path: the logged model's name within the run.
+        limits: request limits the served model applies (default: the params defaults), stored
+            as the model's `model_config`.
 
     Returns:
         The logged model's URI (`models:/<model_id>`), ready for registration or loading.
     """
-    predictor = Predictor.load(model_dir, device="cpu")
+    limits = limits or RequestLimits()
+    predictor = Predictor.load(model_dir, device="cpu", max_pixels=limits.max_image_pixels)
     example = pd.DataFrame({INPUT_COLUMN: [encode_image(Image.new("RGB", (64, 64), (128, 128, 128)))]})
     with warnings.catch_warnings():  # MLflow's hint on missing integers concerns enforced inputs, not outputs
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
-        signature = infer_signature(example, predict_frame(predictor, example).infer_objects())
+        signature = infer_signature(example, predict_frame(predictor, example, limits).infer_objects())
     with tempfile.TemporaryDirectory(prefix="l2rclip-pyfunc-") as tmp:
         folder = predictor.save(Path(tmp) / "l2rclip-model")
         with mlflow_store(tracking_uri or default_tracking_uri()), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name=artifact_path, python_model=L2RCLIPModel(),
-                                           artifacts={MODEL_ARTIFACT: str(folder)}, signature=signature,
-                                           input_example=example,
+            info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(MODEL_CODE),
+                                           artifacts={MODEL_ARTIFACT: str(folder)}, model_config=asdict(limits),
+                                           signature=signature, input_example=example,
                                            pip_requirements=requirements(), code_paths=None)
     log.info("logged %s as pyfunc model %s under run %s", model_dir, info.model_uri, run_id)
     return info.model_uri

@@ -110,7 +110,7 @@ def _unreachable(uri: str) -> str | None:
     except urllib.error.HTTPError:
         return None  # it answered (perhaps 401 behind a proxy): reachable
     except (OSError, ValueError) as error:
-        return f"{uri} is unreachable ({error})"
+        return f"the server does not answer ({error})"
 
 
 class Tracker:
@@ -126,6 +126,7 @@ class Tracker:
         self._enabled = enabled
         self._experiment_id: str | None = None
         self._client: MlflowClient | None = None
+        self.failure: str | None = None  # why MLflow turned the tracker off (None: it did not)
         if not enabled:
             return
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -144,6 +145,7 @@ class Tracker:
 
     def _disable(self, operation: str, error: Any) -> None:
         if self._enabled:
+            self.failure = f"{operation} failed on {self.tracking_uri}: {error}"
             logger.warning("MLflow tracking disabled: %s failed on %s: %s. Training goes on; local "
                            "outputs are unaffected.", operation, self.tracking_uri, error)
         self._enabled = False

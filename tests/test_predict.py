@@ -1,5 +1,7 @@
 """Prediction: rows in input order, bad inputs on their own rows, the evaluate stage's numbers."""
 
+import base64
+import os
 import warnings
 from pathlib import Path
 
@@ -7,18 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from l2rclip import cli
 from l2rclip.config import ModelConfig, PromptConfig
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
-from l2rclip.data.validate import load_rgb
+from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb, validate_table
 from l2rclip.evaluation import predict_probabilities, predictions_table
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.checkpoint import ModelFileError, load_model, save_model
 from l2rclip.models.factory import build_l2rclip
-from l2rclip.predict import Predictor, expand_inputs, resolve_model_dir
+from l2rclip.predict import Predictor, expand_inputs, resolve_model_dir, write_table
 from l2rclip.ranks import RankSpace
+from l2rclip.serving import predict_frame
 
 NUMBERS = ["pred_rank", "pred_value", "expected_value", "std", "entropy", "confidence"]
 
@@ -143,10 +147,105 @@ def test_cli_writes_the_csv(model_dir, demo_root, tmp_path, capsys):
     out = tmp_path / "out" / "predictions.csv"
     code = cli.main(["predict", str(model_dir), str(demo_root / "images" / "04"), str(tmp_path / "gone.png"),
                      "--out", str(out), "--probabilities", "--batch-size", "2", "--device", "cpu"])
-    assert code == 0
+    assert code == cli.EXIT_SOME_FAILED  # one input is missing
     table = pd.read_csv(out, keep_default_na=False)
     assert len(table) == 3 and table["error"].astype(bool).tolist() == [False, False, True]
     assert {f"p_{k}" for k in range(10)} <= set(table.columns)
     assert f"predicted 2 of 3 images (1 errors) -> {out}" in capsys.readouterr().out
     assert cli.main(["predict", str(tmp_path / "no-model"), str(demo_root), "--out", str(out)]) == 2
     assert "no-model: expected an l2rclip model folder" in capsys.readouterr().err
+
+
+def test_one_pixel_limit_in_prepare_predict_and_serving(model_dir, tmp_path, monkeypatch):
+    """The same limit and message everywhere; before, 89.5 Mpx in prepare, 179 Mpx in predict/serving."""
+    from test_validate import png_header_only
+
+    (tmp_path / "bomb.png").write_bytes(png_header_only(10_000, 10_000))  # 100 Mpx, only its header
+    Image.new("RGB", (101, 100)).save(tmp_path / "wide.png")
+    table = pd.DataFrame({"path": ["bomb.png", "wide.png"], "label": [1, 2]})
+    encoded = [base64.b64encode((tmp_path / name).read_bytes()).decode() for name in table["path"]]
+    too_large = {"bomb.png": "10000x10000 = 100000000 pixels, more than the limit data.max_image_pixels = "}
+    for limit, refused in ((DEFAULT_MAX_PIXELS, ["bomb.png"]), (10_000, ["bomb.png", "wide.png"])):
+        predictor = Predictor.load(model_dir, device="cpu", max_pixels=limit)
+        _, report = validate_table(table, tmp_path, RankSpace(range(1, 11)), max_pixels=limit)
+        predicted = predictor.predict_paths([tmp_path / name for name in table["path"]], progress=False)
+        served = predict_frame(predictor, pd.DataFrame({"image": encoded}))
+        assert report["path"].tolist() == refused and set(report["reason"]) == {"decompression_bomb"}
+        expected = [f"ImageTooLargeError: {detail}" for detail in report["detail"]]
+        assert expected[0] == f"ImageTooLargeError: {too_large['bomb.png']}{limit}"
+        assert [e for e in predicted["error"] if e] == expected == [e for e in served["error"] if e]
+    assert served.loc[1, "error"].endswith(
+        "101x100 = 10100 pixels, "
+        "more than the limit data.max_image_pixels = 10000")
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    (tmp_path / "vast.png").write_bytes(png_header_only(20_000, 20_000))  # 400 Mpx: over PIL's own error limit
+    with pytest.raises(OSError, match="truncated|cannot"):  # admitted by a higher limit: fails on its missing data
+        load_rgb(tmp_path / "vast.png", max_pixels=500_000_000)
+
+
+def test_cli_exit_status_says_whether_anything_was_predicted(model_dir, demo_root, tmp_path, capsys):
+    out = tmp_path / "predictions.csv"
+    good = str(demo_root / "images" / "04" / "0000.png")
+    common = ["--out", str(out), "--device", "cpu"]
+
+    assert cli.main(["predict", str(model_dir), str(tmp_path / "a.png"), str(tmp_path / "b.png"), *common]) == 4
+    err = capsys.readouterr().err
+    assert f"error: no input could be predicted; e.g. {tmp_path / 'a.png'}: FileNotFoundError" in err
+    assert pd.read_csv(out, keep_default_na=False)["error"].astype(bool).all()  # the reasons are kept
+
+    some_bad = ["predict", str(model_dir), good, str(tmp_path / "a.png"), *common]
+    assert cli.main(some_bad) == 3 == cli.EXIT_SOME_FAILED
+    assert "warning: 1 of 2 inputs could not be read; e.g." in capsys.readouterr().err
+    assert cli.main(["predict", str(model_dir), good, *common]) == 0
+    assert pd.read_csv(out, keep_default_na=False)["error"].tolist() == [""]
+    assert "exit status: 0 every input predicted; 3 " in " ".join(cli.build_parser()._subparsers._group_actions[0]
+                                                              .choices["predict"].format_help().split())
+
+
+def test_cli_checks_out_before_any_work_and_names_bad_csv_lists(model_dir, demo_root, tmp_path, capsys):
+    good = str(demo_root / "images" / "04" / "0000.png")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "kept.csv").write_text("path\nx.png\n")
+    before = (tmp_path / "kept.csv").read_bytes()
+    cases = {str(tmp_path / "a_file" / "sub" / "p.csv"): f"{tmp_path / 'a_file'} is a file, not a folder",
+             str(tmp_path): "expected a file name, found a folder",
+             str(tmp_path / "kept.csv"): "it is one of the inputs, which would be overwritten"}
+    for out, why in cases.items():
+        assert cli.main(["predict", str(model_dir), good, str(tmp_path / "kept.csv"), "--out", out]) == 2
+        err = capsys.readouterr()
+        assert f"error: cannot write the predictions to {out}: {why}" in err.err and "predicting" not in err.err
+    assert (tmp_path / "kept.csv").read_bytes() == before and not (tmp_path / "a_file").is_dir()
+
+    (tmp_path / "empty.csv").write_bytes(b"")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00path\n\x81")
+    for name, found in (("empty.csv", "found an empty file"), ("binary.csv", "found unreadable text")):
+        with pytest.raises(ValueError, match=rf"{name}: expected a CSV with a `path` column; {found}"):
+            expand_inputs([str(tmp_path / name)])
+        assert cli.main(["predict", str(model_dir), str(tmp_path / name), "--out", str(tmp_path / "o.csv")]) == 2
+        assert f"error: {tmp_path / name}: expected a CSV" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: permissions cannot fail here")
+def test_cli_refuses_an_unwritable_out_folder(model_dir, demo_root, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    out = locked / "p.csv"
+    assert cli.main(["predict", str(model_dir), str(demo_root / "images"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the predictions to {out}: no permission to create files in {locked}" in err
+
+
+def test_write_table_replaces_the_old_file_only_when_complete(tmp_path, monkeypatch):
+    out = tmp_path / "p.csv"
+    out.write_text("old\n")
+
+    def broken(self, path, **kwargs):
+        Path(path).write_text("half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", broken)
+    with pytest.raises(OSError, match="No space left"):
+        write_table(pd.DataFrame({"path": ["a"]}), out)
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]

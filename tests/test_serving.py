@@ -1,4 +1,8 @@
-"""The pyfunc model: loaded by MLflow, and served over REST, it predicts what the Predictor predicts."""
+"""The pyfunc model: loaded by MLflow, and served over REST, it predicts what the Predictor predicts.
+
+It is logged as models-from-code (no pickle) with request limits in its model config, which the
+loaded and the served model both apply.
+"""
 
 import base64
 import contextlib
@@ -17,14 +21,20 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from mlflow.artifacts import download_artifacts
+from mlflow.exceptions import MlflowException
+from PIL import Image
 from test_predict import NUMBERS, mlflow_store, save_tiny_model
 
 from l2rclip.data.demo import generate_demo
 from l2rclip.predict import Predictor
-from l2rclip.serving import log_pyfunc
+from l2rclip.serving import MODEL_CODE, RequestLimits, encode_image, log_pyfunc
 from l2rclip.tracking import Tracker
 
 COLUMNS = NUMBERS + [f"p_{k}" for k in range(10)]
+# Small enough to break in a test, large enough for the 64 x 64 demo images the tests send.
+LIMITS = RequestLimits(max_rows=5, max_request_bytes=200_000, max_image_pixels=100 * 100)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +45,7 @@ def logged(tmp_path_factory) -> dict:
     run_id = Tracker(uri, experiment="serving-test").parent_run("key", "demo pipeline", {}, {})
     model_dir = save_tiny_model(root / "model")
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    model_uri = log_pyfunc(model_dir, run_id, uri)
+    model_uri = log_pyfunc(model_dir, run_id, uri, limits=LIMITS)
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # the global switch was undone
     generate_demo(root / "demo", n_per_rank=1, image_size=64)
     paths = sorted((root / "demo").rglob("*.png"))[:3]
@@ -61,6 +71,34 @@ def test_pyfunc_agrees_with_the_predictor(logged, monkeypatch):
     assert out.loc[:2, "pred_name"].tolist() == expected["pred_name"].tolist()
     with pytest.raises(Exception, match="image"):
         model.predict(pd.DataFrame({"picture": ["x"]}))
+
+
+def test_logged_model_is_code_not_a_pickle_and_carries_the_limits(logged, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])
+    local = Path(download_artifacts(artifact_uri=logged["model_uri"], dst_path=str(tmp_path)))
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert (local / flavor["model_code_path"]).read_text() == MODEL_CODE.read_text()
+    assert flavor["config"] == {"max_rows": 5, "max_request_bytes": 200_000, "max_image_pixels": 10_000}
+
+
+def test_pyfunc_refuses_requests_over_its_limits(logged, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])
+    model = mlflow.pyfunc.load_model(logged["model_uri"])
+    one = encoded(logged["paths"][0])
+    with pytest.raises(MlflowException, match=r"at most serving.max_rows = 5 images per request, found 6"):
+        model.predict(pd.DataFrame({"image": [one] * 6}))
+    with pytest.raises(MlflowException, match=r"at most serving.max_request_bytes = 200000 bytes .* found 250000"):
+        model.predict(pd.DataFrame({"image": ["A" * 50_000] * 5}))
+    large = encode_image(Image.new("RGB", (101, 100)))  # 10,100 pixels, over max_image_pixels
+    out = model.predict(pd.DataFrame({"image": [one, large]}))
+    assert out.loc[0, "error"] == "" and out.loc[0, "pred_name"] == logged["expected"].loc[0, "pred_name"]
+    assert out.loc[1, "error"] == ("ImageTooLargeError: 101x100 = 10100 pixels, more than the limit "
+                                   "data.max_image_pixels = 10000")
+    assert out.loc[1, COLUMNS].isna().all()
+    with pytest.raises(ValueError, match=r"serving.max_rows: expected a positive integer, found 0"):
+        RequestLimits(max_rows=0)
 
 
 def test_runs_uri_loads_the_same_model(logged):
@@ -121,8 +159,15 @@ def test_mlflow_models_serve_answers_like_the_predictor(logged, tmp_path):
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())["predictions"]
+        too_many = json.dumps({"dataframe_split": {"columns": ["image"], "data": [["x"]] * 6}})
+        request = urllib.request.Request(f"{url}/invocations", data=too_many.encode(),
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        status, message = refused.value.code, json.loads(refused.value.read())["message"]
     finally:
         stop(server)
+    assert status == 400 and "at most serving.max_rows = 5 images per request, found 6" in message
     expected = logged["expected"].iloc[0]
     assert len(answer) == 1 and answer[0]["error"] == ""
     assert answer[0]["pred_rank"] == expected["pred_rank"] and answer[0]["pred_name"] == expected["pred_name"]

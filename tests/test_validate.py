@@ -116,7 +116,7 @@ def test_each_file_is_decoded_once_and_fold_lists_are_not_duplicates(tmp_path, m
     write_good_images(tmp_path)
     seen = []
     decode = validate._decode
-    monkeypatch.setattr(validate, "_decode", lambda file: seen.append(file) or decode(file))
+    monkeypatch.setattr(validate, "_decode", lambda file, **limit: seen.append(file) or decode(file, **limit))
     table = pd.DataFrame({"path": ["plain.jpg", "plain.jpg", "grey.png", "plain.jpg"],
                           "label": [1, 1, 2, 1], "fold": [0, 1, 0, 0]})
     good, report = validate_table(table, tmp_path, RANKS)

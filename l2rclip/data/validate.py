@@ -9,11 +9,14 @@ Source files are only read, never changed.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -22,6 +25,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from l2rclip.config import DataConfig
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -34,10 +38,15 @@ _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # EXIF orientations 5..8 rotate by 90 degrees, so the displayed width is the stored height.
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
+DEFAULT_MAX_PIXELS = DataConfig.max_image_pixels
 
 
 class DataValidationError(ValueError):
     """A source table is malformed, or a bad row was found with `on_bad="fail"`."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than `data.max_image_pixels` (a possible decompression bomb)."""
 
 
 class _Decoded(NamedTuple):
@@ -50,7 +59,46 @@ class _Decoded(NamedTuple):
     detail: str = ""
 
 
-def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE) -> Image.Image:
+def check_max_pixels(max_pixels: int) -> int:
+    """`max_pixels` when it is a positive integer; else a ValueError naming the params key."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"data.max_image_pixels: expected a positive integer, found {max_pixels!r}")
+    return max_pixels
+
+
+@contextmanager
+def open_image(file: str | Path | io.BytesIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """`Image.open` under the project's one decompression-bomb limit, `data.max_image_pixels`.
+
+    Only the header has been read when the size is checked, so a small file that would decode
+    into gigabytes costs nothing. PIL's own check (a warning above `Image.MAX_IMAGE_PIXELS`, an
+    error above twice that) made the limit depend on whether the caller turned warnings into
+    errors: 89.5 Mpx in prepare, 179 Mpx in predict and serving. Every reader goes through here
+    instead (validation, `load_rgb`, hence predict and the served model). PIL's limit is raised
+    to `max_pixels` when lower, so that PIL never refuses an image this limit admits; its
+    refusal of a larger one is reported as this limit's.
+
+    Raises:
+        ValueError: `max_pixels` is not a positive integer.
+        ImageTooLargeError: the image has more than `max_pixels` pixels.
+    """
+    check_max_pixels(max_pixels)
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    limit = f"the limit data.max_image_pixels = {max_pixels}"
+    try:
+        image = Image.open(file)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageTooLargeError(f"more pixels than {limit} ({error})") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(f"{width}x{height} = {width * height} pixels, more than {limit}")
+        yield image
+
+
+def load_rgb(path: str | Path | io.BytesIO, background: tuple[int, int, int] = WHITE,
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image as upright 8-bit RGB, whatever its stored format.
 
     Models expect RGB in 0..255; stored images may be greyscale, 16-bit, CMYK, palette, carry an
@@ -61,11 +109,15 @@ def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE) -> Imag
         path: the image file.
         background: colour under transparent pixels (alpha is composited, not dropped, so a
             transparent region does not turn into whatever colour its hidden pixels hold).
+        max_pixels: the decompression-bomb limit (see `open_image`).
 
     Returns:
         An RGB image, rotated as its EXIF orientation says.
+
+    Raises:
+        ImageTooLargeError: more than `max_pixels` pixels.
     """
-    with Image.open(path) as image:
+    with open_image(path, max_pixels) as image:
         upright = ImageOps.exif_transpose(image)
     return to_rgb(upright, background)
 
@@ -84,12 +136,12 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
 
 
 def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
-                   on_bad: Literal["skip", "fail"] = "skip",
-                   workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   on_bad: Literal["skip", "fail"] = "skip", workers: int | None = None,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a source table into good rows and a report of bad ones.
 
     Bad reasons: `missing_file`, `empty_file`, `corrupt_image` (PIL cannot decode it all),
-    `decompression_bomb` (more pixels than `PIL.Image.MAX_IMAGE_PIXELS`), `missing_label`,
+    `decompression_bomb` (more pixels than `max_pixels`, see `open_image`), `missing_label`,
     `non_numeric_label` (text where the ranks are numbers), `label_not_in_ranks` and `duplicate`
     (the same path again; within the same fold when the table has folds, since fold lists may
     list an image once per fold). The first occurrence of a duplicate is kept.
@@ -100,6 +152,7 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
         rank_space: the ranks labels must belong to.
         on_bad: `skip` reports bad rows and goes on; `fail` raises at the first bad row.
         workers: decoding threads (None: one per CPU).
+        max_pixels: the decompression-bomb limit, `data.max_image_pixels` (see `open_image`).
 
     Returns:
         `(good, report)`. `good` keeps the table's columns (with `group` added as None when
@@ -112,19 +165,21 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
             `on_bad="fail"`.
     """
     _check_columns(table)
+    check_max_pixels(max_pixels)
     root = Path(root)
     files = [_resolve(root, path) for path in table["path"]]
     early = _early_reasons(table, files, rank_space)
     to_decode = list(dict.fromkeys(f for f, r in zip(files, early, strict=True) if r is None))
     good_rows: list[dict[str, Any]] = []
     bad_rows: list[dict[str, Any]] = []
+    # PIL's own bomb warning only announces what `open_image` then refuses, so it is silenced.
     # Filters are process-wide, so the pool's threads see this one; the pool is shut down (inner
     # context) before the filters are restored.
     with warnings.catch_warnings(), \
             ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
             tqdm(total=len(to_decode), desc="decoding images", unit="img", disable=None) as progress:
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        decoded = _in_order(pool.map(_decode, to_decode), to_decode, progress)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        decoded = _in_order(pool.map(partial(_decode, max_pixels=max_pixels), to_decode), to_decode, progress)
         for row, (record, file, reason) in enumerate(zip(table.to_dict("records"), files, early,
                                                              strict=True)):
             result = decoded(file) if reason is None else _Decoded(reason=reason[0], detail=reason[1])
@@ -205,7 +260,7 @@ def _is_number(label: Any) -> bool:
     return True
 
 
-def _decode(file: str) -> _Decoded:
+def _decode(file: str, max_pixels: int) -> _Decoded:
     """Open and fully decode one file, returning its metadata or the reason it is bad."""
     try:
         size = os.stat(file).st_size
@@ -214,12 +269,12 @@ def _decode(file: str) -> _Decoded:
     if size == 0:
         return _Decoded(reason="empty_file", detail=f"{file} has 0 bytes")
     try:
-        with Image.open(file) as image:
+        with open_image(file, max_pixels) as image:
             image.load()
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             width, height = image.size
             mode = image.mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+    except ImageTooLargeError as error:
         return _Decoded(reason="decompression_bomb", detail=str(error))
     except Exception as error:  # noqa: BLE001 - PIL's format plugins raise many types on bad bytes
         return _Decoded(reason="corrupt_image", detail=f"{type(error).__name__}: {error}")

@@ -9,8 +9,16 @@ version, a params hash, the fold, its validation score, the report's CV test mea
 backbone was CLIP. It becomes the `champion` only when there is none yet; replacing a champion is
 the promotion flow's decision.
 
-Tracking is never fatal: with tracking disabled, no run handle, or MLflow failing, the stage
-writes `"registered": false` and the reason, and exits 0.
+With `tracking.enabled: false` the stage writes `"registered": false` with that reason and
+exits 0: not registering is then the setting, and the stage is done. With tracking on, a model
+that could not be registered is not done: the stage says why (the store's URI and MLflow's error,
+e.g. the connection refused) and exits 1 without writing `registered.json`, so DVC does not record
+it and a later `dvc repro` (or the retrain flow) runs this stage alone, and registers, once MLflow
+is back. Nothing else is lost: the upstream stages' outputs are recorded as they finished. (DVC's
+`always_changed: true` would instead rerun the stage, a new model version, on every `dvc repro`,
+and `dvc status` would never be clean.) When training could not reach MLflow, its run handle
+holds no run; the parent run is then found or created now, by the same pipeline key, in the
+current store (`MLFLOW_TRACKING_URI`, else ./mlflow.db).
 
 Output: `<out>/registered.json`.
 
@@ -24,12 +32,15 @@ Expected dvc.yaml entry (after `report`):
         - l2rclip/stages/register.py
         - l2rclip/registry.py
         - l2rclip/serving.py
+        - l2rclip/served_model.py
         - l2rclip/predict.py
       params:
         - folds
         - data.source
+        - data.max_image_pixels
         - train.select_metric
         - tracking
+        - serving
       outs:
         - outputs/register/registered.json:
             cache: false
@@ -49,14 +60,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from l2rclip.config import Params, load_params
+from l2rclip.config import Params, load_params, to_flat_dict
 from l2rclip.data.holdout import holdout_spec
+from l2rclip.methods import resolve_method
+from l2rclip.models.checkpoint import read_model_meta
 from l2rclip.registry import HOLDOUT_SPEC_TAG, default_model_name, register
+from l2rclip.serving import RequestLimits
 from l2rclip.stages.common import fingerprint, run_main, stage_parser, write_json
-from l2rclip.tracking import Tracker, _safe_key
+from l2rclip.tracking import HANDLE_FILE, Tracker, _safe_key, git_state, pipeline_key
 from l2rclip.training import HIGHER_IS_BETTER
 
 log = logging.getLogger("l2rclip.stages.register")  # not __main__ under python -m
+
+
+class RegistrationError(RuntimeError):
+    """Tracking is on but the model could not be registered (MLflow unreachable or failing)."""
 
 
 def choose_fold(params: Params, folds_dir: Path) -> tuple[int, float | None, dict[str, Any]]:
@@ -108,23 +126,52 @@ def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: P
             HOLDOUT_SPEC_TAG: holdout_spec(params.split.holdout_fraction, params.split.holdout_salt),
             **{_safe_key(f"l2rclip.{key}_mean"): entry["mean"] for key, entry in report.items()
                if key.startswith("test/") and isinstance(entry, dict)}}
-    tracker, ids = Tracker.from_handle(model_dir.parent)
-    parent = ids.get("parent_run_id")
-    if not params.tracking.enabled or not tracker.enabled or not parent:
-        result["reason"] = ("tracking.enabled is false" if not params.tracking.enabled
-                            else f"no MLflow parent run in {model_dir.parent / 'tracking.json'}")
+    limits = RequestLimits(params.serving.max_rows, params.serving.max_request_bytes, params.data.max_image_pixels)
+    read_model_meta(model_dir)  # a broken model folder is a local error, not MLflow's
+    if not params.tracking.enabled:
+        result["reason"] = "tracking.enabled is false"
     else:
+        tracker, parent = parent_run(params, model_dir.parent, summary.get("data_version"))
         try:
-            result.update(register(model_dir, name, parent, tags, tracker.tracking_uri), registered=True)
-        except Exception as error:  # noqa: BLE001 - tracking is never fatal: say why, keep the outputs
-            log.warning("model not registered: MLflow failed on %s: %s", tracker.tracking_uri, error)
-            result["reason"] = f"MLflow failed on {tracker.tracking_uri}: {type(error).__name__}: {error}"
-        else:
-            tracker.set_tags(parent, {"l2rclip.registered_model": result["model_uri"]})
+            result.update(register(model_dir, name, parent, tags, tracker.tracking_uri, limits=limits),
+                          registered=True)
+        except Exception as error:  # noqa: BLE001 - any MLflow failure: say which store and why
+            raise RegistrationError(f"MLflow failed on {tracker.tracking_uri}: {type(error).__name__}: "
+                                    f"{error}") from error
+        tracker.set_tags(parent, {"l2rclip.registered_model": result["model_uri"]})
     write_json(out_dir / "registered.json", result)
     log.info("fold %d (val/%s %s): %s", fold, metric, score,
              result["model_uri"] if result["registered"] else f"not registered: {result['reason']}")
     return result
+
+
+def parent_run(params: Params, train_dir: Path, version: str | None) -> tuple[Tracker, str]:
+    """The tracker and pipeline parent run to register under.
+
+    The run named by the fold's run handle when training was tracked; otherwise (training could
+    not reach MLflow, so the handle is missing or holds no run) the parent run with this
+    pipeline's key in the current store, created if there is none, as the train stage does.
+
+    Raises:
+        RegistrationError: the store cannot be used; the message names it and MLflow's error.
+    """
+    handle = train_dir / HANDLE_FILE
+    if handle.is_file():
+        tracker, ids = Tracker.from_handle(train_dir)
+        if ids.get("parent_run_id") and tracker.enabled:
+            return tracker, ids["parent_run_id"]
+        if ids.get("parent_run_id"):
+            raise RegistrationError(f"the training's MLflow run {ids['parent_run_id']} (in {handle}) cannot be "
+                                    f"reached: {tracker.failure}")
+    tracker = Tracker(experiment=params.tracking.experiment)
+    flat = to_flat_dict(resolve_method(params))
+    parent = tracker.parent_run(pipeline_key(flat, version), name=f"{params.data.source} pipeline", params=flat,
+                                tags={**git_state(), "l2rclip.data_version": version})
+    if parent is None:
+        raise RegistrationError(tracker.failure or f"MLflow at {tracker.tracking_uri} gave no parent run")
+    log.warning("training was not tracked (%s holds no MLflow run): registering under parent run %s in %s",
+                handle, parent, tracker.tracking_uri)
+    return tracker, parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,8 +188,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/register"),
                         help="output folder for registered.json (default: %(default)s)")
     args = parser.parse_args(argv)
-    return run_main(lambda: register_best(load_params(args.params), args.folds_dir, args.report, args.out)
-                    and 0)
+    return run_main(lambda: _register_or_explain(load_params(args.params), args.folds_dir, args.report, args.out))
+
+
+def _register_or_explain(params: Params, folds_dir: Path, report_file: Path, out_dir: Path) -> int:
+    """Run `register_best`; a registration MLflow refused is one message and exit 1 (the stage is not done)."""
+    try:
+        register_best(params, folds_dir, report_file, out_dir)
+    except RegistrationError as error:
+        print(f"error: the model was NOT registered: {error}\n"
+              f"Nothing else is lost: the other stages' outputs are kept. This stage fails so that DVC does not "
+              f"record it as done; once MLflow is reachable, `dvc repro` (or the retrain flow) runs it again "
+              f"and registers.", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
