@@ -113,8 +113,10 @@ def read_splits(path: str | Path) -> pd.DataFrame:
 
 
 def _check_options(config: SplitConfig) -> None:
-    """Reject settings that make no sense before touching the data (the checks of params loading,
-    repeated for callers that build a `SplitConfig` themselves)."""
+    """Reject settings that make no sense before touching the data.
+
+    These are the checks of params loading, repeated for callers that build a `SplitConfig`.
+    """
     problems = section_problems(config, "split")
     if problems:
         raise SplitError("; ".join(problems))

@@ -39,7 +39,7 @@ from l2rclip.stages.common import (
     write_json,
 )
 from l2rclip.tracking import Tracker, git_state, pipeline_key
-from l2rclip.training import FoldData, fit
+from l2rclip.training import FoldData, check_schedule, fit
 
 log = logging.getLogger("l2rclip.stages.train")  # not __main__ under python -m
 
@@ -86,6 +86,9 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict
         fallback = params.model.fallback
         used = dataclasses.replace(params, train=dataclasses.replace(
             params.train, lr_image=fallback.lr_image, epochs=fallback.epochs))
+    data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
+                    root=Path(used.data.root))
+    check_schedule(model_config, used.train, used.loss, rank_space)  # before any output is touched
     run_fingerprint = fingerprint(used, fold, version)
     resuming = find_state(out_dir / "last", run_fingerprint) is not None
     if not resuming and out_dir.exists():  # DVC keeps this folder (persist): clear another run's files
@@ -94,8 +97,6 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path) -> dict
     tracker, run_id = open_fold_run(params, fold, out_dir, version, resuming, tags)
     params = used
 
-    data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
-                    root=Path(params.data.root))
     if model_config.method in UNTRAINED:
         result = fit_untrained(model_config.method, model, backbone, rank_space, data, model_config, params.train,
                                params.eval, backbone.preprocess_eval, out_dir, params.seed, device, meta)
