@@ -1,16 +1,21 @@
 """Check a source table row by row before anything trains on it, and load images as RGB.
 
-Real datasets carry missing files, truncated downloads, odd pixel formats and typos in labels.
-Finding them here, once, in one report, is cheaper than a crash in epoch 3 or a silently wrong
-label. Every image is opened and fully decoded exactly once (decoding is what catches truncated
-files); decoding runs in a thread pool because PIL releases the GIL while it decodes.
+Real datasets carry missing files, truncated downloads, odd pixel formats, typos in labels and
+the same picture saved under two names. Finding them here, once, in one report, is cheaper than a
+crash in epoch 3 or a silently wrong label. Every file is read exactly once: its bytes are hashed
+(to find identical content under other names) and fully decoded (which is what catches truncated
+files); this runs in a thread pool because hashing and PIL's decoding release the GIL.
 Source files are only read, never changed.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,9 +24,10 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from l2rclip.data.sources.base import IMAGE_EXTENSIONS
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,10 @@ class DataValidationError(ValueError):
     """A source table is malformed, or a bad row was found with `on_bad="fail"`."""
 
 
+class UnusableImageError(ValueError):
+    """A file that cannot be an image input; the message starts with the validation reason."""
+
+
 class _Decoded(NamedTuple):
     """What decoding one file found: its metadata, or why it is bad."""
 
@@ -48,6 +58,8 @@ class _Decoded(NamedTuple):
     mode: str = ""
     reason: str | None = None
     detail: str = ""
+    digest: str = ""  # sha256 of the file's bytes
+    fatal: bool = False  # stop even with on_bad="skip" (a conflict with data.duplicates: fail)
 
 
 def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -70,6 +82,24 @@ def load_rgb(path: str | Path, background: tuple[int, int, int] = WHITE) -> Imag
     return to_rgb(upright, background)
 
 
+def load_image_file(path: str | Path) -> Image.Image:
+    """`load_rgb` for inputs named by users (predict): first the checks validation makes of a path.
+
+    Raises:
+        UnusableImageError: "<reason>: <detail>" for an unsupported extension, a dangling symlink,
+            a symlink loop, a missing file, something that is not a file, or an empty file.
+    """
+    problem = image_file_problem(str(path))
+    if problem is not None:
+        raise UnusableImageError(f"{problem[0]}: {problem[1]}")
+    return load_rgb(path)
+
+
+def image_file_problem(file: str) -> tuple[str, str] | None:
+    """Why `file` cannot be an image, judged from its name and `stat` alone (no read), or None."""
+    return _extension_problem(file) or _stat_problem(file)
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Convert a decoded image to 8-bit RGB: 16-bit scaled (not clipped), alpha composited."""
     if image.mode in _WIDE_MODES:
@@ -84,15 +114,25 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
 
 
 def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
-                   on_bad: Literal["skip", "fail"] = "skip",
-                   workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   on_bad: Literal["skip", "fail"] = "skip", workers: int | None = None,
+                   allow_outside_root: bool = False,
+                   duplicates: Literal["drop_conflicts", "keep_first", "fail"] = "drop_conflicts",
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a source table into good rows and a report of bad ones.
 
-    Bad reasons: `missing_file`, `empty_file`, `corrupt_image` (PIL cannot decode it all),
-    `decompression_bomb` (more pixels than `PIL.Image.MAX_IMAGE_PIXELS`), `missing_label`,
-    `non_numeric_label` (text where the ranks are numbers), `label_not_in_ranks` and `duplicate`
-    (the same path again; within the same fold when the table has folds, since fold lists may
-    list an image once per fold). The first occurrence of a duplicate is kept.
+    Bad reasons, from the path alone: `missing_file` (blank path), `duplicate` (the same path
+    again), `outside_root` (the path leaves `root`: `../x.png`, an absolute path elsewhere; symlinks
+    inside `root` are followed, as DVC's symlink cache makes them), `unsupported_extension` (not
+    one of `IMAGE_EXTENSIONS`); from the label: `missing_label`, `non_numeric_label` (text where
+    the ranks are numbers), `label_not_in_ranks`; from `stat`: `missing_file`, `dangling_symlink`,
+    `symlink_loop`, `not_a_file` (a folder, a device), `unreadable_file`, `empty_file`; from
+    reading: `corrupt_image` (PIL cannot decode it all), `decompression_bomb` (more pixels than
+    `PIL.Image.MAX_IMAGE_PIXELS`), `duplicate_content` (the same bytes as an earlier row, same
+    label) and `conflicting_labels` (the same bytes with another label).
+
+    Duplicates keep the first occurrence. They are looked for within each fold when the table
+    lists every fold's own splits (`fold` and `split` columns: such lists name an image once per
+    fold), else across the whole table, so that no picture is both trained and tested on.
 
     Args:
         table: the source table (`path`, `label`, optional `group`, `fold`, `split`).
@@ -100,22 +140,28 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
         rank_space: the ranks labels must belong to.
         on_bad: `skip` reports bad rows and goes on; `fail` raises at the first bad row.
         workers: decoding threads (None: one per CPU).
+        allow_outside_root: accept paths that leave `root` instead of reporting `outside_root`.
+        duplicates: identical files with different labels: `drop_conflicts` keeps none,
+            `keep_first` the first row, `fail` raises.
 
     Returns:
         `(good, report)`. `good` keeps the table's columns (with `group` added as None when
         absent) plus `row` (the row number in `table`, from 0), `rank` (index in the rank space),
         `value`, and `width`, `height` (as displayed, after EXIF rotation) and `mode` (as stored).
-        `report` has one row per bad row: `row`, `path`, `label`, `reason`, `detail`.
+        `report` has one row per bad row, in row order: `row`, `path`, `label`, `reason`, `detail`.
 
     Raises:
-        DataValidationError: a missing or unknown column (always), or the first bad row when
-            `on_bad="fail"`.
+        DataValidationError: a missing or unknown column (always), the first bad row when
+            `on_bad="fail"`, or the first conflicting duplicate when `duplicates="fail"`.
     """
     _check_columns(table)
     root = Path(root)
     files = [_resolve(root, path) for path in table["path"]]
-    early = _early_reasons(table, files, rank_space)
+    per_fold = {"fold", "split"} <= set(table.columns)
+    folds = table["fold"].tolist() if per_fold else [None] * len(table)
+    early = _early_reasons(table, files, folds, rank_space, None if allow_outside_root else root)
     to_decode = list(dict.fromkeys(f for f, r in zip(files, early, strict=True) if r is None))
+    contents = _Contents(duplicates)
     good_rows: list[dict[str, Any]] = []
     bad_rows: list[dict[str, Any]] = []
     # Filters are process-wide, so the pool's threads see this one; the pool is shut down (inner
@@ -125,24 +171,66 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
             tqdm(total=len(to_decode), desc="decoding images", unit="img", disable=None) as progress:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         decoded = _in_order(pool.map(_decode, to_decode), to_decode, progress)
-        for row, (record, file, reason) in enumerate(zip(table.to_dict("records"), files, early,
-                                                             strict=True)):
+        for row, (record, file, fold, reason) in enumerate(zip(table.to_dict("records"), files, folds, early,
+                                                                   strict=True)):
             result = decoded(file) if reason is None else _Decoded(reason=reason[0], detail=reason[1])
             if result.reason is None:
                 index = rank_space.index_of(record["label"])
+                result = contents.check(row, record, index, (result.digest, fold), result)
+            if result.reason is None:
                 good_rows.append({"row": row, **record, "rank": index,
                                   "value": float(rank_space.value_of(index)), "width": result.width,
                                   "height": result.height, "mode": result.mode})
                 continue
-            if on_bad == "fail":
+            if on_bad == "fail" or result.fatal:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise DataValidationError(f"row {row} of the source table ({record['path']}): "
                                           f"{result.reason}: {result.detail}")
             bad_rows.append({"row": row, "path": record["path"], "label": record["label"],
                              "reason": result.reason, "detail": result.detail})
+    good_rows, bad_rows = contents.drop_conflicts(good_rows, bad_rows)
     good, report = _frames(table, good_rows, bad_rows)
     _log_counts(len(table), good, report)
     return good, report
+
+
+class _Contents:
+    """Rows already seen by content (sha256, fold), deciding `duplicate_content` and conflicts."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.first: dict[tuple[str, Any], tuple[int, dict[str, Any], int]] = {}
+        self.conflicted: dict[int, list[int]] = {}  # first row -> later rows with other labels
+
+    def check(self, row: int, record: dict[str, Any], rank: int, key: tuple[str, Any],
+              result: _Decoded) -> _Decoded:
+        """`result` when the content is new (remembered), else the duplicate's reason."""
+        if key not in self.first:
+            self.first[key] = (row, record, rank)
+            return result
+        first, first_record, first_rank = self.first[key]
+        same = f"same content (sha256 {key[0][:12]}) as row {first} ({first_record['path']})"
+        if first_rank == rank:
+            return _Decoded(reason="duplicate_content", detail=f"{same}, same label; the first is kept")
+        there = f"{same}, labelled {first_record['label']!r} there, {record['label']!r} here"
+        if self.policy == "fail":
+            return _Decoded(reason="conflicting_labels", fatal=True,
+                            detail=f"{there} (data.duplicates: fail; drop_conflicts or keep_first go on)")
+        self.conflicted.setdefault(first, []).append(row)
+        kept = "none is kept" if self.policy == "drop_conflicts" else "the first is kept"
+        return _Decoded(reason="conflicting_labels", detail=f"{there}; {kept} (data.duplicates: {self.policy})")
+
+    def drop_conflicts(self, good_rows: list[dict[str, Any]],
+                       bad_rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """With `drop_conflicts`, move the first row of each conflict from good to bad (row order kept)."""
+        if self.policy != "drop_conflicts" or not self.conflicted:
+            return good_rows, bad_rows
+        moved = [{"row": r["row"], "path": r["path"], "label": r["label"], "reason": "conflicting_labels",
+                  "detail": f"same content as row(s) {', '.join(map(str, self.conflicted[r['row']]))} with "
+                            "other labels; none is kept (data.duplicates: drop_conflicts)"}
+                 for r in good_rows if r["row"] in self.conflicted]
+        kept = [r for r in good_rows if r["row"] not in self.conflicted]
+        return kept, sorted(bad_rows + moved, key=lambda r: r["row"])
 
 
 def _check_columns(table: pd.DataFrame) -> None:
@@ -165,10 +253,12 @@ def _resolve(root: Path, path: Any) -> str:
     return os.path.normpath(root / str(path).strip())
 
 
-def _early_reasons(table: pd.DataFrame, files: list[str],
-                   rank_space: RankSpace) -> list[tuple[str, str] | None]:
-    """Reasons that need no decoding (labels, duplicates, blank paths), one per row or None."""
-    folds = table["fold"].tolist() if "fold" in table.columns else [None] * len(table)
+def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank_space: RankSpace,
+                   root: Path | None) -> list[tuple[str, str] | None]:
+    """Reasons that need no file access (path, duplicates, labels), one per row or None.
+
+    `root` None accepts paths outside the root.
+    """
     first_seen: dict[tuple[str, Any], int] = {}
     reasons: list[tuple[str, str] | None] = []
     for row, (file, fold, label) in enumerate(zip(files, folds, table["label"], strict=True)):
@@ -180,8 +270,54 @@ def _early_reasons(table: pd.DataFrame, files: list[str],
             reasons.append(("duplicate", f"same path as row {first_seen[key]}{where}; the first is kept"))
         else:
             first_seen[key] = row
-            reasons.append(_label_reason(label, rank_space))
+            reasons.append((root is not None and _outside_root(root, file)) or _extension_problem(file)
+                           or _label_reason(label, rank_space))
     return reasons
+
+
+def _outside_root(root: Path, file: str) -> tuple[str, str] | None:
+    """`outside_root` when `file` is neither under `root` as written nor once symlinks are resolved.
+
+    Paths under the root as written pass even where they are symlinks to elsewhere (DVC's
+    symlink cache type makes exactly those); an absolute path passes when it is inside the
+    root's real location.
+    """
+    base, path = os.path.abspath(root), os.path.abspath(file)
+    if os.path.commonpath([base, path]) == base:
+        return None
+    real_base, real_path = os.path.realpath(root), os.path.realpath(file)
+    if os.path.commonpath([real_base, real_path]) == real_base:
+        return None
+    return ("outside_root", f"{file} is outside data.root {base}; move it under the root, or set "
+                            "data.allow_outside_root: true (DVC does not track files outside the root)")
+
+
+def _extension_problem(file: str) -> tuple[str, str] | None:
+    suffix = os.path.splitext(file)[1].lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return None
+    return ("unsupported_extension", f"{file} has extension {suffix or '(none)'!r}; expected one of "
+                                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+
+
+def _stat_problem(file: str) -> tuple[str, str] | None:
+    """Why `file` cannot be read as an image file, from `stat` alone, or None."""
+    try:
+        info = os.stat(file)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symlink_loop", f"{file} is a symlink loop (resolving it never ends)"
+        if os.path.islink(file):
+            return "dangling_symlink", f"{file} is a symlink to {os.readlink(file)}, which does not exist"
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "missing_file", f"no file at {file}"
+        return "unreadable_file", f"{file}: {error.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder (symlinked folders are not followed)" if stat.S_ISDIR(info.st_mode) else "not a file"
+        return "not_a_file", f"{file} is {kind}"
+    if info.st_size == 0:
+        return "empty_file", f"{file} has 0 bytes"
+    return None
 
 
 def _label_reason(label: Any, rank_space: RankSpace) -> tuple[str, str] | None:
@@ -206,26 +342,31 @@ def _is_number(label: Any) -> bool:
 
 
 def _decode(file: str) -> _Decoded:
-    """Open and fully decode one file, returning its metadata or the reason it is bad."""
+    """Read one file once, hash its bytes and fully decode them: its metadata or why it is bad."""
+    problem = _stat_problem(file)
+    if problem is not None:
+        return _Decoded(reason=problem[0], detail=problem[1])
     try:
-        size = os.stat(file).st_size
-    except OSError:
-        return _Decoded(reason="missing_file", detail=f"no file at {file}")
-    if size == 0:
-        return _Decoded(reason="empty_file", detail=f"{file} has 0 bytes")
+        data = Path(file).read_bytes()
+    except OSError as error:
+        return _Decoded(reason="unreadable_file", detail=f"{file}: {error.strerror}")
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        with Image.open(file) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             width, height = image.size
             mode = image.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return _Decoded(reason="decompression_bomb", detail=str(error))
+    except UnidentifiedImageError:  # its own message names the in-memory buffer, not the file
+        return _Decoded(reason="corrupt_image",
+                        detail=f"UnidentifiedImageError: cannot identify image file {file!r}")
     except Exception as error:  # noqa: BLE001 - PIL's format plugins raise many types on bad bytes
         return _Decoded(reason="corrupt_image", detail=f"{type(error).__name__}: {error}")
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
-    return _Decoded(width, height, mode)
+    return _Decoded(width, height, mode, digest=digest)
 
 
 def _in_order(results: Iterator[_Decoded], files: list[str],
