@@ -97,7 +97,7 @@ def load_image_file(path: str | Path) -> Image.Image:
 
 def image_file_problem(file: str) -> tuple[str, str] | None:
     """Why `file` cannot be an image, judged from its name and `stat` alone (no read), or None."""
-    return _extension_problem(file) or _stat_problem(file)
+    return _stat_problem(file) or _extension_problem(file)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
@@ -270,7 +270,9 @@ def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank
             reasons.append(("duplicate", f"same path as row {first_seen[key]}{where}; the first is kept"))
         else:
             first_seen[key] = row
-            reasons.append((root is not None and _outside_root(root, file)) or _extension_problem(file)
+            # A folder is reported as not_a_file (by the stat check), whatever its name.
+            wrong_type = not os.path.isdir(file) and _extension_problem(file)
+            reasons.append((root is not None and _outside_root(root, file)) or wrong_type
                            or _label_reason(label, rank_space))
     return reasons
 
