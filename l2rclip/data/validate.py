@@ -10,12 +10,10 @@ Source files are only read, never changed.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import logging
 import os
-import stat
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,8 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from l2rclip.data.sources.base import IMAGE_EXTENSIONS
+from l2rclip.data.duplicates import ContentIndex
+from l2rclip.data.file_checks import extension_problem, image_file_problem, outside_root, stat_problem
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -95,11 +94,6 @@ def load_image_file(path: str | Path) -> Image.Image:
     return load_rgb(path)
 
 
-def image_file_problem(file: str) -> tuple[str, str] | None:
-    """Why `file` cannot be an image, judged from its name and `stat` alone (no read), or None."""
-    return _stat_problem(file) or _extension_problem(file)
-
-
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Convert a decoded image to 8-bit RGB: 16-bit scaled (not clipped), alpha composited."""
     if image.mode in _WIDE_MODES:
@@ -161,7 +155,7 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
     folds = table["fold"].tolist() if per_fold else [None] * len(table)
     early = _early_reasons(table, files, folds, rank_space, None if allow_outside_root else root)
     to_decode = list(dict.fromkeys(f for f, r in zip(files, early, strict=True) if r is None))
-    contents = _Contents(duplicates)
+    contents = ContentIndex(duplicates)
     good_rows: list[dict[str, Any]] = []
     bad_rows: list[dict[str, Any]] = []
     # Filters are process-wide, so the pool's threads see this one; the pool is shut down (inner
@@ -176,7 +170,9 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
             result = decoded(file) if reason is None else _Decoded(reason=reason[0], detail=reason[1])
             if result.reason is None:
                 index = rank_space.index_of(record["label"])
-                result = contents.check(row, record, index, (result.digest, fold), result)
+                duplicate = contents.check(row, record, index, (result.digest, fold))
+                if duplicate is not None:
+                    result = _Decoded(reason=duplicate.reason, detail=duplicate.detail, fatal=duplicate.fatal)
             if result.reason is None:
                 good_rows.append({"row": row, **record, "rank": index,
                                   "value": float(rank_space.value_of(index)), "width": result.width,
@@ -192,45 +188,6 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
     good, report = _frames(table, good_rows, bad_rows)
     _log_counts(len(table), good, report)
     return good, report
-
-
-class _Contents:
-    """Rows already seen by content (sha256, fold), deciding `duplicate_content` and conflicts."""
-
-    def __init__(self, policy: str):
-        self.policy = policy
-        self.first: dict[tuple[str, Any], tuple[int, dict[str, Any], int]] = {}
-        self.conflicted: dict[int, list[int]] = {}  # first row -> later rows with other labels
-
-    def check(self, row: int, record: dict[str, Any], rank: int, key: tuple[str, Any],
-              result: _Decoded) -> _Decoded:
-        """`result` when the content is new (remembered), else the duplicate's reason."""
-        if key not in self.first:
-            self.first[key] = (row, record, rank)
-            return result
-        first, first_record, first_rank = self.first[key]
-        same = f"same content (sha256 {key[0][:12]}) as row {first} ({first_record['path']})"
-        if first_rank == rank:
-            return _Decoded(reason="duplicate_content", detail=f"{same}, same label; the first is kept")
-        there = f"{same}, labelled {first_record['label']!r} there, {record['label']!r} here"
-        if self.policy == "fail":
-            return _Decoded(reason="conflicting_labels", fatal=True,
-                            detail=f"{there} (data.duplicates: fail; drop_conflicts or keep_first go on)")
-        self.conflicted.setdefault(first, []).append(row)
-        kept = "none is kept" if self.policy == "drop_conflicts" else "the first is kept"
-        return _Decoded(reason="conflicting_labels", detail=f"{there}; {kept} (data.duplicates: {self.policy})")
-
-    def drop_conflicts(self, good_rows: list[dict[str, Any]],
-                       bad_rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """With `drop_conflicts`, move the first row of each conflict from good to bad (row order kept)."""
-        if self.policy != "drop_conflicts" or not self.conflicted:
-            return good_rows, bad_rows
-        moved = [{"row": r["row"], "path": r["path"], "label": r["label"], "reason": "conflicting_labels",
-                  "detail": f"same content as row(s) {', '.join(map(str, self.conflicted[r['row']]))} with "
-                            "other labels; none is kept (data.duplicates: drop_conflicts)"}
-                 for r in good_rows if r["row"] in self.conflicted]
-        kept = [r for r in good_rows if r["row"] not in self.conflicted]
-        return kept, sorted(bad_rows + moved, key=lambda r: r["row"])
 
 
 def _check_columns(table: pd.DataFrame) -> None:
@@ -271,55 +228,10 @@ def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank
         else:
             first_seen[key] = row
             # A folder is reported as not_a_file (by the stat check), whatever its name.
-            wrong_type = not os.path.isdir(file) and _extension_problem(file)
-            reasons.append((root is not None and _outside_root(root, file)) or wrong_type
+            wrong_type = not os.path.isdir(file) and extension_problem(file)
+            reasons.append((root is not None and outside_root(root, file)) or wrong_type
                            or _label_reason(label, rank_space))
     return reasons
-
-
-def _outside_root(root: Path, file: str) -> tuple[str, str] | None:
-    """`outside_root` when `file` is neither under `root` as written nor once symlinks are resolved.
-
-    Paths under the root as written pass even where they are symlinks to elsewhere (DVC's
-    symlink cache type makes exactly those); an absolute path passes when it is inside the
-    root's real location.
-    """
-    base, path = os.path.abspath(root), os.path.abspath(file)
-    if os.path.commonpath([base, path]) == base:
-        return None
-    real_base, real_path = os.path.realpath(root), os.path.realpath(file)
-    if os.path.commonpath([real_base, real_path]) == real_base:
-        return None
-    return ("outside_root", f"{file} is outside data.root {base}; move it under the root, or set "
-                            "data.allow_outside_root: true (DVC does not track files outside the root)")
-
-
-def _extension_problem(file: str) -> tuple[str, str] | None:
-    suffix = os.path.splitext(file)[1].lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return None
-    return ("unsupported_extension", f"{file} has extension {suffix or '(none)'!r}; expected one of "
-                                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
-
-
-def _stat_problem(file: str) -> tuple[str, str] | None:
-    """Why `file` cannot be read as an image file, from `stat` alone, or None."""
-    try:
-        info = os.stat(file)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            return "symlink_loop", f"{file} is a symlink loop (resolving it never ends)"
-        if os.path.islink(file):
-            return "dangling_symlink", f"{file} is a symlink to {os.readlink(file)}, which does not exist"
-        if error.errno in (errno.ENOENT, errno.ENOTDIR):
-            return "missing_file", f"no file at {file}"
-        return "unreadable_file", f"{file}: {error.strerror}"
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a folder (symlinked folders are not followed)" if stat.S_ISDIR(info.st_mode) else "not a file"
-        return "not_a_file", f"{file} is {kind}"
-    if info.st_size == 0:
-        return "empty_file", f"{file} has 0 bytes"
-    return None
 
 
 def _label_reason(label: Any, rank_space: RankSpace) -> tuple[str, str] | None:
@@ -345,7 +257,7 @@ def _is_number(label: Any) -> bool:
 
 def _decode(file: str) -> _Decoded:
     """Read one file once, hash its bytes and fully decode them: its metadata or why it is bad."""
-    problem = _stat_problem(file)
+    problem = stat_problem(file)
     if problem is not None:
         return _Decoded(reason=problem[0], detail=problem[1])
     try:
