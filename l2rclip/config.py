@@ -3,7 +3,9 @@
 params.yaml is the project's only configuration. Every section is a frozen dataclass so that a
 resolved configuration can be hashed, logged and compared, and so that a misspelled key is an
 error at load time (naming the dotted key and the keys that would have been accepted) instead of
-a silently ignored setting. Constructors elsewhere take plain arguments, never a `Params`.
+a silently ignored setting. Numeric settings are checked against their ranges (`RANGES`) and
+the rules tying keys together at load time too, so a stage fails before it touches an output.
+Constructors elsewhere take plain arguments, never a `Params`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class DataConfig:
     per CPU); decoding releases the GIL, so threads speed it up without copying data.
     `max_image_pixels` is the one decompression-bomb limit (width x height), applied by
     `l2rclip.data.validate.open_image` in prepare, predict and the served model (default: PIL's).
+    `allow_outside_root: false` makes a listed path that leaves `root` (`../x.png`, an absolute
+    path elsewhere) a bad row: DVC tracks `root`, not what lies outside it.
+    `duplicates` is what happens to identical files (same bytes) listed with different labels:
+    `drop_conflicts` keeps none of them (which label is right is unknown), `keep_first` keeps the
+    first row, `fail` stops. Identical files with the same label always keep the first row.
     """
 
     source: str = "demo"
@@ -63,6 +70,8 @@ class DataConfig:
     decode_workers: int | None = None
     max_image_pixels: int = 89_478_485
     demo: DemoConfig = field(default_factory=DemoConfig)
+    allow_outside_root: bool = False
+    duplicates: Literal["drop_conflicts", "keep_first", "fail"] = "drop_conflicts"
 
 
 @dataclass(frozen=True)
@@ -267,8 +276,127 @@ class Params:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric setting must lie in (a `None` bound is unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        """Whether `value` lies in the interval (a word a key allows, like `auto`, is not a number)."""
+        if isinstance(value, str):
+            return True
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+COUNT, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, low_open=True)
+
+# The range of every numeric setting, by dotted key (`key[]`: each item of a list). Checked at
+# load time, after the types, so that a bad value stops a stage before it touches any output.
+# A null value (where the key allows null) is not checked. Add a line here with a new key.
+RANGES: dict[str, Range] = {
+    "seed": NON_NEGATIVE,  # numpy seed sequences take non-negative seeds only
+    "folds[]": NON_NEGATIVE,
+    "data.decode_workers": COUNT,
+    "data.demo.n_per_rank": COUNT,
+    "data.demo.image_size": COUNT,
+    "split.n_folds": Range(2),
+    "split.val_fraction": Range(0, 0.5),
+    "split.few_shot": COUNT,
+    "split.shift_keep": Range(0, 1, low_open=True),
+    "split.shift_ranks": COUNT,
+    "split.n_repeats": COUNT,
+    "split.n_train": COUNT,
+    "split.n_val": NON_NEGATIVE,
+    "split.n_test": COUNT,
+    "split.holdout_fraction": Range(0, 1, high_open=True),
+    "preprocess.margin": NON_NEGATIVE,
+    "preprocess.shard_size": COUNT,
+    "preprocess.workers": COUNT,
+    "model.probe_c[]": POSITIVE,
+    "model.fallback.lr_image": POSITIVE,
+    "model.fallback.epochs": COUNT,
+    "model.prompt.n_context": COUNT,
+    "model.prompt.rank_tokens": COUNT,
+    "model.prompt.n_base": Range(2),
+    "model.prompt.gaussian_sigma": POSITIVE,
+    "model.rankformer.layers": COUNT,
+    "model.rankformer.heads": COUNT,
+    "model.rankformer.mlp_ratio": POSITIVE,
+    "model.rankformer.dropout": Range(0, 1, high_open=True),
+    **{f"loss.{term}": NON_NEGATIVE for term in ("ce", "kl_t2i", "cop", "cop_batch", "supcon",
+                                                 "cop_tightness", "cop_diversity")},
+    "loss.supcon_temperature": POSITIVE,
+    "train.epochs": COUNT,
+    "train.stage1_epochs": NON_NEGATIVE,
+    "train.batch_size": COUNT,
+    **{f"train.lr_{group}": POSITIVE for group in ("prompt", "rankformer", "image", "head")},
+    "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_epochs": NON_NEGATIVE,
+    "train.grad_clip": POSITIVE,
+    "train.num_workers": NON_NEGATIVE,
+    "train.eval_batch_size": COUNT,
+    "eval.cs_theta": NON_NEGATIVE,
+    "eval.ece_bins": COUNT,
+}
+
+
+def section_problems(section: Any, prefix: str = "") -> list[str]:
+    """What is wrong with the settings of one config section (not its subsections).
+
+    Each problem names the dotted key, the expected range and the value found: the `RANGES` of
+    the section's keys, then the rules that tie keys together (`_RULES`).
+    """
+    problems = []
+    for f in dataclasses.fields(section):
+        key, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(section, f.name)
+        items = ([(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple)
+                 else [(key, value)])
+        expected = RANGES.get(f"{key}[]" if isinstance(value, tuple) else key)
+        problems += [f"'{name}': expected a value {expected}, found {item!r}" for name, item in items
+                     if expected is not None and item is not None and not expected.admits(item)]
+    rule = _RULES.get(type(section))
+    return problems + (rule(section, prefix) if rule else [])
+
+
+def _split_rules(split: SplitConfig, prefix: str) -> list[str]:
+    if split.few_shot is not None and split.shift_keep is not None:
+        return [f"'{prefix}.few_shot' and '{prefix}.shift_keep' are both set; choose one"]
+    return []
+
+
+def _params_rules(params: Params, prefix: str) -> list[str]:
+    """The folds the pipeline runs must exist where the protocol fixes their number."""
+    if len(set(params.folds)) != len(params.folds):
+        return [f"'folds': expected distinct fold numbers, found {list(params.folds)}"]
+    count = {"kfold": ("split.n_folds", params.split.n_folds),
+             "repeats": ("split.n_repeats", params.split.n_repeats)}.get(params.split.protocol)
+    if count is None:  # given / logo: the number of folds comes from the data (train checks splits.csv)
+        return []
+    absent = [fold for fold in params.folds if fold >= count[1]]
+    if absent:
+        return [f"'folds': expected fold numbers in 0..{count[1] - 1} ({count[0]} is {count[1]} for "
+                f"protocol {params.split.protocol}), found {absent}"]
+    return []
+
+
+_RULES: dict[type, Any] = {SplitConfig: _split_rules, Params: _params_rules}
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read a params file into `Params`, rejecting unknown keys and wrongly typed values."""
+    """Read a params file into `Params`, rejecting unknown keys, wrong types and out-of-range values."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: expected a YAML file at {path}")
@@ -281,7 +409,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested mapping; errors name the dotted key that is wrong."""
+    """Build dataclass `cls` from a nested mapping, checked against its types and `RANGES`.
+
+    Errors name the dotted key that is wrong (all out-of-range keys of a section at once).
+    """
     where = prefix or "<top level>"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, found {type(raw).__name__} {raw!r}")
@@ -293,7 +424,11 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
         raise ConfigError(f"unknown key '{key}'; expected one of: {', '.join(sorted(known))}")
     kwargs = {name: _coerce(hints[name], value, f"{prefix}.{name}" if prefix else name)
               for name, value in raw.items()}
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    problems = section_problems(section, prefix)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return section
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

@@ -26,8 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from l2rclip.data.sources.base import list_images
-from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_rgb, to_rgb
+from l2rclip.data.sources.base import list_files
+from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_image_file, to_rgb
 from l2rclip.evaluation import predict_probabilities, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
@@ -117,9 +117,10 @@ def _find_model_folder(root: Path, uri: str) -> Path:
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     """Image paths from image files, folders (recursive, sorted) and CSV lists with a `path` column.
 
-    Paths that do not exist are kept, so that they are reported on their own rows rather than
-    silently dropped. Relative paths in a CSV start from the CSV's folder, so a list travels with
-    its images.
+    Paths that do not exist are kept, and a folder gives every file in it (other types, dangling
+    symlinks, symlink loops too), so that each is reported on its own row with its reason
+    (`unsupported_extension`, `dangling_symlink`, ...) rather than silently dropped. Relative paths
+    in a CSV start from the CSV's folder, so a list travels with its images.
 
     Raises:
         ValueError: a CSV file that cannot be read as a table with a `path` column (named).
@@ -127,7 +128,7 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths.extend(list_images(item))
+            paths.extend(list_files(item))  # non-images too: each gets its reason on its row
         elif item.suffix.lower() == ".csv" and item.is_file():
             paths.extend(item.parent / path for path in _listed_paths(item))
         else:
@@ -256,7 +257,7 @@ class Predictor:
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
                       with_probabilities: bool = False, progress: bool = True) -> pd.DataFrame:
         """Predict image files; one row per path, in input order (see `predict`)."""
-        return self.predict([Path(p) for p in paths], partial(load_rgb, max_pixels=self.max_pixels),
+        return self.predict([Path(p) for p in paths], partial(load_image_file, max_pixels=self.max_pixels),
                             [str(p) for p in paths], batch_size, num_workers, with_probabilities, progress)
 
     def predict_images(self, images: Sequence[Image.Image], with_probabilities: bool = False,

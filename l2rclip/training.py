@@ -31,7 +31,7 @@ from l2rclip.data.store import ImageStore, StoreDataset, collate_batch
 from l2rclip.evaluation import autocast, predict_probabilities
 from l2rclip.features import cached_image_features
 from l2rclip.losses import OrdinalLoss
-from l2rclip.methods import HEAD_KINDS
+from l2rclip.methods import HEAD_KINDS, UNTRAINED
 from l2rclip.metrics import ordinal_metrics, prefix_metrics
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.heads import HeadLoss, OrdinalHeadModel
@@ -108,6 +108,18 @@ def phase_loss(loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...],
     if not any(weights.values()):
         raise ValueError(f"every loss term of this phase is 0: set one of loss.{', loss.'.join(terms)} > 0")
     return OrdinalLoss(rank_space.values, **{**dataclasses.asdict(loss), **weights})
+
+
+def check_schedule(model_config: ModelConfig, train: TrainConfig, loss: LossConfig,
+                   rank_space: RankSpace) -> None:
+    """Raise the errors `fit` would raise for a schedule or loss that cannot run, without training.
+
+    A stage calls this before it touches its outputs, so bad settings never cost earlier results.
+    """
+    if model_config.method in UNTRAINED:
+        return
+    for phase in schedule_phases(train, model_config.image_tower, model_config.method):
+        phase_loss(loss, rank_space, phase.terms, model_config.method)
 
 
 def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData, model_config: ModelConfig,

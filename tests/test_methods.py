@@ -70,7 +70,7 @@ def test_linear_probe_chooses_c_on_validation_and_handles_absent_ranks():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
-    base = {"data": {"root": str(root / "demo"), "demo": {"n_per_rank": 8, "image_size": 64}},
+    base = {"folds": [0, 1], "data": {"root": str(root / "demo"), "demo": {"n_per_rank": 8, "image_size": 64}},
             "split": {"n_folds": 2, "val_fraction": 0.25}, "tracking": {"enabled": False},
             "model": {"arch": "L2RCLIP-Tiny", "pretrained": "none"},
             "train": {"epochs": 1, "stage1_epochs": 1, "batch_size": 16, "feature_cache": str(root / "cache")}}

@@ -2,6 +2,7 @@
 
 import base64
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -100,6 +101,21 @@ def test_folder_with_bad_inputs_keeps_order_and_matches_evaluate(predictor, mode
             and found["pred_name"].tolist() == expected["pred_name"].tolist())
     columns = NUMBERS + [f"p_{k}" for k in range(10)]
     np.testing.assert_allclose(found[columns].to_numpy(float), expected[columns].to_numpy(float), atol=1e-6)
+
+
+def test_folder_entries_that_are_not_images_get_their_reason_on_their_row(predictor, demo_root, tmp_path):
+    shutil.copytree(demo_root / "images" / "02", tmp_path / "in")
+    Image.new("RGB", (8, 8)).save(tmp_path / "in" / "anim.gif")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "gone.png").symlink_to(tmp_path / "in" / "deleted.png")
+    (tmp_path / "in" / "loop.png").symlink_to(tmp_path / "in" / "loop.png")
+    before = sorted(p.name for p in (tmp_path / "in").iterdir())
+    out = predictor.predict_paths(expand_inputs([str(tmp_path / "in")]), progress=False).set_index("path")
+    reasons = {Path(path).name: error.split(": ")[1] for path, error in out["error"].items() if error}
+    assert reasons == {"anim.gif": "unsupported_extension", "notes.txt": "unsupported_extension",
+                       "gone.png": "dangling_symlink", "loop.png": "symlink_loop"}
+    assert out["pred_rank"].notna().sum() == len(list((demo_root / "images" / "02").iterdir()))
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == before
 
 
 def test_every_input_bad_and_no_input(predictor, tmp_path):

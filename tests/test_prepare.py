@@ -24,13 +24,14 @@ def checksums(folder: Path) -> dict[str, str]:
 
 
 def mixed_params(root: Path, on_bad: str = "skip") -> Params:
-    return from_dict(Params, {"ranks": {"start": 1, "stop": 2},
+    return from_dict(Params, {"folds": [0, 1], "ranks": {"start": 1, "stop": 2},
                               "data": {"source": "csv", "root": str(root), "on_bad": on_bad},
                               "split": {"n_folds": 2, "val_fraction": 0, "missing_ranks": "warn"}})
 
 
 def demo_params(root: Path) -> dict:
-    return {"data": {"source": "demo", "root": str(root), "demo": {"n_per_rank": 6, "image_size": 48}},
+    return {"folds": [0, 1, 2],
+            "data": {"source": "demo", "root": str(root), "demo": {"n_per_rank": 6, "image_size": 48}},
             "split": {"n_folds": 3, "val_fraction": 0.25}}
 
 
@@ -99,4 +100,4 @@ def test_main_writes_outputs_and_reports_errors_without_a_traceback(tmp_path, ca
     with pytest.raises(SystemExit) as exit_info:
         main(["--params", str(params_file), "--out", str(tmp_path / "bad")])
     assert exit_info.value.code == 2
-    assert "n_folds must be at least 2" in capsys.readouterr().err
+    assert "'split.n_folds': expected a value >= 2, found 1" in capsys.readouterr().err

@@ -103,8 +103,10 @@ def test_folder_labels_are_folder_names(tmp_path):
         image(tmp_path / name)
     write(tmp_path / "3" / "notes.txt", "not an image")
     image(tmp_path / "stray.png")
+    # notes.txt is listed so that validation reports it (unsupported_extension) rather than it vanishing
     assert rows(load_source("folder", tmp_path)) == [("10/c.jpeg", 10, None), ("3/a.JPG", 3, None),
-                                                     ("3/sub/b.png", 3, None), ("old/d.WebP", "old", None)]
+                                                     ("3/notes.txt", 3, None), ("3/sub/b.png", 3, None),
+                                                     ("old/d.WebP", "old", None)]
 
 
 def test_folder_without_images_or_with_a_list_file_fails(tmp_path):

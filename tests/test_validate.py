@@ -118,7 +118,8 @@ def test_each_file_is_decoded_once_and_fold_lists_are_not_duplicates(tmp_path, m
     decode = validate._decode
     monkeypatch.setattr(validate, "_decode", lambda file, **limit: seen.append(file) or decode(file, **limit))
     table = pd.DataFrame({"path": ["plain.jpg", "plain.jpg", "grey.png", "plain.jpg"],
-                          "label": [1, 1, 2, 1], "fold": [0, 1, 0, 0]})
+                          "label": [1, 1, 2, 1], "fold": [0, 1, 0, 0],
+                          "split": ["train", "train", "test", "test"]})
     good, report = validate_table(table, tmp_path, RANKS)
     assert sorted(seen) == sorted({str(tmp_path / "plain.jpg"), str(tmp_path / "grey.png")})
     assert good["row"].tolist() == [0, 1, 2]

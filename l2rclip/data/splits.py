@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from l2rclip.config import SplitConfig
+from l2rclip.config import SplitConfig, section_problems
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,14 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
                          "more than once (per-fold lists); use protocol given")
     ranks = table["rank"].to_numpy(dtype=np.int64)
     groups = _group_ids(table)
-    folds = _PROTOCOLS[config.protocol](table, ranks, groups, config, seed)
+    folds = _PROTOCOLS[config.protocol](table, ranks, groups, config, seed, rank_space)
     columns = [c for c in CARRIED_COLUMNS if c in table.columns]
     parts = []
     for number, fold in enumerate(folds):
         rng = np.random.default_rng([seed, number])
         train, val = fold.train, fold.val
         if val is None:
-            train, val = _carve_val(train, ranks, groups, config.val_fraction, rng, number)
+            train, val = _carve_val(train, ranks, groups, config.val_fraction, rng, number, rank_space)
         train = _thin_train(train, ranks, config, rng)
         for name, rows in (("train", train), ("test", fold.test)):
             if len(rows) == 0:
@@ -113,23 +113,11 @@ def read_splits(path: str | Path) -> pd.DataFrame:
 
 
 def _check_options(config: SplitConfig) -> None:
-    """Reject settings that make no sense before touching the data."""
-    problems = []
-    if config.protocol == "kfold" and config.n_folds < 2:
-        problems.append(f"split.n_folds must be at least 2 for kfold, found {config.n_folds}")
-    if not 0 <= config.val_fraction <= 0.5:
-        problems.append(f"split.val_fraction must be in [0, 0.5], found {config.val_fraction}")
-    if config.few_shot is not None and config.few_shot < 1:
-        problems.append(f"split.few_shot must be at least 1 (or null), found {config.few_shot}")
-    if config.shift_keep is not None and not 0 < config.shift_keep <= 1:
-        problems.append(f"split.shift_keep must be in (0, 1] (or null), found {config.shift_keep}")
-    if config.shift_ranks is not None and config.shift_ranks < 1:
-        problems.append(f"split.shift_ranks must be at least 1 (or null), found {config.shift_ranks}")
-    if config.few_shot is not None and config.shift_keep is not None:
-        problems.append("split.few_shot and split.shift_keep are both set; choose one")
-    if config.protocol == "repeats" and (min(config.n_repeats, config.n_train, config.n_test) < 1
-                                         or config.n_val < 0):
-        problems.append("split.n_repeats, n_train, n_test must be at least 1 and n_val at least 0")
+    """Reject settings that make no sense before touching the data.
+
+    These are the checks of params loading, repeated for callers that build a `SplitConfig`.
+    """
+    problems = section_problems(config, "split")
     if problems:
         raise SplitError("; ".join(problems))
 
@@ -167,18 +155,20 @@ def _stratified_group_parts(n_parts: int, ranks: np.ndarray, groups: np.ndarray,
 
 
 def _kfold(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-           seed: int) -> list[_Fold]:
+           seed: int, rank_space: RankSpace) -> list[_Fold]:
     n_groups = len(np.unique(groups))
     if n_groups < config.n_folds:
         kind = "groups (subjects)" if _has_groups(table) else "images"
         raise SplitError(f"kfold: {config.n_folds} folds need at least {config.n_folds} {kind}, "
                          f"found {n_groups}")
+    _check_stratifiable(config.n_folds, ranks, rank_space, f"kfold: split.n_folds {config.n_folds}",
+                        "set split.n_folds to at most {largest}")
     parts = _stratified_group_parts(config.n_folds, ranks, groups, np.random.default_rng(seed))
     return [_Fold(train, test) for train, test in parts]
 
 
 def _logo(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-          seed: int) -> list[_Fold]:
+          seed: int, rank_space: RankSpace) -> list[_Fold]:
     if "group" not in table.columns or table["group"].isna().any():
         missing = len(table) if "group" not in table.columns else int(table["group"].isna().sum())
         raise SplitError(f"logo (leave one group out) needs a group on every row; {missing} of "
@@ -191,7 +181,7 @@ def _logo(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: Sp
 
 
 def _given(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-           seed: int) -> list[_Fold]:
+           seed: int, rank_space: RankSpace) -> list[_Fold]:
     has_fold, has_split = "fold" in table.columns, "split" in table.columns
     if not (has_fold or has_split):
         raise SplitError("protocol given needs a fold or split column from the source; found neither "
@@ -223,7 +213,7 @@ def _given(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: S
 
 
 def _repeats(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-             seed: int) -> list[_Fold]:
+             seed: int, rank_space: RankSpace) -> list[_Fold]:
     if _has_groups(table):
         raise SplitError("repeats draws single images per rank, which would put one group (subject) "
                          "on both sides; use kfold or logo for grouped data")
@@ -247,7 +237,7 @@ _PROTOCOLS = {"kfold": _kfold, "logo": _logo, "given": _given, "repeats": _repea
 
 
 def _carve_val(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float,
-               rng: np.random.Generator, fold: int) -> tuple[np.ndarray, np.ndarray]:
+               rng: np.random.Generator, fold: int, rank_space: RankSpace) -> tuple[np.ndarray, np.ndarray]:
     """Move one stratified, group-disjoint part of `train` (about `fraction`) to validation."""
     if fraction == 0:
         return train, train[:0]
@@ -257,10 +247,34 @@ def _carve_val(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fractio
         raise SplitError(f"fold {fold}: the training part has {n_groups} groups/images, too few to "
                          f"carve val_fraction {fraction} (1 of {n_parts} group-disjoint parts); "
                          "lower split.val_fraction or set it to 0")
+    _check_stratifiable(n_parts, ranks[train], rank_space,
+                        f"fold {fold}: split.val_fraction {fraction} (1 of {n_parts} parts of the training part)",
+                        "set split.val_fraction to at least {fraction} (1/{largest}; or 0: no validation), "
+                        "or lower split.n_folds so that each fold trains on more images")
     keep, val = _stratified_group_parts(n_parts, ranks[train], groups[train], rng)[0]
     if len(val) == 0:
         raise SplitError(f"fold {fold}: the val split is empty after carving val_fraction {fraction}")
     return train[keep], train[val]
+
+
+def _check_stratifiable(n_parts: int, ranks: np.ndarray, rank_space: RankSpace, what: str,
+                        remedy: str) -> None:
+    """Fail, naming the ranks and the setting to change, where stratified parts cannot be drawn.
+
+    Stratified (group) k-fold needs at least one rank with `n_parts` images (scikit-learn's
+    "n_splits=... cannot be greater than the number of members in each class"); smaller data sets
+    than that must use fewer parts. `remedy` may use `{largest}`, the largest rank's count, and
+    `{fraction}`, its inverse rounded up.
+    """
+    counts = np.bincount(ranks, minlength=len(rank_space))
+    largest = int(counts.max(initial=0))
+    if largest >= n_parts:
+        return
+    fraction = math.ceil(1000 / max(largest, 1)) / 1000
+    listed = ", ".join(f"{rank_space.label_of(r)}: {c}" for r, c in enumerate(counts) if c)
+    raise SplitError(f"{what} needs a rank with at least {n_parts} images, but every rank has fewer "
+                     f"(images per rank label: {listed}); {remedy.format(largest=largest, fraction=fraction)}"
+                     ", or add images")
 
 
 def _thin_train(train: np.ndarray, ranks: np.ndarray, config: SplitConfig,

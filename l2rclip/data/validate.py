@@ -1,14 +1,16 @@
 """Check a source table row by row before anything trains on it, and load images as RGB.
 
-Real datasets carry missing files, truncated downloads, odd pixel formats and typos in labels.
-Finding them here, once, in one report, is cheaper than a crash in epoch 3 or a silently wrong
-label. Every image is opened and fully decoded exactly once (decoding is what catches truncated
-files); decoding runs in a thread pool because PIL releases the GIL while it decodes.
+Real datasets carry missing files, truncated downloads, odd pixel formats, typos in labels and
+the same picture saved under two names. Finding them here, once, in one report, is cheaper than a
+crash in epoch 3 or a silently wrong label. Every file is read exactly once: its bytes are hashed
+(to find identical content under other names) and fully decoded (which is what catches truncated
+files); this runs in a thread pool because hashing and PIL's decoding release the GIL.
 Source files are only read, never changed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -22,10 +24,12 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from l2rclip.config import DataConfig
+from l2rclip.data.duplicates import ContentIndex
+from l2rclip.data.file_checks import extension_problem, image_file_problem, outside_root, stat_problem
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -33,12 +37,12 @@ log = logging.getLogger(__name__)
 ALLOWED_COLUMNS = ("path", "label", "group", "fold", "split")
 REPORT_COLUMNS = ("row", "path", "label", "reason", "detail")
 WHITE = (255, 255, 255)
+DEFAULT_MAX_PIXELS = DataConfig.max_image_pixels
 # Integer modes whose values span 0..65535 (16-bit PNG/TIFF); PIL's convert() would clip them.
 _WIDE_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 # EXIF orientations 5..8 rotate by 90 degrees, so the displayed width is the stored height.
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _EXIF_ORIENTATION = 0x0112
-DEFAULT_MAX_PIXELS = DataConfig.max_image_pixels
 
 
 class DataValidationError(ValueError):
@@ -49,6 +53,10 @@ class ImageTooLargeError(ValueError):
     """An image has more pixels than `data.max_image_pixels` (a possible decompression bomb)."""
 
 
+class UnusableImageError(ValueError):
+    """A file that cannot be an image input; the message starts with the validation reason."""
+
+
 class _Decoded(NamedTuple):
     """What decoding one file found: its metadata, or why it is bad."""
 
@@ -57,6 +65,8 @@ class _Decoded(NamedTuple):
     mode: str = ""
     reason: str | None = None
     detail: str = ""
+    digest: str = ""  # sha256 of the file's bytes
+    fatal: bool = False  # stop even with on_bad="skip" (a conflict with data.duplicates: fail)
 
 
 def check_max_pixels(max_pixels: int) -> int:
@@ -122,6 +132,19 @@ def load_rgb(path: str | Path | io.BytesIO, background: tuple[int, int, int] = W
     return to_rgb(upright, background)
 
 
+def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`load_rgb` for inputs named by users (predict): first the checks validation makes of a path.
+
+    Raises:
+        UnusableImageError: "<reason>: <detail>" for an unsupported extension, a dangling symlink,
+            a symlink loop, a missing file, something that is not a file, or an empty file.
+    """
+    problem = image_file_problem(str(path))
+    if problem is not None:
+        raise UnusableImageError(f"{problem[0]}: {problem[1]}")
+    return load_rgb(path, max_pixels=max_pixels)
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
     """Convert a decoded image to 8-bit RGB: 16-bit scaled (not clipped), alpha composited."""
     if image.mode in _WIDE_MODES:
@@ -137,14 +160,24 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
 
 def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
                    on_bad: Literal["skip", "fail"] = "skip", workers: int | None = None,
+                   allow_outside_root: bool = False,
+                   duplicates: Literal["drop_conflicts", "keep_first", "fail"] = "drop_conflicts",
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a source table into good rows and a report of bad ones.
 
-    Bad reasons: `missing_file`, `empty_file`, `corrupt_image` (PIL cannot decode it all),
-    `decompression_bomb` (more pixels than `max_pixels`, see `open_image`), `missing_label`,
-    `non_numeric_label` (text where the ranks are numbers), `label_not_in_ranks` and `duplicate`
-    (the same path again; within the same fold when the table has folds, since fold lists may
-    list an image once per fold). The first occurrence of a duplicate is kept.
+    Bad reasons, from the path alone: `missing_file` (blank path), `duplicate` (the same path
+    again), `outside_root` (the path leaves `root`: `../x.png`, an absolute path elsewhere; symlinks
+    inside `root` are followed, as DVC's symlink cache makes them), `unsupported_extension` (not
+    one of `IMAGE_EXTENSIONS`); from the label: `missing_label`, `non_numeric_label` (text where
+    the ranks are numbers), `label_not_in_ranks`; from `stat`: `missing_file`, `dangling_symlink`,
+    `symlink_loop`, `not_a_file` (a folder, a device), `unreadable_file`, `empty_file`; from
+    reading: `corrupt_image` (PIL cannot decode it all), `decompression_bomb` (more pixels than
+    `max_pixels`, see `open_image`), `duplicate_content` (the same bytes as an earlier row, same
+    label) and `conflicting_labels` (the same bytes with another label).
+
+    Duplicates keep the first occurrence. They are looked for within each fold when the table
+    lists every fold's own splits (`fold` and `split` columns: such lists name an image once per
+    fold), else across the whole table, so that no picture is both trained and tested on.
 
     Args:
         table: the source table (`path`, `label`, optional `group`, `fold`, `split`).
@@ -152,49 +185,60 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
         rank_space: the ranks labels must belong to.
         on_bad: `skip` reports bad rows and goes on; `fail` raises at the first bad row.
         workers: decoding threads (None: one per CPU).
+        allow_outside_root: accept paths that leave `root` instead of reporting `outside_root`.
+        duplicates: identical files with different labels: `drop_conflicts` keeps none,
+            `keep_first` the first row, `fail` raises.
         max_pixels: the decompression-bomb limit, `data.max_image_pixels` (see `open_image`).
 
     Returns:
         `(good, report)`. `good` keeps the table's columns (with `group` added as None when
         absent) plus `row` (the row number in `table`, from 0), `rank` (index in the rank space),
         `value`, and `width`, `height` (as displayed, after EXIF rotation) and `mode` (as stored).
-        `report` has one row per bad row: `row`, `path`, `label`, `reason`, `detail`.
+        `report` has one row per bad row, in row order: `row`, `path`, `label`, `reason`, `detail`.
 
     Raises:
-        DataValidationError: a missing or unknown column (always), or the first bad row when
-            `on_bad="fail"`.
+        DataValidationError: a missing or unknown column (always), the first bad row when
+            `on_bad="fail"`, or the first conflicting duplicate when `duplicates="fail"`.
     """
     _check_columns(table)
     check_max_pixels(max_pixels)
     root = Path(root)
     files = [_resolve(root, path) for path in table["path"]]
-    early = _early_reasons(table, files, rank_space)
+    per_fold = {"fold", "split"} <= set(table.columns)
+    folds = table["fold"].tolist() if per_fold else [None] * len(table)
+    early = _early_reasons(table, files, folds, rank_space, None if allow_outside_root else root)
     to_decode = list(dict.fromkeys(f for f, r in zip(files, early, strict=True) if r is None))
+    contents = ContentIndex(duplicates)
     good_rows: list[dict[str, Any]] = []
     bad_rows: list[dict[str, Any]] = []
-    # PIL's own bomb warning only announces what `open_image` then refuses, so it is silenced.
     # Filters are process-wide, so the pool's threads see this one; the pool is shut down (inner
     # context) before the filters are restored.
     with warnings.catch_warnings(), \
             ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
             tqdm(total=len(to_decode), desc="decoding images", unit="img", disable=None) as progress:
+        # PIL's own bomb warning only announces what `open_image` then refuses, so it is silenced.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         decoded = _in_order(pool.map(partial(_decode, max_pixels=max_pixels), to_decode), to_decode, progress)
-        for row, (record, file, reason) in enumerate(zip(table.to_dict("records"), files, early,
-                                                             strict=True)):
+        for row, (record, file, fold, reason) in enumerate(zip(table.to_dict("records"), files, folds, early,
+                                                                   strict=True)):
             result = decoded(file) if reason is None else _Decoded(reason=reason[0], detail=reason[1])
             if result.reason is None:
                 index = rank_space.index_of(record["label"])
+                duplicate = contents.check(row, record, index, (result.digest, fold))
+                if duplicate is not None:
+                    result = _Decoded(reason=duplicate.reason, detail=duplicate.detail, fatal=duplicate.fatal)
+            if result.reason is None:
                 good_rows.append({"row": row, **record, "rank": index,
                                   "value": float(rank_space.value_of(index)), "width": result.width,
                                   "height": result.height, "mode": result.mode})
                 continue
-            if on_bad == "fail":
+            if on_bad == "fail" or result.fatal:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise DataValidationError(f"row {row} of the source table ({record['path']}): "
                                           f"{result.reason}: {result.detail}")
             bad_rows.append({"row": row, "path": record["path"], "label": record["label"],
                              "reason": result.reason, "detail": result.detail})
+    good_rows, bad_rows = contents.drop_conflicts(good_rows, bad_rows)
     good, report = _frames(table, good_rows, bad_rows)
     _log_counts(len(table), good, report)
     return good, report
@@ -220,10 +264,12 @@ def _resolve(root: Path, path: Any) -> str:
     return os.path.normpath(root / str(path).strip())
 
 
-def _early_reasons(table: pd.DataFrame, files: list[str],
-                   rank_space: RankSpace) -> list[tuple[str, str] | None]:
-    """Reasons that need no decoding (labels, duplicates, blank paths), one per row or None."""
-    folds = table["fold"].tolist() if "fold" in table.columns else [None] * len(table)
+def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank_space: RankSpace,
+                   root: Path | None) -> list[tuple[str, str] | None]:
+    """Reasons that need no file access (path, duplicates, labels), one per row or None.
+
+    `root` None accepts paths outside the root.
+    """
     first_seen: dict[tuple[str, Any], int] = {}
     reasons: list[tuple[str, str] | None] = []
     for row, (file, fold, label) in enumerate(zip(files, folds, table["label"], strict=True)):
@@ -235,7 +281,10 @@ def _early_reasons(table: pd.DataFrame, files: list[str],
             reasons.append(("duplicate", f"same path as row {first_seen[key]}{where}; the first is kept"))
         else:
             first_seen[key] = row
-            reasons.append(_label_reason(label, rank_space))
+            # A folder is reported as not_a_file (by the stat check), whatever its name.
+            wrong_type = not os.path.isdir(file) and extension_problem(file)
+            reasons.append((root is not None and outside_root(root, file)) or wrong_type
+                           or _label_reason(label, rank_space))
     return reasons
 
 
@@ -261,26 +310,31 @@ def _is_number(label: Any) -> bool:
 
 
 def _decode(file: str, max_pixels: int) -> _Decoded:
-    """Open and fully decode one file, returning its metadata or the reason it is bad."""
+    """Read one file once, hash its bytes and fully decode them: its metadata or why it is bad."""
+    problem = stat_problem(file)
+    if problem is not None:
+        return _Decoded(reason=problem[0], detail=problem[1])
     try:
-        size = os.stat(file).st_size
-    except OSError:
-        return _Decoded(reason="missing_file", detail=f"no file at {file}")
-    if size == 0:
-        return _Decoded(reason="empty_file", detail=f"{file} has 0 bytes")
+        data = Path(file).read_bytes()
+    except OSError as error:
+        return _Decoded(reason="unreadable_file", detail=f"{file}: {error.strerror}")
+    digest = hashlib.sha256(data).hexdigest()
     try:
-        with open_image(file, max_pixels) as image:
+        with open_image(io.BytesIO(data), max_pixels) as image:
             image.load()
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             width, height = image.size
             mode = image.mode
     except ImageTooLargeError as error:
         return _Decoded(reason="decompression_bomb", detail=str(error))
+    except UnidentifiedImageError:  # its own message names the in-memory buffer, not the file
+        return _Decoded(reason="corrupt_image",
+                        detail=f"UnidentifiedImageError: cannot identify image file {file!r}")
     except Exception as error:  # noqa: BLE001 - PIL's format plugins raise many types on bad bytes
         return _Decoded(reason="corrupt_image", detail=f"{type(error).__name__}: {error}")
     if orientation in _TRANSPOSED_ORIENTATIONS:
         width, height = height, width
-    return _Decoded(width, height, mode)
+    return _Decoded(width, height, mode, digest=digest)
 
 
 def _in_order(results: Iterator[_Decoded], files: list[str],

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import open_clip
 import torch
+from open_clip.factory import load_state_dict
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ _PROBE_TIMEOUT_S = 3.0
 
 class WeightsUnavailableError(RuntimeError):
     """CLIP weights were asked for by tag but cannot be found locally or downloaded."""
+
+
+class WeightsFileError(ValueError):
+    """`model.pretrained` names a local file that does not hold weights of the architecture."""
 
 
 @dataclass
@@ -71,6 +76,8 @@ def load_backbone(arch: str, pretrained: str | None, device: str | torch.device 
 
     Raises:
         ValueError: unknown architecture or a `pretrained` that is neither tag, file nor `none`.
+        WeightsFileError: a local file that cannot be read as weights, or holds another
+            architecture's (one line: the file, what was expected, what was found).
         WeightsUnavailableError: a tag whose weights are not cached and cannot be downloaded.
     """
     register_builtin_configs()
@@ -81,8 +88,13 @@ def load_backbone(arch: str, pretrained: str | None, device: str | torch.device 
     quick_gelu = bool(source.get("quick_gelu", False))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
-        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-            arch, pretrained=source.get("path"), force_quick_gelu=quick_gelu, device=device)
+        try:
+            model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+                arch, pretrained=source.get("path"), force_quick_gelu=quick_gelu, device=device)
+        except Exception as error:  # noqa: BLE001 - torch, safetensors and open_clip raise many types
+            if not source.get("file"):
+                raise
+            raise WeightsFileError(_weights_file_problem(arch, source["path"], error)) from None
     if source["path"] is None:
         warnings.warn(f"model.pretrained is 'none': {arch} is randomly initialised. This is NOT CLIP; "
                       "results measure the pipeline, not the method.", UserWarning, stacklevel=2)
@@ -125,7 +137,7 @@ def _resolve_weights(arch: str, pretrained: str | None) -> dict[str, Any]:
     if pretrained is None or str(pretrained).lower() in ("", "none", "null"):
         return {"path": None}
     if os.path.isfile(pretrained):
-        return {"path": str(pretrained)}
+        return {"path": str(pretrained), "file": True}
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(arch)
@@ -137,6 +149,38 @@ def _resolve_weights(arch: str, pretrained: str | None) -> dict[str, Any]:
         if offline or not _reachable(host):
             raise WeightsUnavailableError(_offline_message(arch, pretrained, tag_cfg, offline))
     return {"path": pretrained, "quick_gelu": tag_cfg.get("quick_gelu", False)}
+
+
+def _weights_file_problem(arch: str, path: str, error: Exception) -> str:
+    """One line on why open_clip could not load `path` into `arch`: unreadable, or which keys differ.
+
+    Only called after loading failed, so the second read of the file and the random model built
+    to compare against cost nothing on the normal path.
+    """
+    expected = f"model.pretrained: {path}: expected open_clip {arch} weights (.safetensors, or a torch state dict)"
+    try:
+        found = load_state_dict(path)
+        shapes = {name: tuple(value.shape) for name, value in found.items()}
+    except Exception as read_error:  # noqa: BLE001 - whatever the file is, it is not weights
+        return f"{expected}; the file cannot be read as weights: {_first_line(read_error)}"
+    wanted = {name: tuple(value.shape) for name, value in open_clip.create_model(arch).state_dict().items()}
+    problems = []
+    for what, names in (("missing", sorted(set(wanted) - set(shapes))),
+                        ("unexpected", sorted(set(shapes) - set(wanted)))):
+        if names:
+            more = ", ..." if len(names) > 3 else ""
+            problems.append(f"{len(names)} {what} keys ({', '.join(names[:3])}{more})")
+    mismatched = [name for name in wanted if name in shapes and shapes[name] != wanted[name]]
+    if mismatched:
+        name = mismatched[0]
+        problems.append(f"{len(mismatched)} shape mismatches (e.g. {name}: file {shapes[name]} vs model "
+                        f"{wanted[name]})")
+    return f"{expected}; found {'; '.join(problems) if problems else _first_line(error)}"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def _tag_is_cached(tag_cfg: dict[str, Any]) -> bool:

@@ -59,6 +59,8 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
     rank_space = RankSpace.from_config(params.ranks)
     table = _load(params)
     good, report = validate_table(table, params.data.root, rank_space, on_bad=params.data.on_bad,
+                                  allow_outside_root=params.data.allow_outside_root,
+                                  duplicates=params.data.duplicates,
                                   workers=params.data.decode_workers, max_pixels=params.data.max_image_pixels)
     if good.empty:
         raise DataValidationError(f"none of the {len(table)} rows of source {params.data.source!r} "

@@ -46,7 +46,7 @@ from l2rclip.stages.common import (
 )
 from l2rclip.timings import Timings, timings_path
 from l2rclip.tracking import Tracker, git_state, pipeline_key
-from l2rclip.training import FoldData, fit
+from l2rclip.training import FoldData, check_schedule, fit
 
 log = logging.getLogger("l2rclip.stages.train")  # not __main__ under python -m
 
@@ -113,6 +113,9 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
         fallback = params.model.fallback
         used = dataclasses.replace(params, train=dataclasses.replace(
             params.train, lr_image=fallback.lr_image, epochs=fallback.epochs))
+    data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
+                    root=Path(used.data.root), store=store)
+    check_schedule(model_config, used.train, used.loss, rank_space)  # before any output is touched
     identity = run_identity(to_flat_dict(used), fold, version)
     state = find_state(out_dir / "last", identity, aside=out_dir.parent)
     resuming = state is not None
@@ -128,8 +131,6 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
         timings.epoch_seconds[str(epoch)] = round(metrics["epoch_seconds"], 3)
         tracker.log_metrics(run_id, metrics, step=epoch)
 
-    data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
-                    root=Path(params.data.root), store=store)
     if model_config.method in UNTRAINED:
         result = fit_untrained(model_config.method, model, backbone, rank_space, data, model_config, params.train,
                                params.eval, backbone.preprocess_eval, out_dir, params.seed, device, meta)

@@ -146,11 +146,21 @@ def pick_column(frame: pd.DataFrame, path: Path, options: Sequence[str], what: s
     return None
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files anywhere under `folder`, sorted, skipping hidden files and folders."""
+def list_files(folder: Path) -> list[Path]:
+    """Every entry anywhere under `folder` except folders, sorted, skipping hidden files and folders.
+
+    Not only images: files of other types, dangling symlinks, symlink loops and symlinks to folders
+    (which are not followed) are listed too, so that validation reports each with its reason
+    (`unsupported_extension`, `dangling_symlink`, ...) instead of them vanishing without a word.
+    """
     return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  if (p.is_symlink() or not p.is_dir())
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def is_image_name(path: Path) -> bool:
+    """Whether the file name has one of the image extensions l2rclip reads."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def relative(path: Path, root: Path) -> str:
@@ -168,13 +178,13 @@ def parse_file_names(root: Path, folder: Path, parse: Callable[[str], Row | None
 
     Args:
         root: the source root; paths are made relative to it.
-        folder: where to look for images.
+        folder: where to look for images (every file is listed, see `list_files`).
         parse: file name -> {"label": ..., "group": ...}, or None when the name does not match.
             A name that does not match is kept with the file name as its label, so that
             validation reports it instead of it vanishing silently.
     """
-    images = list_images(folder)
-    if not images:
+    images = list_files(folder)
+    if not any(map(is_image_name, images)):
         raise SourceError(f"{folder}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
                           "found none")
     rows = []
@@ -191,13 +201,13 @@ def scan_label_folders(root: Path, label_of: Callable[[str], Any]) -> list[Row]:
     """Rows for `root/<label folder>/.../<image>`, the label derived from the top folder's name."""
     require_dir(root, "image root")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    stray = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    stray = [p.name for p in root.iterdir() if p.is_file() and is_image_name(p)]
     if stray:
         log.warning("%s: %d image(s) directly in the root have no label folder and are ignored, e.g. %s",
                     root, len(stray), sorted(stray)[0])
     rows = [{"path": relative(image, root), "label": label_of(folder.name), "group": None}
-            for folder in folders for image in list_images(folder)]
-    if not rows:
+            for folder in folders for image in list_files(folder)]
+    if not any(is_image_name(Path(row["path"])) for row in rows):
         raise SourceError(f"{root}: expected images in per-label folders <root>/<label>/<image>, "
                           f"found {len(folders)} folder(s) and no images in them")
     return rows
