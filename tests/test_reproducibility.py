@@ -7,8 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 from test_pipeline import ROOT, copy_project, environment, run, stages_run
+
+pytestmark = pytest.mark.timeout(1200)  # whole pipelines in subprocesses, as in test_pipeline.py
 
 SMALL = {
     "folds": [1],

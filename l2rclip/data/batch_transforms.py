@@ -6,7 +6,7 @@ CPU pipeline per image. Training crops are drawn from a seeded generator on the 
 seed gives the same crops on any device and with any number of loader workers.
 
 - `random_resized_crop`: open_clip's training augmentation (RandomResizedCrop, scale 0.9..1 of the
-  area, aspect ratio 3/4..4/3), one box per image, resampled in one batched `roi_align` call
+  area, aspect ratio 3/4..4/3), one box per image, resampled in one batched `grid_sample` call
   (bilinear; the PIL path is bicubic: the augmentation is the same in distribution, not in pixels).
 - `resize_to_input`: evaluation; the identity when the store's side is the input size (then the
   result equals ToTensor + Normalize of the files' evaluation transform exactly).
@@ -21,7 +21,6 @@ from collections.abc import Iterator
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
 
 from l2rclip.data.dataset import make_loader
 from l2rclip.data.store import ImageStore, StoreDataset, StoreSpec, collate_batch
@@ -50,11 +49,17 @@ def crop_boxes(n: int, side: int, generator: torch.Generator, scale: tuple[float
 
 def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Generator,
                         scale: tuple[float, float] = (0.9, 1.0)) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float (B, 3, size, size) in 0..255, a random crop per image."""
-    boxes = crop_boxes(len(images), images.shape[-1], generator, scale).to(images.device)
-    index = torch.arange(len(images), device=images.device, dtype=boxes.dtype).unsqueeze(1)
-    return roi_align(images.float(), torch.cat([index, boxes], dim=1), output_size=(size, size),
-                     spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    """uint8 (B, 3, S, S) -> float (B, 3, size, size) in 0..255, a random crop per image.
+
+    Each box becomes an affine map from the output grid ([-1, 1] at pixel edges) onto the box.
+    """
+    n, side = len(images), images.shape[-1]
+    x1, y1, x2, y2 = crop_boxes(n, side, generator, scale).to(images.device).unbind(1)  # (B,) each
+    theta = torch.zeros(n, 2, 3, device=images.device)  # (B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = (x2 - x1) / side, (x1 + x2) / side - 1
+    theta[:, 1, 1], theta[:, 1, 2] = (y2 - y1) / side, (y1 + y2) / side - 1
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)  # (B, size, size, 2)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def resize_to_input(images: torch.Tensor, size: int) -> torch.Tensor:
