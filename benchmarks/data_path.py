@@ -71,8 +71,8 @@ def files_pass(table: pd.DataFrame, root: Path, transform, batch: int, workers: 
 
 def store_pass(table: pd.DataFrame, store: ImageStore, batch: int, workers: int) -> float:
     """Seconds for one pass of the store's loader: the uint8 batches the device receives."""
-    batches = StoreBatches(table, store, from_dict(Params, {"train": {"batch_size": batch, "num_workers": workers}})
-                           .train, seed=0, device=torch.device("cpu"))
+    params = from_dict(Params, {"train": {"batch_size": batch, "num_workers": workers}})
+    batches = StoreBatches(table, store, params.train, seed=0, device=torch.device("cpu"))
     batches.sampler.set_epoch(0)
     tick = time.perf_counter()
     for images, _ in batches.loader:
@@ -143,8 +143,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(f"| loader, 224 px, training mode (images/s) | {n / med['loader']['files']:.0f} | "
           f"{n / med['loader']['store']:.0f} | {med['loader']['files'] / med['loader']['store']:.1f}x | >= 10x |")
+    cpu = med["loader"]["store_cpu"]
     print(f"| the same, crops + normalisation on this CPU (images/s) | {n / med['loader']['files']:.0f} | "
-          f"{n / med['loader']['store_cpu']:.0f} | {med['loader']['files'] / med['loader']['store_cpu']:.1f}x | - |")
+          f"{n / cpu:.0f} | {med['loader']['files'] / cpu:.1f}x | - |")
     print(f"| one L2RCLIP-Tiny epoch, 64 px (s) | {med['epoch']['files']:.2f} | {med['epoch']['store']:.2f} | "
           f"{med['epoch']['files'] / med['epoch']['store']:.1f}x | >= 3x |")
     print("\nall runs (s): " + "; ".join(f"{k} {side}: " + ", ".join(f"{x:.2f}" for x in v)
