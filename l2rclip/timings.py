@@ -3,7 +3,9 @@
 A rerun that computes the same model must write the same files, so that `dvc.lock` does not change
 and `dvc metrics diff` stays empty; seconds differ on every run. They go to a JSON file beside the
 stage's output folder (`<out>_timings.json`, ignored by git, not a DVC output) and to MLflow.
-A resumed run adds its seconds to those of the processes before it, so the total counts them all.
+A resumed run adds its seconds to those of the processes before it, so the total counts them all:
+each process's entry is rewritten after every epoch, so a killed process keeps the time up to its
+last finished epoch.
 """
 
 from __future__ import annotations
@@ -44,15 +46,24 @@ class Timings:
         except (ValueError, TypeError, KeyError):
             return cls()  # timings are informative only; a damaged file restarts the count
 
-    def add_process(self, seconds: float) -> None:
-        """Record this process's wall time."""
-        self.processes.append({"pid": os.getpid(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                               "seconds": round(seconds, 3)})
+    def start_process(self) -> None:
+        """Open this process's entry (its seconds grow with `record`)."""
+        self.processes.append({"pid": os.getpid(), "started": _now(), "seconds": 0.0})
+
+    def record(self, seconds: float, epoch: int | None = None, epoch_seconds: float | None = None) -> None:
+        """Set the wall time of the current process so far, and optionally one finished epoch's seconds."""
+        self.processes[-1].update(seconds=round(seconds, 3), updated=_now())
+        if epoch is not None and epoch_seconds is not None:
+            self.epoch_seconds[str(epoch)] = round(epoch_seconds, 3)
 
     def save(self, path: Path) -> None:
         """Write the timings (replacing the file)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**asdict(self), "seconds": self.seconds}, indent=1) + "\n", encoding="utf-8")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def read_seconds(out_dir: Path) -> float | None:

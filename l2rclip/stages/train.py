@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -123,12 +124,14 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = state or TrainState(identity_fingerprint(identity), identity)
-    timings = Timings.load(timings_path(out_dir), resuming)
+    timings, started = Timings.load(timings_path(out_dir), resuming), time.perf_counter()
+    timings.start_process()
     tracker, run_id = open_fold_run(params, fold, out_dir, version, resuming, tags)
     params = used
 
     def on_epoch(metrics: dict[str, float], epoch: int) -> None:
-        timings.epoch_seconds[str(epoch)] = round(metrics["epoch_seconds"], 3)
+        timings.record(time.perf_counter() - started, epoch, metrics["epoch_seconds"])
+        timings.save(timings_path(out_dir))  # after every epoch: a killed process keeps its time
         tracker.log_metrics(run_id, metrics, step=epoch)
 
     if model_config.method in UNTRAINED:
@@ -144,7 +147,7 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
                "train_images": len(data.train), "val_images": len(data.val),
                "label": None if backbone.is_clip else PIPELINE_CHECK}
     write_json(out_dir / "summary.json", summary)
-    timings.add_process(result.seconds)
+    timings.record(time.perf_counter() - started)
     timings.save(timings_path(out_dir))
     tracker.log_metrics(run_id, {"train_seconds": timings.seconds})
     tracker.log_artifact(run_id, out_dir / "history.csv")
