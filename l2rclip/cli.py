@@ -90,7 +90,8 @@ def _predict(args: argparse.Namespace) -> int:
         paths = expand_inputs(args.inputs)
         if not paths:
             raise ValueError(f"no images found in {', '.join(args.inputs)}")
-        predictor = Predictor.load(args.model, device=args.device)
+        predictor = Predictor.load(args.model, device=args.device, alpha=args.alpha,
+                                   calibration=args.calibration)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -148,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "column; relative paths start from the CSV's folder) with a model folder or an MLflow "
                     "URI (runs:/<run_id>/model, models:/<name>@champion, models:/<name>/<version>; the store "
                     "is MLFLOW_TRACKING_URI, else ./mlflow.db). Writes one row per image in input order; an "
-                    "unreadable image gets its error in the `error` column and the others go on.")
+                    "unreadable image gets its error in the `error` column and the others go on. A model with a "
+                    "conformal calibration adds interval_low, interval_high (labels), interval_low_value, "
+                    "interval_high_value and interval_level.")
     predict.add_argument("model", help="model folder or MLflow model URI")
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image file, folder, or CSV with a path column")
@@ -157,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     predict.add_argument("--num-workers", type=int, default=0,
                          help="loader processes reading images (default: 0, in the main process)")
+    predict.add_argument("--alpha", type=float, default=None,
+                         help="miscoverage of the interval columns (default: the calibration's first level); "
+                              "the model's calibration must support it (alpha >= 1/(n+1))")
+    predict.add_argument("--calibration", default=None,
+                         help="a calibrate stage's calibration.json, for a model folder without its own "
+                              "(registered models carry theirs)")
     predict.add_argument("--device", default="auto",
                          help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
     predict.set_defaults(func=_predict)

@@ -71,6 +71,8 @@ class SplitConfig:
     the training images of the `shift_ranks` most frequent training ranks (null: half of them).
     `missing_ranks` says whether a rank without training images in a fold is an error or a
     warning (rare ages, e.g. FG-NET's single 69-year-old, make it unavoidable there).
+    `calib_fraction` carves the conformal calibration split from each fold's training part after
+    validation (0: none; see `ConformalConfig`).
     """
 
     protocol: Literal["kfold", "given", "repeats", "logo"] = "kfold"
@@ -84,6 +86,7 @@ class SplitConfig:
     n_val: int = 5
     n_test: int = 50
     missing_ranks: Literal["error", "warn"] = "error"
+    calib_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,22 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class ConformalConfig:
+    """Split conformal prediction intervals, calibrated on each fold's `calib` split.
+
+    `method` is the interval a registered model serves (both are calibrated and evaluated):
+    `ordinal` (contiguous ranks grown around the argmax by probability) or `residual`
+    (expectation +- a quantile of |value - expectation|). `alpha`: miscoverage levels (the
+    intervals aim at coverage 1 - alpha); the first is served unless `predict --alpha` asks for
+    another. `temperature`: fit a softmax temperature on the validation split first.
+    """
+
+    method: Literal["ordinal", "residual"] = "ordinal"
+    alpha: tuple[float, ...] = (0.1,)
+    temperature: bool = False
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -228,6 +247,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    conformal: ConformalConfig = field(default_factory=ConformalConfig)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from l2rclip.conformal import Calibration
 from l2rclip.metrics import rank_distribution_summary
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
@@ -56,7 +57,8 @@ def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[d
 
 
 def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSpace,
-                      with_probabilities: bool = True) -> pd.DataFrame:
+                      with_probabilities: bool = True, calibration: Calibration | None = None,
+                      alpha: float | None = None) -> pd.DataFrame:
     """One row per image: true rank/value (when known), both prediction rules, uncertainty.
 
     Args:
@@ -64,6 +66,10 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
         probs: (N, M) rank probabilities.
         rank_space: the ranks.
         with_probabilities: add one `p_<k>` column per rank.
+        calibration: add the conformal interval of its served method: `interval_low` and
+            `interval_high` (labels), `interval_low_value`, `interval_high_value` and
+            `interval_level` (1 - alpha).
+        alpha: the interval's level (default: the calibration's first).
     """
     if len(table) != len(probs):
         raise ValueError(f"predictions_table: {len(table)} rows but {len(probs)} probability rows")
@@ -80,6 +86,14 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
     out["std"] = summary["std"]
     out["entropy"] = summary["entropy"]
     out["confidence"] = probs.max(axis=1)
+    if calibration is not None:
+        alpha = calibration.resolve_alpha(alpha)
+        low, high = calibration.intervals(probs, rank_space.value_array, alpha)  # (N,) each
+        out["interval_low"] = [rank_space.label_of(int(k)) for k in low]
+        out["interval_high"] = [rank_space.label_of(int(k)) for k in high]
+        out["interval_low_value"] = rank_space.value_array[low]
+        out["interval_high_value"] = rank_space.value_array[high]
+        out["interval_level"] = 1.0 - alpha
     if with_probabilities:
         for k in range(probs.shape[1]):
             out[f"p_{k}"] = probs[:, k]

@@ -94,7 +94,7 @@ def requirements() -> list[str]:
 
 
 def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = None,
-               artifact_path: str = "model") -> str:
+               artifact_path: str = "model", calibration: dict[str, Any] | None = None) -> str:
     """Log an l2rclip model folder as a pyfunc model under an existing run; returns its model URI.
 
     Args:
@@ -102,11 +102,13 @@ def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = No
         run_id: the run to log under (e.g. the pipeline's parent run); it is ended afterwards.
         tracking_uri: MLflow store (default: `default_tracking_uri()`).
         artifact_path: the logged model's name within the run.
+        calibration: a conformal calibration (`Calibration.to_dict`) stored with the model, so
+            the served table carries the interval columns.
 
     Returns:
         The logged model's URI (`models:/<model_id>`), ready for registration or loading.
     """
-    predictor = Predictor.load(model_dir, device="cpu")
+    predictor = Predictor.load(model_dir, device="cpu", calibration=calibration)
     example = pd.DataFrame({INPUT_COLUMN: [encode_image(Image.new("RGB", (64, 64), (128, 128, 128)))]})
     with warnings.catch_warnings():  # MLflow's hint on missing integers concerns enforced inputs, not outputs
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)

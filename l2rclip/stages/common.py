@@ -17,7 +17,9 @@ import pandas as pd
 import torch
 
 from l2rclip.config import ConfigError, Params, to_flat_dict
+from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.splits import read_splits
+from l2rclip.evaluation import predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,14 @@ def read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(f"expected the prepare stage's outputs, missing: {', '.join(missing)}; "
                                 "run `dvc repro prepare` (or `l2rclip prepare`) first")
     return pd.read_csv(files[0], keep_default_na=False), read_splits(files[1])
+
+
+def split_probabilities(model: torch.nn.Module, preprocess: Callable, table: pd.DataFrame, params: Params,
+                        device: torch.device) -> np.ndarray:
+    """(N, M) rank probabilities of a split's images, in table order, as evaluation computes them."""
+    loader = make_loader(RankImageDataset(table, params.data.root, preprocess), params.train.eval_batch_size,
+                         shuffle=False, num_workers=params.train.num_workers)
+    return predict_probabilities(model, ({"images": images} for images, _ in loader), device, params.train.amp)
 
 
 def data_version(prepared: Path) -> str:

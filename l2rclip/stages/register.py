@@ -6,7 +6,8 @@ score: the test split is for reporting, and choosing on it would make the report
 optimistic. The chosen `best/` model is logged as an l2rclip pyfunc under the pipeline's parent
 run and registered as a new version of `l2rclip-<data.source>`, with version tags for the data
 version, a params hash, the fold, its validation score, the report's CV test means and whether the
-backbone was CLIP. It becomes the `champion` only when there is none yet; replacing a champion is
+backbone was CLIP. The fold's conformal calibration (`<fold>/calibrate/calibration.json`, when
+there) is stored in the model, so predictions and the served model carry the intervals. It becomes the `champion` only when there is none yet; replacing a champion is
 the promotion flow's decision.
 
 Tracking is never fatal: with tracking disabled, no run handle, or MLflow failing, the stage
@@ -21,6 +22,7 @@ Expected dvc.yaml entry (after `report`):
       deps:
         - outputs/report/metrics.json
         - outputs/metrics
+        - l2rclip/conformal.py
         - l2rclip/stages/register.py
         - l2rclip/registry.py
         - l2rclip/serving.py
@@ -50,7 +52,9 @@ from pathlib import Path
 from typing import Any
 
 from l2rclip.config import Params, load_params
+from l2rclip.conformal import Calibration
 from l2rclip.registry import default_model_name, register
+from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import fingerprint, run_main, stage_parser, write_json
 from l2rclip.tracking import Tracker, _safe_key
 from l2rclip.training import HIGHER_IS_BETTER
@@ -90,6 +94,15 @@ def choose_fold(params: Params, folds_dir: Path) -> tuple[int, float | None, dic
     return fold, score, summaries[fold]
 
 
+def fold_calibration(folds_dir: Path, fold: int) -> Calibration | None:
+    """The fold's conformal calibration (calibrate stage), None when it has none or never ran."""
+    path = folds_dir / str(fold) / "calibrate" / "calibration.json"
+    if not path.is_file():
+        log.warning("no calibration at %s: the model is registered without intervals", path)
+        return None
+    return read_calibration(path)
+
+
 def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: Path) -> dict[str, Any]:
     """Choose the fold, register its best model, and write `registered.json`; returns its content."""
     fold, score, summary = choose_fold(params, folds_dir)
@@ -106,6 +119,11 @@ def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: P
             "l2rclip.select_metric": metric, f"l2rclip.val/{metric}": score,
             **{_safe_key(f"l2rclip.{key}_mean"): entry["mean"] for key, entry in report.items()
                if key.startswith("test/") and isinstance(entry, dict)}}
+    calibration = fold_calibration(folds_dir, fold)
+    if calibration is not None:
+        tags.update({"l2rclip.conformal_method": calibration.method,
+                     "l2rclip.conformal_level": 1 - calibration.alpha[0], "l2rclip.conformal_n": calibration.n})
+    result["calibrated"] = calibration is not None
     tracker, ids = Tracker.from_handle(model_dir.parent)
     parent = ids.get("parent_run_id")
     if not params.tracking.enabled or not tracker.enabled or not parent:
@@ -113,7 +131,8 @@ def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: P
                             else f"no MLflow parent run in {model_dir.parent / 'tracking.json'}")
     else:
         try:
-            result.update(register(model_dir, name, parent, tags, tracker.tracking_uri), registered=True)
+            result.update(register(model_dir, name, parent, tags, tracker.tracking_uri,
+                                   calibration=calibration.to_dict() if calibration else None), registered=True)
         except Exception as error:  # noqa: BLE001 - tracking is never fatal: say why, keep the outputs
             log.warning("model not registered: MLflow failed on %s: %s", tracker.tracking_uri, error)
             result["reason"] = f"MLflow failed on {tracker.tracking_uri}: {type(error).__name__}: {error}"
