@@ -67,7 +67,7 @@ def check_alpha(alpha: float, n: int | None = None, where: str = "alpha") -> flo
 
 
 def _rank_of_quantile(n: int, alpha: float) -> int:
-    """k = ceil((n + 1)(1 - alpha)); the epsilon keeps 100 * 0.9 = 90.00000000000001 at 90."""
+    """The rank k = ceil((n + 1)(1 - alpha)); the epsilon keeps 100 * 0.9 = 90.00000000000001 at 90."""
     return math.ceil((n + 1) * (1 - alpha) - 1e-9)
 
 
@@ -292,7 +292,7 @@ class Calibration:
         return self.alpha[0] if alpha is None else check_alpha(alpha, self.n, where="requested alpha")
 
     def threshold(self, method: str, alpha: float) -> float:
-        """q for `method` at `alpha`."""
+        """The threshold q of `method` at `alpha`."""
         if method not in self.scores:
             raise ConformalError(f"no calibration scores for method {method!r}; found {', '.join(self.scores)}")
         return conformal_quantile(self.scores[method], alpha)

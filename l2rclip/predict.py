@@ -264,8 +264,9 @@ class Predictor:
             One row per input, in input order: `path`, `pred_rank` (nullable int), `pred_label`,
             `pred_name`, `pred_value`, `expected_value`, `std`, `entropy`, `confidence`, with a
             calibration `interval_low`, `interval_high` (labels), `interval_low_value`,
-            `interval_high_value` and `interval_level`, the `p_<k>` columns when asked, and `error` ("" when the input was read, else why not; its
-            prediction columns are then empty).
+            `interval_high_value` and `interval_level`, the `p_<k>` columns when asked, and
+            `error` ("" when the input was read, else why not; its prediction columns are then
+            empty).
         """
         if len(names) != len(items):
             raise ValueError(f"predict: expected one name per input, found {len(names)} for {len(items)}")

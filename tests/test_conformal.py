@@ -1,10 +1,13 @@
 """Conformal intervals: the coverage guarantee on synthetic calibrated models, contiguity, width, errors."""
 
+import dataclasses
+import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+from test_predict import save_tiny_model
 
 from l2rclip.config import ConfigError, Params, SplitConfig, from_dict
 from l2rclip.conformal import (
@@ -23,7 +26,11 @@ from l2rclip.conformal import (
 )
 from l2rclip.data.splits import CALIB, SplitError, make_splits
 from l2rclip.metrics import expected_calibration_error
+from l2rclip.plots import conformal_plot
 from l2rclip.ranks import RankSpace
+from l2rclip.stages.calibrate import calibrate_fold
+from l2rclip.stages.evaluate import evaluate_fold
+from l2rclip.stages.prepare import prepare
 
 M = 12
 VALUES = np.arange(1.0, M + 1)  # rank values 1..12
@@ -217,3 +224,60 @@ def test_calibration_split_comes_from_train_is_grouped_and_leaves_val_and_test_a
     with pytest.raises(SplitError, match="too few to carve calib_fraction"):
         make_splits(grouped_table(n_groups=30), SplitConfig(n_folds=2, val_fraction=0, calib_fraction=0.05),
                     seed=0, rank_space=space)
+
+
+def test_conformal_plot_draws_the_ranks_with_test_images(tmp_path):
+    rng = np.random.default_rng(4)
+    calib_probs, calib_ranks = calibrated(200, 0.5, rng)
+    test_probs, test_ranks = calibrated(300, 0.5, rng)
+    calibration = Calibration.fit(calib_probs, calib_ranks, VALUES, "ordinal", [0.1])
+    _, by_rank = evaluate_intervals(calibration, test_probs, test_ranks, VALUES)
+    names = [str(v) for v in range(1, M + 1)]
+    path = conformal_plot({m: by_rank[f"{m}_90"] for m in METHODS}, 0.1, names, tmp_path / "c.png",
+                          title_suffix="PIPELINE CHECK")
+    assert path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="at least one method"):
+        conformal_plot({}, 0.1, names, tmp_path / "none.png")
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """Prepared demo folds with and without a calibration split, and a random tiny model."""
+    root = tmp_path_factory.mktemp("stages")
+    base = {"data": {"root": str(root / "demo"), "demo": {"n_per_rank": 8, "image_size": 64}},
+            "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0.3}, "tracking": {"enabled": False},
+            "conformal": {"alpha": [0.2], "temperature": True}, "train": {"device": "cpu"}}
+    with_calib = from_dict(Params, base)
+    without = from_dict(Params, {**base, "split": {"n_folds": 2, "val_fraction": 0.25}})
+    prepare(with_calib, root / "with")
+    prepare(without, root / "without")
+    model_dir = save_tiny_model(root / "model")
+    meta = json.loads((model_dir / "model.json").read_text())  # what the train stage adds
+    (model_dir / "model.json").write_text(json.dumps({**meta, "backbone": "L2RCLIP-Tiny"}))
+    return root, with_calib, without, model_dir
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_calibrate_then_evaluate_stages(staged, tmp_path):
+    root, with_calib, without, model_dir = staged
+    written = calibrate_fold(with_calib, 0, root / "with", model_dir, tmp_path / "calibration.json")
+    assert written["calibrated"] and written["n"] >= 9 and written["temperature"] > 0
+    assert {"calib/ece", "calib/ece_tempered"} <= set(written)
+    result = evaluate_fold(with_calib, 0, root / "with", model_dir, tmp_path / "eval", tmp_path / "metrics.json",
+                           tmp_path / "calibration.json")
+    assert 0 <= result["test/coverage_ordinal_80"] <= 1 and result["test/width_residual_80"] >= 1
+    assert result["test/n_calib"] == written["n"] and set(result["conformal_by_rank"]) == {"ordinal_80",
+                                                                                          "residual_80"}
+    assert (tmp_path / "eval/figures/conformal_80.png").is_file()
+    predictions = pd.read_csv(tmp_path / "eval/predictions.csv")
+    assert (predictions["interval_level"] == 0.8).all()
+
+    none = calibrate_fold(without, 0, root / "without", model_dir, tmp_path / "none.json")
+    assert none["calibrated"] is False and "calib_fraction is 0" in none["reason"]
+    result = evaluate_fold(without, 0, root / "without", model_dir, tmp_path / "eval2", tmp_path / "m2.json",
+                           tmp_path / "none.json")
+    assert not any("coverage" in key for key in result)
+    bad = dataclasses.replace(with_calib, conformal=dataclasses.replace(with_calib.conformal, alpha=(1.5,)))
+    with pytest.raises(ConformalError, match=r"conformal.alpha\[0\]: expected a miscoverage level"):
+        calibrate_fold(bad, 0, root / "with", model_dir, tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()

@@ -7,9 +7,10 @@ With conformal.temperature a softmax temperature is fitted first on the validati
 the calibration split, which would make its scores depend on themselves); the expected
 calibration error (ECE) on the calibration split before and after tempering is recorded.
 
-Output: `<out>/calibration.json`, the `Calibration` (sorted scores of both methods, the served
+Output: `<out>` (calibration.json), the `Calibration` (sorted scores of both methods, the served
 method, the levels, the temperature and the thresholds) plus `fold`, `calibrated` and the ECE;
 `calibrated: false` and the reason when the fold has no calibration split (calib_fraction 0).
+The ECE and the calibration file also go to the fold's MLflow run.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from l2rclip.conformal import Calibration, check_alpha, fit_temperature, temper
 from l2rclip.config import ConfigError, Params, load_params
+from l2rclip.conformal import Calibration, check_alpha, fit_temperature, temper
 from l2rclip.data.splits import CALIB, select
 from l2rclip.metrics import expected_calibration_error
 from l2rclip.models.checkpoint import load_model
@@ -37,6 +38,7 @@ from l2rclip.stages.common import (
     stage_parser,
     write_json,
 )
+from l2rclip.tracking import Tracker
 
 log = logging.getLogger("l2rclip.stages.calibrate")  # not __main__ under python -m
 
@@ -91,6 +93,12 @@ def calibrate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, o
               "calib/ece": _ece(probs, ranks, params.eval.ece_bins),
               "calib/ece_tempered": _ece(temper(probs, temperature), ranks, params.eval.ece_bins)}
     write_json(out_file, result)
+    tracker, ids = Tracker.from_handle(model_dir.parent)  # the fold's MLflow run, which evaluate ends
+    if run_id := ids.get("run_id"):
+        tracker.log_metrics(run_id, {"calib/n_images": float(calibration.n), "calib/ece": result["calib/ece"],
+                                     "calib/ece_tempered": result["calib/ece_tempered"],
+                                     **({"calib/temperature": temperature} if temperature else {})})
+        tracker.log_artifact(run_id, out_file, "calibrate")
     log.info("fold %d calibrated on %d images (temperature %s): %s", fold, calibration.n, temperature,
              ", ".join(f"{m} q{level} {q:.3f}" for m, levels in result["thresholds"].items()
                        for level, q in levels.items()))

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from l2rclip.conformal import evaluate_intervals, level_name
 from l2rclip.config import Params, load_params
+from l2rclip.conformal import evaluate_intervals, level_name
 from l2rclip.data.splits import select
 from l2rclip.evaluation import predictions_table
 from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality

@@ -7,8 +7,9 @@ optimistic. The chosen `best/` model is logged as an l2rclip pyfunc under the pi
 run and registered as a new version of `l2rclip-<data.source>`, with version tags for the data
 version, a params hash, the fold, its validation score, the report's CV test means and whether the
 backbone was CLIP. The fold's conformal calibration (`<fold>/calibrate/calibration.json`, when
-there) is stored in the model, so predictions and the served model carry the intervals. It becomes the `champion` only when there is none yet; replacing a champion is
-the promotion flow's decision.
+there) is stored in the model, so predictions and the served model carry the intervals. It
+becomes the `champion` only when there is none yet; replacing a champion is the promotion flow's
+decision.
 
 Tracking is never fatal: with tracking disabled, no run handle, or MLflow failing, the stage
 writes `"registered": false` and the reason, and exits 0.
