@@ -322,7 +322,7 @@ def conformal_plot(by_rank: Mapping[str, Mapping[str, Sequence[float | None]]], 
     counts = np.asarray(next(iter(by_rank.values()))["n"], dtype=np.float64)  # (M,)
     present = np.flatnonzero(counts)  # ranks with test images
     x = np.arange(present.size)
-    fig, (cover_ax, width_ax) = _figure(max(10.0, 0.4 * present.size + 4.0), 4.5, ncols=2)
+    fig, (cover_ax, width_ax) = _figure(min(20.0, max(10.0, 0.25 * present.size + 4.0)), 4.5, ncols=2)
     bar = 0.8 / len(by_rank)
     for i, (method, table) in enumerate(by_rank.items()):
         offset = (i - (len(by_rank) - 1) / 2) * bar
