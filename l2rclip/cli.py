@@ -106,7 +106,8 @@ def _predict(args: argparse.Namespace) -> int:
         if not paths:
             raise ValueError(f"no images found in {', '.join(args.inputs)}")
         out = check_output_file(args.out, [*args.inputs, *paths])
-        predictor = Predictor.load(args.model, device=args.device, max_pixels=args.max_image_pixels)
+        predictor = Predictor.load(args.model, device=args.device, max_pixels=args.max_image_pixels,
+                                   alpha=args.alpha, calibration=args.calibration)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
@@ -176,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "column; relative paths start from the CSV's folder) with a model folder or an MLflow "
                     "URI (runs:/<run_id>/model, models:/<name>@champion, models:/<name>/<version>; the store "
                     "is MLFLOW_TRACKING_URI, else ./mlflow.db). Writes one row per image in input order; an "
-                    "unreadable image gets its error in the `error` column and the others go on. --out is "
-                    "checked before any work and replaced only by a complete file.",
+                    "unreadable image gets its error in the `error` column and the others go on. A model with a "
+                    "conformal calibration adds interval_low, interval_high (labels), interval_low_value, "
+                    "interval_high_value and interval_level. --out is checked before any work and replaced "
+                    "only by a complete file.",
         epilog=f"exit status: 0 every input predicted; {EXIT_SOME_FAILED} the CSV was written but some inputs "
                f"could not be read (see its error column); {EXIT_NONE_PREDICTED} the CSV was written but no "
                f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written).")
@@ -189,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     predict.add_argument("--num-workers", type=int, default=0,
                          help="loader processes reading images (default: 0, in the main process)")
+    predict.add_argument("--alpha", type=float, default=None,
+                         help="miscoverage of the interval columns (default: the calibration's first level); "
+                              "the model's calibration must support it (alpha >= 1/(n+1))")
+    predict.add_argument("--calibration", default=None,
+                         help="a calibrate stage's calibration.json, for a model folder without its own "
+                              "(registered models carry theirs)")
     predict.add_argument("--device", default="auto",
                          help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
     predict.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels,

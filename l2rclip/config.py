@@ -83,6 +83,8 @@ class SplitConfig:
     the training images of the `shift_ranks` most frequent training ranks (null: half of them).
     `missing_ranks` says whether a rank without training images in a fold is an error or a
     warning (rare ages, e.g. FG-NET's single 69-year-old, make it unavoidable there).
+    `calib_fraction` carves the conformal calibration split from each fold's training part after
+    validation (0: none; see `ConformalConfig`).
     """
 
     protocol: Literal["kfold", "given", "repeats", "logo"] = "kfold"
@@ -100,6 +102,7 @@ class SplitConfig:
     # `holdout_salt`, leaves every fold and is the retrain gate's set. 0: none (published protocols).
     holdout_fraction: float = 0.0
     holdout_salt: str = "l2rclip-gate"
+    calib_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,22 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class ConformalConfig:
+    """Split conformal prediction intervals, calibrated on each fold's `calib` split.
+
+    `method` is the interval a registered model serves (both are calibrated and evaluated):
+    `ordinal` (contiguous ranks grown around the argmax by probability) or `residual`
+    (expectation +- a quantile of |value - expectation|). `alpha`: miscoverage levels (the
+    intervals aim at coverage 1 - alpha); the first is served unless `predict --alpha` asks for
+    another. `temperature`: fit a softmax temperature on the validation split first.
+    """
+
+    method: Literal["ordinal", "residual"] = "ordinal"
+    alpha: tuple[float, ...] = (0.1,)
+    temperature: bool = False
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -274,6 +293,7 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    conformal: ConformalConfig = field(default_factory=ConformalConfig)
 
 
 @dataclass(frozen=True)
@@ -322,6 +342,8 @@ RANGES: dict[str, Range] = {
     "split.n_val": NON_NEGATIVE,
     "split.n_test": COUNT,
     "split.holdout_fraction": Range(0, 1, high_open=True),
+    "split.calib_fraction": Range(0, 0.5),
+    "conformal.alpha[]": Range(0, 1, low_open=True, high_open=True),
     "preprocess.margin": NON_NEGATIVE,
     "preprocess.shard_size": COUNT,
     "preprocess.workers": COUNT,

@@ -6,12 +6,17 @@ place reports the same numbers from the same code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
+from l2rclip.config import Params
+from l2rclip.conformal import Calibration
+from l2rclip.data.batch_transforms import store_eval_batches
+from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.data.store import ImageStore
 from l2rclip.metrics import rank_distribution_summary
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
@@ -56,7 +61,8 @@ def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[d
 
 
 def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSpace,
-                      with_probabilities: bool = True) -> pd.DataFrame:
+                      with_probabilities: bool = True, calibration: Calibration | None = None,
+                      alpha: float | None = None) -> pd.DataFrame:
     """One row per image: true rank/value (when known), both prediction rules, uncertainty.
 
     Args:
@@ -64,6 +70,10 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
         probs: (N, M) rank probabilities.
         rank_space: the ranks.
         with_probabilities: add one `p_<k>` column per rank.
+        calibration: add the conformal interval of its served method: `interval_low` and
+            `interval_high` (labels), `interval_low_value`, `interval_high_value` and
+            `interval_level` (1 - alpha).
+        alpha: the interval's level (default: the calibration's first).
     """
     if len(table) != len(probs):
         raise ValueError(f"predictions_table: {len(table)} rows but {len(probs)} probability rows")
@@ -80,6 +90,14 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
     out["std"] = summary["std"]
     out["entropy"] = summary["entropy"]
     out["confidence"] = probs.max(axis=1)
+    if calibration is not None:
+        alpha = calibration.resolve_alpha(alpha)
+        low, high = calibration.intervals(probs, rank_space.value_array, alpha)  # (N,) each
+        out["interval_low"] = [rank_space.label_of(int(k)) for k in low]
+        out["interval_high"] = [rank_space.label_of(int(k)) for k in high]
+        out["interval_low_value"] = rank_space.value_array[low]
+        out["interval_high_value"] = rank_space.value_array[high]
+        out["interval_level"] = 1.0 - alpha
     if with_probabilities:
         for k in range(probs.shape[1]):
             out[f"p_{k}"] = probs[:, k]
@@ -90,3 +108,18 @@ def probabilities_of(predictions: pd.DataFrame) -> np.ndarray:
     """The (N, M) probability block of a predictions table written with probabilities."""
     columns = sorted((c for c in predictions.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
     return predictions[columns].to_numpy(dtype=np.float64)
+
+
+def split_probabilities(model: torch.nn.Module, preprocess: Callable, table: pd.DataFrame, params: Params,
+                        device: torch.device, store: ImageStore | None = None) -> np.ndarray:
+    """(N, M) rank probabilities of a split's images, in table order, as evaluation computes them.
+
+    The images come from the preprocess stage's `store` when given, else from the files.
+    """
+    if store is not None:
+        batches = store_eval_batches(table, store, params.train.eval_batch_size, params.train.num_workers, device)
+    else:
+        loader = make_loader(RankImageDataset(table, params.data.root, preprocess), params.train.eval_batch_size,
+                             shuffle=False, num_workers=params.train.num_workers, device=device)
+        batches = (images for images, _ in loader)
+    return predict_probabilities(model, ({"images": images} for images in batches), device, params.train.amp)

@@ -300,3 +300,38 @@ def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray | None
     out = Path(out_dir)
     return {name: plot(*args, out / f"{name}.png", title_suffix=title_suffix)
             for name, (plot, args) in inputs.items()}
+
+
+def conformal_plot(by_rank: Mapping[str, Mapping[str, Sequence[float | None]]], alpha: float,
+                   rank_names: Sequence[str], path: str | Path, title_suffix: str = "") -> Path:
+    """Coverage and mean width of conformal intervals per true rank, one bar per method.
+
+    The guarantee is marginal (over all test images), so single ranks may fall below the
+    1 - alpha line; this picture shows where (typically the rare extreme ranks).
+
+    Args:
+        by_rank: method -> per-rank lists `n`, `coverage`, `width` (None where a rank has no
+            test image), as `l2rclip.conformal.evaluate_intervals` gives them for one level.
+        alpha: the level's miscoverage (the line is drawn at 1 - alpha).
+        rank_names: (M,) name of each rank.
+        path: PNG file to write.
+        title_suffix: extra title line.
+    """
+    if not by_rank:
+        raise ValueError("expected at least one method's per-rank coverage, found none")
+    counts = np.asarray(next(iter(by_rank.values()))["n"], dtype=np.float64)  # (M,)
+    present = np.flatnonzero(counts)  # ranks with test images
+    x = np.arange(present.size)
+    fig, (cover_ax, width_ax) = _figure(min(20.0, max(10.0, 0.25 * present.size + 4.0)), 4.5, ncols=2)
+    bar = 0.8 / len(by_rank)
+    for i, (method, table) in enumerate(by_rank.items()):
+        offset = (i - (len(by_rank) - 1) / 2) * bar
+        for ax, key in ((cover_ax, "coverage"), (width_ax, "width")):
+            ax.bar(x + offset, np.asarray(table[key], dtype=np.float64)[present], width=bar, label=method)
+    cover_ax.axhline(1 - alpha, color="black", linestyle="--", label=f"1 - alpha = {1 - alpha:.3g}")
+    cover_ax.set(xlabel="true rank", ylabel="test coverage", ylim=(0, 1.15))
+    width_ax.set(xlabel="true rank", ylabel="mean interval width (ranks)")
+    for ax in (cover_ax, width_ax):
+        _rank_axis(ax, [rank_names[i] for i in present], "x", positions=x)
+        ax.legend(loc="upper left", ncols=3, fontsize=8)
+    return _save(fig, path, f"Conformal intervals at {1 - alpha:.3g} by true rank", title_suffix)

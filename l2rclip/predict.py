@@ -9,6 +9,7 @@ folder of ten thousand photos one truncated file must not cost the other 9,999 p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -26,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from l2rclip.conformal import Calibration, ConformalError
 from l2rclip.data.sources.base import list_files
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_image_file, to_rgb
 from l2rclip.evaluation import predict_probabilities, predictions_table
@@ -112,6 +114,16 @@ def _find_model_folder(root: Path, uri: str) -> Path:
         what = "none" if not found else f"{len(found)}: {', '.join(map(str, found))}"
         raise ModelFileError(f"{uri}: expected {expected}; found {what} under {root}")
     return found[0]
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, with the path in the error when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"expected a calibration JSON file at {path}; nothing is there") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConformalError(f"{path}: expected a JSON calibration, found unreadable text ({error})") from None
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -220,14 +232,19 @@ class Predictor:
     Args:
         model: L2RCLIP (its prototypes are cached here unless the file had them) or an ordinal
             head baseline (no prototypes).
-        meta: `load_model`'s metadata (`rank_space`, `preprocess`, `config`, ...).
+        meta: `load_model`'s metadata (`rank_space`, `preprocess`, `config`, ...); a `conformal`
+            entry (a registered model's calibration) adds the interval columns to predictions.
         device: where to run.
         amp: mixed precision on CUDA, as the evaluate stage uses by default; ignored elsewhere.
         max_pixels: decompression-bomb limit of every image read (`data.max_image_pixels`).
+        alpha: the intervals' level (default: the calibration's first); needs a calibration.
+
+    Raises:
+        ConformalError: `alpha` without a calibration, or one the calibration cannot support.
     """
 
     def __init__(self, model: L2RCLIP | OrdinalHeadModel, meta: dict[str, Any], device: torch.device,
-                 amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, alpha: float | None = None):
         self.max_pixels = check_max_pixels(max_pixels)
         self.model = model.eval()
         self.meta = meta
@@ -235,19 +252,35 @@ class Predictor:
         self.transform = meta["preprocess"]
         self.device = device
         self.amp = amp
+        self.calibration = Calibration.from_dict(meta["conformal"], "the model's conformal calibration") \
+            if meta.get("conformal") else None
+        if self.calibration is None and alpha is not None:
+            raise ConformalError(f"alpha {alpha} was asked for, but the model has no conformal calibration; "
+                                 "use a registered model (it carries its fold's calibration) or pass the "
+                                 "calibrate stage's calibration.json")
+        self.alpha = self.calibration.resolve_alpha(alpha) if self.calibration else None
         model.cache_prototypes()  # (M, E): the only text-tower pass this predictor makes (if any)
 
     @classmethod
     def load(cls, uri: str | Path, device: str = "auto", tracking_uri: str | None = None,
-             amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> Predictor:
-        """Load a model folder or an MLflow `runs:/` / `models:/` URI (see `resolve_model_dir`)."""
+             amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, alpha: float | None = None,
+             calibration: str | Path | dict[str, Any] | None = None) -> Predictor:
+        """Load a model folder or an MLflow `runs:/` / `models:/` URI (see `resolve_model_dir`).
+
+        `calibration` (a calibrate stage's calibration.json, or its content) replaces the model's
+        own, e.g. for a fold's `best/` folder, which has none until it is registered.
+        """
         torch_device = pick_device(device)
         with tempfile.TemporaryDirectory(prefix="l2rclip-model-") as download:
             model, meta = load_model(resolve_model_dir(str(uri), tracking_uri, download), device=torch_device)
         if meta.get("is_clip") is False:
             log.warning("%s has a random-initialised backbone: its predictions are a pipeline check, "
                         "not CLIP results", uri)
-        return cls(model, meta, torch_device, amp, max_pixels)
+        if calibration is not None:
+            where = "calibration" if isinstance(calibration, dict) else str(calibration)
+            data = calibration if isinstance(calibration, dict) else _read_json(Path(calibration))
+            meta["conformal"] = Calibration.from_dict(data, where).to_dict()
+        return cls(model, meta, torch_device, amp, max_pixels, alpha)
 
     def save(self, folder: str | Path) -> Path:
         """Write the model with its cached prototypes, so that a loader never runs the text tower."""
@@ -282,9 +315,11 @@ class Predictor:
 
         Returns:
             One row per input, in input order: `path`, `pred_rank` (nullable int), `pred_label`,
-            `pred_name`, `pred_value`, `expected_value`, `std`, `entropy`, `confidence`, the
-            `p_<k>` columns when asked, and `error` ("" when the input was read, else why not; its
-            prediction columns are then empty).
+            `pred_name`, `pred_value`, `expected_value`, `std`, `entropy`, `confidence`, with a
+            calibration `interval_low`, `interval_high` (labels), `interval_low_value`,
+            `interval_high_value` and `interval_level`, the `p_<k>` columns when asked, and
+            `error` ("" when the input was read, else why not; its prediction columns are then
+            empty).
         """
         if len(names) != len(items):
             raise ValueError(f"predict: expected one name per input, found {len(names)} for {len(items)}")
@@ -310,8 +345,10 @@ class Predictor:
                 raise
             probs = np.empty((0, len(self.rank_space)))  # no input could be read: every row is an error
         table = pd.DataFrame({"path": [str(name) for name in names]})
-        found = predictions_table(table.iloc[done], probs, self.rank_space, with_probabilities)
-        found = found.astype({"pred_label": object}).set_axis(done).reindex(range(len(items)))
+        found = predictions_table(table.iloc[done], probs, self.rank_space, with_probabilities,
+                                  self.calibration, self.alpha)
+        labels = [c for c in ("pred_label", "interval_low", "interval_high") if c in found.columns]
+        found = found.astype(dict.fromkeys(labels, object)).set_axis(done).reindex(range(len(items)))
         found["path"] = table["path"]
         found["pred_rank"] = found["pred_rank"].astype("Int64")
         found["error"] = [errors.get(index, "") for index in range(len(items))]

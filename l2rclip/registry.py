@@ -43,7 +43,8 @@ def _client(tracking_uri: str | None) -> MlflowClient:
 
 def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any],
              tracking_uri: str | None = None, set_champion_if_missing: bool = True,
-             limits: RequestLimits | None = None) -> dict[str, Any]:
+             limits: RequestLimits | None = None,
+             calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log `model_dir` as a pyfunc under `run_id` and register it as a new version of `name`.
 
     Args:
@@ -55,6 +56,7 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
         tracking_uri: MLflow store, also the registry (default: `default_tracking_uri()`).
         set_champion_if_missing: make this version the champion when `name` has none yet.
         limits: request limits the served version applies (default: the params defaults).
+        calibration: the fold's conformal calibration, stored in the model (interval columns).
 
     Returns:
         `name`, `version` (int), `model_uri` (`models:/<name>/<version>`), `run_id`, and
@@ -65,7 +67,7 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
     meta = read_model_meta(model_dir)
     version_tags = {"l2rclip.is_clip": str(meta.get("is_clip")).lower(), "l2rclip.backbone": meta["model"]["arch"],
                     **tags}
-    logged_uri = log_pyfunc(model_dir, run_id, uri, limits=limits)  # models:/<model_id>
+    logged_uri = log_pyfunc(model_dir, run_id, uri, limits=limits, calibration=calibration)  # models:/<model_id>
     try:
         client.create_registered_model(name, description="L2RCLIP ordinal classifier (l2rclip pyfunc)")
     except MlflowException as error:

@@ -152,7 +152,8 @@ def requirements() -> list[str]:
 
 
 def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = None,
-               artifact_path: str = "model", limits: RequestLimits | None = None) -> str:
+               artifact_path: str = "model", limits: RequestLimits | None = None,
+               calibration: dict[str, Any] | None = None) -> str:
     """Log an l2rclip model folder as a models-from-code pyfunc under an existing run; returns its URI.
 
     Args:
@@ -162,12 +163,15 @@ def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = No
         artifact_path: the logged model's name within the run.
         limits: request limits the served model applies (default: the params defaults), stored
             as the model's `model_config`.
+        calibration: a conformal calibration (`Calibration.to_dict`) stored with the model, so
+            the served table carries the interval columns.
 
     Returns:
         The logged model's URI (`models:/<model_id>`), ready for registration or loading.
     """
     limits = limits or RequestLimits()
-    predictor = Predictor.load(model_dir, device="cpu", max_pixels=limits.max_image_pixels)
+    predictor = Predictor.load(model_dir, device="cpu", max_pixels=limits.max_image_pixels,
+                               calibration=calibration)
     example = pd.DataFrame({INPUT_COLUMN: [encode_image(Image.new("RGB", (64, 64), (128, 128, 128)))]})
     with warnings.catch_warnings():  # MLflow's hint on missing integers concerns enforced inputs, not outputs
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)

@@ -28,8 +28,9 @@ BIN = Path(sys.executable).parent
 SMALL = {
     "folds": [1],  # one of two folds: the pipeline runs the folds listed, not necessarily all
     "data": {"demo": {"n_per_rank": 8, "image_size": 64}},
-    "split": {"n_folds": 2, "val_fraction": 0.25},
+    "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0.3},
     "model": {"fallback": {"epochs": 2}},
+    "conformal": {"alpha": [0.2]},  # about 10 calibration images: enough for 80 % intervals
     "train": {"batch_size": 16},
     "tracking": {"experiment": "pipeline-test"},
 }
@@ -83,13 +84,16 @@ def scratch_repo(tmp_path):
 def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_repo, tmp_path):
     repo, env = scratch_repo
     first = run(["dvc", "repro"], repo, env)
-    assert stages_run(first) == {"demo", "prepare", "preprocess", "train@1", "evaluate@1", "report", "register"}
+    assert stages_run(first) == {"demo", "prepare", "preprocess", "train@1", "calibrate@1", "evaluate@1", "report",
+                                 "register"}
     assert "NOT CLIP" in first  # the offline fallback says so plainly
     summary = json.loads((repo / "outputs/report/metrics.json").read_text())
     assert len(summary["test/mae"]["folds"]) == 1 and summary["is_clip"] is False
     assert "PIPELINE CHECK" in (repo / "outputs/report/report.md").read_text()
     figures = repo / "outputs/folds/1/evaluate/figures"
-    assert {p.name for p in figures.glob("*.png")} >= {"confusion_matrix.png", "calibration.png"}
+    expected_figures = {"confusion_matrix.png", "calibration.png", "conformal_80.png"}
+    assert {p.name for p in figures.glob("*.png")} >= expected_figures
+    assert {"test/coverage_ordinal_80", "test/width_residual_80"} <= set(summary)
 
     assert stages_run(run(["dvc", "repro"], repo, env)) == set()  # nothing changed, nothing runs
 
@@ -97,7 +101,7 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     ablation = run(["dvc", "exp", "run", "--name", "cop-half", "-S", "loss.cop=0.5"], repo, env)
-    assert stages_run(ablation) == {"train@1", "evaluate@1", "report", "register"}
+    assert stages_run(ablation) == {"train@1", "calibrate@1", "evaluate@1", "report", "register"}
     rows = collect(repo, prefix="cop-")
     assert [r["name"] for r in rows] == ["cop-half"] and rows[0]["params"]["loss"]["cop"] == 0.5
     table = markdown_table(rows)

@@ -12,7 +12,9 @@ import os
 import stat
 from pathlib import Path
 
-from l2rclip.data.sources.base import IMAGE_EXTENSIONS
+# The image files every source lists and every reader accepts (defined here, not in the sources, so
+# that reading an image does not import the dataset adapters).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 Problem = tuple[str, str]  # (reason, detail)
 

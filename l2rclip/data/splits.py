@@ -26,6 +26,8 @@ from l2rclip.ranks import RankSpace
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+CALIB = "calib"  # conformal calibration split: carved from train, never used for training or selection
+FOLD_SPLITS = ("train", "val", CALIB, "test")  # the split values make_splits writes, in its order
 CARRIED_COLUMNS = ("path", "group", "label", "rank", "value")
 
 
@@ -49,7 +51,8 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
     group), `logo` (one fold per group), `given` (the table's `fold` and/or `split` columns) and
     `repeats` (`n_repeats` random draws of `n_train`/`n_val`/`n_test` images per rank). Except
     for `repeats` and a given `val` split, validation is one of `round(1 / val_fraction)`
-    stratified, group-disjoint parts of the fold's training part. Then, on training rows only,
+    stratified, group-disjoint parts of the fold's training part; likewise `calib_fraction` carves
+    the conformal calibration split (`calib`) from what remains. Then, on training rows only,
     `shift_keep` thins the most frequent ranks or `few_shot` keeps k images per rank.
 
     Args:
@@ -81,13 +84,15 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
         train, val = fold.train, fold.val
         if val is None:
             train, val = _carve_val(train, ranks, groups, config.val_fraction, rng, number, rank_space)
+        train, calib = _carve_calib(train, ranks, groups, config.calib_fraction, number,
+                                    np.random.default_rng([seed, number, 2]))
         train = _thin_train(train, ranks, config, rng)
         for name, rows in (("train", train), ("test", fold.test)):
             if len(rows) == 0:
                 raise SplitError(f"fold {number}: the {name} split is empty "
                                  f"(protocol {config.protocol}, {len(table)} images in all)")
         _check_ranks(number, ranks[train], rank_space, config.missing_ranks)
-        for name, rows in zip(SPLITS, (train, val, fold.test), strict=True):
+        for name, rows in zip(FOLD_SPLITS, (train, val, calib, fold.test), strict=True):
             part = table.iloc[np.sort(rows)][columns]
             parts.append(part.assign(fold=number, split=name))
     splits = pd.concat(parts, ignore_index=True)[["fold", "split", *columns]]
@@ -101,7 +106,7 @@ def select(splits: pd.DataFrame, fold: int, split: str) -> pd.DataFrame:
     if rows.empty:
         folds = sorted(splits["fold"].unique().tolist())
         raise SplitError(f"no rows for fold {fold}, split {split!r}; folds present: {folds}, "
-                         f"splits: {', '.join(SPLITS)}")
+                         f"splits: {', '.join(FOLD_SPLITS)}")
     return rows.reset_index(drop=True)
 
 
@@ -275,6 +280,27 @@ def _check_stratifiable(n_parts: int, ranks: np.ndarray, rank_space: RankSpace, 
     raise SplitError(f"{what} needs a rank with at least {n_parts} images, but every rank has fewer "
                      f"(images per rank label: {listed}); {remedy.format(largest=largest, fraction=fraction)}"
                      ", or add images")
+
+
+def _carve_calib(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float, fold: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Move one stratified, group-disjoint part of `train` (about `fraction`) to the calibration split.
+
+    Separate from validation on purpose: validation picks the best epoch, so its scores are not
+    exchangeable with test scores, which split conformal prediction needs. Carved before
+    `shift_keep` / `few_shot` thin the training rows, so it keeps the fold's label distribution
+    (like test). Its own generator, so that switching it on leaves validation unchanged.
+    """
+    if fraction == 0:
+        return train, train[:0]
+    n_parts = max(2, round(1 / fraction))
+    n_groups = len(np.unique(groups[train]))
+    if n_groups < n_parts:
+        raise SplitError(f"fold {fold}: after validation the training part has {n_groups} groups/images, "
+                         f"too few to carve calib_fraction {fraction} (1 of {n_parts} group-disjoint parts); "
+                         "lower split.calib_fraction or set it to 0")
+    keep, calib = _stratified_group_parts(n_parts, ranks[train], groups[train], rng)[0]
+    return train[keep], train[calib]
 
 
 def _thin_train(train: np.ndarray, ranks: np.ndarray, config: SplitConfig,

@@ -4,7 +4,7 @@ Outputs:
     <out>/predictions.csv       one row per test image: truth, both prediction rules, std,
                                 entropy, confidence, per-rank probabilities
     <out>/figures/*.png         confusion matrix, error by rank, predicted vs true, prototype
-                                similarity, calibration
+                                similarity, calibration; conformal_<level> with --calibration
     <metrics>                   `test/...` metrics (JSON, a DVC metric), plus the MAE of always
                                 predicting the training median, the baseline every model must beat
 """
@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 
 from l2rclip.config import Params, load_params
-from l2rclip.data.batch_transforms import store_eval_batches
-from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.conformal import evaluate_intervals, level_name
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
-from l2rclip.evaluation import predict_probabilities, predictions_table
+from l2rclip.evaluation import predictions_table, split_probabilities
 from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality
 from l2rclip.models.checkpoint import load_model
-from l2rclip.plots import evaluation_plots
+from l2rclip.plots import conformal_plot, evaluation_plots
+from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import (
     PIPELINE_CHECK,
     pick_device,
@@ -48,12 +48,17 @@ def median_baseline_mae(train_values: np.ndarray, test_values: np.ndarray) -> fl
 
 
 def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, out_dir: Path,
-                  metrics_file: Path, store_dir: Path | None = None) -> dict[str, Any]:
+                  metrics_file: Path, calibration_file: Path | None = None,
+                  store_dir: Path | None = None) -> dict[str, Any]:
     """Evaluate `model_dir` on fold `fold`'s test split; returns the metrics written.
 
     Images come from the preprocess stage's store at `store_dir` (None: from the image files).
+    With `calibration_file` (the calibrate stage's output) the conformal intervals are evaluated
+    too: coverage and width per method and level, overall (metrics) and per rank (`conformal_by_rank`
+    in the metrics file, and a figure per level); predictions.csv gets the served intervals.
     """
     seed_everything(params.seed)
+    calibration = read_calibration(calibration_file) if calibration_file else None
     _, splits = read_prepared(prepared)
     test, train = select(splits, fold, "test"), select(splits, fold, "train")
     if test.empty:
@@ -64,15 +69,8 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
     prototypes = None if prototypes is None else prototypes.cpu().numpy()
     store = open_store(store_dir, model.image_encoder, meta["backbone"], params.preprocess.margin)
-    if store is not None:
-        batches = store_eval_batches(test, store, params.train.eval_batch_size, params.train.num_workers, device)
-    else:
-        loader = make_loader(RankImageDataset(test, params.data.root, meta["preprocess"]),
-                             params.train.eval_batch_size, shuffle=False, num_workers=params.train.num_workers,
-                             device=device)
-        batches = (images for images, _ in loader)
-    probs = predict_probabilities(model, ({"images": images} for images in batches), device, params.train.amp)
-    predictions = predictions_table(test, probs, rank_space)
+    probs = split_probabilities(model, meta["preprocess"], test, params, device, store)  # (N, M)
+    predictions = predictions_table(test, probs, rank_space, calibration=calibration)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
 
@@ -82,12 +80,24 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
         metrics["ordinality"] = prototype_ordinality(prototypes)
     metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
     metrics["n_images"] = float(len(test))
+    by_rank: dict[str, Any] = {}
+    if calibration is not None:
+        interval_metrics, by_rank = evaluate_intervals(calibration, probs, test["rank"].to_numpy(),
+                                                       rank_space.value_array)
+        metrics.update(interval_metrics, n_calib=float(calibration.n))
     result = {**prefix_metrics(metrics, "test"), "fold": fold, "method": meta.get("method", "l2rclip"),
               "backbone": meta["backbone"], "is_clip": meta["is_clip"], "best_epoch": meta["epoch"]}
+    if by_rank:
+        result["conformal_by_rank"] = by_rank
     write_json(metrics_file, result)
     suffix = "" if meta["is_clip"] else f"\n{PIPELINE_CHECK}"
     figures = evaluation_plots(predictions, prototypes, rank_space,
                                out_dir / "figures", title_suffix=suffix)
+    for alpha in calibration.alpha if calibration is not None else ():
+        level = level_name(alpha)
+        figures[f"conformal_{level}"] = conformal_plot(
+            {m: by_rank[f"{m}_{level}"] for m in calibration.scores}, alpha, rank_space.names,
+            out_dir / "figures" / f"conformal_{level}.png", title_suffix=suffix)
 
     tracker, ids = Tracker.from_handle(model_dir.parent)
     run_id = ids.get("run_id")
@@ -110,12 +120,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and figures/")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the test metrics")
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help="the calibrate stage's calibration.json: also evaluate conformal intervals")
     parser.add_argument("--store", type=Path, default=None,
                         help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
                              "passes it (default: none, decode the image files)")
     args = parser.parse_args(argv)
     return run_main(lambda: evaluate_fold(load_params(args.params), args.fold, args.prepared, args.model,
-                                          args.out, args.metrics, args.store) and 0)
+                                          args.out, args.metrics, args.calibration, args.store) and 0)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import pandas as pd
 from l2rclip.config import ConfigError, Params, load_params
 from l2rclip.data.holdout import HOLDOUT_COLUMNS, holdout_spec, holdout_version, split_holdout
 from l2rclip.data.sources import SourceError, load_source
-from l2rclip.data.splits import SPLITS, SplitError, make_splits
+from l2rclip.data.splits import FOLD_SPLITS, SplitError, make_splits
 from l2rclip.data.validate import DataValidationError, validate_table
 from l2rclip.ranks import RankError, RankSpace
 
@@ -108,7 +108,7 @@ def _summary(params: Params, table: pd.DataFrame, good: pd.DataFrame, report: pd
     folds = []
     for fold in sorted(splits["fold"].unique().tolist()):
         trained = set(splits.loc[(splits["fold"] == fold) & (splits["split"] == "train"), "rank"])
-        folds.append({"fold": int(fold), **{s: int(sizes.get((fold, s), 0)) for s in SPLITS},
+        folds.append({"fold": int(fold), **{s: int(sizes.get((fold, s), 0)) for s in FOLD_SPLITS},
                       "missing_train_ranks": [rank_space.label_of(r) for r in range(len(rank_space))
                                               if r not in trained]})
     return {

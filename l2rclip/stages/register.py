@@ -6,8 +6,10 @@ score: the test split is for reporting, and choosing on it would make the report
 optimistic. The chosen `best/` model is logged as an l2rclip pyfunc under the pipeline's parent
 run and registered as a new version of `l2rclip-<data.source>`, with version tags for the data
 version, a params hash, the fold, its validation score, the report's CV test means and whether the
-backbone was CLIP. It becomes the `champion` only when there is none yet; replacing a champion is
-the promotion flow's decision.
+backbone was CLIP. The fold's conformal calibration (`<fold>/calibrate/calibration.json`, when
+there) is stored in the model, so predictions and the served model carry the intervals. It
+becomes the `champion` only when there is none yet; replacing a champion is the promotion flow's
+decision.
 
 With `tracking.enabled: false` the stage writes `"registered": false` with that reason and
 exits 0: not registering is then the setting, and the stage is done. With tracking on, a model
@@ -29,6 +31,7 @@ Expected dvc.yaml entry (after `report`):
       deps:
         - outputs/report/metrics.json
         - outputs/metrics
+        - l2rclip/conformal.py
         - l2rclip/stages/register.py
         - l2rclip/registry.py
         - l2rclip/serving.py
@@ -61,11 +64,13 @@ from pathlib import Path
 from typing import Any
 
 from l2rclip.config import Params, load_params, to_flat_dict
+from l2rclip.conformal import Calibration
 from l2rclip.data.holdout import holdout_spec
 from l2rclip.methods import resolve_method
 from l2rclip.models.checkpoint import read_model_meta
 from l2rclip.registry import HOLDOUT_SPEC_TAG, default_model_name, register
 from l2rclip.serving import RequestLimits
+from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import fingerprint, run_main, stage_parser, write_json
 from l2rclip.tracking import HANDLE_FILE, Tracker, _safe_key, git_state, pipeline_key
 from l2rclip.training import HIGHER_IS_BETTER
@@ -109,6 +114,15 @@ def choose_fold(params: Params, folds_dir: Path) -> tuple[int, float | None, dic
     return fold, score, summaries[fold]
 
 
+def fold_calibration(folds_dir: Path, fold: int) -> Calibration | None:
+    """The fold's conformal calibration (calibrate stage), None when it has none or never ran."""
+    path = folds_dir / str(fold) / "calibrate" / "calibration.json"
+    if not path.is_file():
+        log.warning("no calibration at %s: the model is registered without intervals", path)
+        return None
+    return read_calibration(path)
+
+
 def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: Path) -> dict[str, Any]:
     """Choose the fold, register its best model, and write `registered.json`; returns its content."""
     fold, score, summary = choose_fold(params, folds_dir)
@@ -128,13 +142,18 @@ def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: P
                if key.startswith("test/") and isinstance(entry, dict)}}
     limits = RequestLimits(params.serving.max_rows, params.serving.max_request_bytes, params.data.max_image_pixels)
     read_model_meta(model_dir)  # a broken model folder is a local error, not MLflow's
+    calibration = fold_calibration(folds_dir, fold)
+    if calibration is not None:
+        tags.update({"l2rclip.conformal_method": calibration.method,
+                     "l2rclip.conformal_level": 1 - calibration.alpha[0], "l2rclip.conformal_n": calibration.n})
+    result["calibrated"] = calibration is not None
     if not params.tracking.enabled:
         result["reason"] = "tracking.enabled is false"
     else:
         tracker, parent = parent_run(params, model_dir.parent, summary.get("data_version"))
         try:
-            result.update(register(model_dir, name, parent, tags, tracker.tracking_uri, limits=limits),
-                          registered=True)
+            result.update(register(model_dir, name, parent, tags, tracker.tracking_uri, limits=limits,
+                                   calibration=calibration.to_dict() if calibration else None), registered=True)
         except Exception as error:  # noqa: BLE001 - any MLflow failure: say which store and why
             raise RegistrationError(f"MLflow failed on {tracker.tracking_uri}: {type(error).__name__}: "
                                     f"{error}") from error

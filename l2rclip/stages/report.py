@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -54,6 +55,32 @@ def previous_summary(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def conformal_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    """The conformal interval table: test coverage against 1 - alpha in every fold, and mean width.
+
+    A fold passes when its coverage is at least 1 - alpha - tolerance (`test/tolerance_<level>`:
+    three standard errors of calibration and test sampling, l2rclip.conformal.binomial_tolerance).
+    """
+    found = sorted({(m.group(1), m.group(2)) for key in summary
+                    if (m := re.fullmatch(r"test/coverage_([a-z]+)_([0-9.]+)", key))},
+                   key=lambda pair: (pair[0], -float(pair[1])))
+    if not found:
+        return []
+    lines = ["", "## Conformal prediction intervals (test split)", "",
+             "Marginal coverage over the test images of each fold; the guarantee is coverage >= 1 - alpha "
+             "on average over calibration and test draws, not per rank or per image.", "",
+             "| method | level | coverage mean | coverage per fold | 1 - alpha - tolerance (min) | every fold ok "
+             "| mean width (ranks) |", "|---|---|---|---|---|---|---|"]
+    for method, level in found:
+        coverage, width = summary[f"test/coverage_{method}_{level}"], summary[f"test/width_{method}_{level}"]
+        bounds = [float(level) / 100 - tol for tol in summary[f"test/tolerance_{level}"]["folds"]]
+        ok = all(c >= b for c, b in zip(coverage["folds"], bounds, strict=True))
+        folds = ", ".join(f"{v:.3f}" for v in coverage["folds"])
+        lines.append(f"| {method} | {level} % | {coverage['mean']:.3f} | {folds} | {min(bounds):.3f} | "
+                     f"{'yes' if ok else 'NO'} | {width['mean']:.2f} |")
+    return lines
+
+
 def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> str:
     """The report as markdown."""
     lines = [f"# Cross-validated results: {header['source']}", ""]
@@ -72,6 +99,7 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
         gain = 1.0 - mae["mean"] / base["mean"]
         lines += ["", f"MAE (expectation) is {gain:.0%} below always predicting the training median "
                       f"({mae['mean']:.3f} vs {base['mean']:.3f})."]
+    lines += conformal_lines(summary)
     lines += ["", "## Change since the last committed run", ""]
     if previous is None:
         lines.append("No committed report to compare with (first run, or outputs not committed).")

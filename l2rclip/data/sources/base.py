@@ -26,10 +26,11 @@ from typing import Any
 
 import pandas as pd
 
+from l2rclip.data.file_checks import IMAGE_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "label", "group", "fold", "split")
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _INTEGER = re.compile(r"[+-]?\d+")
 
