@@ -52,6 +52,8 @@ class DataConfig:
 
     `decode_workers` is the number of threads that decode images during validation (null: one
     per CPU); decoding releases the GIL, so threads speed it up without copying data.
+    `category` keeps one category of a source that has several (aesthetics: animals, nature,
+    people, urban; null: all).
     """
 
     source: str = "demo"
@@ -59,6 +61,7 @@ class DataConfig:
     list_file: str | None = None
     on_bad: Literal["skip", "fail"] = "skip"
     decode_workers: int | None = None
+    category: str | None = None
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 

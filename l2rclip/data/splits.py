@@ -21,12 +21,13 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from l2rclip.config import SplitConfig
+from l2rclip.data.sources.base import EXTRA_COLUMNS
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-CARRIED_COLUMNS = ("path", "group", "label", "rank", "value")
+CARRIED_COLUMNS = ("path", "group", "label", "rank", "value", *EXTRA_COLUMNS)
 
 
 class SplitError(ValueError):
@@ -60,8 +61,8 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
         rank_space: the ranks, to find those without training images.
 
     Returns:
-        Columns `fold`, `split` and those of `path, group, label, rank, value` that the table
-        has, ordered by fold, then train / val / test, then table row.
+        Columns `fold`, `split` and those of `path, group, label, rank, value` and the sources'
+        extra columns (race, gender, category, stdv) that the table has, ordered by fold, then train / val / test, then table row.
 
     Raises:
         SplitError: contradictory settings, too few images or groups for the protocol, an

@@ -22,11 +22,12 @@ import pandas as pd
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from l2rclip.data.sources.base import EXTRA_COLUMNS
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
 
-ALLOWED_COLUMNS = ("path", "label", "group", "fold", "split")
+ALLOWED_COLUMNS = ("path", "label", "group", "fold", "split", *EXTRA_COLUMNS)
 REPORT_COLUMNS = ("row", "path", "label", "reason", "detail")
 WHITE = (255, 255, 255)
 # Integer modes whose values span 0..65535 (16-bit PNG/TIFF); PIL's convert() would clip them.
