@@ -18,8 +18,9 @@ the files are read exactly as published:
   (about 2,200 subjects appear in two subsets), as published.
 * **C** `morph_C_<k>.txt` and **D** `morph_D_<k>.txt`: `<path> <age>` lines whose paths point
   into the authors' tree (`../../datasets/Morph/image/<name>.JPG`). C: five random folds of the
-  full 55,134 images; D: five subject-exclusive folds. File k is fold k's test set, the other
-  four its training set (rows carry `fold`; protocol `given`).
+  full 55,134 images; D: five subject-exclusive folds (as published nearly so: 180 of the 13,617
+  subject ids in the file names span two folds, against 12,365 in C; kept as given). File k is
+  fold k's test set, the other four its training set (rows carry `fold`; protocol `given`).
 
 Image paths are resolved by file name under `data.root` (`NameIndex`), so any copy of the
 images works whatever its folder layout. `race` and `gender` (A, B) are kept as columns with the
