@@ -65,15 +65,17 @@ def test_morph_setting_a(lists, tmp_path):
     expected = {(k, split): lines(folder / f"Setting_A_fold{k}_{split}.txt", header=True)
                 for k in range(5) for split in ("train", "test")}
     names = [morph_name(line) for rows in expected.values() for line in rows]
-    dummy_images(tmp_path / "Album2", names)
+    present = set(sorted(set(names))[::20])  # images for a sample: the others must be missing_file rows
+    dummy_images(tmp_path / "Album2", sorted(present))
     table = load_source("morph", tmp_path, folder)
     assert len(table) == sum(len(rows) for rows in expected.values()) == 27460
     assert table.groupby(["fold", "split"]).size().to_dict() == {k: len(v) for k, v in expected.items()}
-    assert set(table["path"]) == {f"Album2/{n}" for n in names}
+    assert table["path"].tolist() == [f"Album2/{n}" if n in present else n for n in names]
     assert table["group"].tolist() == [n.split("_")[0] for n in names]
     assert {"race", "gender"} <= set(table.columns)
     good, report = validate_table(table, tmp_path, RankSpace(list(range(16, 78))), workers=2)
-    assert report.empty and len(good) == len(table)
+    assert len(good) == sum(n in present for n in names)
+    assert set(report["reason"]) == {"missing_file"} and len(report) == len(table) - len(good)
 
 
 def test_morph_setting_b(lists, tmp_path):

@@ -253,9 +253,16 @@ class NameIndex:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._by_name: dict[str, str] | None = None
+        self._located: dict[str, str] = {}  # fold lists repeat each image once per fold
 
     def locate(self, listed: str) -> str:
         """The table path (relative to root) for one listed image path."""
+        found = self._located.get(listed)
+        if found is None:
+            found = self._located[listed] = self._find(listed)
+        return found
+
+    def _find(self, listed: str) -> str:
         listed_path = Path(listed.strip())
         inside = None if ".." in listed_path.parts or listed_path.is_absolute() else listed_path.as_posix()
         if inside is not None and (self.root / inside).is_file():
