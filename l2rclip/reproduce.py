@@ -51,6 +51,7 @@ class Preset:
 
     @property
     def folds(self) -> tuple[int, ...]:
+        """The protocol's folds (or repeats), as the pipeline numbers them."""
         return tuple(self.params.get("folds", Params().folds))
 
 

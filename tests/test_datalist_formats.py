@@ -114,7 +114,8 @@ def test_morph_folder_with_two_settings_fails(tmp_path):
 def test_adience_simplified_lists_give_folds_groups_and_group_indices(tmp_path):
     for k in range(5):
         write(tmp_path / "lists" / f"simplified_adience_{k}.txt",
-              f"u{k}@N0{k}/landmark_aligned_face.{k}.ab{k}_o.jpg {k}\nshared@N00/landmark_aligned_face.9.c{k}_o.jpg 7\n")
+              f"u{k}@N0{k}/landmark_aligned_face.{k}.ab{k}_o.jpg {k}\n"
+              f"shared@N00/landmark_aligned_face.9.c{k}_o.jpg 7\n")
     images(tmp_path / "aligned", ["u0@N00/landmark_aligned_face.0.ab0_o.jpg"])
     table = load_source("adience", tmp_path / "aligned", tmp_path / "lists")
     assert len(table) == 10 and table["fold"].value_counts().to_dict() == {k: 2 for k in range(5)}

@@ -62,7 +62,8 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
 
     Returns:
         Columns `fold`, `split` and those of `path, group, label, rank, value` and the sources'
-        extra columns (race, gender, category, stdv) that the table has, ordered by fold, then train / val / test, then table row.
+        extra columns (race, gender, category, stdv) that the table has, ordered by fold, then
+        train / val / test, then table row.
 
     Raises:
         SplitError: contradictory settings, too few images or groups for the protocol, an

@@ -229,8 +229,11 @@ def make_table(rows: Iterable[Mapping[str, Any]], where: str) -> pd.DataFrame:
 
 
 def read_lines(path: Path) -> list[str]:
-    """Non-blank lines of a text list, stripped (the published lists mix LF and CRLF, some lack
-    a final newline and one starts with a byte-order mark)."""
+    """Non-blank lines of a text list, stripped.
+
+    The published lists mix LF and CRLF endings and some lack a final newline; a byte-order mark
+    is tolerated.
+    """
     require_file(path, "list file")
     try:
         text = path.read_text(encoding="utf-8-sig")
