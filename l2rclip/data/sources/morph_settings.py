@@ -3,7 +3,8 @@
 `data.list_file` names one setting's folder; the setting is recognised from the file names, and
 the files are read exactly as published:
 
-* **A** `Setting_A_fold<k>_{train,test}.txt`: five random 80/20 splits of a 5,492-image subset.
+* **A** `Setting_A_fold<k>_{train,test}.txt`: five random 80/20 splits of 5,492 images each
+  (as published the five folds do not draw from one subset: 5,942 distinct images in all).
   Fold 0 is space-separated with the header `race gender age filename database`; folds 1-4 are
   comma-separated with a leading unnamed index column (`,race,gender,age,filename,database`).
   Rows carry `fold` and `split`; an image is listed once per fold.
