@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
-.PHONY: demo fgnet fgnet-methods test test-all lint install clean
+.PHONY: demo fgnet fgnet-methods reproduce test test-all lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,18 @@ fgnet-methods: $(STAMP)
 	    -S model.method=$$method -S train.epochs=$(FGNET_EPOCHS) -S model.fallback.epochs=$(FGNET_EPOCHS) || exit 1; \
 	done
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip results --prefix fgnet-m- --readme README.md --marker fgnet
+
+## reproduce: a published protocol as a DVC experiment, e.g. `make reproduce PROTOCOL=morph-a DATA=/data/morph`
+## (presets in protocols/; LISTS: the authors' split lists; reduced budget: EPOCHS=1 FOLDS=0,1,2)
+PROTOCOL ?=
+DATA ?=
+LISTS ?= ../shared/data/l2rclip-datalists
+EPOCHS ?=
+FOLDS ?=
+reproduce: $(STAMP)
+	@test -n "$(PROTOCOL)" -a -n "$(DATA)" || { echo "usage: make reproduce PROTOCOL=<$$(ls protocols | sed 's/.yaml//' | paste -sd'|')> DATA=/path/to/images [EPOCHS=1] [FOLDS=0,1]"; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip reproduce $(PROTOCOL) --data $(DATA) --lists $(LISTS) \
+	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(FOLDS),--folds $(FOLDS))
 
 ## test: the default (fast, offline) test suite
 test: $(STAMP)

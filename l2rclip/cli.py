@@ -86,6 +86,20 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from l2rclip.config import ConfigError
+    from l2rclip.reproduce import find_preset, overrides, reproduce
+
+    try:
+        preset = find_preset(args.protocol, args.protocols)
+        folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+        settings = overrides(preset, args.data, args.lists, epochs=args.epochs, folds=folds)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return reproduce(preset, settings, name=args.name, dry_run=args.dry_run)
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from l2rclip.stages import prepare
 
@@ -165,6 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--readme", help="file to write the table into (default: print it)")
     results.add_argument("--marker", default="results", help="marker name in that file (default: results)")
     results.set_defaults(func=_results)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="run a published protocol (protocols/<name>.yaml) as a DVC experiment",
+        description="Turn the protocol preset into `dvc exp run --name <protocol> -S ...` on your copy of the "
+                    "images, run it, and print the paper's table row (mean +- std over the protocol's folds "
+                    "or repeats) beside the published numbers. --epochs and --folds give a reduced budget.")
+    reproduce.add_argument("protocol", help="preset name, e.g. morph-a, adience, hci, fgnet-lopo")
+    reproduce.add_argument("--data", required=True, help="your image folder (data.root)")
+    reproduce.add_argument("--lists", default="../shared/data/l2rclip-datalists",
+                           help="folder of the authors' split lists (default: %(default)s)")
+    reproduce.add_argument("--epochs", type=int, help="reduced budget: train.epochs and model.fallback.epochs")
+    reproduce.add_argument("--folds", help="comma-separated subset of the protocol's folds, e.g. 0,1,2")
+    reproduce.add_argument("--name", help="experiment name (default: the protocol's name)")
+    reproduce.add_argument("--protocols", default="protocols", help="preset folder (default: %(default)s)")
+    reproduce.add_argument("--dry-run", action="store_true", help="print the command and the published rows only")
+    reproduce.set_defaults(func=_reproduce)
 
     prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)")
     prepare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

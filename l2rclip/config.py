@@ -61,6 +61,8 @@ class DataConfig:
     `duplicates` is what happens to identical files (same bytes) listed with different labels:
     `drop_conflicts` keeps none of them (which label is right is unknown), `keep_first` keeps the
     first row, `fail` stops. Identical files with the same label always keep the first row.
+    `category` keeps one category of a source that has several (aesthetics: animals, nature,
+    people, urban; null: all).
     """
 
     source: str = "demo"
@@ -69,6 +71,7 @@ class DataConfig:
     on_bad: Literal["skip", "fail"] = "skip"
     decode_workers: int | None = None
     max_image_pixels: int = 89_478_485
+    category: str | None = None
     demo: DemoConfig = field(default_factory=DemoConfig)
     allow_outside_root: bool = False
     duplicates: Literal["drop_conflicts", "keep_first", "fail"] = "drop_conflicts"

@@ -105,7 +105,12 @@ class RankSpace:
 
     def _lookup(self) -> dict[Any, int]:
         # Labels read from CSV files arrive as strings or numpy scalars; normalise both sides.
-        return {self._key(label): i for i, label in enumerate(self.labels)}
+        # Built once per space (validation asks once per row: 55,134 rows for MORPH).
+        lookup = self.__dict__.get("_by_key")
+        if lookup is None:
+            lookup = {self._key(label): i for i, label in enumerate(self.labels)}
+            object.__setattr__(self, "_by_key", lookup)
+        return lookup
 
     @staticmethod
     def _key(label: Any) -> Any:

@@ -295,8 +295,9 @@ def test_clap2015_train_and_val(tmp_path):
     write(tmp_path / "train_gt.csv", "image,mean,stdv\nimage_1.jpg,24.5,3.2\nimage_2.jpg,30.49,1\n")
     write(tmp_path / "valid_gt.csv", "image,mean,stdv\nimage_9.jpg,nan,2\n")
     table = load_source("clap2015", tmp_path)
-    assert rows(table) == [("train/image_1.jpg", 25, None, "train"), ("train/image_2.jpg", 30, None, "train"),
-                           ("valid/image_9.jpg", "nan", None, "val")]
+    assert rows(table) == [("train/image_1.jpg", 25, None, "train", 3.2),
+                           ("train/image_2.jpg", 30, None, "train", 1.0),
+                           ("valid/image_9.jpg", "nan", None, "val", 2.0)]
 
 
 def test_clap2015_needs_both_ground_truth_files(tmp_path):

@@ -21,6 +21,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from l2rclip.config import SplitConfig, section_problems
+from l2rclip.data.columns import EXTRA_COLUMNS
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 CALIB = "calib"  # conformal calibration split: carved from train, never used for training or selection
 FOLD_SPLITS = ("train", "val", CALIB, "test")  # the split values make_splits writes, in its order
-CARRIED_COLUMNS = ("path", "group", "label", "rank", "value")
+CARRIED_COLUMNS = ("path", "group", "label", "rank", "value", *EXTRA_COLUMNS)
 
 
 class SplitError(ValueError):
@@ -63,8 +64,9 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
         rank_space: the ranks, to find those without training images.
 
     Returns:
-        Columns `fold`, `split` and those of `path, group, label, rank, value` that the table
-        has, ordered by fold, then train / val / test, then table row.
+        Columns `fold`, `split` and those of `path, group, label, rank, value` and the sources'
+        extra columns (race, gender, category, stdv) that the table has, ordered by fold, then
+        train / val / test, then table row.
 
     Raises:
         SplitError: contradictory settings, too few images or groups for the protocol, an

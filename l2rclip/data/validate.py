@@ -28,13 +28,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from l2rclip.config import DataConfig
+from l2rclip.data.columns import EXTRA_COLUMNS
 from l2rclip.data.duplicates import ContentIndex
 from l2rclip.data.file_checks import extension_problem, image_file_problem, outside_root, stat_problem
 from l2rclip.ranks import RankSpace
 
 log = logging.getLogger(__name__)
 
-ALLOWED_COLUMNS = ("path", "label", "group", "fold", "split")
+ALLOWED_COLUMNS = ("path", "label", "group", "fold", "split", *EXTRA_COLUMNS)
 REPORT_COLUMNS = ("row", "path", "label", "reason", "detail")
 WHITE = (255, 255, 255)
 DEFAULT_MAX_PIXELS = DataConfig.max_image_pixels

@@ -3,9 +3,11 @@
 Outputs (in `out_dir`), byte-identical for the same params and data (sorted rows, fixed float
 format, no timestamps), so DVC sees no change when nothing changed:
     images.csv     good rows: row (in the source table), path, label, group, [fold, split as
-                   given], rank, value, width, height, mode; sorted by path then row.
+                   given], [race, gender, category, stdv where the source has them], rank,
+                   value, width, height, mode; sorted by path then row.
     bad_rows.csv   row, path, label, reason, detail; written (header only) when nothing is bad.
-    splits.csv     fold, split, path, group, label, rank, value: a row per (image, fold).
+    splits.csv     fold, split, path, group, label, rank, value [, the extra columns]: a row
+                   per (image, fold).
     holdout.csv    path, group, label, rank, value: the promotion holdout (`split.holdout_fraction`,
                    l2rclip.data.holdout), in no fold; header only when the fraction is 0.
     summary.json   counts: rows, bad rows by reason, images per rank, split sizes per fold.
@@ -91,12 +93,17 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
 
 
 def _load(params: Params) -> pd.DataFrame:
-    """Read the source table; only the generated demo set takes options."""
+    """Read the source table; the generated demo set and the aesthetics lists take options."""
     data = params.data
     options: dict[str, Any] = {}
     if data.source == "demo":
         options = {"n_per_rank": data.demo.n_per_rank, "image_size": data.demo.image_size,
                    "seed": params.seed}
+    if data.category is not None:
+        if data.source != "aesthetics":
+            raise SourceError(f"data.category ({data.category!r}) selects an aesthetics category; "
+                              f"source {data.source!r} has none (set data.category: null)")
+        options["category"] = data.category
     return load_source(data.source, data.root, data.list_file, **options)
 
 

@@ -13,6 +13,10 @@ The table:
     group  str   person/subject/category id, or None where the dataset has none (or a row is blank).
     fold   int   only where the dataset gives folds (Adience files, MORPH fold lists, a CSV).
     split  str   only where the dataset gives splits: "train", "val" or "test".
+Extra columns (`EXTRA_COLUMNS`), only where a published list carries them, kept for later stages:
+    race, gender  MORPH settings A and B (the list's codes as given; A and B code gender differently).
+    category      aesthetics category (animals, nature, people, urban).
+    stdv          CLAP2015: standard deviation of the human age guesses (the epsilon error uses it).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from typing import Any
 
 import pandas as pd
 
+from l2rclip.data.columns import EXTRA_COLUMNS
 from l2rclip.data.file_checks import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ("path", "label", "group", "fold", "split")
+
 _SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _INTEGER = re.compile(r"[+-]?\d+")
 
@@ -231,4 +237,60 @@ def make_table(rows: Iterable[Mapping[str, Any]], where: str) -> pd.DataFrame:
     frame["label"] = frame["label"].astype("int64" if integer else object)
     if "fold" in frame.columns:
         frame["fold"] = frame["fold"].astype("int64")
-    return frame[[c for c in COLUMNS if c in frame.columns]].reset_index(drop=True)
+    return frame[[c for c in (*COLUMNS, *EXTRA_COLUMNS) if c in frame.columns]].reset_index(drop=True)
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-blank lines of a text list, stripped.
+
+    The published lists mix LF and CRLF endings and some lack a final newline; a byte-order mark
+    is tolerated.
+    """
+    require_file(path, "list file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise SourceError(f"{path}: expected a UTF-8 text list, found undecodable bytes: {error}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class NameIndex:
+    """Find a listed image under `root` by its path, else by its file name anywhere below `root`.
+
+    Published lists point into their authors' folder tree (`../../datasets/Morph/image/x.JPG`)
+    or name a bare file whose folder depends on the copy (`image_1.jpg` in `train/` or `valid/`).
+    A listed path that exists inside `root` is used as it is; otherwise the file name is looked up
+    in an index of every image below `root`, built once on first need. A name found nowhere keeps
+    the listed path (or, when that points outside `root`, the bare file name), so validation
+    reports the row as `missing_file` naming where it looked.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._by_name: dict[str, str] | None = None
+        self._located: dict[str, str] = {}  # fold lists repeat each image once per fold
+
+    def locate(self, listed: str) -> str:
+        """The table path (relative to root) for one listed image path."""
+        found = self._located.get(listed)
+        if found is None:
+            found = self._located[listed] = self._find(listed)
+        return found
+
+    def _find(self, listed: str) -> str:
+        listed_path = Path(listed.strip())
+        inside = None if ".." in listed_path.parts or listed_path.is_absolute() else listed_path.as_posix()
+        if inside is not None and (self.root / inside).is_file():
+            return inside
+        return self._index().get(listed_path.name, inside or listed_path.name)
+
+    def _index(self) -> dict[str, str]:
+        if self._by_name is None:
+            self._by_name = {}
+            for image in filter(is_image_name, list_files(self.root)):
+                path = relative(image, self.root)
+                if self._by_name.setdefault(image.name, path) != path:
+                    log.warning("%s: file name %s found more than once (%s, %s); the first is used",
+                                self.root, image.name, self._by_name[image.name], path)
+            log.info("%s: indexed %d image file names", self.root, len(self._by_name))
+        return self._by_name

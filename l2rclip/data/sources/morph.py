@@ -1,6 +1,11 @@
 """MORPH II (album 2): the published setting lists, or ages parsed from the image file names.
 
-Accepted `list_file` forms (paths inside the lists are relative to `root`):
+Accepted `list_file` forms:
+
+* a folder of one published setting (`settingA/` .. `settingD/` of the L2RCLIP authors' lists):
+  read as published, see `l2rclip.data.sources.morph_settings`.
+
+Other lists (paths inside them are relative to `root`):
 
 * one list file: text lines `<image path><space or tab><age>`; the age is the last field, so
   paths may contain spaces. Blank lines and lines starting with `#` are skipped. If the file's
@@ -37,10 +42,10 @@ from l2rclip.data.sources.base import (
     split_name,
     to_label,
 )
+from l2rclip.data.sources.morph_settings import SUBJECT_NAME, find_setting, read_setting, subject_of
 
 log = logging.getLogger(__name__)
 
-_IMAGE_NAME = re.compile(r"(?P<group>\d+)_\d+[MF](?P<label>\d+)\.(jpe?g|png)", re.IGNORECASE)
 _LIST_NAME = re.compile(r"(?:fold_?(?P<fold>\d+)[_-])?(?P<split>train|val|valid|validation|test)"
                         r"\.(?:txt|lst|list)", re.IGNORECASE)
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
@@ -51,6 +56,9 @@ def morph_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     require_dir(root, "MORPH root")
     if list_file is None:
         return make_table(parse_file_names(root, root, _parse_name), str(root))
+    setting = find_setting(list_file) if list_file.is_dir() else None
+    if setting is not None:
+        return make_table(read_setting(root, *setting), str(list_file))
     if list_file.is_dir():
         lists = _split_lists(list_file)
     else:
@@ -68,7 +76,7 @@ def morph_source(root: Path, list_file: Path | None) -> pd.DataFrame:
 
 
 def _parse_name(name: str) -> Row | None:
-    match = _IMAGE_NAME.fullmatch(name)
+    match = SUBJECT_NAME.fullmatch(name)
     return None if match is None else {"label": int(match["label"]), "group": match["group"]}
 
 
@@ -117,6 +125,5 @@ def _read_list(path: Path) -> list[Row]:
         fields = text.rsplit(maxsplit=1)
         image = fields[0]
         label = to_label(fields[1]) if len(fields) == 2 else ""
-        parsed = _parse_name(Path(image).name)
-        rows.append({"path": image, "label": label, "group": parsed["group"] if parsed else None})
+        rows.append({"path": image, "label": label, "group": subject_of(image)})
     return rows
