@@ -77,6 +77,13 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity(args: argparse.Namespace) -> int:
+    from l2rclip.parity import BUNDLES, shell_words
+
+    print(shell_words(BUNDLES[args.bundle]))
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from l2rclip.stages import prepare
 
@@ -136,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--readme", help="file to write the table into (default: print it)")
     results.add_argument("--marker", default="results", help="marker name in that file (default: results)")
     results.set_defaults(func=_results)
+
+    parity = commands.add_parser(
+        "parity", help="print the -S overrides of a parity bundle (reference: the authors' definitions)",
+        description="Print, as `dvc exp run` arguments, the params that switch every definition our code "
+                    "chose differently to the authors' code (l2rclip/parity.py lists them), e.g. "
+                    "`dvc exp run $(l2rclip parity reference)`; a later -S on any key still wins.")
+    parity.add_argument("bundle", choices=["reference"], help="the bundle to print")
+    parity.set_defaults(func=_parity)
 
     prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)")
     prepare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

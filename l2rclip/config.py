@@ -104,6 +104,9 @@ class PromptConfig:
     interpolation: Literal["linear", "inverse_distance", "gaussian", "plain"] = "linear"
     n_base: int = 2
     gaussian_sigma: float = 1.0
+    # Reference-parity switches (l2rclip/parity.py): ours | OrdinalCLIP's definition.
+    inverse_distance_eps: float = 1e-3
+    gaussian_unit: Literal["base_spacing", "rank"] = "base_spacing"
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class ModelConfig:
     prompt_template: str = "a photo of {}."
     probe_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     image_tower: Literal["train", "frozen"] = "train"
+    head_rule: Literal["threshold", "mode"] = "threshold"  # coral/corn: published count rule | mode
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     rankformer: RankFormerConfig = field(default_factory=RankFormerConfig)
@@ -172,6 +176,10 @@ class LossConfig:
     cop_tightness: float = 1.0
     cop_diversity: float = 1.0
     supcon_temperature: float = 0.07
+    # Reference-parity switches (l2rclip/parity.py): ours | the authors' code.
+    supcon_form: Literal["ours", "reference"] = "ours"
+    cop_batch_weights: Literal["matrix", "pairs"] = "matrix"
+    kl_t2i_target: Literal["uniform", "softmax10"] = "uniform"
 
 
 @dataclass(frozen=True)
@@ -200,10 +208,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation settings: CS@theta threshold (in rank-value units) and calibration bins."""
+    """Evaluation settings: CS@theta threshold (in rank-value units) and calibration bins.
+
+    `paper_mae` is the unit in which the protocol's papers report MAE: `value` (ages, years) or
+    `index` (rank-index units, one rank = 1: HCI, Adience, aesthetics); result tables use it.
+    """
 
     cs_theta: float = 5.0
     ece_bins: int = 15
+    paper_mae: Literal["value", "index"] = "value"
 
 
 @dataclass(frozen=True)

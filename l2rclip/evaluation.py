@@ -27,9 +27,9 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
-                          device: torch.device, amp: bool = False) -> np.ndarray:
-    """Rank probabilities for every batch of inputs, in order.
+def predict_outputs(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
+                    device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rank probabilities for every batch of inputs, in order, and the model's own hard rule.
 
     Args:
         model: the model; its prototypes (if it has any) computed or taken from cache once.
@@ -38,25 +38,35 @@ def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[d
         amp: mixed precision on CUDA.
 
     Returns:
-        (N, M) float64 probabilities.
+        (N, M) float64 probabilities, and (N,) rank indices of the model's published hard rule
+        (CORAL/CORN threshold count) or None when its hard prediction is the argmax of p.
     """
     was_training = model.training
     model.eval()
     text_features = model.prototypes()  # (M, E): once for the whole pass
-    chunks = []
+    with_point = model.has_point_rule
+    chunks, points = [], []
     for batch in batches:
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, amp):
-            logits = model(**inputs, text_features=text_features)["logits"]  # (B, M)
+            logits = model(**inputs, text_features=text_features)["logits"]  # (B, M) or (B, M-1)
         chunks.append(model.rank_probabilities(logits.float()).cpu().double().numpy())
+        if with_point:
+            points.append(model.predict_ranks(logits.float()).cpu().numpy())
     model.train(was_training)
     if not chunks:
         raise ValueError("predict_probabilities: expected at least one batch, found none (empty split?)")
-    return np.concatenate(chunks)  # (N, M)
+    return np.concatenate(chunks), (np.concatenate(points) if with_point else None)  # (N, M), (N,)
+
+
+def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
+                          device: torch.device, amp: bool = False) -> np.ndarray:
+    """The (N, M) float64 rank probabilities of :func:`predict_outputs`."""
+    return predict_outputs(model, batches, device, amp)[0]
 
 
 def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSpace,
-                      with_probabilities: bool = True) -> pd.DataFrame:
+                      with_probabilities: bool = True, point: np.ndarray | None = None) -> pd.DataFrame:
     """One row per image: true rank/value (when known), both prediction rules, uncertainty.
 
     Args:
@@ -64,10 +74,15 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
         probs: (N, M) rank probabilities.
         rank_space: the ranks.
         with_probabilities: add one `p_<k>` column per rank.
+        point: (N,) the model's own hard rule (CORAL/CORN threshold), used as `pred_rank` instead
+            of the argmax of p; None for argmax.
     """
     if len(table) != len(probs):
         raise ValueError(f"predictions_table: {len(table)} rows but {len(probs)} probability rows")
     summary = rank_distribution_summary(probs, rank_space.value_array)
+    if point is not None:
+        summary["argmax"] = np.asarray(point, dtype=np.int64)
+        summary["argmax_value"] = rank_space.value_array[summary["argmax"]]
     out = pd.DataFrame({"path": table["path"].astype(str).to_numpy()})
     for column in ("label", "rank", "value"):
         if column in table:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from l2rclip.data.sources.base import list_images
 from l2rclip.data.validate import load_rgb, to_rgb
-from l2rclip.evaluation import predict_probabilities, predictions_table
+from l2rclip.evaluation import predict_outputs, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
@@ -251,13 +251,14 @@ class Predictor:
                         yield {"images": batch["images"]}
 
         try:
-            probs = predict_probabilities(self.model, batches(), self.device, self.amp)  # (N_ok, M)
+            probs, point = predict_outputs(self.model, batches(), self.device, self.amp)  # (N_ok, M), (N_ok,)
         except ValueError:
             if done:
                 raise
             probs = np.empty((0, len(self.rank_space)))  # no input could be read: every row is an error
+            point = None
         table = pd.DataFrame({"path": [str(name) for name in names]})
-        found = predictions_table(table.iloc[done], probs, self.rank_space, with_probabilities)
+        found = predictions_table(table.iloc[done], probs, self.rank_space, with_probabilities, point)
         found = found.astype({"pred_label": object}).set_axis(done).reindex(range(len(items)))
         found["path"] = table["path"]
         found["pred_rank"] = found["pred_rank"].astype("Int64")

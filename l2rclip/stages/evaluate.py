@@ -6,7 +6,9 @@ Outputs:
     <out>/figures/*.png         confusion matrix, error by rank, predicted vs true, prototype
                                 similarity, calibration
     <metrics>                   `test/...` metrics (JSON, a DVC metric), plus the MAE of always
-                                predicting the training median, the baseline every model must beat
+                                predicting the training median, the baseline every model must beat;
+                                MAEs in value units (`test/mae`) and rank-index units
+                                (`test/mae_index`), ordinality in our and OrdinalCLIP's definition
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import numpy as np
 from l2rclip.config import Params, load_params
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.splits import select
-from l2rclip.evaluation import predict_probabilities, predictions_table
-from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality
+from l2rclip.evaluation import predict_outputs, predictions_table
+from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality_metrics
 from l2rclip.models.checkpoint import load_model
 from l2rclip.plots import evaluation_plots
 from l2rclip.stages.common import (
@@ -67,20 +69,22 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     prototypes = None if prototypes is None else prototypes.cpu().numpy()
     loader = make_loader(RankImageDataset(test, params.data.root, meta["preprocess"]),
                          params.train.eval_batch_size, shuffle=False, num_workers=params.train.num_workers)
-    probs = predict_probabilities(model, ({"images": images} for images, _ in loader), device, params.train.amp)
-    predictions = predictions_table(test, probs, rank_space)
+    probs, point = predict_outputs(model, ({"images": images} for images, _ in loader), device, params.train.amp)
+    predictions = predictions_table(test, probs, rank_space, point=point)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
 
     metrics = ordinal_metrics(probs, test["rank"].to_numpy(), rank_space.value_array,
-                              params.eval.cs_theta, params.eval.ece_bins)
+                              params.eval.cs_theta, params.eval.ece_bins, point)
     if prototypes is not None:
-        metrics["ordinality"] = prototype_ordinality(prototypes)
+        metrics.update(prototype_ordinality_metrics(prototypes))
     metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
+    metrics["mae_median_baseline_index"] = median_baseline_mae(train["rank"].to_numpy(), test["rank"].to_numpy())
     metrics["n_images"] = float(len(test))
     result = {**prefix_metrics(metrics, "test"), "fold": fold, "method": meta.get("method", "l2rclip"),
               "backbone": meta["backbone"], "train_seconds": _train_seconds(model_dir),
-              "is_clip": meta["is_clip"], "best_epoch": meta["epoch"]}
+              "is_clip": meta["is_clip"], "best_epoch": meta["epoch"],
+              "prediction_rule": "threshold" if point is not None else "argmax+expectation"}
     write_json(metrics_file, result)
     suffix = "" if meta["is_clip"] else f"\n{PIPELINE_CHECK}"
     figures = evaluation_plots(predictions, prototypes, rank_space,
