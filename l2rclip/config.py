@@ -149,7 +149,8 @@ class ModelConfig:
     each part switchable below), the presets `ordinalclip` (RankFormer and cop off) and `coop`
     (plain prompts, CE only), `zero_shot` (`prompt_template` per rank, no training),
     `linear_probe` (logistic regression on frozen features, C chosen on validation from
-    `probe_c`), and the ordinal heads `coral` / `corn` on the image tower.
+    `probe_c`), and the ordinal heads `coral` / `corn` on the image tower, scored with
+    `head_rule` (`threshold`: the published count of P(y > k) > 0.5; `mode`: argmax and expectation).
     """
 
     arch: str = "ViT-B-16"
