@@ -214,8 +214,8 @@ def test_corn_threshold_rule_by_hand():
 
 
 def test_heads_are_scored_with_their_published_rule():
-    # Head on 2-d features with weight 0 and CORAL biases [1, -1, -1] ... set to give logits
-    # [-1, 1, 1] for every image (the non-monotone case above): published rank 2, mode rank 0.
+    # A CORAL head with zero weights and biases [-1, 1, 1] gives every image the logits [-1, 1, 1]
+    # (the non-monotone case above): published rank 2, mode rank 0.
     model = OrdinalHeadModel(nn.Identity(), "coral", 4, width=2)
     with torch.no_grad():
         model.head.coral_weights.weight.zero_()
