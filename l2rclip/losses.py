@@ -297,7 +297,8 @@ class OrdinalLoss(torch.nn.Module):
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key}: expected one of {allowed}, found {value!r}")
-        self.supcon_form, self.cop_batch_weights, self.kl_t2i_target = supcon_form, cop_batch_weights, kl_t2i_target
+        self.supcon_form, self.cop_batch_weights = supcon_form, cop_batch_weights
+        self.kl_t2i_target = kl_t2i_target
         # Not persistent: rank values belong to the RankSpace saved with the model, not to this module.
         self.register_buffer(
             "rank_values", torch.as_tensor(rank_values, dtype=torch.float32), persistent=False

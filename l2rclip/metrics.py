@@ -158,8 +158,11 @@ def ordinalclip_ordinality(text_features: np.ndarray) -> dict[int, float]:
 
 
 def prototype_ordinality_metrics(text_features: np.ndarray) -> dict[str, float]:
-    """Both ordinality definitions as metrics: ``ordinality`` (ours), ``ordinality_ordinalclip``
-    (OrdinalCLIP's over all steps, i.e. its largest span) and ``ordinality_ordinalclip_span<s>``."""
+    """Both ordinality definitions as metrics, ours and OrdinalCLIP's.
+
+    Keys: ``ordinality`` (ours), ``ordinality_ordinalclip`` (OrdinalCLIP's over all steps, i.e.
+    its largest span) and ``ordinality_ordinalclip_span<s>`` per span.
+    """
     theirs = ordinalclip_ordinality(text_features)
     metrics = {"ordinality": prototype_ordinality(text_features)}
     if theirs:

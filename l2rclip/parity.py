@@ -10,11 +10,11 @@ params.yaml of a run says what ran, and a later `-S` on any single key still win
 
 | key | ours (default) | reference |
 |---|---|---|
-| `loss.supcon_form` | 1/temperature, all M prototypes, mean of i2t and t2i | exp(logit_scale), batch labels' prototypes, i2t + t2i |
+| `loss.supcon_form` | 1/temperature, all M prototypes, mean(i2t, t2i) | exp(logit_scale), batch labels, sum |
 | `loss.cop_batch_weights` | normalised over the (B, B) gap matrix | over the pairs i < j only |
 | `loss.kl_t2i_target` | exactly uniform over the rank's images | softmax(10 * one_hot) (OrdinalCLIP) |
 | `model.prompt.inverse_distance_eps` | 1e-3 | 1e-5 (OrdinalCLIP `inv_prop`) |
-| `model.prompt.gaussian_unit`, `gaussian_sigma` | base spacing, 1.0 | rank, 1/sqrt(2): exp(-d^2) (OrdinalCLIP `normal`) |
+| `model.prompt.gaussian_unit`, `gaussian_sigma` | base spacing, 1.0 | rank, 1/sqrt(2): exp(-d^2) (`normal`) |
 | `model.head_rule` | threshold (already the published rule) | threshold (coral-pytorch) |
 
 Ordinality is not a switch: both definitions are always reported (see `l2rclip.metrics`).
@@ -61,8 +61,10 @@ def with_overrides(params: Params, overrides: Mapping[str, Any]) -> Params:
 
 
 def yaml_scalar(value: Any) -> str:
-    """A value as YAML text that PyYAML reads back as the same type: floats always get a '.'
-    (PyYAML reads `1e-05` as a string, `1.0e-05` as a float)."""
+    """A value as YAML text that PyYAML reads back as the same type.
+
+    Floats always get a '.': PyYAML reads `1e-05` as a string, `1.0e-05` as a float.
+    """
     if not isinstance(value, float):
         return str(value)
     text = repr(value)

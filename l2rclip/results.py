@@ -64,11 +64,14 @@ def paper_mae_key(row: dict[str, Any]) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """One row per experiment: method, backbone and weights, MAE in the paper's unit and accuracy
-    (mean +- std), time. The MAE unit (`eval.paper_mae`: value or rank index) is its own column."""
+    """One row per experiment: method, backbone and weights, MAE and accuracy (mean +- std), time.
+
+    The MAE is in the paper's unit (`eval.paper_mae`: value or rank index), named in its own column.
+    """
     if not rows:
         raise ValueError("no experiments with a report to tabulate: run them first (see README)")
-    lines = ["| experiment | method | backbone (weights) | folds | MAE | MAE unit | accuracy | training time (s) |",
+    lines = ["| experiment | method | backbone (weights) | folds | MAE | MAE unit | accuracy "
+             "| training time (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         m, model = row["metrics"], row["params"].get("model", {})
