@@ -9,6 +9,7 @@ a silently ignored setting. Constructors elsewhere take plain arguments, never a
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,18 @@ import yaml
 
 class ConfigError(ValueError):
     """A params file or mapping does not match the expected schema."""
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads `1e-05` as a float (YAML 1.2, as DVC writes floats).
+
+    PyYAML follows YAML 1.1, where a float needs a '.', so the `1e-05` that `dvc exp run -S
+    key=1e-5` writes into params.yaml would otherwise come back as a string.
+    """
+
+
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
 
 
 @dataclass(frozen=True)
@@ -250,7 +263,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file not found: expected a YAML file at {path}")
     with path.open(encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle) or {}
+        raw = yaml.load(handle, Loader=ParamsLoader) or {}  # a SafeLoader: no arbitrary objects
     try:
         return from_dict(Params, raw)
     except ConfigError as error:

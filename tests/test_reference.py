@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from l2rclip.config import ConfigError, LossConfig, Params, to_flat_dict
+from l2rclip.config import ConfigError, LossConfig, Params, ParamsLoader, load_params, to_flat_dict
 from l2rclip.evaluation import predict_outputs
 from l2rclip.losses import OrdinalLoss, cop_batch_loss, kl_t2i_loss, reference_supcon_loss, supcon_loss
 from l2rclip.metrics import (
@@ -290,14 +290,19 @@ def test_a_later_override_of_one_key_still_wins():
         with_overrides(Params(), {"loss.supcon_form": "authors"})
 
 
-def test_dvc_set_args_read_back_as_the_same_values():
+def test_dvc_set_args_read_back_as_the_same_values(tmp_path):
     args = dvc_set_args(REFERENCE)
     assert args[::2] == ["-S"] * len(REFERENCE)
     for arg in args[1::2]:
         key, text = arg.split("=", 1)
-        value = yaml.safe_load(text)  # how params.yaml is read back
+        value = yaml.load(text, Loader=ParamsLoader)  # how params.yaml is read back
         assert value == REFERENCE[key] and type(value) is type(REFERENCE[key]), arg
     assert yaml_scalar(1e-5) == "1.0e-05"
+    # DVC writes the float back as `1e-05` (YAML 1.2), which plain PyYAML reads as a string
+    params = tmp_path / "params.yaml"
+    params.write_text("model:\n  prompt:\n    inverse_distance_eps: 1e-05\ntrain:\n  lr_image: -2E+3\n")
+    loaded = load_params(params)
+    assert loaded.model.prompt.inverse_distance_eps == 1e-5 and loaded.train.lr_image == -2000.0
 
 
 def test_reference_loss_config_changes_only_the_listed_terms():
