@@ -13,7 +13,7 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
-.PHONY: demo fgnet fgnet-methods reproduce test test-all lint install clean
+.PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ FGNET_SET = -S data.source=fgnet -S data.root=$(FGNET) -S ranks.start=0 -S ranks
 	-S "model.prompt_template='a photo of a {} year old person.'"
 fgnet: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-5fold $(FGNET_SET)
+
+## fgnet-reference: the same with every definition the authors' code fixes (l2rclip/parity.py)
+fgnet-reference: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-5fold-reference $(FGNET_SET) \
+	  $$($(BIN)/l2rclip parity reference)
 
 ## fgnet-methods: every method on FG-NET with the same backbone, budget and seed, then the README table
 METHODS = l2rclip ordinalclip coop zero_shot linear_probe coral corn

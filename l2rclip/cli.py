@@ -100,6 +100,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     return reproduce(preset, settings, name=args.name, dry_run=args.dry_run)
 
 
+def _parity(args: argparse.Namespace) -> int:
+    from l2rclip.parity import BUNDLES, shell_words
+
+    print(shell_words(BUNDLES[args.bundle]))
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from l2rclip.stages import prepare
 
@@ -195,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--protocols", default="protocols", help="preset folder (default: %(default)s)")
     reproduce.add_argument("--dry-run", action="store_true", help="print the command and the published rows only")
     reproduce.set_defaults(func=_reproduce)
+
+    parity = commands.add_parser(
+        "parity", help="print the -S overrides of a parity bundle (reference: the authors' definitions)",
+        description="Print, as `dvc exp run` arguments, the params that switch every definition our code "
+                    "chose differently to the authors' code (l2rclip/parity.py lists them), e.g. "
+                    "`dvc exp run $(l2rclip parity reference)`; a later -S on any key still wins.")
+    parity.add_argument("bundle", choices=["reference"], help="the bundle to print")
+    parity.set_defaults(func=_parity)
 
     prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)")
     prepare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")

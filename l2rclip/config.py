@@ -11,6 +11,7 @@ Constructors elsewhere take plain arguments, never a `Params`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,18 @@ import yaml
 
 class ConfigError(ValueError):
     """A params file or mapping does not match the expected schema."""
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads `1e-05` as a float (YAML 1.2, as DVC writes floats).
+
+    PyYAML follows YAML 1.1, where a float needs a '.', so the `1e-05` that `dvc exp run -S
+    key=1e-5` writes into params.yaml would otherwise come back as a string.
+    """
+
+
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,9 @@ class PromptConfig:
     interpolation: Literal["linear", "inverse_distance", "gaussian", "plain"] = "linear"
     n_base: int = 2
     gaussian_sigma: float = 1.0
+    # Reference-parity switches (l2rclip/parity.py): ours | OrdinalCLIP's definition.
+    inverse_distance_eps: float = 1e-3
+    gaussian_unit: Literal["base_spacing", "rank"] = "base_spacing"
 
 
 @dataclass(frozen=True)
@@ -168,7 +184,8 @@ class ModelConfig:
     each part switchable below), the presets `ordinalclip` (RankFormer and cop off) and `coop`
     (plain prompts, CE only), `zero_shot` (`prompt_template` per rank, no training),
     `linear_probe` (logistic regression on frozen features, C chosen on validation from
-    `probe_c`), and the ordinal heads `coral` / `corn` on the image tower.
+    `probe_c`), and the ordinal heads `coral` / `corn` on the image tower, scored with
+    `head_rule` (`threshold`: the published count of P(y > k) > 0.5; `mode`: argmax and expectation).
     """
 
     arch: str = "ViT-B-16"
@@ -177,6 +194,7 @@ class ModelConfig:
     prompt_template: str = "a photo of {}."
     probe_c: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     image_tower: Literal["train", "frozen"] = "train"
+    head_rule: Literal["threshold", "mode"] = "threshold"  # coral/corn: published count rule | mode
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     rankformer: RankFormerConfig = field(default_factory=RankFormerConfig)
@@ -194,6 +212,10 @@ class LossConfig:
     cop_tightness: float = 1.0
     cop_diversity: float = 1.0
     supcon_temperature: float = 0.07
+    # Reference-parity switches (l2rclip/parity.py): ours | the authors' code.
+    supcon_form: Literal["ours", "reference"] = "ours"
+    cop_batch_weights: Literal["matrix", "pairs"] = "matrix"
+    kl_t2i_target: Literal["uniform", "softmax10"] = "uniform"
 
 
 @dataclass(frozen=True)
@@ -222,10 +244,15 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation settings: CS@theta threshold (in rank-value units) and calibration bins."""
+    """Evaluation settings: CS@theta threshold (in rank-value units) and calibration bins.
+
+    `paper_mae` is the unit in which the protocol's papers report MAE: `value` (ages, years) or
+    `index` (rank-index units, one rank = 1: HCI, Adience, aesthetics); result tables use it.
+    """
 
     cs_theta: float = 5.0
     ece_bins: int = 15
+    paper_mae: Literal["value", "index"] = "value"
 
 
 @dataclass(frozen=True)
@@ -426,7 +453,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ConfigError(f"params file not found: expected a YAML file at {path}")
     with path.open(encoding="utf-8") as handle:
-        raw = yaml.safe_load(handle) or {}
+        raw = yaml.load(handle, Loader=ParamsLoader) or {}  # a SafeLoader: no arbitrary objects
     try:
         return from_dict(Params, raw)
     except ConfigError as error:

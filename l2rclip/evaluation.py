@@ -32,9 +32,9 @@ def autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
-                          device: torch.device, amp: bool = False) -> np.ndarray:
-    """Rank probabilities for every batch of inputs, in order.
+def predict_outputs(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
+                    device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rank probabilities for every batch of inputs, in order, and the model's own hard rule.
 
     Args:
         model: the model; its prototypes (if it has any) computed or taken from cache once.
@@ -43,26 +43,36 @@ def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[d
         amp: mixed precision on CUDA.
 
     Returns:
-        (N, M) float64 probabilities.
+        (N, M) float64 probabilities, and (N,) rank indices of the model's published hard rule
+        (CORAL/CORN threshold count) or None when its hard prediction is the argmax of p.
     """
     was_training = model.training
     model.eval()
     text_features = model.prototypes()  # (M, E): once for the whole pass
-    chunks = []
+    with_point = model.has_point_rule
+    chunks, points = [], []
     for batch in batches:
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, amp):
-            logits = model(**inputs, text_features=text_features)["logits"]  # (B, M)
+            logits = model(**inputs, text_features=text_features)["logits"]  # (B, M) or (B, M-1)
         chunks.append(model.rank_probabilities(logits.float()).cpu().double().numpy())
+        if with_point:
+            points.append(model.predict_ranks(logits.float()).cpu().numpy())
     model.train(was_training)
     if not chunks:
         raise ValueError("predict_probabilities: expected at least one batch, found none (empty split?)")
-    return np.concatenate(chunks)  # (N, M)
+    return np.concatenate(chunks), (np.concatenate(points) if with_point else None)  # (N, M), (N,)
+
+
+def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
+                          device: torch.device, amp: bool = False) -> np.ndarray:
+    """The (N, M) float64 rank probabilities of :func:`predict_outputs`."""
+    return predict_outputs(model, batches, device, amp)[0]
 
 
 def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSpace,
                       with_probabilities: bool = True, calibration: Calibration | None = None,
-                      alpha: float | None = None) -> pd.DataFrame:
+                      alpha: float | None = None, point: np.ndarray | None = None) -> pd.DataFrame:
     """One row per image: true rank/value (when known), both prediction rules, uncertainty.
 
     Args:
@@ -74,10 +84,15 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
             `interval_high` (labels), `interval_low_value`, `interval_high_value` and
             `interval_level` (1 - alpha).
         alpha: the interval's level (default: the calibration's first).
+        point: (N,) the model's own hard rule (CORAL/CORN threshold), used as `pred_rank` instead
+            of the argmax of p; None for argmax.
     """
     if len(table) != len(probs):
         raise ValueError(f"predictions_table: {len(table)} rows but {len(probs)} probability rows")
     summary = rank_distribution_summary(probs, rank_space.value_array)
+    if point is not None:
+        summary["argmax"] = np.asarray(point, dtype=np.int64)
+        summary["argmax_value"] = rank_space.value_array[summary["argmax"]]
     out = pd.DataFrame({"path": table["path"].astype(str).to_numpy()})
     for column in ("label", "rank", "value"):
         if column in table:
@@ -110,9 +125,9 @@ def probabilities_of(predictions: pd.DataFrame) -> np.ndarray:
     return predictions[columns].to_numpy(dtype=np.float64)
 
 
-def split_probabilities(model: torch.nn.Module, preprocess: Callable, table: pd.DataFrame, params: Params,
-                        device: torch.device, store: ImageStore | None = None) -> np.ndarray:
-    """(N, M) rank probabilities of a split's images, in table order, as evaluation computes them.
+def split_outputs(model: torch.nn.Module, preprocess: Callable, table: pd.DataFrame, params: Params,
+                  device: torch.device, store: ImageStore | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`predict_outputs` on a split's images, in table order, as evaluation computes them.
 
     The images come from the preprocess stage's `store` when given, else from the files.
     """
@@ -122,4 +137,4 @@ def split_probabilities(model: torch.nn.Module, preprocess: Callable, table: pd.
         loader = make_loader(RankImageDataset(table, params.data.root, preprocess), params.train.eval_batch_size,
                              shuffle=False, num_workers=params.train.num_workers, device=device)
         batches = (images for images, _ in loader)
-    return predict_probabilities(model, ({"images": images} for images in batches), device, params.train.amp)
+    return predict_outputs(model, ({"images": images} for images in batches), device, params.train.amp)

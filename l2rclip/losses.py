@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 # turns into NaN gradients as soon as an image feature coincides with a prototype.
 _MIN_SQUARED_DISTANCE = 1e-12
 _TERM_KEYS = ("ce", "kl_t2i", "cop", "cop_batch", "supcon")
+# OrdinalCLIP's text->image target is softmax(KL_TARGET_SHARPNESS * one_hot) over the images.
+KL_TARGET_SHARPNESS = 10.0
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
@@ -56,16 +58,19 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, labels)
 
 
-def kl_t2i_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def kl_t2i_loss(logits: torch.Tensor, labels: torch.Tensor, target: str = "uniform") -> torch.Tensor:
     """OrdinalCLIP's text-to-image term: each present rank should pick out its own images.
 
     For every rank k present in the batch, the softmax over images of column ``logits[:, k]`` is
-    pulled towards the uniform distribution over the images labelled k with KL(target || pred).
-    Absent ranks have no target and are skipped; the result is the mean over present ranks.
+    pulled towards a target over the images with KL(target || pred). Absent ranks have no target
+    and are skipped; the result is the mean over present ranks.
 
     Args:
         logits: (B, M) image-text logits.
         labels: (B,) rank indices.
+        target: ``uniform`` (ours: exactly uniform over the images labelled k, 0 elsewhere) or
+            ``softmax10`` (OrdinalCLIP's code: ``softmax(10 * one_hot)`` over the images, which
+            leaves a weight ``1 / (n_k e^10 + B - n_k)`` on every other image).
 
     Returns:
         Scalar loss, 0 when every column softmax equals its target.
@@ -73,8 +78,13 @@ def kl_t2i_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     log_pred = F.log_softmax(_full_precision(logits), dim=0)  # (B, M), normalised over images
     one_hot = F.one_hot(labels, logits.shape[1]).to(log_pred.dtype)  # (B, M)
     counts = one_hot.sum(0)  # (M,)
-    target = one_hot / counts.clamp(min=1.0)  # (B, M), columns of present ranks sum to 1
-    kl = (torch.xlogy(target, target) - target * log_pred).sum(0)  # (M,), 0 for absent ranks
+    if target == "uniform":
+        goal = one_hot / counts.clamp(min=1.0)  # (B, M), columns of present ranks sum to 1
+    elif target == "softmax10":
+        goal = (KL_TARGET_SHARPNESS * one_hot).softmax(dim=0) * (counts > 0)  # (B, M), absent: 0
+    else:
+        raise ValueError(f"loss.kl_t2i_target: expected 'uniform' or 'softmax10', found {target!r}")
+    kl = (torch.xlogy(goal, goal) - goal * log_pred).sum(0)  # (M,), 0 for absent ranks
     return kl[counts > 0].mean()
 
 
@@ -131,12 +141,13 @@ def cross_modal_ordinal_pairwise_loss(
 
 
 def cop_batch_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor
+    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
+    weights: str = "matrix",
 ) -> torch.Tensor:
     """In-batch variant of ``cop``, used in two-stage training with cached image features.
 
-    Over the pairs (i, j), i < j, of the batch, with ``w_ij = |y_i - y_j| / max |y_i - y_j|``
-    (rank-index gaps, normalised like :func:`ordinal_weights`),
+    Over the pairs (i, j), i < j, of the batch, with ``w_ij`` the rank-index gaps ``|y_i - y_j|``
+    normalised ``(w - min) / max`` like :func:`ordinal_weights`,
     ``L_d = -mean w_ij ||v_i - t_{y_j}||`` pushes images from the prototypes of far-ranked batch
     mates and ``L_center = -mean w_ij ||t_{y_i} - t_{y_j}||`` spreads the prototypes themselves
     ordinally. Total ``L_d + 0.5 L_t + 0.5 L_center`` with ``L_t`` the tightness of
@@ -147,6 +158,10 @@ def cop_batch_loss(
         image_features: (B, E) L2-normalised image features.
         text_features: (M, E) L2-normalised rank prototypes.
         labels: (B,) rank indices.
+        weights: where min and max are taken: ``matrix`` (ours: over the (B, B) gap matrix, whose
+            zero diagonal fixes min = 0) or ``pairs`` (the authors' ``ordinal_entropy_stage1``: over
+            the pairs i < j only, so in a batch without repeated labels the closest pairs get 0).
+            All-equal weights (one pair, or one label) are 0, never NaN.
 
     Returns:
         Scalar loss.
@@ -157,10 +172,13 @@ def cop_batch_loss(
     first, second = torch.triu_indices(len(labels), len(labels), offset=1, device=labels.device)  # (P,)
     if first.numel() == 0:
         return 0.5 * tightness
-    # Normalised over the full (B, B) gap matrix, whose zero diagonal fixes min = 0: normalising over
-    # the pairs alone would, for one, zero the only weight of a two-image batch.
     gaps = (labels.unsqueeze(1) - labels.unsqueeze(0)).abs().to(v.dtype)  # (B, B)
-    w = _normalise_weights(gaps)[first, second]  # (P,)
+    if weights == "matrix":
+        w = _normalise_weights(gaps)[first, second]  # (P,)
+    elif weights == "pairs":
+        w = _normalise_weights(gaps[first, second])  # (P,)
+    else:
+        raise ValueError(f"loss.cop_batch_weights: expected 'matrix' or 'pairs', found {weights!r}")
     diversity = -(w * _safe_row_distances(v[first], proto[second])).mean()
     center = -(w * _safe_row_distances(proto[first], proto[second])).mean()
     return diversity + 0.5 * tightness + 0.5 * center
@@ -172,12 +190,13 @@ def supcon_loss(
     labels: torch.Tensor,
     temperature: float = 0.07,
 ) -> torch.Tensor:
-    """Supervised contrastive loss between images and rank prototypes, in both directions.
+    """Supervised contrastive loss between images and rank prototypes, in both directions (ours).
 
     Image->text: cross-entropy of each image over the M prototypes, positive ``t_{y_i}``.
     Text->image: for each rank present in the batch, minus the mean log-probability (softmax over
     batch images) of the images with that label; averaged over present ranks. The result is the
     mean of the two directions, so prototypes learn from batch labels without a trained image tower.
+    :func:`reference_supcon_loss` is the authors' form.
 
     Args:
         image_features: (B, E) L2-normalised image features.
@@ -200,6 +219,42 @@ def supcon_loss(
     return 0.5 * (image_to_text + text_to_image)
 
 
+def _mean_positive_log_prob(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """``-mean_rows( mean over positive columns of log_softmax(row) )`` for (P, Q) logits and mask."""
+    log_prob = F.log_softmax(logits, dim=1)  # (P, Q)
+    return -((positives * log_prob).sum(1) / positives.sum(1)).mean()
+
+
+def reference_supcon_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """The authors' stage-1 supervised contrastive loss (CLIP-ReID's ``SupConLoss`` call).
+
+    The text side is the batch labels' prototypes ``u_j = t_{y_j}`` (B of them, repeated labels
+    repeated), logits ``s <v_i, u_j>`` with ``s = exp(logit_scale)`` (100 for OpenAI CLIP), and the
+    positives of a row are the columns with the same label. Image->text: rows are images, the
+    softmax runs over the B batch-label prototypes only (not all M); text->image: rows are the
+    B prototypes, the softmax runs over the images. Loss = i2t + t2i (a sum, not a mean).
+
+    Args:
+        image_features: (B, E) L2-normalised image features.
+        text_features: (M, E) L2-normalised rank prototypes.
+        labels: (B,) rank indices.
+        logit_scale: the model's log similarity scale (a scalar tensor or float).
+
+    Returns:
+        Scalar loss.
+    """
+    v, t = _full_precision(image_features), _full_precision(text_features)
+    scale = torch.as_tensor(logit_scale, dtype=v.dtype, device=v.device).exp()
+    logits = scale * v @ t[labels].T  # (B, B): image i vs prototype of image j's label
+    positives = (labels.unsqueeze(1) == labels.unsqueeze(0)).to(v.dtype)  # (B, B), symmetric
+    return _mean_positive_log_prob(logits, positives) + _mean_positive_log_prob(logits.T, positives)
+
+
 class OrdinalLoss(torch.nn.Module):
     """Weighted sum of the named loss terms, configured by the ``loss`` section of params.yaml.
 
@@ -219,6 +274,9 @@ class OrdinalLoss(torch.nn.Module):
         cop_tightness: float = 1.0,
         cop_diversity: float = 1.0,
         supcon_temperature: float = 0.07,
+        supcon_form: str = "ours",
+        cop_batch_weights: str = "matrix",
+        kl_t2i_target: str = "uniform",
     ) -> None:
         super().__init__()
         self.weights = {"ce": ce, "kl_t2i": kl_t2i, "cop": cop, "cop_batch": cop_batch, "supcon": supcon}
@@ -233,6 +291,14 @@ class OrdinalLoss(torch.nn.Module):
         self.cop_tightness = cop_tightness
         self.cop_diversity = cop_diversity
         self.supcon_temperature = supcon_temperature
+        choices = {"loss.supcon_form": (supcon_form, ("ours", "reference")),
+                   "loss.cop_batch_weights": (cop_batch_weights, ("matrix", "pairs")),
+                   "loss.kl_t2i_target": (kl_t2i_target, ("uniform", "softmax10"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{key}: expected one of {allowed}, found {value!r}")
+        self.supcon_form, self.cop_batch_weights = supcon_form, cop_batch_weights
+        self.kl_t2i_target = kl_t2i_target
         # Not persistent: rank values belong to the RankSpace saved with the model, not to this module.
         self.register_buffer(
             "rank_values", torch.as_tensor(rank_values, dtype=torch.float32), persistent=False
@@ -252,14 +318,18 @@ class OrdinalLoss(torch.nn.Module):
             cop_tightness=config.cop_tightness,
             cop_diversity=config.cop_diversity,
             supcon_temperature=config.supcon_temperature,
+            supcon_form=config.supcon_form,
+            cop_batch_weights=config.cop_batch_weights,
+            kl_t2i_target=config.kl_t2i_target,
         )
 
     def forward(self, outputs: Mapping[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Compute the enabled terms and their weighted sum.
 
         Args:
-            outputs: model outputs with ``logits`` (B, M), ``image_features`` (B, E) and
-                ``text_features`` (M, E); only the keys the enabled terms need are read.
+            outputs: model outputs with ``logits`` (B, M), ``image_features`` (B, E),
+                ``text_features`` (M, E) and (for ``supcon_form: reference``) the scalar
+                ``logit_scale``; only the keys the enabled terms need are read.
             labels: (B,) rank indices.
 
         Returns:
@@ -274,7 +344,7 @@ class OrdinalLoss(torch.nn.Module):
             if self.weights["ce"]:
                 terms["ce_loss"] = cross_entropy_loss(logits, labels)
             if self.weights["kl_t2i"]:
-                terms["kl_t2i_loss"] = kl_t2i_loss(logits, labels)
+                terms["kl_t2i_loss"] = kl_t2i_loss(logits, labels, self.kl_t2i_target)
         if self.weights["cop"] or self.weights["cop_batch"] or self.weights["supcon"]:
             image = outputs["image_features"]
             text = self._get(outputs, "text_features", n_ranks, dim=0)
@@ -284,8 +354,10 @@ class OrdinalLoss(torch.nn.Module):
                 )
                 terms["cop_loss"] = cop["total"]
             if self.weights["cop_batch"]:
-                terms["cop_batch_loss"] = cop_batch_loss(image, text, labels)
-            if self.weights["supcon"]:
+                terms["cop_batch_loss"] = cop_batch_loss(image, text, labels, self.cop_batch_weights)
+            if self.weights["supcon"] and self.supcon_form == "reference":
+                terms["supcon_loss"] = reference_supcon_loss(image, text, labels, outputs["logit_scale"])
+            elif self.weights["supcon"]:
                 terms["supcon_loss"] = supcon_loss(image, text, labels, self.supcon_temperature)
         total = sum(self.weights[name[: -len("_loss")]] * value for name, value in terms.items())
         if self.weights["cop"]:

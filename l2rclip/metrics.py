@@ -3,6 +3,12 @@
 Everything here works on numpy arrays of probabilities ``p = softmax(z)`` (N, M), so the same
 code scores L2RCLIP, the baselines and saved predictions. Two prediction rules are reported:
 **argmax** (the most probable rank) and **expectation** (``sum_k p_k value_k``).
+
+Units: ``mae``, ``mae_argmax``, ``rmse`` and ``cs`` are in rank-VALUE units (years for ages, 10
+per decade for HCI); ``mae_index`` and ``mae_argmax_index`` are in rank-INDEX units (neighbouring
+ranks are 1 apart), the unit of the HCI, Adience and aesthetics tables of the papers. Prototype
+ordinality comes in two definitions, ours (``ordinality``) and OrdinalCLIP's
+(``ordinality_ordinalclip``), see :func:`prototype_ordinality` and :func:`ordinalclip_ordinality`.
 """
 
 from __future__ import annotations
@@ -122,6 +128,49 @@ def prototype_ordinality(text_features: np.ndarray) -> float:
     return n_falls / n_steps
 
 
+def ordinalclip_ordinality(text_features: np.ndarray) -> dict[int, float]:
+    """OrdinalCLIP's prototype ordinality (its ``scripts/vis_ordinality.py``), per span.
+
+    With ``S`` the cosine similarity of the M prototypes, only upward steps are checked, and the
+    step off the diagonal counts: ``S[i, j] > S[i, j+1]`` for ``i <= j <= M-2``. The score of a
+    span s is the share of true checks among the steps with ``j - i < s``; the spans are
+    1, 2, 4, ... up to M-1, and M-1 itself (all steps). Ties count as failures. Unlike
+    :func:`prototype_ordinality` (ours), it includes the trivially true diagonal steps
+    ``S[i, i] > S[i, i+1]`` and never checks steps below the anchor. With fewer than 2 ranks
+    there is no step and the result is empty.
+
+    Args:
+        text_features: (M, E) rank prototypes (re-normalised here).
+
+    Returns:
+        ``{span: ordinality in [0, 1]}``, in increasing span order.
+    """
+    features = np.asarray(text_features, dtype=np.float64)
+    features = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    n_steps = features.shape[0] - 1
+    if n_steps < 1:
+        return {}
+    similarity = features @ features.T  # (M, M)
+    falls = similarity[:-1, :-1] > similarity[:-1, 1:]  # (M-1, M-1): S[i, j] > S[i, j+1]
+    offset = np.arange(n_steps)[None, :] - np.arange(n_steps)[:, None]  # (M-1, M-1): j - i
+    spans = sorted({2**p for p in range(int(np.floor(np.log2(n_steps))) + 1)} | {n_steps})
+    return {span: float(falls[(offset >= 0) & (offset < span)].mean()) for span in spans}
+
+
+def prototype_ordinality_metrics(text_features: np.ndarray) -> dict[str, float]:
+    """Both ordinality definitions as metrics, ours and OrdinalCLIP's.
+
+    Keys: ``ordinality`` (ours), ``ordinality_ordinalclip`` (OrdinalCLIP's over all steps, i.e.
+    its largest span) and ``ordinality_ordinalclip_span<s>`` per span.
+    """
+    theirs = ordinalclip_ordinality(text_features)
+    metrics = {"ordinality": prototype_ordinality(text_features)}
+    if theirs:
+        metrics["ordinality_ordinalclip"] = theirs[max(theirs)]
+        metrics.update({f"ordinality_ordinalclip_span{span}": value for span, value in theirs.items()})
+    return metrics
+
+
 def _validate(probs: np.ndarray, labels: np.ndarray, rank_values: np.ndarray) -> None:
     """Raise ValueError (expected vs found) unless the three arrays describe N samples over M ranks."""
     if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
@@ -167,12 +216,18 @@ def ordinal_metrics(
     rank_values: np.ndarray,
     cs_theta: float = 5.0,
     ece_bins: int = 15,
+    point: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All evaluation metrics of METHOD.md section 5 for one split.
 
     Value-unit metrics (``mae``, ``rmse``, ``cs``, ``spearman``) use the expectation rule unless
     named ``_argmax``; class metrics (``accuracy``, ``off_by_one_accuracy``, ``qwk``, ``ece``)
-    use the argmax rank, with the off-by-one gap counted in rank indices.
+    use the argmax rank, with the off-by-one gap counted in rank indices. ``*_index`` keys are the
+    same MAEs in rank-index units (``|predicted index - true index|``); the others are in value units.
+
+    A model whose published prediction is a hard rank of its own (CORAL/CORN: the count of
+    P(y > k) > 0.5) passes it as ``point``: then both rules are that rank (``mae`` equals
+    ``mae_argmax``), and ECE uses its probability; ``mean_std``/``mean_entropy`` stay those of p.
 
     Args:
         probs: (N, M) predicted probabilities, rows summing to 1.
@@ -180,10 +235,12 @@ def ordinal_metrics(
         rank_values: (M,) numeric value of each rank.
         cs_theta: CS@theta threshold in value units (share with absolute error <= theta).
         ece_bins: number of equal-width bins of the calibration error.
+        point: (N,) the model's own hard predictions (rank indices), or None for argmax/expectation.
 
     Returns:
-        ``mae``, ``mae_argmax``, ``accuracy``, ``off_by_one_accuracy``, ``cs``, ``rmse``, ``qwk``,
-        ``spearman``, ``ece``, ``mean_std``, ``mean_entropy``, all plain floats.
+        ``mae``, ``mae_index``, ``mae_argmax``, ``mae_argmax_index``, ``accuracy``,
+        ``off_by_one_accuracy``, ``cs``, ``rmse``, ``qwk``, ``spearman``, ``ece``, ``mean_std``,
+        ``mean_entropy``, all plain floats.
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels)
@@ -191,22 +248,37 @@ def ordinal_metrics(
     _validate(probs, labels, values)
     labels = labels.astype(np.int64)
     summary = rank_distribution_summary(probs, values)
-    predicted = summary["argmax"]
-    expected = summary["expected_value"]
+    predicted, expected = summary["argmax"], summary["expected_value"]  # (N,), (N,)
+    expected_index = probs @ np.arange(probs.shape[1], dtype=np.float64)  # (N,)
+    if point is not None:
+        predicted = _validate_point(point, probs.shape)
+        expected, expected_index = values[predicted], predicted.astype(np.float64)
     true_values = values[labels]  # (N,)
     return {
         "mae": float(mean_absolute_error(true_values, expected)),
-        "mae_argmax": float(mean_absolute_error(true_values, summary["argmax_value"])),
+        "mae_index": float(mean_absolute_error(labels, expected_index)),
+        "mae_argmax": float(mean_absolute_error(true_values, values[predicted])),
+        "mae_argmax_index": float(mean_absolute_error(labels, predicted)),
         "accuracy": float(accuracy_score(labels, predicted)),
         "off_by_one_accuracy": float(np.mean(np.abs(predicted - labels) <= 1)),
         "cs": float(np.mean(np.abs(expected - true_values) <= cs_theta)),
         "rmse": float(root_mean_squared_error(true_values, expected)),
         "qwk": _quadratic_weighted_kappa(labels, predicted, probs.shape[1]),
         "spearman": _spearman(expected, true_values),
-        "ece": expected_calibration_error(probs.max(axis=1), predicted == labels, ece_bins),
+        "ece": expected_calibration_error(probs[np.arange(len(predicted)), predicted], predicted == labels,
+                                          ece_bins),
         "mean_std": float(summary["std"].mean()),
         "mean_entropy": float(summary["entropy"].mean()),
     }
+
+
+def _validate_point(point: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Rank indices (N,) of a model's hard predictions, checked against probs of shape (N, M)."""
+    point = np.asarray(point)
+    if point.shape != (shape[0],) or (point.size and (point.min() < 0 or point.max() >= shape[1])):
+        raise ValueError(f"point: expected {shape[0]} rank indices in 0..{shape[1] - 1}, found shape "
+                         f"{point.shape}" + (f", values {point.min()}..{point.max()}" if point.size else ""))
+    return point.astype(np.int64)
 
 
 def prefix_metrics(metrics: Mapping[str, float], split: str) -> dict[str, float]:

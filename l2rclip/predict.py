@@ -30,7 +30,7 @@ from tqdm import tqdm
 from l2rclip.conformal import Calibration, ConformalError
 from l2rclip.data.sources.base import list_files
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_image_file, to_rgb
-from l2rclip.evaluation import predict_probabilities, predictions_table
+from l2rclip.evaluation import predict_outputs, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
@@ -339,14 +339,15 @@ class Predictor:
                         yield {"images": batch["images"]}
 
         try:
-            probs = predict_probabilities(self.model, batches(), self.device, self.amp)  # (N_ok, M)
+            probs, point = predict_outputs(self.model, batches(), self.device, self.amp)  # (N_ok, M), (N_ok,)
         except ValueError:
             if done:
                 raise
             probs = np.empty((0, len(self.rank_space)))  # no input could be read: every row is an error
+            point = None
         table = pd.DataFrame({"path": [str(name) for name in names]})
         found = predictions_table(table.iloc[done], probs, self.rank_space, with_probabilities,
-                                  self.calibration, self.alpha)
+                                  self.calibration, self.alpha, point)
         labels = [c for c in ("pred_label", "interval_low", "interval_high") if c in found.columns]
         found = found.astype(dict.fromkeys(labels, object)).set_axis(done).reindex(range(len(items)))
         found["path"] = table["path"]

@@ -52,21 +52,34 @@ def collect(repo: str | Path = ".", prefix: str = "") -> list[dict[str, Any]]:
     return rows
 
 
+MAE_UNITS = {"test/mae": "value", "test/mae_index": "rank index"}
+
+
+def paper_mae_key(row: dict[str, Any]) -> str:
+    """The report key of the MAE in the paper's unit: from the report, else from `eval.paper_mae`."""
+    if row["metrics"].get("paper_mae") in MAE_UNITS:
+        return row["metrics"]["paper_mae"]
+    index = (row["params"].get("eval") or {}).get("paper_mae") == "index"
+    return "test/mae_index" if index else "test/mae"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One row per experiment: method, backbone and weights, MAE and accuracy (mean +- std).
 
+    The MAE is in the paper's unit (`eval.paper_mae`: value or rank index), named in its own column.
     Training time is not a DVC metric (it differs on every run; see `l2rclip.timings`): compare
     it in MLflow (`train_seconds` on each run).
     """
     if not rows:
         raise ValueError("no experiments with a report to tabulate: run them first (see README)")
-    lines = ["| experiment | method | backbone (weights) | folds | MAE | accuracy |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| experiment | method | backbone (weights) | folds | MAE | MAE unit | accuracy |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         m, model = row["metrics"], row["params"].get("model", {})
         weights = "CLIP " + str(model.get("pretrained")) if m.get("is_clip") else "random init, NOT CLIP"
+        mae = paper_mae_key(row)
         cells = [row["name"], m.get("method", model.get("method", "l2rclip")), f"{m.get('backbone')} ({weights})",
-                 str(m.get("n_folds")), _mean_std(m, "test/mae"), _mean_std(m, "test/accuracy")]
+                 str(m.get("n_folds")), _mean_std(m, mae), MAE_UNITS[mae], _mean_std(m, "test/accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     if any(not row["metrics"].get("is_clip") for row in rows):
         lines += ["", "Rows marked *random init, NOT CLIP* come from a randomly initialised backbone (no CLIP "

@@ -28,7 +28,7 @@ from l2rclip.config import EvalConfig, LossConfig, ModelConfig, TrainConfig
 from l2rclip.data.batch_transforms import normalize, random_resized_crop, store_eval_batches
 from l2rclip.data.dataset import EpochSampler, RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore, StoreDataset, collate_batch
-from l2rclip.evaluation import autocast, predict_probabilities
+from l2rclip.evaluation import autocast, predict_outputs
 from l2rclip.features import cached_image_features
 from l2rclip.losses import OrdinalLoss
 from l2rclip.methods import HEAD_KINDS, UNTRAINED
@@ -314,7 +314,7 @@ def validate(model: L2RCLIP | OrdinalHeadModel, data: FoldData, features: dict |
         loader = make_loader(RankImageDataset(data.val, data.root, transform), train.eval_batch_size,
                              shuffle=False, num_workers=train.num_workers)
         batches = ({"images": images} for images, _ in loader)
-    probs = predict_probabilities(model, batches, device, train.amp)
+    probs, point = predict_outputs(model, batches, device, train.amp)
     metrics = ordinal_metrics(probs, data.val["rank"].to_numpy(), rank_space.value_array,
-                              eval_config.cs_theta, eval_config.ece_bins)
+                              eval_config.cs_theta, eval_config.ece_bins, point)
     return prefix_metrics(metrics, "val")

@@ -69,7 +69,7 @@ def test_ordinal_metrics_hand_case():
     h3 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert m["mean_entropy"] == pytest.approx((h2 + h3) / 3)
     assert set(m) == {
-        "mae", "mae_argmax", "accuracy", "off_by_one_accuracy", "cs", "rmse",
+        "mae", "mae_index", "mae_argmax", "mae_argmax_index", "accuracy", "off_by_one_accuracy", "cs", "rmse",
         "qwk", "spearman", "ece", "mean_std", "mean_entropy",
     }  # fmt: skip
     assert all(isinstance(v, float) for v in m.values())

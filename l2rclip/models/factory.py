@@ -42,7 +42,8 @@ def build_model(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) 
         return build_l2rclip(backbone, rank_space, config)
     visual = backbone.model.visual
     return OrdinalHeadModel(visual, kind, len(rank_space), int(visual.output_dim),
-                            train_image_tower=config.image_tower == "train" and config.method != "linear_probe")
+                            train_image_tower=config.image_tower == "train" and config.method != "linear_probe",
+                            rule=config.head_rule)
 
 
 def similarity_scale(model: L2RCLIP) -> float:

@@ -6,6 +6,9 @@
 - `corn`: CORN (Shi et al. 2023), M-1 conditional "rank > k given rank > k-1" tasks.
 CORAL and CORN come from `coral-pytorch`. All three turn their outputs into a distribution over
 the M ranks, so the same metrics (both prediction rules, calibration) apply as for L2RCLIP.
+CORAL and CORN also have a published hard rule, the number of P(y > k) > 0.5 (`rule: threshold`,
+as `coral_pytorch.dataset.proba_to_label`); `predict_ranks` gives it, and evaluation scores them
+with it. `rule: mode` scores them like every other model (argmax and expectation of p).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from coral_pytorch.losses import coral_loss, corn_loss
 from torch import nn
 
 HEADS = ("linear", "coral", "corn")
+RULES = ("threshold", "mode")
 
 
 class OrdinalHeadModel(nn.Module):
@@ -29,14 +33,17 @@ class OrdinalHeadModel(nn.Module):
         n_ranks: M.
         width: image feature width E.
         train_image_tower: whether the image tower receives gradients.
+        rule: CORAL/CORN's hard prediction, "threshold" (published) or "mode" (argmax of p).
     """
 
     def __init__(self, image_encoder: nn.Module, kind: str, n_ranks: int, width: int,
-                 train_image_tower: bool = True):
+                 train_image_tower: bool = True, rule: str = "threshold"):
         super().__init__()
         if kind not in HEADS:
             raise ValueError(f"expected a head kind in {HEADS}, found {kind!r}")
-        self.kind, self.n_ranks = kind, n_ranks
+        if rule not in RULES:
+            raise ValueError(f"model.head_rule: expected one of {RULES}, found {rule!r}")
+        self.kind, self.n_ranks, self.rule = kind, n_ranks, rule
         self.image_encoder = image_encoder
         if kind == "coral":
             self.head = CoralLayer(width, n_ranks)  # (E) -> (M-1) logits, shared weights
@@ -81,13 +88,27 @@ class OrdinalHeadModel(nn.Module):
         """
         if self.kind == "linear":
             return logits.softmax(dim=1)
-        above = torch.sigmoid(logits)  # (B, M-1)
-        if self.kind == "corn":
-            above = torch.cumprod(above, dim=1)
+        above = self._survival(logits)  # (B, M-1)
         ones, zeros = torch.ones_like(above[:, :1]), torch.zeros_like(above[:, :1])
         survival = torch.cat([ones, above, zeros], dim=1)  # (B, M+1): P(y > k-1) for k = 0..M
         probs = (survival[:, :-1] - survival[:, 1:]).clamp(min=0.0)  # (B, M)
         return probs / probs.sum(dim=1, keepdim=True).clamp(min=1e-12)
+
+    @property
+    def has_point_rule(self) -> bool:
+        """Whether `predict_ranks` is a rule of its own (CORAL/CORN threshold), not the argmax of p."""
+        return self.kind != "linear" and self.rule == "threshold"
+
+    def predict_ranks(self, logits: torch.Tensor) -> torch.Tensor:
+        """Hard predictions (B,): the count of P(y > k) > 0.5 (threshold rule), else argmax of p."""
+        if not self.has_point_rule:
+            return self.rank_probabilities(logits).argmax(dim=1)
+        return (self._survival(logits) > 0.5).sum(dim=1)
+
+    def _survival(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(y > k), (B, M-1): CORAL's sigmoids, CORN's running product of conditional sigmoids."""
+        above = torch.sigmoid(logits)
+        return torch.cumprod(above, dim=1) if self.kind == "corn" else above
 
     def param_groups(self, lr_head: float, lr_image: float, weight_decay: float = 0.0) -> list[dict]:
         """Optimiser groups: the head and (when trainable) the image tower."""

@@ -39,6 +39,8 @@ class L2RCLIP(nn.Module):
         train_image_tower: whether the image tower receives gradients.
     """
 
+    has_point_rule = False  # hard predictions are the argmax of p (see OrdinalHeadModel)
+
     def __init__(self, image_encoder: nn.Module, text_encoder: PromptTextEncoder,
                  prompt_learner: RankPromptLearner, rankformer: RankFormer | None,
                  logit_scale: float, train_image_tower: bool = True):
@@ -118,7 +120,8 @@ class L2RCLIP(nn.Module):
             text_features: prototypes (M, E) to reuse; computed (once) when omitted.
 
         Returns:
-            dict with `logits` (B, M), `image_features` (B, E), `text_features` (M, E).
+            dict with `logits` (B, M), `image_features` (B, E), `text_features` (M, E) and the
+            scalar `logit_scale` (the reference supcon loss scales by its exp).
         """
         if image_features is None:
             if images is None:
@@ -127,7 +130,8 @@ class L2RCLIP(nn.Module):
         if text_features is None:
             text_features = self.prototypes()  # (M, E)
         return {"logits": self.logits(image_features, text_features),
-                "image_features": image_features, "text_features": text_features}
+                "image_features": image_features, "text_features": text_features,
+                "logit_scale": self.logit_scale}
 
     def param_groups(self, lr_prompt: float, lr_rankformer: float, lr_image: float,
                      weight_decay: float = 0.0) -> list[dict]:

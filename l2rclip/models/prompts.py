@@ -22,31 +22,40 @@ log = logging.getLogger(__name__)
 
 INIT_STD = 0.02
 INTERPOLATIONS = ("linear", "inverse_distance", "gaussian", "plain")
+GAUSSIAN_UNITS = ("base_spacing", "rank")
 
 
-def interpolation_weights(n_ranks: int, n_base: int, kind: str = "linear", sigma: float = 1.0) -> torch.Tensor:
+def interpolation_weights(n_ranks: int, n_base: int, kind: str = "linear", sigma: float = 1.0,
+                          eps: float = 1e-3, unit: str = "base_spacing") -> torch.Tensor:
     """Weights that mix B base embeddings into M rank embeddings, rows summing to 1.
 
-    Bases sit at p_b = linspace(0, M-1, B); d_kb = |k - p_b|.
+    Bases sit at p_b = linspace(0, M-1, B); d_kb = |k - p_b| in rank units.
     - linear: w = 1 - d / (M-1)
-    - inverse_distance: w = 1 / (d + 1e-3) (a rank on a base takes almost all of that base)
-    - gaussian: w = exp(-d^2 / (2 (sigma * spacing)^2)), spacing = (M-1)/(B-1)
+    - inverse_distance: w = 1 / (d + eps) (a rank on a base takes almost all of that base);
+      ours eps = 1e-3, OrdinalCLIP's `inv_prop` 1e-5
+    - gaussian: w = exp(-d^2 / (2 (sigma * u)^2)) with u the base spacing (M-1)/(B-1) (ours) or
+      one rank (`unit: rank`); OrdinalCLIP's `normal`, exp(-d^2), is `unit: rank`, sigma = 1/sqrt(2)
 
     Returns:
         (M, B) float tensor.
     """
     if not 2 <= n_base <= n_ranks:
         raise ValueError(f"model.prompt.n_base: expected 2..{n_ranks} (the number of ranks), found {n_base}")
+    if eps <= 0 or sigma <= 0:
+        raise ValueError(f"model.prompt.inverse_distance_eps and gaussian_sigma: expected > 0, found "
+                         f"{eps} and {sigma}")
+    if unit not in GAUSSIAN_UNITS:
+        raise ValueError(f"model.prompt.gaussian_unit: expected one of {GAUSSIAN_UNITS}, found {unit!r}")
     ranks = torch.arange(n_ranks, dtype=torch.float64)[:, None]  # (M, 1)
     positions = torch.linspace(0, n_ranks - 1, n_base, dtype=torch.float64)[None, :]  # (1, B)
     distance = (ranks - positions).abs()  # (M, B)
     if kind == "linear":
         weights = 1.0 - distance / (n_ranks - 1)
     elif kind == "inverse_distance":
-        weights = 1.0 / (distance + 1e-3)
+        weights = 1.0 / (distance + eps)
     elif kind == "gaussian":
-        spacing = (n_ranks - 1) / (n_base - 1)
-        weights = torch.exp(-(distance**2) / (2 * (sigma * spacing) ** 2))
+        width = sigma * ((n_ranks - 1) / (n_base - 1) if unit == "base_spacing" else 1.0)
+        weights = torch.exp(-(distance**2) / (2 * width**2))
     else:
         raise ValueError(f"model.prompt.interpolation: expected one of {INTERPOLATIONS[:3]} for "
                          f"interpolated ranks, found {kind!r}")
@@ -77,13 +86,16 @@ class RankPromptLearner(nn.Module):
         rank_init: "names" (mean token embedding of each rank name) or "random".
         interpolation: "linear", "inverse_distance", "gaussian", or "plain" (free per rank).
         n_base: number of base embeddings B for interpolation.
-        gaussian_sigma: width of the gaussian weights, in units of base spacing.
+        gaussian_sigma: width of the gaussian weights, in units of `gaussian_unit`.
+        inverse_distance_eps: eps of the inverse-distance weights 1 / (d + eps).
+        gaussian_unit: "base_spacing" or "rank", the unit of `gaussian_sigma`.
     """
 
     def __init__(self, token_embedding: nn.Embedding, tokenizer: Any, rank_names: Sequence[str],
                  context_init: str = "random", n_context: int = 8, context_shared: bool = True,
                  rank_tokens: int = 1, rank_init: str = "names", interpolation: str = "linear",
-                 n_base: int = 2, gaussian_sigma: float = 1.0):
+                 n_base: int = 2, gaussian_sigma: float = 1.0, inverse_distance_eps: float = 1e-3,
+                 gaussian_unit: str = "base_spacing"):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"model.prompt.interpolation: expected one of {INTERPOLATIONS}, "
@@ -116,8 +128,8 @@ class RankPromptLearner(nn.Module):
         if interpolation == "plain":
             self.rank_embeddings = nn.Parameter(names)  # (M, T, D)
         else:
-            self.register_buffer("weights", interpolation_weights(n_ranks, n_base, interpolation,
-                                                                  gaussian_sigma))  # (M, B)
+            self.register_buffer("weights", interpolation_weights(
+                n_ranks, n_base, interpolation, gaussian_sigma, inverse_distance_eps, gaussian_unit))  # (M, B)
             anchors = torch.linspace(0, n_ranks - 1, n_base).round().long()  # nearest rank to each base
             self.base_embeddings = nn.Parameter(names[anchors].clone())  # (B, T, D)
 

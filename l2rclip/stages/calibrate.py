@@ -28,7 +28,7 @@ from l2rclip.config import ConfigError, Params, load_params
 from l2rclip.conformal import Calibration, check_alpha, fit_temperature, temper
 from l2rclip.data.splits import CALIB, select
 from l2rclip.data.store import open_store
-from l2rclip.evaluation import split_probabilities
+from l2rclip.evaluation import split_outputs
 from l2rclip.metrics import expected_calibration_error
 from l2rclip.models.checkpoint import load_model
 from l2rclip.stages.common import (
@@ -87,12 +87,12 @@ def calibrate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, o
     model, meta = load_model(model_dir, device=device)
     rank_space = meta["rank_space"]
     store = open_store(store_dir, model.image_encoder, meta["backbone"], params.preprocess.margin)
-    probs = split_probabilities(model, meta["preprocess"], calib, params, device, store)  # (n, M)
+    probs = split_outputs(model, meta["preprocess"], calib, params, device, store)[0]  # (n, M)
     ranks = calib["rank"].to_numpy()
     temperature = None
     if config.temperature:
         val = select(splits, fold, "val")
-        temperature = fit_temperature(split_probabilities(model, meta["preprocess"], val, params, device, store),
+        temperature = fit_temperature(split_outputs(model, meta["preprocess"], val, params, device, store)[0],
                                       val["rank"].to_numpy())
     calibration = Calibration.fit(probs, ranks, rank_space.value_array, config.method, config.alpha, temperature)
     result = {**calibration.to_dict(), "fold": fold, "calibrated": True,

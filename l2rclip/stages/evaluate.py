@@ -6,7 +6,9 @@ Outputs:
     <out>/figures/*.png         confusion matrix, error by rank, predicted vs true, prototype
                                 similarity, calibration; conformal_<level> with --calibration
     <metrics>                   `test/...` metrics (JSON, a DVC metric), plus the MAE of always
-                                predicting the training median, the baseline every model must beat
+                                predicting the training median, the baseline every model must beat;
+                                MAEs in value units (`test/mae`) and rank-index units
+                                (`test/mae_index`), ordinality in our and OrdinalCLIP's definition
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from l2rclip.config import Params, load_params
 from l2rclip.conformal import evaluate_intervals, level_name
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
-from l2rclip.evaluation import predictions_table, split_probabilities
-from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality
+from l2rclip.evaluation import predictions_table, split_outputs
+from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality_metrics
 from l2rclip.models.checkpoint import load_model
 from l2rclip.plots import conformal_plot, evaluation_plots
 from l2rclip.stages.calibrate import read_calibration
@@ -69,16 +71,17 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
     prototypes = None if prototypes is None else prototypes.cpu().numpy()
     store = open_store(store_dir, model.image_encoder, meta["backbone"], params.preprocess.margin)
-    probs = split_probabilities(model, meta["preprocess"], test, params, device, store)  # (N, M)
-    predictions = predictions_table(test, probs, rank_space, calibration=calibration)
+    probs, point = split_outputs(model, meta["preprocess"], test, params, device, store)  # (N, M), (N,) or None
+    predictions = predictions_table(test, probs, rank_space, calibration=calibration, point=point)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
 
     metrics = ordinal_metrics(probs, test["rank"].to_numpy(), rank_space.value_array,
-                              params.eval.cs_theta, params.eval.ece_bins)
+                              params.eval.cs_theta, params.eval.ece_bins, point)
     if prototypes is not None:
-        metrics["ordinality"] = prototype_ordinality(prototypes)
+        metrics.update(prototype_ordinality_metrics(prototypes))
     metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
+    metrics["mae_median_baseline_index"] = median_baseline_mae(train["rank"].to_numpy(), test["rank"].to_numpy())
     metrics["n_images"] = float(len(test))
     by_rank: dict[str, Any] = {}
     if calibration is not None:
@@ -86,7 +89,8 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
                                                        rank_space.value_array)
         metrics.update(interval_metrics, n_calib=float(calibration.n))
     result = {**prefix_metrics(metrics, "test"), "fold": fold, "method": meta.get("method", "l2rclip"),
-              "backbone": meta["backbone"], "is_clip": meta["is_clip"], "best_epoch": meta["epoch"]}
+              "backbone": meta["backbone"], "is_clip": meta["is_clip"], "best_epoch": meta["epoch"],
+              "prediction_rule": "threshold" if point is not None else "argmax+expectation"}
     if by_rank:
         result["conformal_by_rank"] = by_rank
     write_json(metrics_file, result)

@@ -29,8 +29,17 @@ from l2rclip.tracking import Tracker
 
 log = logging.getLogger("l2rclip.stages.report")  # not __main__ under python -m
 
-TABLE_METRICS = ("mae", "mae_argmax", "accuracy", "off_by_one_accuracy", "cs", "rmse", "qwk", "spearman",
-                 "ece", "ordinality", "mae_median_baseline")
+TABLE_METRICS = ("mae", "mae_index", "mae_argmax", "mae_argmax_index", "accuracy", "off_by_one_accuracy", "cs",
+                 "rmse", "qwk", "spearman", "ece", "ordinality", "ordinality_ordinalclip", "mae_median_baseline",
+                 "mae_median_baseline_index")
+PAPER_MAE_KEYS = {"value": "test/mae", "index": "test/mae_index"}  # eval.paper_mae -> report key
+UNITS_NOTE = (
+    "Units: `mae`, `mae_argmax`, `rmse`, `cs` and `mae_median_baseline` are in rank-VALUE units (the "
+    "numbers of `ranks.values`: years for ages, 10 per decade for HCI); `*_index` are the same MAEs in "
+    "rank-INDEX units (neighbouring ranks 1 apart), the unit of the HCI, Adience and aesthetics tables of "
+    "the papers. `ordinality` is ours (similarity falls at every step away from each rank, both sides, "
+    "diagonal step excluded); `ordinality_ordinalclip` is OrdinalCLIP's `vis_ordinality.py` (share of upward "
+    "steps S[i,j] > S[i,j+1] with j >= i, diagonal step included, over all spans; per span in metrics.json).")
 
 
 def summarise(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -88,7 +97,12 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
         lines += [f"> **{PIPELINE_CHECK}**", ""]
     lines += [f"Method `{header['method']}`, backbone `{header['backbone']}`, {header['n_folds']} folds; "
               "mean +- std (ddof=1) over folds.",
-              "", "| metric | mean | std | per fold |", "|---|---|---|---|"]
+              "", f"The papers of this protocol report MAE in {header['paper_mae_unit']} units: "
+              f"`{header['paper_mae']}` is the number to compare with them.", ""]
+    if header.get("prediction_rule") == "threshold":
+        lines += ["Hard predictions (and hence every MAE and accuracy here) use the published CORAL/CORN rule, "
+                  "the count of P(y > k) > 0.5 (`model.head_rule: threshold`).", ""]
+    lines += [UNITS_NOTE, "", "| metric | mean | std | per fold |", "|---|---|---|---|"]
     for name in TABLE_METRICS:
         entry = summary.get(f"test/{name}")
         if entry:
@@ -123,7 +137,10 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     summary = summarise(per_fold)
     header = {"source": params.data.source, "method": per_fold[0].get("method", "l2rclip"),
               "backbone": per_fold[0]["backbone"], "is_clip": all(m["is_clip"] for m in per_fold),
-              "n_folds": len(per_fold)}
+              "n_folds": len(per_fold),
+              "paper_mae": PAPER_MAE_KEYS[params.eval.paper_mae],
+              "paper_mae_unit": "rank-index" if params.eval.paper_mae == "index" else "rank-value",
+              "prediction_rule": per_fold[0].get("prediction_rule", "argmax+expectation")}
     metrics_file = out_dir / "metrics.json"
     previous = previous_summary(metrics_file)
     write_json(metrics_file, {**summary, **header})
