@@ -40,7 +40,7 @@ def test_rows_without_groups_hash_by_path_and_the_version_names_the_set():
 
 
 def params(root, fraction: float) -> Params:
-    return from_dict(Params, {"ranks": {"start": 1, "stop": 10},
+    return from_dict(Params, {"folds": [0, 1], "ranks": {"start": 1, "stop": 10},
                               "data": {"source": "csv", "root": str(root)},
                               "split": {"n_folds": 2, "val_fraction": 0.25, "holdout_fraction": fraction}})
 

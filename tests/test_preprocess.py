@@ -28,7 +28,7 @@ from l2rclip.training import StoreBatches
 def demo_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store")
     params = from_dict(Params, {
-        "data": {"root": str(tmp / "demo"), "demo": {"n_per_rank": 6, "image_size": 96}},
+        "folds": [0, 1], "data": {"root": str(tmp / "demo"), "demo": {"n_per_rank": 6, "image_size": 96}},
         "split": {"n_folds": 2, "val_fraction": 0.0},
         "preprocess": {"shard_size": 16},  # several shards even for 60 images
         "model": {"arch": TINY_ARCH, "pretrained": "none"}})
@@ -108,8 +108,8 @@ def test_a_store_for_another_geometry_is_refused_and_names_the_fix(demo_store):
 def test_dvc_reruns_preprocess_for_the_backbone_geometry_not_for_training_settings(tmp_path):
     env = environment(tmp_path)
     repo = copy_project(tmp_path / "repo", {"data": {"demo": {"n_per_rank": 8, "image_size": 64}},
-                                            "split": {"n_folds": 2, "val_fraction": 0.25},
-                                            "tracking": {"enabled": False}})
+                                            "folds": [0, 1], "tracking": {"enabled": False},
+                                            "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0}})
     shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     run(["git", "init", "-q"], repo, env)
     run(["dvc", "init", "-q"], repo, env)

@@ -9,18 +9,12 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_pipeline import ROOT, copy_project, environment, run, stages_run
+from test_pipeline import ROOT, copy_project, environment, merge, run, stages_run
+from test_pipeline import SMALL as PIPELINE_SMALL
 
 pytestmark = pytest.mark.timeout(1200)  # whole pipelines in subprocesses, as in test_pipeline.py
 
-SMALL = {
-    "folds": [1],
-    "data": {"demo": {"n_per_rank": 8, "image_size": 64}},
-    "split": {"n_folds": 2, "val_fraction": 0.25},
-    "model": {"fallback": {"epochs": 2}},
-    "train": {"batch_size": 16},
-    "tracking": {"enabled": False},
-}
+SMALL = merge(PIPELINE_SMALL, {"tracking": {"enabled": False}})
 WEIGHTS = "outputs/folds/1/train/best/model.safetensors"
 
 
