@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from l2rclip.config import EvalConfig, LossConfig, ModelConfig, TrainConfig
 from l2rclip.data.dataset import RankImageDataset, make_loader
+from l2rclip.distributed import SINGLE, GlobalBatchSampler, SeededSamples, World, gather_batch, wrap
 from l2rclip.evaluation import autocast, predict_probabilities
 from l2rclip.features import cached_image_features
 from l2rclip.losses import OrdinalLoss
@@ -111,7 +112,7 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         train: TrainConfig, loss: LossConfig, eval_config: EvalConfig, transforms: tuple[Callable, Callable],
         out_dir: Path, seed: int, device: torch.device, state: TrainState,
         on_epoch: Callable[[dict, int], None] = lambda metrics, epoch: None,
-        meta: dict | None = None) -> TrainResult:
+        meta: dict | None = None, world: World = SINGLE) -> TrainResult:
     """Train with the configured schedule, writing `best/`, `last/` and resuming from `last/`.
 
     Args:
@@ -131,6 +132,9 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         on_epoch: called with each epoch's metrics and `epoch_seconds` (for tracking; timings
             stay out of the history so that a rerun writes identical files).
         meta: extra JSON metadata saved with the checkpoints (backbone, is_clip...).
+        world: this process among the data-parallel training processes (`l2rclip.distributed`):
+            each trains its slice of every global batch of `train.batch_size`; rank 0 alone
+            validates, writes `best/` and `last/`, and calls `on_epoch`.
     """
     start = time.perf_counter()
     meta = meta or {}
@@ -140,8 +144,12 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
     phases = schedule_phases(train, model_config.image_tower, model_config.method)
     features = None
     if any(not p.train_image_tower for p in phases):
+        if not world.is_main:
+            world.barrier()  # rank 0 encodes and writes the cache first; the others read it
         features = cached_image_features(model, data.images, data.root, transforms[1], train.feature_cache,
                                          device, train.eval_batch_size, train.num_workers, train.amp)
+        if world.is_main:
+            world.barrier()
         index = {path: i for i, path in enumerate(data.images["path"])}
         features = {split: features[[index[p] for p in table["path"]]]
                     for split, table in (("train", data.train), ("val", data.val))}
@@ -162,26 +170,35 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         criterion = phase_loss(loss, rank_space, phase.terms, model_config.method).to(device)
         fixed_text = None if phase.train_prompts else model.compute_prototypes().detach()
         use_features = features is not None and not phase.train_image_tower
+        network = wrap(model, device, world)
+        # Image batches are split over the ranks and gathered for the loss; feature batches are whole.
+        gather = None if use_features or not world.distributed else (
+            lambda outputs, labels: gather_batch(outputs, labels, world))
         for epoch in range(state.epoch, end):
             torch.manual_seed(seed * 10_000 + epoch)
             batches = (_feature_batches(features["train"], data.train, train.batch_size, seed * 10_000 + epoch)
                        if use_features else
-                       _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch))
+                       _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch, world))
             tick = time.perf_counter()
-            terms = _train_epoch(model, criterion, optimizer, scheduler, batches, fixed_text, train, device,
-                                 f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps)
-            val = validate(model, data, features if use_features else None, transforms[1], train, eval_config,
-                            rank_space, device)
+            terms = _train_epoch(network, criterion, optimizer, scheduler, batches, fixed_text, train, device,
+                                 f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps, gather,
+                                 quiet=not world.is_main)
+            val = world.broadcast(validate(model, data, features if use_features else None, transforms[1], train,
+                                           eval_config, rank_space, device) if world.is_main else None)
             seconds = time.perf_counter() - tick
             record = {"epoch": epoch + 1, "phase": phase.name, **prefix_metrics(terms, "train"), **val}
             state.history.append(record)
             score = val.get(f"val/{train.select_metric}", -float(epoch))  # no val split: keep the last
             sign = 1.0 if train.select_metric in HIGHER_IS_BETTER or not val else -1.0
-            if state.best_score is None or sign * score > sign * state.best_score:
+            better = state.best_score is None or sign * score > sign * state.best_score
+            if better:
                 state.best_score, state.best_epoch = float(score), epoch + 1
+            state.epoch = epoch + 1
+            if not world.is_main:
+                continue
+            if better:
                 save_model(model, best_dir, model_config, rank_space,
                            extra={**meta, "epoch": epoch + 1, "val": val})
-            state.epoch = epoch + 1
             save_state(last_dir, model, model_config, rank_space, optimizer, scheduler, state, meta)
             on_epoch({**{k: v for k, v in record.items() if k not in ("epoch", "phase")},
                       "epoch_seconds": seconds}, epoch + 1)
@@ -203,9 +220,11 @@ def parameter_groups(model: L2RCLIP | OrdinalHeadModel, train: TrainConfig) -> l
 
 
 def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
-                   seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
-    loader = make_loader(RankImageDataset(table, root, transform), train.batch_size, shuffle=True,
-                         num_workers=train.num_workers, seed=seed)
+                   seed: int, world: World = SINGLE) -> Iterator[tuple[dict, torch.Tensor]]:
+    # This rank's slice of each seeded global batch; augmentation seeded per image (l2rclip.distributed).
+    loader = make_loader(SeededSamples(RankImageDataset(table, root, transform), seed), train.batch_size,
+                         shuffle=True, num_workers=train.num_workers, seed=seed,
+                         batch_sampler=GlobalBatchSampler(len(table), train.batch_size, seed, world))
     for images, labels in loader:
         yield {"images": images}, labels
 
@@ -230,19 +249,27 @@ def optimisation_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad
 def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | HeadLoss,
                  optimizer: torch.optim.Optimizer, scheduler,
                  batches, fixed_text: torch.Tensor | None, train: TrainConfig, device: torch.device,
-                 description: str, total: int) -> dict[str, float]:
-    """One pass over the training batches; returns the mean of every loss term."""
+                 description: str, total: int, gather: Callable | None = None,
+                 quiet: bool = False) -> dict[str, float]:
+    """One pass over the training batches; returns the mean of every loss term.
+
+    `gather` turns this rank's outputs and labels into the global batch's (data-parallel image
+    batches, `l2rclip.distributed.gather_batch`); `quiet` hides the progress bar (ranks > 0).
+    """
     model.train()
     sums: dict[str, float] = {}
     count = 0
     # A bar on a terminal only (disable=None); logs get the one line per epoch instead.
     progress = tqdm(batches, desc=description, total=total, leave=False, mininterval=1.0, unit="batch",
-                    disable=None)
+                    disable=True if quiet else None)
     for inputs, labels in progress:
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         labels = labels.to(device)
         with autocast(device, train.amp):
-            terms = criterion(model(**inputs, text_features=fixed_text), labels)
+            outputs = model(**inputs, text_features=fixed_text)
+            if gather is not None:
+                outputs, labels = gather(outputs, labels)
+            terms = criterion(outputs, labels)
         optimisation_step(optimizer, terms["loss"], train.grad_clip)
         scheduler.step()
         for name, value in terms.items():

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from l2rclip.data.validate import load_rgb
 
@@ -56,7 +56,7 @@ def seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                seed: int = 0, drop_last: bool = False) -> DataLoader:
+                seed: int = 0, drop_last: bool = False, batch_sampler: Sampler | None = None) -> DataLoader:
     """Build a DataLoader whose order and worker randomness follow `seed` alone.
 
     Args:
@@ -68,7 +68,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         seed: seeds the shuffling generator and, through it, every worker's torch, numpy and
             `random` generators.
         drop_last: drop a final incomplete batch.
+        batch_sampler: yields the batches' keys instead (then batch_size, shuffle and drop_last
+            are its business), e.g. `l2rclip.distributed.GlobalBatchSampler`.
     """
     generator = torch.Generator().manual_seed(seed)
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+                          worker_init_fn=seed_worker, generator=generator)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       worker_init_fn=seed_worker, generator=generator, drop_last=drop_last)
