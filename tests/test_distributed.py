@@ -147,7 +147,9 @@ def test_two_processes_follow_one_process_with_the_whole_batch(ddp_run):
             torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=f"{name} {key}")
     optimizers = [torch.load(out / "last/optimizer.pt", weights_only=True) for out in (one, two)]
     assert optimizers[0]["scheduler"] == optimizers[1]["scheduler"]
-    torch.testing.assert_close(optimizers[1]["optimizer"], optimizers[0]["optimizer"], atol=1e-6, rtol=0)
+    assert optimizers[0]["optimizer"]["param_groups"] == optimizers[1]["optimizer"]["param_groups"]
+    torch.testing.assert_close(optimizers[1]["optimizer"]["state"], optimizers[0]["optimizer"]["state"],
+                               atol=1e-6, rtol=0)  # Adam's moments
     for name in ("history.csv", "summary.json"):
         assert (two / name).is_file()
 
