@@ -29,9 +29,11 @@ process with batch B (same seed -> same global batches, same losses, same update
   rank runs the whole global batch, the gradients are identical and DDP's average leaves them so.
 - Rank 0 alone validates (the result is broadcast, so every rank keeps the same history and best
   epoch), writes checkpoints, history, timings and MLflow, and logs; rank 0 takes the output lock
-  (so it lives as long as the process that writes, even when the launcher is killed) and tells the
-  others whether it got it. Resuming: rank 0 decides (`find_state`), every rank restores the same
-  `last/` (multi-node: keep the output folder on a filesystem every node sees).
+  and tells the others whether it got it. So the lock lives as long as the process that writes:
+  torchrun stops its workers on SIGINT/SIGTERM, but a SIGKILL of the launcher leaves them running
+  to the end, and a second run is refused meanwhile. Resuming: rank 0 decides (`find_state`),
+  every rank restores the same `last/` (multi-node: keep the output folder on a filesystem every
+  node sees).
 
 Not bit-identical to one process: weight gradients are sums over the batch's images, which one
 process computes in one reduction and N processes as N partial sums plus an all-reduce; float
@@ -211,15 +213,16 @@ def main_process_lock(folder, world: World) -> Iterator[None]:
 def wrap(model: torch.nn.Module, device: torch.device, world: World) -> torch.nn.Module:
     """The model under DDP (gradients averaged during backward), or itself alone.
 
-    Built per phase, after the phase has set which parameters train. Buffers are not broadcast:
-    nothing in the models updates them in the forward pass, and every rank computes them alike.
+    Built per phase, after the phase has set which parameters train (DDP registers those once).
+    Buffers are synchronised once, at construction, not before every forward: nothing updates them
+    in a training forward, and L2RCLIP replaces its prototype cache buffer when switching modes.
     """
     if not world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   forward_sync_buffers=False)
 
 
 def sample_seed(seed: int, index: int) -> int:
