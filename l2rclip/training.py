@@ -153,7 +153,7 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         index = {path: i for i, path in enumerate(data.images["path"])}
         features = {split: features[[index[p] for p in table["path"]]]
                     for split, table in (("train", data.train), ("val", data.val))}
-    first_epoch, restored = 0, False
+    first_epoch, restored, resumed_after = 0, False, state.epoch
     for phase in phases:
         end = first_epoch + phase.epochs
         if state.epoch >= end:
@@ -163,7 +163,7 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         optimizer = build_optimizer(parameter_groups(model, train), train.optimizer)
         steps = -(-len(data.train) // train.batch_size)
         scheduler = warmup_cosine(optimizer, train.warmup_epochs * steps, phase.epochs * steps)
-        if state.epoch and not restored:
+        if resumed_after and not restored:  # only a resumed run reads last/ (written by rank 0 alone)
             mid_phase = state.epoch > first_epoch
             restore(last_dir, model, optimizer if mid_phase else None, scheduler if mid_phase else None)
             restored = True

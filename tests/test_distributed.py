@@ -7,6 +7,7 @@ resumed after a kill is compared bit for bit with an uninterrupted DDP run.
 """
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from test_pipeline import SMALL, environment, merge
 from l2rclip.config import ConfigError, Params, TrainConfig, from_dict
 from l2rclip.data.demo import generate_demo
 from l2rclip.distributed import PADDING_LABEL, GlobalBatchSampler, SeededSamples, World, world_size
+from l2rclip.locking import exclusive_output
 from l2rclip.losses import OrdinalLoss
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.train import train_fold
@@ -173,7 +175,19 @@ def test_ddp_training_killed_after_an_epoch_resumes_to_the_same_weights(ddp_run)
 
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {resumed / 'last'} after epoch {killed_at}" in result.stderr
+    assert f"resuming from {resumed / 'last'} after epoch {killed_at}" in result.stderr, result.stderr
     reference = tmp_path / "two"
     for name in ("best/model.safetensors", "last/model.safetensors", "last/optimizer.pt", "history.csv"):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_a_ddp_run_on_a_locked_folder_is_refused_by_every_rank(ddp_run):
+    tmp_path, params_file, env, _ = ddp_run
+    out = tmp_path / "locked"
+    with exclusive_output(out):  # as a trainer still running would hold it
+        result = subprocess.run(train_command(params_file, tmp_path / "prepared", out), cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count(f"PID {os.getpid()}") == 2  # rank 0 was refused, rank 1 says the same
+    assert not out.exists()
