@@ -189,5 +189,5 @@ def test_a_ddp_run_on_a_locked_folder_is_refused_by_every_rank(ddp_run):
         result = subprocess.run(train_command(params_file, tmp_path / "prepared", out), cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert result.stderr.count(f"PID {os.getpid()}") == 2  # rank 0 was refused, rank 1 says the same
+    assert result.stderr.count(f"PID {os.getpid()}") >= 2  # rank 0 was refused, rank 1 says the same
     assert not out.exists()
