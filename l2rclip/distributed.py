@@ -259,12 +259,29 @@ class SeededSamples(Dataset):
         return image, label if real else PADDING_LABEL
 
 
+def rank_positions(batch_size: int, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions of a global batch of `batch_size` that this rank loads, and which are real.
+
+    Rank r takes the r-th contiguous slice (`tensor_split`: the first slices are the longest),
+    padded with position 0 to the longest slice's length. Anything drawn per image for the whole
+    batch from a shared generator (e.g. crop boxes) is drawn for all `batch_size` images on every
+    rank and indexed with these positions, so each image gets what one process would give it.
+
+    Returns:
+        positions (width,) int64 and real (width,) bool, width = ceil(batch_size / world.size).
+    """
+    slices = torch.arange(batch_size).tensor_split(world.size)
+    mine, pad = slices[world.rank], len(slices[0]) - len(slices[world.rank])
+    real = torch.cat([torch.ones(len(mine), dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
+    return torch.cat([mine, mine.new_zeros(pad)]), real
+
+
 class GlobalBatchSampler(Sampler[list[tuple[int, bool]]]):
     """A rank's slice of each global batch of the seeded permutation, as `(index, real)` keys.
 
     Global batches: `torch.randperm(n)` from a generator seeded with `seed`, cut into chunks of
-    `batch_size` (the last one shorter). Rank r gets `tensor_split(batch, size)[r]`, padded to the
-    longest slice with `(first index of the batch, False)`.
+    `batch_size` (the last one shorter); rank r gets the images at its `rank_positions`, the
+    padding as `(first index of the batch, False)`.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, world: World = SINGLE):
@@ -276,9 +293,8 @@ class GlobalBatchSampler(Sampler[list[tuple[int, bool]]]):
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))  # (n,)
         for batch in order.split(self.batch_size):
-            slices = batch.tensor_split(self.world.size)  # the first ones are the longest
-            mine = [(int(i), True) for i in slices[self.world.rank]]
-            yield mine + [(int(batch[0]), False)] * (len(slices[0]) - len(mine))
+            positions, real = rank_positions(len(batch), self.world)
+            yield [(int(batch[p]), bool(r)) for p, r in zip(positions, real, strict=True)]
 
 
 class _GatherRows(torch.autograd.Function):

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2rclip.distributed import PADDING_LABEL, World, gather_batch
+from l2rclip.distributed import PADDING_LABEL, World, gather_batch, rank_positions
 from l2rclip.losses import OrdinalLoss
 
 TERMS = {"ce": 1.0, "kl_t2i": 1.0, "cop": 1.0, "cop_batch": 1.0, "supcon": 1.0}  # every whole-batch term
@@ -41,10 +41,9 @@ def run(rank, size, init_file, out_dir):
     images, labels = fixed_batch()
     out = []
     for batch in STEPS:
-        slices = torch.arange(12)[batch].tensor_split(size)
-        index, pad = slices[rank], len(slices[0]) - len(slices[rank])  # padded as GlobalBatchSampler pads
-        rows = torch.cat([index, index.new_zeros(pad)])  # (len(slices[0]),)
-        mine = torch.cat([labels[index], torch.full((pad,), PADDING_LABEL)])
+        positions, real = rank_positions(batch.stop - batch.start, World(rank, size))
+        rows = positions + batch.start  # (width,), padded as GlobalBatchSampler pads
+        mine = torch.where(real, labels[rows], PADDING_LABEL)
         model.zero_grad()
         outputs, every = gather_batch(model(images[rows]), mine, World(rank, size))
         loss = criterion(outputs, every)["loss"]
