@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import itertools
 import json
 import logging
@@ -91,7 +92,7 @@ class Check:
         self.tmp, self.results = tmp, {"settings": self.settings, "machine": machine_line(self.device)}
 
     def l2rclip(self, n_ranks: int, device: torch.device | None = None):
-        """L2RCLIP over M ranks from the weights file (through `model.pretrained`), a loss and a batch."""
+        """Backbone, model config, ranks and L2RCLIP over M ranks, from the weights file (`model.pretrained`)."""
         backbone = load_backbone(self.settings["arch"], str(self.weights), device or self.device)
         config = ModelConfig(arch=self.settings["arch"], pretrained=str(self.weights),
                              prompt=PromptConfig(context_init="random", n_context=8))
@@ -189,6 +190,7 @@ def part_b_loader(check: Check) -> None:
 def part_c_memory(check: Check) -> None:
     """(c) peak GPU memory of the one-stage L2RCLIP step at M = 10, 62, 101 (CPU: not measured)."""
     train, rows = TrainConfig(), {}
+    gc.collect()  # nothing of the earlier parts stays allocated on the device
     for n_ranks in RANK_COUNTS:
         backbone, _, space, model = check.l2rclip(n_ranks)
         criterion = phase_loss(LossConfig(), space, IMAGE_TERMS).to(check.device)
