@@ -155,7 +155,6 @@ def test_two_processes_follow_one_process_with_the_whole_batch(ddp_run):
         assert (two / name).is_file()
 
 
-@pytest.mark.slow
 def test_ddp_training_killed_after_an_epoch_resumes_to_the_same_weights(ddp_run):
     tmp_path, params_file, env, _ = ddp_run
     resumed = tmp_path / "resumed"
