@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from l2rclip.config import Params
-from l2rclip.data.batch_transforms import normalize, random_resized_crop
+from l2rclip.data.batch_transforms import crop_boxes, normalize, random_resized_crop
 from l2rclip.data.sources import load_source
 from l2rclip.data.store import ImageStore, model_spec, write_store
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
@@ -66,7 +66,8 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
         write_store(list(batch["path"]), root, spec, Path(folder))
         store = ImageStore(folder)
         pixels = store.gather(store.rows(list(batch["path"])))  # uint8 (B, 3, S, S)
-    crops = random_resized_crop(pixels, store.spec.image_size, torch.Generator().manual_seed(params.seed))
+    boxes = crop_boxes(len(pixels), store.spec.side, torch.Generator().manual_seed(params.seed))
+    crops = random_resized_crop(pixels, store.spec.image_size, boxes)
     images = normalize(crops, store.spec)  # (B, 3, H, W)
     labels = torch.tensor(batch["rank"].to_numpy())  # (B,)
 

@@ -240,6 +240,10 @@ class TrainConfig:
     select_metric: str = "mae"
     eval_batch_size: int = 64
     feature_cache: str = "outputs/cache"
+    # Data-parallel training (l2rclip/distributed.py): devices x nodes processes under torchrun.
+    devices: int = 1
+    nodes: int = 1
+    rdzv_endpoint: str | None = None
 
 
 @dataclass(frozen=True)

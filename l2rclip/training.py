@@ -25,9 +25,18 @@ import torch
 from tqdm.auto import tqdm
 
 from l2rclip.config import EvalConfig, LossConfig, ModelConfig, TrainConfig
-from l2rclip.data.batch_transforms import normalize, random_resized_crop, store_eval_batches
-from l2rclip.data.dataset import EpochSampler, RankImageDataset, make_loader
+from l2rclip.data.batch_transforms import crop_boxes, normalize, random_resized_crop, store_eval_batches
+from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore, StoreDataset, collate_batch
+from l2rclip.distributed import (
+    SINGLE,
+    GlobalBatchSampler,
+    SeededSamples,
+    World,
+    gather_batch,
+    rank_positions,
+    wrap,
+)
 from l2rclip.evaluation import autocast, predict_outputs
 from l2rclip.features import cached_image_features
 from l2rclip.losses import OrdinalLoss
@@ -126,7 +135,7 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         train: TrainConfig, loss: LossConfig, eval_config: EvalConfig, transforms: tuple[Callable, Callable],
         out_dir: Path, seed: int, device: torch.device, state: TrainState,
         on_epoch: Callable[[dict, int], None] = lambda metrics, epoch: None,
-        meta: dict | None = None) -> TrainResult:
+        meta: dict | None = None, world: World = SINGLE) -> TrainResult:
     """Train with the configured schedule, writing `best/`, `last/` and resuming from `last/`.
 
     Args:
@@ -146,6 +155,9 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         on_epoch: called with each epoch's metrics and `epoch_seconds` (for tracking; timings
             stay out of the history so that a rerun writes identical files).
         meta: extra JSON metadata saved with the checkpoints (backbone, is_clip...).
+        world: this process among the data-parallel training processes (`l2rclip.distributed`):
+            each trains its slice of every global batch of `train.batch_size`; rank 0 alone
+            validates, writes `best/` and `last/`, and calls `on_epoch`.
     """
     start = time.perf_counter()
     meta = meta or {}
@@ -155,14 +167,18 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
     phases = schedule_phases(train, model_config.image_tower, model_config.method)
     features = None
     if any(not p.train_image_tower for p in phases):
+        if not world.is_main:
+            world.barrier()  # rank 0 encodes and writes the cache first; the others read it
         features = cached_image_features(model, data.images, data.root, transforms[1], train.feature_cache,
                                          device, train.eval_batch_size, train.num_workers, train.amp,
                                          store=data.store)
+        if world.is_main:
+            world.barrier()
         index = {path: i for i, path in enumerate(data.images["path"])}
         features = {split: features[[index[p] for p in table["path"]]]
                     for split, table in (("train", data.train), ("val", data.val))}
-    first_epoch, restored = 0, False
-    store_batches = (StoreBatches(data.train, data.store, train, seed, device)
+    first_epoch, restored, resumed_after = 0, False, state.epoch
+    store_batches = (StoreBatches(data.train, data.store, train, seed, device, world)
                      if data.store is not None else None)
     for phase in phases:
         end = first_epoch + phase.epochs
@@ -173,13 +189,17 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         optimizer = build_optimizer(parameter_groups(model, train), train.optimizer)
         steps = -(-len(data.train) // train.batch_size)
         scheduler = warmup_cosine(optimizer, train.warmup_epochs * steps, phase.epochs * steps)
-        if state.epoch and not restored:
+        if resumed_after and not restored:  # only a resumed run reads last/ (written by rank 0 alone)
             mid_phase = state.epoch > first_epoch
             restore(last_dir, model, optimizer if mid_phase else None, scheduler if mid_phase else None)
             restored = True
         criterion = phase_loss(loss, rank_space, phase.terms, model_config.method).to(device)
         fixed_text = None if phase.train_prompts else model.compute_prototypes().detach()
         use_features = features is not None and not phase.train_image_tower
+        network = wrap(model, device, world)
+        # Image batches are split over the ranks and gathered for the loss; feature batches are whole.
+        gather = None if use_features or not world.distributed else (
+            lambda outputs, labels: gather_batch(outputs, labels, world))
         for epoch in range(state.epoch, end):
             torch.manual_seed(seed * 10_000 + epoch)
             if use_features:
@@ -187,22 +207,27 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
             elif store_batches is not None:
                 batches = store_batches.epoch(epoch)
             else:
-                batches = _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch)
+                batches = _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch, world)
             tick = time.perf_counter()
-            terms = _train_epoch(model, criterion, optimizer, scheduler, batches, fixed_text, train, device,
-                                 f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps)
-            val = validate(model, data, features if use_features else None, transforms[1], train, eval_config,
-                            rank_space, device)
+            terms = _train_epoch(network, criterion, optimizer, scheduler, batches, fixed_text, train, device,
+                                 f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps, gather,
+                                 quiet=not world.is_main)
+            val = world.broadcast(validate(model, data, features if use_features else None, transforms[1], train,
+                                           eval_config, rank_space, device) if world.is_main else None)
             seconds = time.perf_counter() - tick
             record = {"epoch": epoch + 1, "phase": phase.name, **prefix_metrics(terms, "train"), **val}
             state.history.append(record)
             score = val.get(f"val/{train.select_metric}", -float(epoch))  # no val split: keep the last
             sign = 1.0 if train.select_metric in HIGHER_IS_BETTER or not val else -1.0
-            if state.best_score is None or sign * score > sign * state.best_score:
+            better = state.best_score is None or sign * score > sign * state.best_score
+            if better:
                 state.best_score, state.best_epoch = float(score), epoch + 1
+            state.epoch = epoch + 1
+            if not world.is_main:
+                continue
+            if better:
                 save_model(model, best_dir, model_config, rank_space,
                            extra={**meta, "epoch": epoch + 1, "val": val})
-            state.epoch = epoch + 1
             save_state(last_dir, model, model_config, rank_space, optimizer, scheduler, state, meta)
             on_epoch({**{k: v for k, v in record.items() if k not in ("epoch", "phase")},
                       "epoch_seconds": seconds}, epoch + 1)
@@ -226,33 +251,40 @@ def parameter_groups(model: L2RCLIP | OrdinalHeadModel, train: TrainConfig) -> l
 class StoreBatches:
     """Training batches from the image store: one loader for all epochs, augmentation on `device`.
 
-    The loader's workers only copy uint8 pixels (persistent on CUDA); crops are drawn from a
-    generator seeded by (seed, epoch) in this process, so batches do not depend on the workers.
+    The loader's workers only copy uint8 pixels (persistent on CUDA). Each epoch's global batches
+    come from `GlobalBatchSampler` (seeded by (seed, epoch); under DDP this rank gets its slice)
+    and the crop boxes of each whole global batch from a generator with the same seed, indexed with
+    this rank's positions, so every image gets the crop one process would give it, whatever the
+    number of processes or loader workers.
     """
 
     def __init__(self, table: pd.DataFrame, store: ImageStore, train: TrainConfig, seed: int,
-                 device: torch.device):
-        self.store, self.seed, self.device = store, seed, device
-        self.sampler = EpochSampler(len(table), seed)
+                 device: torch.device, world: World = SINGLE):
+        self.store, self.seed, self.device, self.world = store, seed, device, world
+        self.sampler = GlobalBatchSampler(len(table), train.batch_size, seed, world)
         self.loader = make_loader(StoreDataset(table, store), train.batch_size, shuffle=True,
-                                  num_workers=train.num_workers, device=device, sampler=self.sampler,
-                                  collate_fn=collate_batch)
+                                  num_workers=train.num_workers, device=device, batch_sampler=self.sampler,
+                                  collate_fn=collate_batch, persistent=True)
 
     def epoch(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
         """The batches of `epoch`: normalised random crops (B, 3, H, W) on the device, and ranks (B,)."""
-        self.sampler.set_epoch(epoch)
-        generator = torch.Generator().manual_seed(self.seed * 10_000 + epoch)
+        epoch_seed = self.seed * 10_000 + epoch
+        self.sampler.set_seed(epoch_seed)
+        generator = torch.Generator().manual_seed(epoch_seed)
         spec = self.store.spec
-        for images, labels in self.loader:
-            images = images.to(self.device, non_blocking=True)  # uint8 (B, 3, S, S)
-            crops = random_resized_crop(images, spec.image_size, generator)  # (B, 3, H, W), 0..255
+        for size, (images, labels) in zip(self.sampler.global_sizes(), self.loader, strict=True):
+            boxes = crop_boxes(size, spec.side, generator)[rank_positions(size, self.world)[0]]  # (B/N, 4)
+            images = images.to(self.device, non_blocking=True)  # uint8 (B/N, 3, S, S)
+            crops = random_resized_crop(images, spec.image_size, boxes)  # (B/N, 3, H, W), 0..255
             yield {"images": normalize(crops, spec)}, labels
 
 
 def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
-                   seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
-    loader = make_loader(RankImageDataset(table, root, transform), train.batch_size, shuffle=True,
-                         num_workers=train.num_workers, seed=seed)
+                   seed: int, world: World = SINGLE) -> Iterator[tuple[dict, torch.Tensor]]:
+    # This rank's slice of each seeded global batch; augmentation seeded per image (l2rclip.distributed).
+    loader = make_loader(SeededSamples(RankImageDataset(table, root, transform), seed), train.batch_size,
+                         shuffle=True, num_workers=train.num_workers, seed=seed,
+                         batch_sampler=GlobalBatchSampler(len(table), train.batch_size, seed, world))
     for images, labels in loader:
         yield {"images": images}, labels
 
@@ -277,19 +309,27 @@ def optimisation_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad
 def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | HeadLoss,
                  optimizer: torch.optim.Optimizer, scheduler,
                  batches, fixed_text: torch.Tensor | None, train: TrainConfig, device: torch.device,
-                 description: str, total: int) -> dict[str, float]:
-    """One pass over the training batches; returns the mean of every loss term."""
+                 description: str, total: int, gather: Callable | None = None,
+                 quiet: bool = False) -> dict[str, float]:
+    """One pass over the training batches; returns the mean of every loss term.
+
+    `gather` turns this rank's outputs and labels into the global batch's (data-parallel image
+    batches, `l2rclip.distributed.gather_batch`); `quiet` hides the progress bar (ranks > 0).
+    """
     model.train()
     sums: dict[str, float] = {}
     count = 0
     # A bar on a terminal only (disable=None); logs get the one line per epoch instead.
     progress = tqdm(batches, desc=description, total=total, leave=False, mininterval=1.0, unit="batch",
-                    disable=None)
+                    disable=True if quiet else None)
     for inputs, labels in progress:
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         labels = labels.to(device)
         with autocast(device, train.amp):
-            terms = criterion(model(**inputs, text_features=fixed_text), labels)
+            outputs = model(**inputs, text_features=fixed_text)
+            if gather is not None:
+                outputs, labels = gather(outputs, labels)
+            terms = criterion(outputs, labels)
         optimisation_step(optimizer, terms["loss"], train.grad_clip)
         scheduler.step()
         for name, value in terms.items():

@@ -47,14 +47,14 @@ def crop_boxes(n: int, side: int, generator: torch.Generator, scale: tuple[float
     return torch.stack([x1, y1, x1 + width, y1 + height], dim=1)
 
 
-def random_resized_crop(images: torch.Tensor, size: int, generator: torch.Generator,
-                        scale: tuple[float, float] = (0.9, 1.0)) -> torch.Tensor:
-    """uint8 (B, 3, S, S) -> float (B, 3, size, size) in 0..255, a random crop per image.
+def random_resized_crop(images: torch.Tensor, size: int, boxes: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> float (B, 3, size, size) in 0..255: image i cropped to `boxes[i]`.
 
-    Each box becomes an affine map from the output grid ([-1, 1] at pixel edges) onto the box.
+    `boxes` (B, 4) comes from `crop_boxes`; each becomes an affine map from the output grid
+    ([-1, 1] at pixel edges) onto the box, and one `grid_sample` call resamples the batch.
     """
     n, side = len(images), images.shape[-1]
-    x1, y1, x2, y2 = crop_boxes(n, side, generator, scale).to(images.device).unbind(1)  # (B,) each
+    x1, y1, x2, y2 = boxes.to(images.device).unbind(1)  # (B,) each
     theta = torch.zeros(n, 2, 3, device=images.device)  # (B, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = (x2 - x1) / side, (x1 + x2) / side - 1
     theta[:, 1, 1], theta[:, 1, 2] = (y2 - y1) / side, (y1 + y2) / side - 1

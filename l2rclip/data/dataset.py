@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -63,32 +63,10 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-class EpochSampler(Sampler[int]):
-    """A seeded shuffle whose order depends only on (seed, epoch): `set_epoch` before each pass.
-
-    Unlike a shuffling DataLoader's own generator, the order of epoch e does not depend on how many
-    epochs ran before in this process, so one loader (with persistent workers) serves every epoch
-    and a resumed run sees exactly the batches an uninterrupted one would.
-    """
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the permutation of `epoch`."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 10_000 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int | str = 0,
                 seed: int = 0, drop_last: bool = False, device: torch.device | str | None = None,
-                sampler: Sampler | None = None, collate_fn: Callable | None = None) -> DataLoader:
+                batch_sampler: Sampler | None = None, collate_fn: Callable | None = None,
+                persistent: bool = False) -> DataLoader:
     """Build a DataLoader whose order and worker randomness follow `seed` alone.
 
     Args:
@@ -100,15 +78,18 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         seed: seeds the shuffling generator and, through it, every worker's torch, numpy and
             `random` generators.
         drop_last: drop a final incomplete batch.
-        device: where the batches go; on CUDA batches are pinned (for non-blocking copies) and,
-            with an `EpochSampler`, workers persist across epochs.
-        sampler: a sampler instead of `shuffle` (e.g. `EpochSampler`).
+        device: where the batches go; on CUDA batches are pinned (for non-blocking copies).
+        batch_sampler: yields the batches' keys instead (then batch_size, shuffle and drop_last
+            are its business), e.g. `l2rclip.distributed.GlobalBatchSampler`.
         collate_fn: how items become a batch (default: torch's).
+        persistent: keep the workers across epochs on CUDA (for a loader that serves every epoch,
+            whose batch sampler is reseeded per epoch in this process).
     """
     workers = resolve_workers(num_workers)
     cuda = device is not None and torch.device(device).type == "cuda"
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle if sampler is None else False,
-                      sampler=sampler, num_workers=workers, worker_init_fn=seed_worker, generator=generator,
-                      drop_last=drop_last, pin_memory=cuda, collate_fn=collate_fn,
-                      persistent_workers=cuda and workers > 0 and isinstance(sampler, EpochSampler))
+    options = {"num_workers": workers, "worker_init_fn": seed_worker, "generator": generator, "pin_memory": cuda,
+               "collate_fn": collate_fn, "persistent_workers": persistent and cuda and workers > 0}
+    if batch_sampler is not None:
+        return DataLoader(dataset, batch_sampler=batch_sampler, **options)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **options)

@@ -227,7 +227,9 @@ class StoreDataset(Dataset):
     """The images of a split table, read from an `ImageStore`, with their rank indices.
 
     Defines `__getitems__`, so a DataLoader fetches each batch with one read per shard instead of
-    one per image; items are uint8 (3, S, S) and batches uint8 (B, 3, S, S).
+    one per image; items are uint8 (3, S, S) and batches uint8 (B, 3, S, S). Keys are row indices,
+    or `(index, real)` pairs from `l2rclip.distributed.GlobalBatchSampler`, whose padding rows
+    (`real` False) get the label -1.
     """
 
     def __init__(self, table: pd.DataFrame, store: ImageStore):
@@ -241,8 +243,12 @@ class StoreDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.store.gather([self.locations[index]])[0], int(self.ranks[index])
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.store.gather([self.locations[i] for i in indices]), self.ranks[indices]
+    def __getitems__(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [key if isinstance(key, tuple) else (key, True) for key in keys]
+        indices = [index for index, _ in pairs]
+        labels = self.ranks[indices].clone()  # (B,)
+        labels[[not real for _, real in pairs]] = -1
+        return self.store.gather([self.locations[i] for i in indices]), labels
 
 
 def collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,10 @@ kept out of the files DVC hashes) and `<out>.lock` (held while the stage runs).
 
 A run resumes from `last/` only when it is the same computation (`l2rclip.resume.run_identity`:
 params, fold, data, package code, library versions); otherwise it starts fresh and says why.
+
+With `train.devices` x `train.nodes` > 1 the stage relaunches itself under torchrun, one process
+per device, which together compute what one process with the same `train.batch_size` computes
+(`l2rclip.distributed`); rank 0 holds the lock and writes every output.
 """
 
 from __future__ import annotations
@@ -25,12 +29,22 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from l2rclip.baselines import fit_untrained
 from l2rclip.config import Params, load_params, to_flat_dict
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
-from l2rclip.locking import exclusive_output
+from l2rclip.distributed import (
+    SINGLE,
+    World,
+    launch,
+    launched,
+    main_process_lock,
+    process_group,
+    worker_device,
+    world_size,
+)
 from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.models.factory import build_model, resolve_backbone
 from l2rclip.ranks import RankSpace
@@ -77,28 +91,39 @@ def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     return frame[first + sorted(c for c in frame.columns if c not in first)]
 
 
-def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path,
-               store_dir: Path | None = None) -> dict[str, Any]:
+def check_inputs(params: Params, fold: int, prepared: Path) -> tuple[Params, pd.DataFrame, pd.DataFrame]:
+    """The resolved params and the prepared tables, with the fold checked (before anything is written)."""
+    params = resolve_method(params)
+    world_size(params.train)
+    images, splits = read_prepared(prepared)
+    folds = sorted(splits["fold"].unique())
+    if fold not in folds:
+        raise ValueError(f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of {folds}")
+    return params, images, splits
+
+
+def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path, store_dir: Path | None = None,
+               world: World = SINGLE) -> dict[str, Any]:
     """Train fold `fold` from the prepared data into `out_dir`; returns the summary.
 
     `store_dir` is the preprocess stage's image store (None: decode the image files every epoch).
 
     Everything that can fail on the inputs (params, prepared data, fold, backbone) is checked
     before `out_dir` is touched, and `out_dir` is locked against a second trainer for the run.
+    `world`: this process among torchrun's training processes (rank 0 locks and writes).
     """
     seed_everything(params.seed)
-    params = resolve_method(params)
-    images, splits = read_prepared(prepared)
-    folds = sorted(splits["fold"].unique())
-    if fold not in folds:
-        raise ValueError(f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of {folds}")
-    with exclusive_output(out_dir):
-        return _train_locked(params, fold, images, splits, out_dir, data_version(prepared), store_dir)
+    params, images, splits = check_inputs(params, fold, prepared)
+    if not world.is_main:
+        logging.getLogger("l2rclip").setLevel(logging.WARNING)  # one log, rank 0's
+    device = worker_device(params.train.device, world) if world.distributed else pick_device(params.train.device)
+    with process_group(world, device), main_process_lock(out_dir, world):
+        return _train_locked(params, fold, images, splits, out_dir, data_version(prepared), store_dir, device,
+                             world)
 
 
 def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.DataFrame, out_dir: Path,
-                  version: str, store_dir: Path | None) -> dict[str, Any]:
-    device = pick_device(params.train.device)
+                  version: str, store_dir: Path | None, device: torch.device, world: World) -> dict[str, Any]:
     backbone, model_config = resolve_backbone(params.model, device=str(device))
     store = open_store(store_dir, backbone.model, model_config.arch, params.preprocess.margin)
     rank_space = RankSpace.from_config(params.ranks)
@@ -118,20 +143,19 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
                     root=Path(used.data.root), store=store)
     check_schedule(model_config, used.train, used.loss, rank_space)  # before any output is touched
     identity = run_identity(to_flat_dict(used), fold, version)
-    state = find_state(out_dir / "last", identity, aside=out_dir.parent)
+    state = world.broadcast(_fold_state(out_dir, identity) if world.is_main else None)  # rank 0 decides
     resuming = state is not None
-    if not resuming and out_dir.exists():  # DVC keeps this folder (persist): clear another run's files
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     state = state or TrainState(identity_fingerprint(identity), identity)
     timings, started = Timings.load(timings_path(out_dir), resuming), time.perf_counter()
     timings.start_process()
-    tracker, run_id = open_fold_run(params, fold, out_dir, version, resuming, tags)
+    tracker, run_id = (open_fold_run(params, fold, out_dir, version, resuming, tags) if world.is_main
+                       else (Tracker(experiment=params.tracking.experiment, enabled=False), None))
     params = used
 
     def on_epoch(metrics: dict[str, float], epoch: int) -> None:
-        timings.record(time.perf_counter() - started, epoch, metrics["epoch_seconds"])
-        timings.save(timings_path(out_dir))  # after every epoch: a killed process keeps its time
+        if world.is_main:  # after every epoch: a killed process keeps its time
+            timings.record(time.perf_counter() - started, epoch, metrics["epoch_seconds"])
+            timings.save(timings_path(out_dir))
         tracker.log_metrics(run_id, metrics, step=epoch)
 
     if model_config.method in UNTRAINED:
@@ -141,11 +165,13 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
     else:
         result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
                      (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
-                     state, meta=meta, on_epoch=on_epoch)
+                     state, meta=meta, on_epoch=on_epoch, world=world)
     history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
                "train_images": len(data.train), "val_images": len(data.val),
                "label": None if backbone.is_clip else PIPELINE_CHECK}
+    if not world.is_main:
+        return summary
     write_json(out_dir / "summary.json", summary)
     timings.record(time.perf_counter() - started)
     timings.save(timings_path(out_dir))
@@ -159,19 +185,40 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
     return summary
 
 
+def _fold_state(out_dir: Path, identity: dict[str, Any]) -> TrainState | None:
+    """The state to resume, or None after clearing `out_dir` for a fresh run (rank 0 only)."""
+    state = find_state(out_dir / "last", identity, aside=out_dir.parent)
+    if state is None and out_dir.exists():  # DVC keeps this folder (persist): clear another run's files
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return state
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of the stage (see `--help`)."""
     parser = stage_parser(
         "train",
         "Train one fold: validation-based model selection, best and last checkpoints, "
-        "resuming from the last one after an interruption.", per_fold=True)
+        "resuming from the last one after an interruption. With train.devices x train.nodes > 1 "
+        "it relaunches itself under torchrun (multi-node: run the same command on every node).",
+        per_fold=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
     parser.add_argument("--store", type=Path, default=None,
                         help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
                              "passes it (default: none, decode the image files)")
-    args = parser.parse_args(argv)
-    return run_main(lambda: train_fold(load_params(args.params), args.fold, args.prepared, args.out,
-                                       args.store) and 0)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    def entry() -> int:
+        params = load_params(args.params)
+        if launched():
+            return train_fold(params, args.fold, args.prepared, args.out, args.store,
+                              World.from_environment()) and 0
+        resolved, _, _ = check_inputs(params, args.fold, args.prepared)
+        if world_size(resolved.train) > 1 and resolved.model.method not in UNTRAINED:
+            return launch(resolved.train, "l2rclip.stages.train", list(sys.argv[1:] if argv is None else argv))
+        return train_fold(params, args.fold, args.prepared, args.out, args.store) and 0
+
+    return run_main(entry)
 
 
 if __name__ == "__main__":
