@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from train_step import sync
 
 from l2rclip.config import LossConfig, ModelConfig, PromptConfig, TrainConfig
+from l2rclip.data.dataset import resolve_workers
 from l2rclip.data.demo import generate_demo
 from l2rclip.evaluation import autocast
 from l2rclip.models.backbone import load_backbone, register_builtin_configs
@@ -218,7 +219,7 @@ def part_d_predict(check: Check) -> None:
     bare = open_clip.create_model(settings["arch"], pretrained=str(check.weights), device=device).eval()
     paths = [check.root / p for p in check.table["path"]]
     loader = DataLoader(Files(paths, backbone.preprocess_eval), batch_size=settings["batch"],
-                        num_workers=check.args.workers)
+                        num_workers=resolve_workers(check.args.workers))
 
     def ours() -> None:
         predictor.predict_paths(paths, batch_size=settings["batch"], num_workers=check.args.workers,

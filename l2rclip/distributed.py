@@ -68,7 +68,7 @@ PADDING_LABEL = -1
 # Rank 0 validates while the others wait in the next collective: generous for a large validation split.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 # Per-image outputs are gathered across ranks; these are the same on every rank and stay local.
-SHARED_OUTPUTS = ("text_features",)
+SHARED_OUTPUTS = ("text_features", "logit_scale")
 
 
 @dataclass(frozen=True)

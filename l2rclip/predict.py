@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from l2rclip.conformal import Calibration, ConformalError
+from l2rclip.data.dataset import resolve_workers
 from l2rclip.data.sources.base import list_files
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_image_file, to_rgb
 from l2rclip.evaluation import predict_outputs, predictions_table
@@ -287,7 +288,7 @@ class Predictor:
         extra = {key: value for key, value in self.meta.items() if key not in _REBUILT_META}
         return save_model(self.model, folder, self.meta["config"], self.rank_space, extra=extra)
 
-    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int = 0,
+    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int | str = 0,
                       with_probabilities: bool = False, progress: bool = True) -> pd.DataFrame:
         """Predict image files; one row per path, in input order (see `predict`)."""
         return self.predict([Path(p) for p in paths], partial(load_image_file, max_pixels=self.max_pixels),
@@ -300,7 +301,7 @@ class Predictor:
                             with_probabilities=with_probabilities, progress=False)
 
     def predict(self, items: Sequence[Any], read: Callable[[Any], Image.Image], names: Sequence[str],
-                batch_size: int = 64, num_workers: int = 0, with_probabilities: bool = False,
+                batch_size: int = 64, num_workers: int | str = 0, with_probabilities: bool = False,
                 progress: bool = True) -> pd.DataFrame:
         """Predict any inputs that `read` turns into PIL images, batched through a DataLoader.
 
@@ -324,7 +325,7 @@ class Predictor:
         if len(names) != len(items):
             raise ValueError(f"predict: expected one name per input, found {len(names)} for {len(items)}")
         loader = DataLoader(_Inputs(items, read, self.transform), batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=_collate,
+                            num_workers=resolve_workers(num_workers), collate_fn=_collate,
                             pin_memory=self.device.type == "cuda")
         done: list[int] = []
         errors: dict[int, str] = {}

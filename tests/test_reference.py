@@ -300,9 +300,9 @@ def test_dvc_set_args_read_back_as_the_same_values(tmp_path):
     assert yaml_scalar(1e-5) == "1.0e-05"
     # DVC writes the float back as `1e-05` (YAML 1.2), which plain PyYAML reads as a string
     params = tmp_path / "params.yaml"
-    params.write_text("model:\n  prompt:\n    inverse_distance_eps: 1e-05\ntrain:\n  lr_image: -2E+3\n")
+    params.write_text("model:\n  prompt:\n    inverse_distance_eps: 1e-05\ntrain:\n  lr_image: 2E+3\n")
     loaded = load_params(params)
-    assert loaded.model.prompt.inverse_distance_eps == 1e-5 and loaded.train.lr_image == -2000.0
+    assert loaded.model.prompt.inverse_distance_eps == 1e-5 and loaded.train.lr_image == 2000.0
 
 
 def test_reference_loss_config_changes_only_the_listed_terms():
