@@ -23,6 +23,7 @@ from test_pipeline import SMALL, copy_project, merge
 from pipelines.ablation import VARIANT_TAG, ablation
 from pipelines.deploy import main as deploy_main
 from pipelines.fanout import CLONE_ENV, checkout, published_commit, require_server, worker_clone
+from pipelines.folds import combine, fold_runs
 
 POOL = "fanout-test"
 GRID = {"loss.cop": [1.0, 0.0]}
@@ -80,6 +81,23 @@ def test_a_worker_run_needs_its_clone_and_never_overwrites_local_changes(shared_
     sh(["git", "checkout", "--", "dvc.yaml"], worker, env)
     checkout(worker, "origin", new)
     assert sh(["git", "rev-parse", "HEAD"], worker, env).strip() == new
+
+
+def test_folds_fan_out_as_one_experiment_each_and_summarise_like_the_report():
+    settings = ["loss.cop=0", "folds=[2, 4]", "train.epochs=3"]
+    assert fold_runs("fgnet", settings, default_folds=[0, 1]) == [
+        ("fgnet-fold2", ["loss.cop=0", "train.epochs=3", "folds=[2]"]),
+        ("fgnet-fold4", ["loss.cop=0", "train.epochs=3", "folds=[4]"])]
+    assert [name for name, _ in fold_runs("x", [], default_folds=[0, 1, 2])] == ["x-fold0", "x-fold1", "x-fold2"]
+    with pytest.raises(ValueError, match="expected a list of fold numbers .* found 'folds=3'"):
+        fold_runs("x", ["folds=3"], default_folds=[0])
+
+    def report(mae):
+        return {"test/mae": {"mean": mae, "std": 0.0, "folds": [mae]}, "is_clip": False}
+    combined = combine({"x-fold0": report(1.0), "x-fold1": report(1.5), "x-fold2": report(2.0)})
+    assert combined == {"test/mae": {"mean": 1.5, "std": 0.5, "folds": [1.0, 1.5, 2.0]}, "is_clip": False}
+    with pytest.raises(ValueError, match="x-fold0: expected a report of one fold, found 2 folds"):
+        combine({"x-fold0": {"test/mae": {"mean": 1.0, "std": 0.0, "folds": [1.0, 1.0]}}})
 
 
 # --- slow: the whole fan-out with real servers and workers ----------------------------------------------
