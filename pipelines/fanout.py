@@ -158,18 +158,25 @@ def experiment_deployment(pool: str) -> RunnerDeployment:
 
 
 def wait_for_runs(ids: dict[str, UUID], poll_s: float) -> list[dict[str, Any]]:
-    """Poll the flow runs `ids` (name -> id) until all have ended; log each one as it ends.
+    """Poll the flow runs `ids` (name -> id) until all have ended, logging every change of state.
+
+    A run a user cancels counts as ended from `Cancelling` on: when its worker was stopped, the run
+    died with it but stays `Running` (Prefect 3.9 marks nothing), and no worker confirms the cancel.
 
     Returns each run's name, whether it completed, its final state, message and id, in order.
     """
     logger = get_run_logger()
+    seen: dict[str, str] = {}
     ended: dict[str, dict[str, Any]] = {}
     with get_client(sync_client=True) as client:
         while len(ended) < len(ids):
             for name, run_id in ids.items():
                 state = client.read_flow_run(run_id).state if name not in ended else None
-                if state is not None and state.is_final():
-                    logger.info("%s: %s%s", name, state.name, f" ({state.message})" if state.message else "")
+                if state is None or seen.get(name) == state.name:
+                    continue
+                seen[name] = state.name
+                logger.info("%s: %s%s", name, state.name, f" ({state.message})" if state.message else "")
+                if state.is_final() or state.is_cancelling():
                     ended[name] = {"name": name, "completed": state.is_completed(), "state": state.name,
                                    "message": state.message or "", "flow_run_id": str(run_id)}
             if len(ended) < len(ids):
