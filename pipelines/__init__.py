@@ -8,4 +8,5 @@ Flows (each also a command, `python -m pipelines.<name> --help`):
     deploy      serve `retrain` on a cron schedule, or register it and `experiment` on a process
                 work pool run by `prefect worker start` (needs a running `prefect server start`).
     fanout      `experiment`: one DVC experiment per work-pool run, so an ablation trains on N machines.
+    folds       one experiment's folds as fanned-out experiments, summarised as the report stage does.
 """
