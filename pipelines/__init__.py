@@ -5,5 +5,8 @@ Flows (each also a command, `python -m pipelines.<name> --help`):
     ablation    variants of the params as DVC experiments, compared in a table and a plot.
     retrain     rebuild when data, params or code changed, then promote the new model only when it
                 beats the champion on the same test images.
-    deploy      serve `retrain` on a cron schedule (needs a running `prefect server start`).
+    deploy      serve `retrain` on a cron schedule, or register it and `experiment` on a process
+                work pool run by `prefect worker start` (needs a running `prefect server start`).
+    fanout      `experiment`: one DVC experiment per work-pool run, so an ablation trains on N machines.
+    folds       one experiment's folds as fanned-out experiments, summarised as the report stage does.
 """

@@ -4,7 +4,9 @@ Each variant is one `dvc exp run --queue -n <name> -S key=value ...`; the queue 
 `dvc exp run --run-all --jobs N` (each experiment in its own temporary copy of the project, so
 variants can run side by side and the workspace is left as it was) and the flow waits for it.
 Metrics come back from `dvc exp show --json` (the report's `metrics.json` of every experiment);
-`dvc exp apply <name>` brings a variant's outputs into the workspace.
+`dvc exp apply <name>` brings a variant's outputs into the workspace. With `--work-pool NAME`
+the variants run instead on the workers of a Prefect work pool, one machine each, and come back
+through the shared git and DVC remotes (`pipelines.fanout`); the comparison is the same.
 
 Every MLflow run of a variant (the pipeline's parent run and its fold runs) gets the tag
 `l2rclip.variant=<name>`: a variant's runs are those whose `l2rclip.pipeline_key` equals the key
@@ -15,6 +17,7 @@ prompts and one- vs two-stage training, and any params key can be given.
 
     python -m pipelines.ablation --repo . --axis rankformer --axis cop --set folds=[0,1] --jobs 2
     python -m pipelines.ablation --grid model.prompt.n_base=2,3,5
+    python -m pipelines.ablation --work-pool l2rclip     # one run per variant on N machines (fanout.py)
 
 Quirks (DVC 3.67): queued experiments contain the last commit plus uncommitted changes to tracked
 files, never untracked files, so commit new code first; `--run-all` also runs anything queued
@@ -43,6 +46,7 @@ from l2rclip.config import Params, from_dict, to_flat_dict
 from l2rclip.tracking import PARENT_TAG, PIPELINE_KEY_TAG, pipeline_key
 from pipelines.ablation_report import comparison_plot, comparison_table
 from pipelines.common import REPORT_METRICS, dvc_output, dvc_stream, project, run_cli, tracking_uri
+from pipelines.fanout import fan_out
 
 AXES: dict[str, dict[str, list[Any]]] = {
     "rankformer": {"model.rankformer.enabled": [True, False]},
@@ -84,10 +88,14 @@ def expand(grid: dict[str, list[Any]]) -> list[Variant]:
     return variants
 
 
+def _settings(overrides: dict[str, Any], extra: Sequence[str]) -> list[str]:
+    """`key=value` settings for `dvc exp run -S`; values in JSON, which DVC's parser reads as YAML."""
+    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()] + list(extra)
+
+
 def _set_params(overrides: dict[str, Any], extra: Sequence[str]) -> list[str]:
-    """`-S key=value` arguments; values in JSON, which DVC's override parser reads as YAML."""
-    settings = [f"{key}={json.dumps(value)}" for key, value in overrides.items()] + list(extra)
-    return [argument for setting in settings for argument in ("-S", setting)]
+    """`-S key=value` arguments (see `_settings`)."""
+    return [argument for setting in _settings(overrides, extra) for argument in ("-S", setting)]
 
 
 @task
@@ -160,7 +168,8 @@ def tag_variant_runs(uri: str, name: str, raw_params: dict[str, Any]) -> int:
 
 @flow(name="ablation")
 def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: list[str] | None = None,
-             jobs: int = 1, metric: str = "test/mae") -> dict[str, Any]:
+             jobs: int = 1, metric: str = "test/mae", work_pool: str | None = None,
+             git_remote: str = "origin") -> dict[str, Any]:
     """Run every variant of `grid` as a DVC experiment and compare `metric` across folds.
 
     Args:
@@ -168,12 +177,17 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
         grid: params key -> values; every combination is a variant (default: RankFormer on/off x
             cop on/off, see `AXES` for the named axes).
         extra: `key=value` settings applied to every variant (e.g. `folds=[0,1]`).
-        jobs: experiments run at the same time.
+        jobs: experiments run at the same time (the local queue).
         metric: the report metric compared (a key of `outputs/report/metrics.json`).
+        work_pool: instead of the local queue, run each variant on a worker of this Prefect work
+            pool (`pipelines.fanout`): the commit must be on `git_remote`, and the tracking URI a
+            server every worker reaches.
+        git_remote: the git remote the workers fetch from and push their experiments to.
 
     Returns:
         `table` (markdown, also in `outputs/ablation/ablation.md`), `plot` (the PNG's path),
-        `variants` (name, overrides, the metric's mean/std/folds) and `tagged` (MLflow runs tagged).
+        `variants` (name, overrides, the metric's mean/std/folds), `tagged` (MLflow runs tagged),
+        and with a work pool `runs` (each variant's flow run: state, message, id).
 
     Raises:
         RuntimeError: some variants produced no report (after the table and plot of the others
@@ -182,12 +196,17 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
     logger = get_run_logger()
     root = project(repo)
     variants = expand(grid or DEFAULT_GRID)
-    queue_variants(root, variants, list(extra or []))
-    run_queue(root, jobs)
+    uri = tracking_uri(root)
+    runs = None
+    if work_pool:
+        runs = fan_out(root, [(v.name, _settings(v.overrides, extra or [])) for v in variants], work_pool, uri,
+                       git_remote)
+    else:
+        queue_variants(root, variants, list(extra or []))
+        run_queue(root, jobs)
     found = collect(root)
     results = [{"name": v.name, "overrides": v.overrides, "summary": found.get(v.name, {}).get("summary")}
                for v in variants]
-    uri = tracking_uri(root)
     tagged = sum(tag_variant_runs(uri, v.name, found[v.name]["params"]) for v in variants if v.name in found)
     table = comparison_table(results, metric)
     (root / OUT_DIR).mkdir(parents=True, exist_ok=True)
@@ -197,11 +216,14 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
                 table)
     failed = [result["name"] for result in results if not (result["summary"] or {}).get(metric)]
     if failed:
-        raise RuntimeError(f"ablation: no {metric} for {', '.join(failed)} (failed experiments; see "
-                           f"`dvc queue status` and `dvc queue logs <name>`); the others are in {OUT_DIR}")
+        where = ("`dvc queue status` and `dvc queue logs <name>`" if runs is None else
+                 "; ".join(f"{r['name']}: {r['state']} {r['message']}" for r in runs if not r["completed"])
+                 or "the flow runs' logs")
+        raise RuntimeError(f"ablation: no {metric} for {', '.join(failed)} (failed experiments; see {where}); "
+                           f"the others are in {OUT_DIR}")
     return {"table": table, "plot": str(plot), "tagged": tagged,
             "variants": [{"name": r["name"], "overrides": r["overrides"], metric: r["summary"][metric]}
-                         for r in results]}
+                         for r in results], **({"runs": runs} if runs is not None else {})}
 
 
 def _grid(args: argparse.Namespace) -> dict[str, list[Any]] | None:
@@ -225,9 +247,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="a named axis of the grid (repeatable; default: rankformer and cop)")
     parser.add_argument("--grid", action="append", help="an axis as key=value1,value2 (repeatable)")
     parser.add_argument("--set", action="append", dest="extra", help="key=value for every variant (repeatable)")
-    parser.add_argument("--jobs", type=int, default=1, help="experiments at a time (default: %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="experiments at a time in the local DVC queue (default: %(default)s)")
     parser.add_argument("--metric", default="test/mae", help="report metric compared (default: %(default)s)")
-    return run_cli(parser, lambda a: ablation(a.repo, _grid(a), a.extra, a.jobs, a.metric), argv)
+    parser.add_argument("--work-pool", help="run each variant on a worker of this Prefect work pool instead "
+                        "of the local queue (deployment experiment/<pool>, see pipelines.fanout)")
+    parser.add_argument("--git-remote", default="origin",
+                        help="git remote the workers fetch from and push to (default: %(default)s)")
+    return run_cli(parser, lambda a: ablation(a.repo, _grid(a), a.extra, a.jobs, a.metric, a.work_pool,
+                                              a.git_remote), argv)
 
 
 if __name__ == "__main__":

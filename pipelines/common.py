@@ -77,28 +77,32 @@ def tracking_uri(repo: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo / 'mlflow.db'}"
 
 
-def dvc_env(repo: Path) -> dict[str, str]:
-    """The environment for DVC and its stages: this interpreter first on PATH, the store pinned."""
+def dvc_env(repo: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for DVC and its stages: this interpreter first on PATH, the store pinned.
+
+    `extra` wins over both (a fan-out run passes the tracking server its caller chose).
+    """
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri(repo), "DVC_NO_ANALYTICS": "1"}
+    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri(repo), "DVC_NO_ANALYTICS": "1",
+            **(extra or {})}
 
 
-def dvc_output(repo: Path, *args: str) -> str:
+def dvc_output(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
     """Run a quick DVC query and return its stdout (stderr only goes into a `DvcError`)."""
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(repo),
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(repo, env),
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise DvcError(args, repo, done.returncode, done.stdout + done.stderr)
     return done.stdout
 
 
-def dvc_stream(repo: Path, *args: str, echo: Callable[[str], None]) -> str:
+def dvc_stream(repo: Path, *args: str, echo: Callable[[str], None], env: Mapping[str, str] | None = None) -> str:
     """Run a long DVC command, passing each output line to `echo` as it comes; returns the output.
 
     Stages can run for hours: streaming lets the flow's log (and the Prefect UI) show progress.
     """
     lines: list[str] = []
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(repo), text=True,
+    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(repo, env), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1) as process:
         for line in process.stdout:
             lines.append(line)
