@@ -207,7 +207,7 @@ def test_cli_exit_status_says_whether_anything_was_predicted(model_dir, demo_roo
 
     assert cli.main(["predict", str(model_dir), str(tmp_path / "a.png"), str(tmp_path / "b.png"), *common]) == 4
     err = capsys.readouterr().err
-    assert f"error: no input could be predicted; e.g. {tmp_path / 'a.png'}: UnusableImageError: missing_file" in err
+    assert f"no input could be predicted; e.g. {tmp_path / 'a.png'}: UnusableImageError: missing_file" in err
     assert pd.read_csv(out, keep_default_na=False)["error"].astype(bool).all()  # the reasons are kept
 
     some_bad = ["predict", str(model_dir), good, str(tmp_path / "a.png"), *common]
