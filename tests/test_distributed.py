@@ -28,6 +28,7 @@ from l2rclip.distributed import PADDING_LABEL, GlobalBatchSampler, SeededSamples
 from l2rclip.locking import exclusive_output
 from l2rclip.losses import OrdinalLoss
 from l2rclip.stages.prepare import prepare
+from l2rclip.stages.preprocess import preprocess
 from l2rclip.stages.train import train_fold
 
 pytestmark = pytest.mark.timeout(900)
@@ -153,6 +154,26 @@ def test_two_processes_follow_one_process_with_the_whole_batch(ddp_run):
                                atol=1e-6, rtol=0)  # Adam's moments
     for name in ("history.csv", "summary.json"):
         assert (two / name).is_file()
+
+
+def test_two_processes_on_the_image_store_follow_one_process(ddp_run):
+    """The store path shards the same global batches and gives each image the same crop box."""
+    tmp_path, params_file, env, _ = ddp_run
+    preprocess(from_dict(Params, stage_params(tmp_path, 1)), tmp_path / "prepared", tmp_path / "store")
+    command = [*train_command(params_file, tmp_path / "prepared", tmp_path / "two-store"),
+               "--store", str(tmp_path / "store")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.set_num_threads(1)
+    train_fold(from_dict(Params, stage_params(tmp_path, 1)), 0, tmp_path / "prepared", tmp_path / "one-store",
+               tmp_path / "store")
+    one, two = tmp_path / "one-store", tmp_path / "two-store"
+    for a, b in zip(history(one), history(two), strict=True):
+        for key in a:
+            assert b[key] == (pytest.approx(a[key], abs=1e-5) if isinstance(a[key], float) else a[key]), key
+    a, b = load_file(one / "last/model.safetensors"), load_file(two / "last/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_ddp_training_killed_after_an_epoch_resumes_to_the_same_weights(ddp_run):
