@@ -281,6 +281,25 @@ def _validate_point(point: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return point.astype(np.int64)
 
 
+def clap_epsilon_error(predicted: np.ndarray, mean: np.ndarray, stdv: np.ndarray) -> float:
+    """ChaLearn LAP 2015's apparent-age score: mean of `1 - exp(-(x - mu)^2 / (2 sigma^2))`.
+
+    `mean` and `stdv` are the crowd's mean guess and its spread per image: an error of one sigma
+    costs 0.39, a perfect guess 0. Rows without a positive `stdv` are skipped.
+
+    Args:
+        predicted: (N,) predicted ages (the expectation rule, like `mae`).
+        mean: (N,) the apparent ages.
+        stdv: (N,) the standard deviations of the human guesses.
+    """
+    predicted, mean, stdv = (np.asarray(a, dtype=np.float64) for a in (predicted, mean, stdv))
+    usable = np.isfinite(stdv) & (stdv > 0)
+    if not usable.any():
+        return float("nan")
+    error = 1.0 - np.exp(-((predicted - mean) ** 2) / (2.0 * stdv**2))
+    return float(error[usable].mean())
+
+
 def prefix_metrics(metrics: Mapping[str, float], split: str) -> dict[str, float]:
     """Name metrics by split, ``{"mae": 2.1}`` -> ``{"test/mae": 2.1}`` (the project's key convention)."""
     if not split or "/" in split:

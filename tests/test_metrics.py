@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from l2rclip.metrics import (
+    clap_epsilon_error,
     expected_calibration_error,
     ordinal_metrics,
     prefix_metrics,
@@ -128,3 +129,12 @@ def test_prefix_metrics():
     assert prefix_metrics({"mae": 2.0, "accuracy": 0.5}, "test") == {"test/mae": 2.0, "test/accuracy": 0.5}
     with pytest.raises(ValueError, match="split"):
         prefix_metrics({"mae": 1.0}, "")
+
+
+def test_clap_epsilon_error_by_hand():
+    # one image guessed exactly (error 0); one off by one sigma: 1 - exp(-1/2) = 0.393469...; mean 0.196735
+    # a third without a usable stdv is skipped
+    predicted, mean, stdv = np.array([30.0, 25.0, 40.0]), np.array([30.0, 21.0, 10.0]), np.array([2.0, 4.0, 0.0])
+    value = clap_epsilon_error(predicted, mean, stdv)
+    assert value == pytest.approx((1 - np.exp(-0.5)) / 2)
+    assert np.isnan(clap_epsilon_error(np.array([1.0]), np.array([2.0]), np.array([np.nan])))

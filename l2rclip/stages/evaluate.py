@@ -26,7 +26,7 @@ from l2rclip.conformal import evaluate_intervals, level_name
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
 from l2rclip.evaluation import predictions_table, split_outputs
-from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality_metrics
+from l2rclip.metrics import clap_epsilon_error, ordinal_metrics, prefix_metrics, prototype_ordinality_metrics
 from l2rclip.models.checkpoint import load_model
 from l2rclip.plots import conformal_plot, evaluation_plots
 from l2rclip.stages.calibrate import read_calibration
@@ -83,6 +83,9 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
     metrics["mae_median_baseline_index"] = median_baseline_mae(train["rank"].to_numpy(), test["rank"].to_numpy())
     metrics["n_images"] = float(len(test))
+    if "stdv" in test.columns and test["stdv"].notna().any():  # CLAP2015: the challenge's own score
+        metrics["clap_epsilon"] = clap_epsilon_error(predictions["expected_value"].to_numpy(),
+                                                     test["value"].to_numpy(), test["stdv"].to_numpy())
     by_rank: dict[str, Any] = {}
     if calibration is not None:
         interval_metrics, by_rank = evaluate_intervals(calibration, probs, test["rank"].to_numpy(),

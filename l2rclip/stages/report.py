@@ -31,7 +31,7 @@ log = logging.getLogger("l2rclip.stages.report")  # not __main__ under python -m
 
 TABLE_METRICS = ("mae", "mae_index", "mae_argmax", "mae_argmax_index", "accuracy", "off_by_one_accuracy", "cs",
                  "rmse", "qwk", "spearman", "ece", "ordinality", "ordinality_ordinalclip", "mae_median_baseline",
-                 "mae_median_baseline_index")
+                 "mae_median_baseline_index", "clap_epsilon")  # clap_epsilon: CLAP2015 lists only
 PAPER_MAE_KEYS = {"value": "test/mae", "index": "test/mae_index"}  # eval.paper_mae -> report key
 UNITS_NOTE = (
     "Units: `mae`, `mae_argmax`, `rmse`, `cs` and `mae_median_baseline` are in rank-VALUE units (the "
