@@ -73,6 +73,8 @@ def test_overrides_set_the_whole_protocol_and_the_reduced_budget(tmp_path):
         'split.protocol="repeats"', "split.n_folds=5", "split.val_fraction=0.1", "split.few_shot=null",
         "split.shift_keep=null", "split.shift_ranks=null", "split.n_repeats=2", "split.n_train=3",
         "split.n_val=1", "split.n_test=2", 'split.missing_ranks="error"',
+        "split.holdout_fraction=0.0", 'split.holdout_salt="l2rclip-gate"',  # published protocols: no holdout
+        "split.calib_fraction=0.0",  # ... and no calibration split carved from their training part
         'model.prompt.context_init="a photo taken in the"', 'tracking.experiment="tiny"',
         "train.epochs=1", "model.fallback.epochs=1"]
     command = dvc_command(preset, settings[:2])
