@@ -219,7 +219,7 @@ def test_calibration_split_comes_from_train_is_grouped_and_leaves_val_and_test_a
             assert set(rows.loc[rows["split"] == name, "path"]) == set(before.loc[before["split"] == name, "path"])
         calib, train = (rows["split"] == CALIB).sum(), (rows["split"] == "train").sum()
         assert calib == pytest.approx(0.2 * (calib + train), rel=0.35)
-    with pytest.raises(SplitError, match="calib_fraction must be in"):
+    with pytest.raises(SplitError, match="'split.calib_fraction': expected a value in"):
         make_splits(table, SplitConfig(calib_fraction=0.7), seed=0, rank_space=space)
     with pytest.raises(SplitError, match="too few to carve calib_fraction"):
         make_splits(grouped_table(n_groups=30), SplitConfig(n_folds=2, val_fraction=0, calib_fraction=0.05),
@@ -244,7 +244,7 @@ def test_conformal_plot_draws_the_ranks_with_test_images(tmp_path):
 def staged(tmp_path_factory):
     """Prepared demo folds with and without a calibration split, and a random tiny model."""
     root = tmp_path_factory.mktemp("stages")
-    base = {"data": {"root": str(root / "demo"), "demo": {"n_per_rank": 8, "image_size": 64}},
+    base = {"folds": [0, 1], "data": {"root": str(root / "demo"), "demo": {"n_per_rank": 8, "image_size": 64}},
             "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0.3}, "tracking": {"enabled": False},
             "conformal": {"alpha": [0.2], "temperature": True}, "train": {"device": "cpu"}}
     with_calib = from_dict(Params, base)

@@ -5,6 +5,7 @@ index column, paths into another tree), never the authors' rows. The real lists 
 test_datalists.py.
 """
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -28,10 +29,12 @@ def write(path: Path, text: str, newline: str = "\n") -> Path:
 
 
 def images(root: Path, names: list[str]) -> None:
+    """A tiny image at every name, each of its own colour (identical files would be duplicates)."""
     for name in names:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (4, 4), (90, 40, 200)).save(path, format="PNG" if name.endswith(".png") else "JPEG")
+        colour = tuple(hashlib.sha256(name.encode()).digest()[:3])  # far apart: JPEG keeps them distinct
+        Image.new("RGB", (4, 4), colour).save(path, format="PNG" if name.endswith(".png") else "JPEG")
 
 
 # --- MORPH ---------------------------------------------------------------------------------------
@@ -155,7 +158,8 @@ def test_hci_lists_run_the_repeats_protocol(tmp_path):
     for d, listed in names.items():
         write(tmp_path / "lists" / f"{d}s.txt", "".join(f"./{n} {d}s\n" for n in listed))
     images(tmp_path, [n for listed in names.values() for n in listed])
-    params = from_dict(Params, {"ranks": {"start": 1930, "stop": 1970, "labels": [1930, 1940, 1950, 1960, 1970]},
+    params = from_dict(Params, {"folds": [0, 1, 2],
+                                "ranks": {"start": 1930, "stop": 1970, "labels": [1930, 1940, 1950, 1960, 1970]},
                                 "split": {"protocol": "repeats", "n_repeats": 3, "n_train": 3, "n_val": 1,
                                           "n_test": 2}})
     ranks = RankSpace.from_config(params.ranks)

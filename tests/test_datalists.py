@@ -43,14 +43,16 @@ def lines(path: Path, header: bool = False) -> list[str]:
 
 
 def dummy_images(root: Path, names: list[str]) -> None:
-    """A valid 2x2 JPEG at every name under `root` (the same bytes, written fast)."""
+    """A valid 2x2 JPEG at every name under `root`, written fast: the same image, each file with its own
+    trailing bytes after the end-of-image marker (decoders ignore them), so no two files are the same
+    content (validation reports identical files as duplicates)."""
     buffer = io.BytesIO()
     Image.new("RGB", (2, 2), (120, 60, 30)).save(buffer, format="JPEG")
     data = buffer.getvalue()
-    for name in dict.fromkeys(names):
+    for i, name in enumerate(dict.fromkeys(names)):
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        path.write_bytes(data + str(i).encode())
 
 
 def morph_name(line: str) -> str:
