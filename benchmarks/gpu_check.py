@@ -326,16 +326,19 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda: no CUDA device here; use --device cpu for the smoke run")
     logging.disable(logging.WARNING)  # the random-weights warnings, once per load, are expected here
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="l2rclip-gpu-check-") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        check = Check(args, Path(tmp))
-        for key in args.parts:
-            try:
-                PARTS[key](check)
-            except Exception as error:  # one failing part must not lose the others' numbers
-                check.results.setdefault("errors", {})[key] = f"{type(error).__name__}: {error}"
-            check.results["seconds"] = time.perf_counter() - start
-            check.save()
+    try:
+        with tempfile.TemporaryDirectory(prefix="l2rclip-gpu-check-") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check = Check(args, Path(tmp))
+            for key in args.parts:
+                try:
+                    PARTS[key](check)
+                except Exception as error:  # one failing part must not lose the others' numbers
+                    check.results.setdefault("errors", {})[key] = f"{type(error).__name__}: {error}"
+                check.results["seconds"] = time.perf_counter() - start
+                check.save()
+    finally:
+        logging.disable(logging.NOTSET)  # main() may run inside another program (the tests)
     print(markdown(check.results))
     return check.results
 

@@ -55,8 +55,9 @@ def test_code_edit_retrains_and_an_unchanged_rerun_changes_nothing(tmp_path):
     # A real edit of a train dependency: the next repro starts fresh, says why, and the model changes.
     training = repo / "l2rclip/training.py"
     source = training.read_text()
-    assert "EpochSampler(len(table), seed)" in source  # the order of the training batches
-    training.write_text(source.replace("EpochSampler(len(table), seed)", "EpochSampler(len(table), seed + 1)"))
+    assert "epoch_seed = self.seed * 10_000 + epoch" in source  # the order and crops of the training batches
+    training.write_text(source.replace("epoch_seed = self.seed * 10_000 + epoch",
+                                       "epoch_seed = self.seed * 10_000 + epoch + 1"))
     edited = run(["dvc", "repro"], repo, env)
     assert "train@1" in stages_run(edited)
     assert "starting afresh" in edited and "code l2rclip/training.py" in edited
