@@ -119,9 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(optionally after temperature scaling on validation).", per_fold=True)
     parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
     parser.add_argument("--out", type=Path, required=True, help="calibration JSON file to write")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
-                             "passes it (default: none, decode the image files)")
     args = parser.parse_args(argv)
     return run_main(lambda: calibrate_fold(load_params(args.params), args.fold, args.prepared, args.model,
                                            args.out, args.store) and 0)

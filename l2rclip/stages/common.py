@@ -73,7 +73,11 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def stage_parser(module: str, description: str, per_fold: bool = False) -> argparse.ArgumentParser:
-    """The parser of `python -m l2rclip.stages.<module>`: `--params`; per fold `--fold`, `--prepared`."""
+    """The parser of `python -m l2rclip.stages.<module>`: `--params`; per fold the fold's inputs.
+
+    Per fold: `--fold`, `--prepared` and `--store` (the preprocess stage's image store; without it
+    the stage decodes the image files).
+    """
     parser = argparse.ArgumentParser(prog=f"python -m l2rclip.stages.{module}", description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (default: %(default)s)")
@@ -81,6 +85,9 @@ def stage_parser(module: str, description: str, per_fold: bool = False) -> argpa
         parser.add_argument("--fold", type=int, required=True, help="fold number (a fold of splits.csv)")
         parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
                             help="the prepare stage's output folder (default: %(default)s)")
+        parser.add_argument("--store", type=Path, default=None,
+                            help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
+                                 "passes it (default: none, decode the image files)")
     return parser
 
 

@@ -129,9 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the test metrics")
     parser.add_argument("--calibration", type=Path, default=None,
                         help="the calibrate stage's calibration.json: also evaluate conformal intervals")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
-                             "passes it (default: none, decode the image files)")
     args = parser.parse_args(argv)
     return run_main(lambda: evaluate_fold(load_params(args.params), args.fold, args.prepared, args.model,
                                           args.out, args.metrics, args.calibration, args.store) and 0)

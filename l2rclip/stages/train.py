@@ -203,9 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "it relaunches itself under torchrun (multi-node: run the same command on every node).",
         per_fold=True)
     parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
-                             "passes it (default: none, decode the image files)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def entry() -> int:
