@@ -87,7 +87,7 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
         if val is None:
             train, val = _carve_val(train, ranks, groups, config.val_fraction, rng, number, rank_space)
         train, calib = _carve_calib(train, ranks, groups, config.calib_fraction, number,
-                                    np.random.default_rng([seed, number, 2]))
+                                    np.random.default_rng([seed, number, 2]), rank_space)
         train = _thin_train(train, ranks, config, rng)
         for name, rows in (("train", train), ("test", fold.test)):
             if len(rows) == 0:
@@ -246,22 +246,32 @@ _PROTOCOLS = {"kfold": _kfold, "logo": _logo, "given": _given, "repeats": _repea
 def _carve_val(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float,
                rng: np.random.Generator, fold: int, rank_space: RankSpace) -> tuple[np.ndarray, np.ndarray]:
     """Move one stratified, group-disjoint part of `train` (about `fraction`) to validation."""
+    return _carve_part(train, ranks, groups, fraction, rng, fold, rank_space, "val_fraction", "validation")
+
+
+def _carve_part(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float,
+                rng: np.random.Generator, fold: int, rank_space: RankSpace, key: str,
+                purpose: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rest of `train`, one stratified group-disjoint part of about `fraction`), for `split.<key>`.
+
+    Every way the part cannot be drawn is an error naming the fold, `split.<key>` and what to set.
+    """
     if fraction == 0:
         return train, train[:0]
     n_parts = max(2, round(1 / fraction))
     n_groups = len(np.unique(groups[train]))
     if n_groups < n_parts:
         raise SplitError(f"fold {fold}: the training part has {n_groups} groups/images, too few to "
-                         f"carve val_fraction {fraction} (1 of {n_parts} group-disjoint parts); "
-                         "lower split.val_fraction or set it to 0")
+                         f"carve {key} {fraction} (1 of {n_parts} group-disjoint parts); "
+                         f"lower split.{key} or set it to 0")
     _check_stratifiable(n_parts, ranks[train], rank_space,
-                        f"fold {fold}: split.val_fraction {fraction} (1 of {n_parts} parts of the training part)",
-                        "set split.val_fraction to at least {fraction} (1/{largest}; or 0: no validation), "
+                        f"fold {fold}: split.{key} {fraction} (1 of {n_parts} parts of the training part)",
+                        f"set split.{key} to at least {{fraction}} (1/{{largest}}; or 0: no {purpose}), "
                         "or lower split.n_folds so that each fold trains on more images")
-    keep, val = _stratified_group_parts(n_parts, ranks[train], groups[train], rng)[0]
-    if len(val) == 0:
-        raise SplitError(f"fold {fold}: the val split is empty after carving val_fraction {fraction}")
-    return train[keep], train[val]
+    keep, part = _stratified_group_parts(n_parts, ranks[train], groups[train], rng)[0]
+    if len(part) == 0:
+        raise SplitError(f"fold {fold}: the {purpose} split is empty after carving {key} {fraction}")
+    return train[keep], train[part]
 
 
 def _check_stratifiable(n_parts: int, ranks: np.ndarray, rank_space: RankSpace, what: str,
@@ -285,7 +295,7 @@ def _check_stratifiable(n_parts: int, ranks: np.ndarray, rank_space: RankSpace, 
 
 
 def _carve_calib(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float, fold: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                 rng: np.random.Generator, rank_space: RankSpace) -> tuple[np.ndarray, np.ndarray]:
     """Move one stratified, group-disjoint part of `train` (about `fraction`) to the calibration split.
 
     Separate from validation on purpose: validation picks the best epoch, so its scores are not
@@ -293,16 +303,7 @@ def _carve_calib(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fract
     `shift_keep` / `few_shot` thin the training rows, so it keeps the fold's label distribution
     (like test). Its own generator, so that switching it on leaves validation unchanged.
     """
-    if fraction == 0:
-        return train, train[:0]
-    n_parts = max(2, round(1 / fraction))
-    n_groups = len(np.unique(groups[train]))
-    if n_groups < n_parts:
-        raise SplitError(f"fold {fold}: after validation the training part has {n_groups} groups/images, "
-                         f"too few to carve calib_fraction {fraction} (1 of {n_parts} group-disjoint parts); "
-                         "lower split.calib_fraction or set it to 0")
-    keep, calib = _stratified_group_parts(n_parts, ranks[train], groups[train], rng)[0]
-    return train[keep], train[calib]
+    return _carve_part(train, ranks, groups, fraction, rng, fold, rank_space, "calib_fraction", "calibration")
 
 
 def _thin_train(train: np.ndarray, ranks: np.ndarray, config: SplitConfig,
