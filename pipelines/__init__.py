@@ -9,4 +9,11 @@ Flows (each also a command, `python -m pipelines.<name> --help`):
                 work pool run by `prefect worker start` (needs a running `prefect server start`).
     fanout      `experiment`: one DVC experiment per work-pool run, so an ablation trains on N machines.
     folds       one experiment's folds as fanned-out experiments, summarised as the report stage does.
+
+The package sets the quiet defaults of `pipelines.settings` first, before a flow module imports
+Prefect, MLflow or DVC.
 """
+
+from pipelines.settings import apply_quiet_defaults
+
+apply_quiet_defaults()

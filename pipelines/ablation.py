@@ -12,6 +12,11 @@ Every MLflow run of a variant (the pipeline's parent run and its fold runs) gets
 `l2rclip.variant=<name>`: a variant's runs are those whose `l2rclip.pipeline_key` equals the key
 the train stage computes from that variant's params and the run's data version.
 
+The flow run is tagged `dvc-exp:<name>` for each variant and publishes the comparison as its
+artifacts `ablation-comparison` (the markdown table) and `ablation-variants` (a table artifact,
+one row per variant). Queueing, running and collecting the experiments hold the checkout
+(`pipelines.checkout_lock`).
+
 The default grid is RankFormer on/off x cop loss on/off; named axes add plain vs interpolated
 prompts and one- vs two-stage training, and any params key can be given.
 
@@ -41,12 +46,15 @@ from typing import Any
 import yaml
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from l2rclip.config import Params, from_dict, to_flat_dict
 from l2rclip.tracking import PARENT_TAG, PIPELINE_KEY_TAG, pipeline_key
 from pipelines.ablation_report import comparison_plot, comparison_table
+from pipelines.checkout_lock import checkout_lock
 from pipelines.common import REPORT_METRICS, dvc_output, dvc_stream, project, run_cli, tracking_uri
 from pipelines.fanout import fan_out
+from pipelines.flow_run import announce_api, checkout_tags, tag_flow_run
 
 AXES: dict[str, dict[str, list[Any]]] = {
     "rankformer": {"model.rankformer.enabled": [True, False]},
@@ -194,17 +202,20 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
             are written); DvcError: a DVC command failed.
     """
     logger = get_run_logger()
+    announce_api(logger)
     root = project(repo)
     variants = expand(grid or DEFAULT_GRID)
+    tag_flow_run([*checkout_tags(root), *(f"dvc-exp:{v.name}" for v in variants)])
     uri = tracking_uri(root)
     runs = None
-    if work_pool:
-        runs = fan_out(root, [(v.name, _settings(v.overrides, extra or [])) for v in variants], work_pool, uri,
-                       git_remote)
-    else:
-        queue_variants(root, variants, list(extra or []))
-        run_queue(root, jobs)
-    found = collect(root)
+    with checkout_lock(root, log=logger):
+        if work_pool:
+            runs = fan_out(root, [(v.name, _settings(v.overrides, extra or [])) for v in variants], work_pool,
+                           uri, git_remote)
+        else:
+            queue_variants(root, variants, list(extra or []))
+            run_queue(root, jobs)
+        found = collect(root)
     results = [{"name": v.name, "overrides": v.overrides, "summary": found.get(v.name, {}).get("summary")}
                for v in variants]
     tagged = sum(tag_variant_runs(uri, v.name, found[v.name]["params"]) for v in variants if v.name in found)
@@ -212,6 +223,7 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
     (root / OUT_DIR).mkdir(parents=True, exist_ok=True)
     (root / OUT_DIR / "ablation.md").write_text(table, encoding="utf-8")
     plot = comparison_plot(results, metric, root / OUT_DIR / "ablation.png")
+    publish_comparison(results, metric, table)
     logger.info("ablation of %d variants (%d MLflow runs tagged %s):\n%s", len(variants), tagged, VARIANT_TAG,
                 table)
     failed = [result["name"] for result in results if not (result["summary"] or {}).get(metric)]
@@ -224,6 +236,26 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
     return {"table": table, "plot": str(plot), "tagged": tagged,
             "variants": [{"name": r["name"], "overrides": r["overrides"], metric: r["summary"][metric]}
                          for r in results], **({"runs": runs} if runs is not None else {})}
+
+
+def variant_rows(results: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One row per variant for the table artifact: its settings and `metric` (empty when it failed)."""
+    keys = list(dict.fromkeys(key for result in results for key in result["overrides"]))
+    rows = []
+    for result in results:
+        entry = (result["summary"] or {}).get(metric)
+        entry = entry if isinstance(entry, dict) else {}
+        rows.append({"variant": result["name"], **{key: result["overrides"].get(key) for key in keys},
+                     "mean": entry.get("mean"), "std": entry.get("std"), "folds": entry.get("folds"),
+                     "status": "ok" if entry else "failed"})
+    return rows
+
+
+def publish_comparison(results: Sequence[dict[str, Any]], metric: str, table: str) -> None:
+    """The comparison as the flow run's artifacts: the markdown table and one table row per variant."""
+    create_markdown_artifact(table, key="ablation-comparison", description=f"ablation of {metric}")
+    create_table_artifact(variant_rows(results, metric), key="ablation-variants",
+                          description=f"{metric} of each variant across folds")
 
 
 def _grid(args: argparse.Namespace) -> dict[str, list[Any]] | None:

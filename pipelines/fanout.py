@@ -37,8 +37,9 @@ from prefect.deployments import run_deployment
 from prefect.deployments.runner import RunnerDeployment
 from prefect.types.entrypoint import EntrypointType
 
-from l2rclip.locking import exclusive_output
+from pipelines.checkout_lock import checkout_lock
 from pipelines.common import dvc_output, dvc_stream, project
+from pipelines.flow_run import announce_api
 
 FLOW_NAME = "experiment"
 CLONE_ENV = "L2RCLIP_CLONE"  # the worker's clone, set where the worker is started
@@ -128,13 +129,14 @@ def experiment(commit: str, name: str, settings: list[str], git_remote: str = "o
         `name`, `commit`, `host` and `clone`: where the experiment ran.
 
     Raises:
-        RuntimeError: no clone, local changes in it, the commit not on the remote, or another
-            run holding the clone; DvcError: a DVC command failed (the message ends with its output).
+        RuntimeError: no clone, local changes in it, or the commit not on the remote (a run that
+            finds another flow holding the clone waits for it); DvcError: a DVC command failed (the message ends with its output).
     """
     logger = get_run_logger()
+    announce_api(logger)
     root = worker_clone(clone)
     env = {"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}
-    with exclusive_output(root / ".dvc" / "tmp" / "fanout"):  # one run per clone (`--limit 1` per worker)
+    with checkout_lock(root, log=logger):  # one DVC-running flow per clone, whatever `--limit` a worker has
         checkout(root, git_remote, commit)
         logger.info("experiment %s of %s in %s on %s", name, commit[:12], root, socket.gethostname())
         dvc_stream(root, "pull", "--allow-missing", echo=logger.info, env=env)  # missing: rebuilt by the run

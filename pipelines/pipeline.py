@@ -3,7 +3,9 @@
 DVC decides what to rebuild (nothing, when nothing changed); the flow adds what a scheduler needs:
 retries when a stage was killed or DVC's lock was busy (`pipelines.common.is_transient`), no retry
 when a stage rejected its input (a params error fails at once, with the stage's message), the log
-of every stage in Prefect, and the cross-validated report as the flow's result.
+of every stage in Prefect, and the cross-validated report as the flow's result and as the run's
+markdown artifact `pipeline-report` (`outputs/report/report.md`). `dvc repro` holds the checkout
+(`pipelines.checkout_lock`): a second flow in the same checkout waits for it.
 
     python -m pipelines.pipeline --repo . [--target report] [--retries 2]
 """
@@ -16,10 +18,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from prefect import Task, flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from pipelines.checkout_lock import checkout_lock
 from pipelines.common import REPORT_METRICS, DvcError, describe, dvc_stream, project, read_json, run_cli
+from pipelines.flow_run import announce_api, checkout_tags, tag_flow_run
+
+REPORT_MARKDOWN = REPORT_METRICS.with_name("report.md")
 
 
 def _retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -32,7 +39,9 @@ def _retry_if_transient(task: Task, task_run: TaskRun, state: State) -> bool:
 def repro(repo: str, targets: list[str]) -> list[str]:
     """Run `dvc repro [targets]` in `repo`; returns the stages that ran (empty: all up to date)."""
     logger = get_run_logger()
-    output = dvc_stream(project(repo), "repro", *targets, echo=logger.info)
+    root = project(repo)
+    with checkout_lock(root, log=logger):
+        output = dvc_stream(root, "repro", *targets, echo=logger.info)
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
 
 
@@ -56,14 +65,19 @@ def pipeline(repo: str = ".", targets: list[str] | None = None, retries: int = 2
             with the failing stage's output.
     """
     logger = get_run_logger()
+    announce_api(logger)
     root = project(repo)
     ran = repro.with_options(retries=retries, retry_delay_seconds=retry_delay_s)(str(root), targets or [])
     logger.info("stages run: %s", ", ".join(ran) if ran else "none (everything was up to date)")
+    tag_flow_run(checkout_tags(root))
     summary = read_json(root / REPORT_METRICS)
     if summary is None:
         logger.warning("no report at %s (targets %s stop before it)", REPORT_METRICS, targets)
         return None
     logger.info("report: %s", describe(summary))
+    if (root / REPORT_MARKDOWN).is_file():
+        create_markdown_artifact((root / REPORT_MARKDOWN).read_text(encoding="utf-8"), key="pipeline-report",
+                                 description=f"{REPORT_MARKDOWN} of {root}: {describe(summary)}")
     return summary
 
 

@@ -15,7 +15,11 @@
    versions made under different definitions are not compared, and the champion stays.
 4. `decide`: promote (move the `champion` alias) only when the new version is better by more
    than `margin`; otherwise keep. The decision, its reason and the gate set's size and version
-   (`l2rclip.gate_images`, `l2rclip.gate_version`) are recorded on the new version.
+   (`l2rclip.gate_images`, `l2rclip.gate_version`) are recorded on the new version, and published
+   as the flow run's markdown artifact `retrain-decision` (scores, margin, gate, decision, reason).
+
+The whole flow holds the checkout (`pipelines.checkout_lock`): a second flow running DVC in the
+same checkout waits until this one has decided.
 
     python -m pipelines.retrain --repo . --margin 0.05
 """
@@ -33,6 +37,7 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from l2rclip.config import EvalConfig, Params, load_params
 from l2rclip.data.holdout import holdout_version
@@ -50,6 +55,7 @@ from l2rclip.registry import (
     keep,
     promote,
 )
+from pipelines.checkout_lock import checkout_lock
 from pipelines.common import (
     PREPARED,
     REGISTERED,
@@ -60,6 +66,7 @@ from pipelines.common import (
     stale_stages,
     tracking_uri,
 )
+from pipelines.flow_run import announce_api, checkout_tags, tag_flow_run
 from pipelines.pipeline import pipeline
 
 LINEAGE_TAGS = ("l2rclip.data_version", "l2rclip.params_hash")
@@ -134,6 +141,7 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
     Returns:
         `decision` (`promoted` or `kept_champion`), `reason`, `up_to_date` (nothing had changed),
         `name`, `version` (the new one), `champion` (the version that holds the alias now),
+        `previous_champion` (the one that held it before),
         `stale` (the stages that had to run), `changes` (data version / params hash that differ
         from the champion's), and `scores` when both models were scored.
 
@@ -141,7 +149,19 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
         RuntimeError: the pipeline registered no model (tracking off, MLflow failing).
     """
     logger = get_run_logger()
+    announce_api(logger)
     root = project(repo)
+    with checkout_lock(root, log=logger):
+        result = _retrain(root, margin, metric)
+    tag_flow_run(checkout_tags(root))
+    create_markdown_artifact(decision_markdown(result, margin, metric), key="retrain-decision",
+                             description=f"{result['name']} version {result['version']}: {result['decision']}")
+    return result
+
+
+def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
+    """The flow's steps 1-4 (see the module's docstring), in a checkout the caller holds."""
+    logger = get_run_logger()
     params = load_params(root / "params.yaml")
     store = tracking_uri(root)
     name = default_model_name(params.data.source)
@@ -158,6 +178,7 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
     current = champion(name, store)
     held = str(current.version) if current is not None else None  # MLflow gives int or str versions
     result: dict[str, Any] = {"name": name, "version": version, "stale": stale, "up_to_date": not stale,
+                              "previous_champion": held,
                               "changes": _lineage(current.tags if current else {}, new.tags)}
     if new.tags.get(DECISION_TAG) or held == version:
         decision = new.tags.get(DECISION_TAG, PROMOTED)
@@ -185,6 +206,31 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
     logger.info("%s version %s: %s; champion is version %s", name, version, decision.reason, after)
     return {**result, "decision": PROMOTED if decision.promote else KEPT, "reason": decision.reason,
             "champion": after}
+
+
+def decision_markdown(result: dict[str, Any], margin: float, metric: str) -> str:
+    """The decision as the markdown the flow run's artifact shows (`result` as `retrain` returns it)."""
+    promoted = result["decision"] == PROMOTED
+    lines = [f"# Retrain: {result['name']} version {result['version']} "
+             f"{'promoted to champion' if promoted else 'not promoted: the champion stays'}", "",
+             f"**Decision:** `{result['decision']}`: {result['reason'] or 'decided by an earlier run'}", ""]
+    if scores := result.get("scores"):
+        gain = (scores["champion"] - scores["new"] if lower_is_better(metric) else scores["new"] - scores["champion"])
+        lines += [f"| model | version | {metric} on the promotion holdout |", "|---|---|---|",
+                  f"| new | {result['version']} | {scores['new']:.4f} |",
+                  f"| champion | {result['previous_champion']} | {scores['champion']:.4f} |", "",
+                  f"Gain {gain:+.4f} ({'lower' if lower_is_better(metric) else 'higher'} is better); "
+                  f"promotion needs more than the margin {margin:g}.", ""]
+    if gate := result.get("gate"):
+        lines.append(f"- gate: {gate['images']} promotion-holdout images, version `{gate['version']}`, "
+                     f"holdout `{gate['spec']}`")
+    lines += [f"- stages rebuilt: {', '.join(result['stale']) or 'none (up to date)'}",
+              f"- lineage changes from the champion: " + (", ".join(
+                  f"{tag} {change['champion']} -> {change['new']}" for tag, change in result["changes"].items())
+                  or "none"),
+              f"- champion before: version {result['previous_champion'] or 'none'}; "
+              f"now: version {result['champion']}"]
+    return "\n".join(lines) + "\n"
 
 
 def read_holdout(root: Path) -> pd.DataFrame:
