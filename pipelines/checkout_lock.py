@@ -77,11 +77,10 @@ def checkout_lock(repo: Path, timeout_s: float | None = None, poll_s: float = 1.
             depth[repo] -= 1
         return
     with ExitStack() as stack:
-        began = time.monotonic()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         if PREFECT_API_URL.value():
             stack.enter_context(_server_slot(repo, timeout_s))
-        left = None if timeout_s is None else max(0.0, timeout_s - (time.monotonic() - began))
-        stack.enter_context(_file_lock(repo, left, poll_s, log))
+        stack.enter_context(_file_lock(repo, deadline, timeout_s, poll_s, log))
         _held.repos = {**depth, repo: 1}
         try:
             yield
@@ -105,11 +104,10 @@ def _server_slot(repo: Path, timeout_s: float | None) -> Iterator[None]:
 
 
 @contextmanager
-def _file_lock(repo: Path, timeout_s: float | None, poll_s: float,
+def _file_lock(repo: Path, deadline: float | None, timeout_s: float | None, poll_s: float,
                log: logging.Logger | logging.LoggerAdapter | None) -> Iterator[None]:
-    """The OS lock of the checkout, retried every `poll_s` until `timeout_s`."""
+    """The OS lock of the checkout, retried every `poll_s` until `deadline` (`time.monotonic`)."""
     folder = lock_folder(repo)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     said = False
     with ExitStack() as stack:
         while True:

@@ -1,8 +1,9 @@
 """Prefect flows for real: DVC in scratch repositories, a SQLite MLflow registry, a Prefect server.
 
 Fast tests run the flows against Prefect's test harness (a temporary local server) with tiny
-stand-in pipelines; the `slow` ones run the project's own pipeline as four DVC experiments and
-serve the retrain flow from a real `prefect server start`.
+stand-in pipelines, and read their artifacts and tags back from it; the `slow` ones run the
+project's own pipeline as four DVC experiments, serve the retrain flow from a real `prefect server
+start`, and deploy `prefect.yaml` to a work pool whose worker runs the retrain deployment.
 """
 
 import json
@@ -13,10 +14,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import warnings
+import zoneinfo
+from contextlib import contextmanager
 from pathlib import Path
+from uuid import UUID
 
 import numpy as np
 import pandas as pd
@@ -24,6 +29,12 @@ import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.deployments import run_deployment
+from prefect.flows import load_flow_from_entrypoint
+from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from test_pipeline import ROOT, SMALL, copy_project, merge
@@ -37,13 +48,18 @@ from l2rclip.models.factory import build_l2rclip
 from l2rclip.predict import Predictor
 from l2rclip.ranks import RankSpace
 from l2rclip.registry import HOLDOUT_SPEC_TAG, champion, register
-from l2rclip.stages.common import fingerprint
+from l2rclip.stages.common import data_version, fingerprint
 from l2rclip.tracking import Tracker
-from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand
+from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand, publish_comparison
 from pipelines.ablation_report import comparison_plot, comparison_table
+from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock
 from pipelines.common import DvcError, is_transient
+from pipelines.deploy import DEFAULT_CRON, DEFAULT_NAME, deploy_to_pool, retrain_deployment
+from pipelines.fanout import CLONE_ENV, experiment_deployment
+from pipelines.flow_run import TEMPORARY_SERVER, api_target
 from pipelines.pipeline import pipeline
 from pipelines.retrain import decide, retrain
+from pipelines.settings import QUIET_DEFAULTS
 
 BIN = Path(sys.executable).parent
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -84,6 +100,25 @@ def dvc_project(repo: Path, stages: dict) -> Path:
     sh(["git", "init", "-q"], repo)
     sh([str(BIN / "dvc"), "init", "-q"], repo)
     return repo
+
+
+def run_flow(flow_fn, *args, **kwargs):
+    """Call a flow; its result and the id of its flow run (to read its artifacts and tags back)."""
+    state = flow_fn(*args, return_state=True, **kwargs)
+    return state.result(), state.state_details.flow_run_id
+
+
+def artifacts_of(flow_run_id: UUID) -> dict:
+    """The flow run's artifacts on the server, by key."""
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key: artifact for artifact in found}
+
+
+def tags_of(flow_run_id: UUID) -> list[str]:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).tags
 
 
 # --- decisions, classification, the grid: pure functions ---------------------------------------------
@@ -143,6 +178,149 @@ def test_comparison_table_and_plot(tmp_path):
     assert comparison_plot(results, "test/mae", tmp_path / "a.png").stat().st_size > 10_000
 
 
+@flow(name="publish-comparison")
+def publish_comparison_flow(results, metric):
+    publish_comparison(results, metric, comparison_table(results, metric))
+
+
+def test_ablation_publishes_its_comparison_as_flow_run_artifacts(harness):
+    def summary(folds):
+        return {"test/mae": {"mean": float(np.mean(folds)), "std": float(np.std(folds, ddof=1)), "folds": folds}}
+    results = [{"name": "full", "overrides": {"loss.cop": 1.0}, "summary": summary([1.0, 1.2])},
+               {"name": "broken", "overrides": {"loss.cop": 0.0}, "summary": None}]
+    _, run_id = run_flow(publish_comparison_flow, results, "test/mae")
+    found = artifacts_of(run_id)
+    assert found["ablation-comparison"].type == "markdown"
+    assert found["ablation-comparison"].data == comparison_table(results, "test/mae")
+    rows = json.loads(found["ablation-variants"].data)
+    assert found["ablation-variants"].type == "table" and [row["variant"] for row in rows] == ["full", "broken"]
+    assert rows[0]["loss.cop"] == 1.0 and rows[0]["folds"] == [1.0, 1.2] and rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "failed" and rows[1]["mean"] is None
+
+
+# --- deployments: prefect.yaml and pipelines.deploy declare the same ones -----------------------------
+
+def test_prefect_yaml_declares_the_work_pool_deployments_of_pipelines_deploy():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert config["build"] is None and config["push"] is None
+    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory": {
+        "directory": "{{ $" + CLONE_ENV + " }}"}}]  # read on the worker: each worker's own clone
+    deployments = {d["name"]: d for d in config["deployments"]}
+    assert set(deployments) == {DEFAULT_NAME, "l2rclip"}
+    assert {d["work_pool"]["name"] for d in deployments.values()} == {"l2rclip"}
+    for deployment in deployments.values():
+        path, _, _ = deployment["entrypoint"].partition(":")
+        assert (ROOT / path).is_file()
+        loaded = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        assert set(deployment.get("parameters", {})) <= set(loaded.parameters.properties)
+    assert load_flow_from_entrypoint(str(ROOT / deployments[DEFAULT_NAME]["entrypoint"])).name == "retrain"
+    assert load_flow_from_entrypoint(str(ROOT / deployments["l2rclip"]["entrypoint"])).name == "experiment"
+    nightly = deployments[DEFAULT_NAME]
+    assert nightly["parameters"] == {"repo": ".", "margin": 0.0, "metric": "test/mae"}
+    (schedule,) = nightly["schedules"]
+    assert schedule["cron"] == DEFAULT_CRON and zoneinfo.ZoneInfo(schedule["timezone"])
+    Cron(schedule["cron"], timezone=schedule["timezone"])  # a valid cron in a valid zone
+
+
+def test_deploy_to_pool_creates_a_process_pool_and_registers_both_flows(harness, tmp_path):
+    ids = deploy_to_pool("fast-pool", retrain_deployment("fast-retrain", "30 2 * * 1-5", str(tmp_path), 0.05,
+                                                         timezone="Europe/Berlin"),
+                         experiment_deployment("fast-pool"))
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool("fast-pool").type == "process"
+        scheduled, fanned = (client.read_deployment(deployment_id) for deployment_id in ids)
+        assert (scheduled.name, fanned.name) == ("fast-retrain", "fast-pool")
+        assert scheduled.work_pool_name == fanned.work_pool_name == "fast-pool"
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in scheduled.schedules] == [
+            ("30 2 * * 1-5", "Europe/Berlin", True)]
+        assert scheduled.parameters == {"repo": str(tmp_path.resolve()), "margin": 0.05, "metric": "test/mae"}
+        assert scheduled.entrypoint == "pipelines.retrain.retrain" and not fanned.schedules
+
+
+# --- the quiet settings, the server a flow reports to, one DVC-running flow per checkout --------------
+
+def test_flow_modules_set_the_quiet_defaults_before_prefect_reads_its_settings():
+    env = {key: value for key, value in os.environ.items() if key not in QUIET_DEFAULTS and key != "PREFECT_API_URL"}
+    env["DO_NOT_TRACK"] = "mine"  # what the user exported wins
+    probe = ("import os, pipelines.retrain\n"
+             "from prefect.settings import get_current_settings\n"
+             "s = get_current_settings()\n"
+             "print(s.server.analytics_enabled, s.server.ephemeral.startup_timeout_seconds, "
+             "os.environ['MLFLOW_DISABLE_TELEMETRY'], os.environ['DVC_NO_ANALYTICS'], os.environ['DO_NOT_TRACK'])\n"
+             "from pipelines.flow_run import api_target\nprint(api_target())")
+    out = sh([sys.executable, "-c", probe], ROOT, env).splitlines()
+    assert out[0] == "False 180 true 1 mine"
+    assert out[1] == TEMPORARY_SERVER and "will not appear in your UI" in out[1]
+
+
+def test_a_flow_names_the_prefect_api_it_reports_to(harness):
+    assert api_target() == PREFECT_API_URL.value() and api_target().startswith("http")
+
+
+HOLDER = """\
+import sys, time
+from pathlib import Path
+from pipelines.checkout_lock import checkout_lock
+with checkout_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_flow_in_the_same_checkout_waits_then_fails_without_a_server(tmp_path):
+    same, other = tmp_path / "same", tmp_path / "other"
+    for repo in (same, other):
+        (repo / ".dvc").mkdir(parents=True)
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(same)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server: the file lock alone
+            began = time.monotonic()
+            with pytest.raises(CheckoutBusyError, match=f"another flow is running DVC .*PID {holder.pid}.*1 s"):
+                with checkout_lock(same, timeout_s=1, poll_s=0.2):
+                    pass
+            assert 1 <= time.monotonic() - began < 10
+            with checkout_lock(other, timeout_s=1), checkout_lock(other, timeout_s=0):  # re-entrant
+                pass
+            stop(holder)
+            with checkout_lock(same, timeout_s=5):  # gone with its process, however it ended
+                pass
+    finally:
+        stop(holder)
+
+
+def test_a_second_flow_in_the_same_checkout_waits_for_the_servers_concurrency_limit(harness, tmp_path):
+    same, other = tmp_path / "same", tmp_path / "other"
+    for repo in (same, other):
+        (repo / ".dvc").mkdir(parents=True)
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with checkout_lock(same):
+            held.set()
+            release.wait(60)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(60)
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(checkout_limit_name(same))
+        assert (limit.limit, limit.active_slots) == (1, 1)
+        with pytest.raises(CheckoutBusyError, match="holds the Prefect concurrency limit 'dvc-checkout-same-"):
+            with checkout_lock(same, timeout_s=2):
+                pass
+        with checkout_lock(other, timeout_s=5):  # another checkout has a limit of its own
+            pass
+    finally:
+        release.set()
+        holder.join(60)
+    with checkout_lock(same, timeout_s=10):
+        pass
+    assert checkout_limit_name(same) != checkout_limit_name(other)
+
+
 # --- the pipeline flow: retries ------------------------------------------------------------------------
 
 FLAKY_STAGE = """\
@@ -156,18 +334,30 @@ if attempts.read_text() == "1":
 report = pathlib.Path("outputs/report/metrics.json")
 report.parent.mkdir(parents=True, exist_ok=True)
 report.write_text(json.dumps({"test/mae": {"mean": 1.1, "std": 0.1, "folds": [1.0, 1.2]}}))
+report.with_name("report.md").write_text("# Report\\n\\n| metric | mean |\\n|---|---|\\n| test/mae | 1.100 |\\n")
 """
 
 
 def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(harness, env, tmp_path):
     repo = dvc_project(tmp_path / "repo", {"report": {
         "cmd": "python flaky.py", "deps": ["mode.txt"],
-        "outs": [{"outputs/report/metrics.json": {"cache": False}}]}})
+        "outs": [{"outputs/report/metrics.json": {"cache": False}}, {"outputs/report/report.md": {"cache": False}}]}})
     (repo / "flaky.py").write_text(FLAKY_STAGE)
     (repo / "mode.txt").write_text("killed once")
+    (repo / "outputs/prepare").mkdir(parents=True)  # prepared tables: the run is tagged with their version
+    (repo / "outputs/prepare/images.csv").write_text("path,label\na.png,1\n")
+    (repo / "outputs/prepare/splits.csv").write_text("path,fold,split\na.png,0,test\n")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "stand-in"], repo)
+    commit = sh(["git", "rev-parse", "HEAD"], repo).strip()
 
-    summary = pipeline(str(repo), retry_delay_s=0.1)
+    summary, run_id = run_flow(pipeline, str(repo), retry_delay_s=0.1)
     assert summary["test/mae"]["folds"] == [1.0, 1.2] and (repo / "attempts.txt").read_text() == "2"
+    report = artifacts_of(run_id)["pipeline-report"]
+    assert report.type == "markdown" and "| test/mae | 1.100 |" in report.data and "test/mae 1.100" in report.description
+    tags = tags_of(run_id)
+    assert f"git:{commit[:12]}" in tags and [tag for tag in tags if tag.startswith("data:")] == [
+        f"data:{data_version(repo / 'outputs/prepare')}"]  # as the MLflow runs carry it
 
     (repo / "attempts.txt").unlink()
     (repo / "mode.txt").write_text("bad params")
@@ -250,7 +440,7 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
     repo, weak = retrain_repo
     client = MlflowClient(env)
 
-    promoted = retrain(str(repo))  # the register stage never ran: stale; it registers version 2
+    promoted, run_id = run_flow(retrain, str(repo))  # the register stage never ran: stale; it registers version 2
     assert (promoted["stale"], promoted["version"], promoted["decision"], promoted["champion"]) == (
         ["register"], "2", "promoted", "2")
     assert promoted["scores"]["new"] < promoted["scores"]["champion"] - 0.5
@@ -258,6 +448,13 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
     assert client.get_model_version("l2rclip-demo", "2").tags["l2rclip.gate_images"] == "20"
     assert promoted["changes"] == {"l2rclip.data_version": {"champion": "v1", "new": "v2"}}
     assert client.get_model_version("l2rclip-demo", "2").tags["l2rclip.decision"] == "promoted"
+    decision = artifacts_of(run_id)["retrain-decision"]  # what the flow run's page shows
+    assert decision.type == "markdown" and decision.description == "l2rclip-demo version 2: promoted"
+    assert "version 2 promoted to champion" in decision.data and promoted["reason"] in decision.data
+    assert f"| new | 2 | {promoted['scores']['new']:.4f} |" in decision.data
+    assert f"| champion | 1 | {promoted['scores']['champion']:.4f} |" in decision.data
+    assert "margin 0" in decision.data and "20 promotion-holdout images" in decision.data
+    assert "l2rclip.data_version v1 -> v2" in decision.data and "now: version 2" in decision.data
 
     again = retrain(str(repo))
     assert again["up_to_date"] and again["stale"] == [] and again["version"] == "2" and "scores" not in again
@@ -265,11 +462,14 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
     shutil.rmtree(repo / "outputs/folds/0/train/best")  # a new training run: the weak weights come back
     shutil.copytree(weak, repo / "outputs/folds/0/train/best")
     (repo / "outputs/metrics/fold_0.json").write_text(json.dumps({"test/mae": 0.9}))
-    kept = retrain(str(repo), margin=0.01)
+    kept, run_id = run_flow(retrain, str(repo), margin=0.01)
     assert (kept["version"], kept["decision"], kept["champion"]) == ("3", "kept_champion", "2")
     assert "worse by" in kept["reason"] and str(champion("l2rclip-demo", env).version) == "2"
     assert client.get_model_version("l2rclip-demo", "3").tags["l2rclip.decision_reason"] == kept["reason"]
     assert "same holdout images" in kept["reason"]
+    decision = artifacts_of(run_id)["retrain-decision"].data
+    assert "version 3 not promoted: the champion stays" in decision and "`kept_champion`" in decision
+    assert "worse by" in decision and "margin 0.01" in decision and "champion before: version 2" in decision
 
 
 def test_retrain_refuses_to_compare_models_made_under_different_holdouts(harness, retrain_repo, env):
