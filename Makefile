@@ -5,13 +5,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Quiet settings for the embedded tools (see DESIGN.md). Tests force HF_HUB_OFFLINE=1 themselves;
-# `make demo` may download CLIP weights where a network is available.
+# Quiet settings for the embedded tools (see DESIGN.md) in the l2rclip commands and DVC stages; the
+# Prefect flows set these and Prefect's own by themselves (pipelines/settings.py). Tests force
+# HF_HUB_OFFLINE=1 themselves; `make demo` may download CLIP weights where a network is available.
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 
 .PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean
 

@@ -117,9 +117,10 @@ def _file_lock(repo: Path, deadline: float | None, timeout_s: float | None, poll
             except OutputLockedError as busy:
                 holder = lock_path(folder).read_text(encoding="utf-8").strip() or "unknown"
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise CheckoutBusyError(f"{repo}: another flow is running DVC in this checkout (PID {holder}, "
-                                            f"lock {lock_path(folder)}) and did not finish within {timeout_s:g} s; "
-                                            "wait for it, or stop it") from busy
+                    raise CheckoutBusyError(
+                        f"{repo}: another flow is running DVC in this checkout (PID {holder}, lock "
+                        f"{lock_path(folder)}) and did not finish within {timeout_s:g} s; wait for it, or stop it"
+                    ) from busy
                 if log is not None and not said:
                     log.info("waiting for PID %s, which runs DVC in %s (lock %s)", holder, repo, lock_path(folder))
                     said = True

@@ -19,6 +19,9 @@ started on any machine (`prefect worker start --pool NAME --limit 1`), run what 
 
     python -m pipelines.deploy --work-pool l2rclip --repo /srv/l2rclip --cron "0 3 * * *"
 
+`prefect.yaml` at the repository root declares the same two deployments on the pool `l2rclip`
+for `prefect deploy --all` (each run starts in the worker's `$L2RCLIP_CLONE`, so `repo` is `.`).
+
 Either way `prefect deployment run retrain/<name>` starts a run now. Flows are referenced by
 module path (`pipelines.retrain.retrain`), so a runner or worker works from any folder where
 l2rclip is installed.

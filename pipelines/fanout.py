@@ -130,7 +130,8 @@ def experiment(commit: str, name: str, settings: list[str], git_remote: str = "o
 
     Raises:
         RuntimeError: no clone, local changes in it, or the commit not on the remote (a run that
-            finds another flow holding the clone waits for it); DvcError: a DVC command failed (the message ends with its output).
+            finds another flow holding the clone waits for it); DvcError: a DVC command failed (the
+            message ends with its output).
     """
     logger = get_run_logger()
     announce_api(logger)

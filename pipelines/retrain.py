@@ -141,7 +141,8 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
     Returns:
         `decision` (`promoted` or `kept_champion`), `reason`, `up_to_date` (nothing had changed),
         `name`, `version` (the new one), `champion` (the version that holds the alias now),
-        `previous_champion` (the one that held it before),
+        `previous_champion` (the one that held it before), `decided_earlier` (the version had
+        been decided on by an earlier run: nothing was compared),
         `stale` (the stages that had to run), `changes` (data version / params hash that differ
         from the champion's), and `scores` when both models were scored.
 
@@ -185,7 +186,7 @@ def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
         logger.info("%s version %s was already decided on (%s)%s", name, version, decision,
                     "; up to date" if not stale else "")
         return {**result, "decision": decision, "reason": new.tags.get(REASON_TAG, ""),
-                "champion": held}
+                "champion": held, "decided_earlier": True}
     gate = read_holdout(root)
     if current is None:
         decision = Decision(True, "there was no champion")
@@ -205,17 +206,19 @@ def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
     after = str(champion(name, store).version)
     logger.info("%s version %s: %s; champion is version %s", name, version, decision.reason, after)
     return {**result, "decision": PROMOTED if decision.promote else KEPT, "reason": decision.reason,
-            "champion": after}
+            "champion": after, "decided_earlier": False}
 
 
 def decision_markdown(result: dict[str, Any], margin: float, metric: str) -> str:
     """The decision as the markdown the flow run's artifact shows (`result` as `retrain` returns it)."""
-    promoted = result["decision"] == PROMOTED
-    lines = [f"# Retrain: {result['name']} version {result['version']} "
-             f"{'promoted to champion' if promoted else 'not promoted: the champion stays'}", "",
-             f"**Decision:** `{result['decision']}`: {result['reason'] or 'decided by an earlier run'}", ""]
+    outcome = "promoted to champion" if result["decision"] == PROMOTED else "not promoted: the champion stays"
+    if result["decided_earlier"]:
+        outcome = f"already decided by an earlier run ({result['decision']}); nothing compared"
+    lines = [f"# Retrain: {result['name']} version {result['version']} {outcome}", "",
+             f"**Decision:** `{result['decision']}`: {result['reason'] or 'no reason recorded'}", ""]
     if scores := result.get("scores"):
-        gain = (scores["champion"] - scores["new"] if lower_is_better(metric) else scores["new"] - scores["champion"])
+        new, held = scores["new"], scores["champion"]
+        gain = held - new if lower_is_better(metric) else new - held
         lines += [f"| model | version | {metric} on the promotion holdout |", "|---|---|---|",
                   f"| new | {result['version']} | {scores['new']:.4f} |",
                   f"| champion | {result['previous_champion']} | {scores['champion']:.4f} |", "",
@@ -224,10 +227,9 @@ def decision_markdown(result: dict[str, Any], margin: float, metric: str) -> str
     if gate := result.get("gate"):
         lines.append(f"- gate: {gate['images']} promotion-holdout images, version `{gate['version']}`, "
                      f"holdout `{gate['spec']}`")
+    changes = ", ".join(f"{tag} {pair['champion']} -> {pair['new']}" for tag, pair in result["changes"].items())
     lines += [f"- stages rebuilt: {', '.join(result['stale']) or 'none (up to date)'}",
-              f"- lineage changes from the champion: " + (", ".join(
-                  f"{tag} {change['champion']} -> {change['new']}" for tag, change in result["changes"].items())
-                  or "none"),
+              f"- lineage changes from the champion: {changes or 'none'}",
               f"- champion before: version {result['previous_champion'] or 'none'}; "
               f"now: version {result['champion']}"]
     return "\n".join(lines) + "\n"

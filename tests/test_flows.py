@@ -240,13 +240,13 @@ def test_deploy_to_pool_creates_a_process_pool_and_registers_both_flows(harness,
 # --- the quiet settings, the server a flow reports to, one DVC-running flow per checkout --------------
 
 def test_flow_modules_set_the_quiet_defaults_before_prefect_reads_its_settings():
-    env = {key: value for key, value in os.environ.items() if key not in QUIET_DEFAULTS and key != "PREFECT_API_URL"}
+    env = {key: value for key, value in os.environ.items() if key not in {*QUIET_DEFAULTS, "PREFECT_API_URL"}}
     env["DO_NOT_TRACK"] = "mine"  # what the user exported wins
     probe = ("import os, pipelines.retrain\n"
              "from prefect.settings import get_current_settings\n"
              "s = get_current_settings()\n"
              "print(s.server.analytics_enabled, s.server.ephemeral.startup_timeout_seconds, "
-             "os.environ['MLFLOW_DISABLE_TELEMETRY'], os.environ['DVC_NO_ANALYTICS'], os.environ['DO_NOT_TRACK'])\n"
+             "*(os.environ[k] for k in ('MLFLOW_DISABLE_TELEMETRY', 'DVC_NO_ANALYTICS', 'DO_NOT_TRACK')))\n"
              "from pipelines.flow_run import api_target\nprint(api_target())")
     out = sh([sys.executable, "-c", probe], ROOT, env).splitlines()
     assert out[0] == "False 180 true 1 mine"
@@ -278,9 +278,9 @@ def test_a_second_flow_in_the_same_checkout_waits_then_fails_without_a_server(tm
         assert holder.stdout.readline().strip() == "held"
         with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server: the file lock alone
             began = time.monotonic()
-            with pytest.raises(CheckoutBusyError, match=f"another flow is running DVC .*PID {holder.pid}.*1 s"):
-                with checkout_lock(same, timeout_s=1, poll_s=0.2):
-                    pass
+            busy = f"another flow is running DVC .*PID {holder.pid}.*within 1 s"
+            with pytest.raises(CheckoutBusyError, match=busy), checkout_lock(same, timeout_s=1, poll_s=0.2):
+                pass
             assert 1 <= time.monotonic() - began < 10
             with checkout_lock(other, timeout_s=1), checkout_lock(other, timeout_s=0):  # re-entrant
                 pass
@@ -308,9 +308,9 @@ def test_a_second_flow_in_the_same_checkout_waits_for_the_servers_concurrency_li
         with get_client(sync_client=True) as client:
             limit = client.read_global_concurrency_limit_by_name(checkout_limit_name(same))
         assert (limit.limit, limit.active_slots) == (1, 1)
-        with pytest.raises(CheckoutBusyError, match="holds the Prefect concurrency limit 'dvc-checkout-same-"):
-            with checkout_lock(same, timeout_s=2):
-                pass
+        busy = "holds the Prefect concurrency limit 'dvc-checkout-same-"
+        with pytest.raises(CheckoutBusyError, match=busy), checkout_lock(same, timeout_s=2):
+            pass
         with checkout_lock(other, timeout_s=5):  # another checkout has a limit of its own
             pass
     finally:
@@ -341,7 +341,8 @@ report.with_name("report.md").write_text("# Report\\n\\n| metric | mean |\\n|---
 def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(harness, env, tmp_path):
     repo = dvc_project(tmp_path / "repo", {"report": {
         "cmd": "python flaky.py", "deps": ["mode.txt"],
-        "outs": [{"outputs/report/metrics.json": {"cache": False}}, {"outputs/report/report.md": {"cache": False}}]}})
+        "outs": [{"outputs/report/metrics.json": {"cache": False}},
+                 {"outputs/report/report.md": {"cache": False}}]}})
     (repo / "flaky.py").write_text(FLAKY_STAGE)
     (repo / "mode.txt").write_text("killed once")
     (repo / "outputs/prepare").mkdir(parents=True)  # prepared tables: the run is tagged with their version
@@ -354,7 +355,8 @@ def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(ha
     summary, run_id = run_flow(pipeline, str(repo), retry_delay_s=0.1)
     assert summary["test/mae"]["folds"] == [1.0, 1.2] and (repo / "attempts.txt").read_text() == "2"
     report = artifacts_of(run_id)["pipeline-report"]
-    assert report.type == "markdown" and "| test/mae | 1.100 |" in report.data and "test/mae 1.100" in report.description
+    assert report.type == "markdown" and "| test/mae | 1.100 |" in report.data
+    assert "test/mae 1.100" in report.description
     tags = tags_of(run_id)
     assert f"git:{commit[:12]}" in tags and [tag for tag in tags if tag.startswith("data:")] == [
         f"data:{data_version(repo / 'outputs/prepare')}"]  # as the MLflow runs carry it
@@ -456,8 +458,10 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
     assert "margin 0" in decision.data and "20 promotion-holdout images" in decision.data
     assert "l2rclip.data_version v1 -> v2" in decision.data and "now: version 2" in decision.data
 
-    again = retrain(str(repo))
+    again, run_id = run_flow(retrain, str(repo))
     assert again["up_to_date"] and again["stale"] == [] and again["version"] == "2" and "scores" not in again
+    decided = artifacts_of(run_id)["retrain-decision"].data
+    assert "version 2 already decided by an earlier run (promoted)" in decided
 
     shutil.rmtree(repo / "outputs/folds/0/train/best")  # a new training run: the weak weights come back
     shutil.copytree(weak, repo / "outputs/folds/0/train/best")
@@ -543,48 +547,91 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
+@contextmanager
+def prefect_server(home: Path, **settings: str):
+    """A real `prefect server start` on a free local port with its own PREFECT_HOME, stopped after.
+
+    Yields its API URL and the environment for processes that report to it (`settings` added).
+    """
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true", **settings)
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+                               url.rsplit(":", 1)[1].split("/")[0], "--no-ui"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: healthy(url), 180, f"the Prefect server at {url}")
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield url, {**env, "PREFECT_API_URL": url}
+    finally:
+        stop(server)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_retrain_served_on_a_cron_schedule_by_a_real_prefect_server(tmp_path):
-    url = f"http://127.0.0.1:{free_port()}/api"
-    server_env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    server_env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      DO_NOT_TRACK="true", PREFECT_RUNNER_POLL_FREQUENCY="2")
-    port = url.rsplit(":", 1)[1].split("/")[0]
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", port,
-                               "--no-ui"], env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
     runner = None
-    try:
-        wait_for(lambda: healthy(url), 180, f"the Prefect server at {url}")
-        not_a_project = tmp_path / "empty"
-        not_a_project.mkdir()
-        runner = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.deploy", "--name", "test-retrain", "--cron", "0 3 * * *",
-             "--repo", str(not_a_project), "--margin", "0.05"], env={**server_env, "PREFECT_API_URL": url},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        from prefect.client.orchestration import get_client
-        from prefect.deployments import run_deployment
+    with prefect_server(tmp_path / "prefect", PREFECT_RUNNER_POLL_FREQUENCY="2") as (_, env):
+        try:
+            not_a_project = tmp_path / "empty"
+            not_a_project.mkdir()
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.deploy", "--name", "test-retrain", "--cron", "0 3 * * *",
+                 "--repo", str(not_a_project), "--margin", "0.05"], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            with get_client(sync_client=True) as client:
+                def deployment():
+                    try:
+                        return client.read_deployment_by_name("retrain/test-retrain")
+                    except Exception:  # noqa: BLE001 - not registered yet
+                        return None
+                found = wait_for(deployment, 120, "the served deployment")
+                assert [s.schedule.cron for s in found.schedules] == ["0 3 * * *"]
+                assert found.parameters == {"repo": str(not_a_project), "margin": 0.05, "metric": "test/mae"}
+                assert found.entrypoint == "pipelines.retrain.retrain"
 
-        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
-            def deployment():
-                try:
-                    return client.read_deployment_by_name("retrain/test-retrain")
-                except Exception:  # noqa: BLE001 - not registered yet
-                    return None
-            found = wait_for(deployment, 120, "the served deployment")
-            assert [s.schedule.cron for s in found.schedules] == ["0 3 * * *"]
-            assert found.parameters == {"repo": str(not_a_project), "margin": 0.05, "metric": "test/mae"}
-            assert found.entrypoint == "pipelines.retrain.retrain"
+                flow_run = run_deployment("retrain/test-retrain", timeout=0)  # started now, not at 3 am
+                def final_state():
+                    state = client.read_flow_run(flow_run.id).state
+                    return state if state.is_final() else None
+                done = wait_for(final_state, 180, "the runner to run the deployment")
+                assert done.is_failed()  # the runner ran our flow, which refuses a folder without dvc.yaml
+                assert "expected a DVC project" in done.message
+        finally:
+            if runner is not None:
+                stop(runner)
 
-            flow_run = run_deployment("retrain/test-retrain", timeout=0)  # started now, not at 3 am
-            def final_state():
-                state = client.read_flow_run(flow_run.id).state
-                return state if state.is_final() else None
-            done = wait_for(final_state, 180, "the runner to run the deployment")
-            assert done.is_failed()  # the runner ran our flow, which refuses a folder without dvc.yaml
-            assert "expected a DVC project" in done.message
-    finally:
-        if runner is not None:
-            stop(runner)
-        stop(server)
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_nightly_retrain(tmp_path, retrain_repo, env):
+    """`prefect deploy --all` of the repo's prefect.yaml; `prefect worker start --run-once` runs the retrain.
+
+    The stand-in clone is `retrain_repo` with this checkout's `pipelines/` (a clone holds the code the
+    entrypoints name); the run starts in it through the pull step (`$L2RCLIP_CLONE`, read on the worker).
+    """
+    repo, _ = retrain_repo
+    shutil.copytree(ROOT / "pipelines", repo / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    with prefect_server(tmp_path / "prefect", PREFECT_WORKER_QUERY_SECONDS="2") as (_, server_env):
+        cli = {**server_env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": env, "HF_HUB_OFFLINE": "1",
+               **GIT_IDENTITY}
+        sh([str(BIN / "prefect"), "work-pool", "create", "l2rclip", "--type", "process"], tmp_path, cli)
+        sh([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml")],
+           repo, cli)  # from a shell without $L2RCLIP_CLONE: the pull step keeps it for the worker
+        with get_client(sync_client=True) as client:
+            nightly = client.read_deployment_by_name(f"retrain/{DEFAULT_NAME}")
+            assert nightly.work_pool_name == "l2rclip" and nightly.entrypoint == "pipelines/retrain.py:retrain"
+            assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [(DEFAULT_CRON, "UTC")]
+            assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
+                "directory": "{{ $" + CLONE_ENV + " }}"}}]
+            assert client.read_deployment_by_name("experiment/l2rclip").work_pool_name == "l2rclip"
+
+            flow_run = run_deployment(f"retrain/{DEFAULT_NAME}", timeout=0)  # now, not at 03:00
+            assert client.read_flow_run(flow_run.id).state.is_scheduled()  # waits in the pool: no worker yet
+            sh([str(BIN / "prefect"), "worker", "start", "--pool", "l2rclip", "--run-once", "--limit", "1"],
+               tmp_path, {**cli, CLONE_ENV: str(repo)})
+            state = client.read_flow_run(flow_run.id).state
+            assert state.is_completed(), f"{state.name}: {state.message}"
+        decision = artifacts_of(flow_run.id)["retrain-decision"].data
+    assert "version 2 promoted to champion" in decision
+    assert str(champion("l2rclip-demo", env).version) == "2"  # the worker's run moved the alias
