@@ -151,20 +151,28 @@ def check(lock: Path = LOCK, template: Path = TEMPLATE) -> list[str]:
     """Problems of the committed template against the lock (empty: it is what the lock pins)."""
     if not template.is_file():
         return [f"{template}: missing (run `python -m l2rclip.offline_plots build`)"]
-    page = template.read_text(encoding="utf-8")
-    blocks = {m["name"]: m for m in _BLOCK.finditer(page)}
-    problems = [f"{template}: has a <script src=...> tag; the page must load nothing"
-                ] if re.search(r"<script[^>]*\bsrc=", page) else []
-    if "{plot_divs}" not in page:
-        problems.append(f"{template}: no {{plot_divs}} placeholder (DVC refuses the template)")
+    placeholder = [] if "{plot_divs}" in template.read_text(encoding="utf-8") else [
+        f"{template}: no {{plot_divs}} placeholder (DVC refuses the template)"]
+    return placeholder + inlined_problems(lock, template)
+
+
+def inlined_problems(lock: Path, page: Path) -> list[str]:
+    """Problems of a page (the template, or one DVC wrote from it) as to the inlined libraries.
+
+    Empty when it loads no script by URL and holds each pinned package's file, unchanged.
+    """
+    text = page.read_text(encoding="utf-8")
+    blocks = {m["name"]: m for m in _BLOCK.finditer(text)}
+    problems = [f"{page}: has a <script src=...> tag; the page must load nothing"
+                ] if re.search(r"<script[^>]*\bsrc=", text) else []
     for package in read_lock(lock):
         block = blocks.get(package["name"])
         if block is None:
-            problems.append(f"{template}: no inlined block for {package['name']}")
+            problems.append(f"{page}: no inlined block for {package['name']}")
             continue
         digest = hashlib.sha256(block["code"].encode("utf-8")).hexdigest()
         if (block["version"], digest) != (package["version"], package.get("sha256")):
-            problems.append(f"{template}: {package['name']}@{block['version']} sha256 {digest}; the lock pins "
+            problems.append(f"{page}: {package['name']}@{block['version']} sha256 {digest}; the lock pins "
                             f"{package['version']} sha256 {package.get('sha256')}")
     return problems
 
