@@ -37,7 +37,7 @@ LOCK = Path("vega/vega-lock.json")
 TEMPLATE = Path("vega/offline.html")
 LICENSES = Path("vega/LICENSES.txt")
 REGISTRY = "https://registry.npmjs.org"
-_BLOCK = re.compile(r"<!-- (?P<name>[\w-]+)@(?P<version>[\w.-]+) (?P<file>\S+) sha256=(?P<sha256>[0-9a-f]{64}) -->\n"
+_BLOCK = re.compile(r"<!-- (?P<name>[\w-]+)@(?P<version>[\w.-]+) (?P<file>\S+) sha256=[0-9a-f]{64} -->\n"
                     r"<script>\n(?P<code>.*?)\n</script>", re.DOTALL)
 # dvc_render fills these placeholders by plain string replacement; inlined code must not contain them
 _PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")
@@ -125,8 +125,12 @@ def build(lock: Path = LOCK, template: Path = TEMPLATE, licenses: Path = LICENSE
     """Download, verify and inline the pinned packages; returns the template's path.
 
     Args:
+        lock: the pinned packages (`read_lock`).
+        template: the page to write.
+        licenses: where the packages' LICENSE texts go.
         update: record the sha256 of the files as downloaded (after a version change in the lock)
             instead of requiring the recorded ones.
+        fetch: URL -> bytes (the network; tests pass a dictionary's lookup).
     """
     packages = read_lock(lock)
     codes, notices = [], []

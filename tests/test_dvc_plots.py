@@ -104,16 +104,17 @@ def test_build_refuses_a_tarball_the_lock_or_registry_does_not_pin(tmp_path):
     lock.write_text(json.dumps({"packages": [package]}))
     served = {"https://registry.npmjs.org/lib/1.0.0": json.dumps({"dist": {"integrity": integrity}}).encode(),
               package["tarball"]: tarball}
-    template = offline_plots.build(lock, tmp_path / "page.html", tmp_path / "LICENSES.txt", fetch=served.__getitem__)
+    page, licenses = tmp_path / "page.html", tmp_path / "LICENSES.txt"
+    template = offline_plots.build(lock, page, licenses, fetch=served.__getitem__)
     assert offline_plots.check(lock, template) == []
-    assert "window.lib = 1;" in template.read_text() and "BSD-3-Clause" in (tmp_path / "LICENSES.txt").read_text()
+    assert "window.lib = 1;" in template.read_text() and "BSD-3-Clause" in licenses.read_text()
 
     served[package["tarball"]] = _package(b"window.lib = 2;")  # the same version, other bytes
     with pytest.raises(ValueError, match=r"lib@1.0.0: .*lib-1.0.0.tgz has integrity sha512-.*expected"):
-        offline_plots.build(lock, tmp_path / "page.html", tmp_path / "LICENSES.txt", fetch=served.__getitem__)
+        offline_plots.build(lock, page, licenses, fetch=served.__getitem__)
     served["https://registry.npmjs.org/lib/1.0.0"] = json.dumps({"dist": {"integrity": "sha512-other"}}).encode()
     with pytest.raises(ValueError, match="the registry's integrity is sha512-other"):
-        offline_plots.build(lock, tmp_path / "page.html", tmp_path / "LICENSES.txt", fetch=served.__getitem__)
+        offline_plots.build(lock, page, licenses, fetch=served.__getitem__)
 
 
 def test_dvc_yaml_declares_learning_curves_for_every_fold(plots_repo):
