@@ -3,7 +3,8 @@
 The scratch repository holds the project's dvc.yaml, a small params.yaml and one history.csv per
 fold written the way train@k writes it (epoch, phase, loss terms, val metrics), committed once and
 then changed in the workspace, so `dvc plots diff HEAD` compares two revisions as it compares
-experiments. The offline page is rendered by headless Chromium with every host name unresolvable.
+experiments; a last test runs two real `dvc exp run` over a stand-in train@k and diffs them. The
+offline page is rendered by headless Chromium with every host name unresolvable.
 """
 
 import hashlib
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from dvc_render import VegaRenderer
 from test_pipeline import ROOT, environment, run
 
@@ -157,3 +159,36 @@ def test_the_page_renders_with_no_network(plots_repo):
                          check=True).stdout
     drawn = [(int(w), int(h)) for w, h in re.findall(r'<canvas width="(\d+)" height="(\d+)"', dom)]
     assert sum(w > 100 and h > 100 for w, h in drawn) >= 2, drawn  # val_mae and train_loss were drawn
+
+
+WRITE_HISTORY = """\
+import pathlib, sys, yaml
+fold, scale = int(sys.argv[1]), yaml.safe_load(open("params.yaml"))["scale"]
+out = pathlib.Path(f"outputs/folds/{fold}/train")
+out.mkdir(parents=True, exist_ok=True)
+rows = [f"{e},one_stage,{scale * 3 / e:.4f},{scale * (4 - e / 10) + fold / 10:.4f}" for e in range(1, 4)]
+(out / "history.csv").write_text("epoch,phase,train/loss,val/mae\\n" + "\\n".join(rows) + "\\n")
+"""
+
+
+def test_plots_diff_compares_the_learning_curves_of_experiments(tmp_path):
+    """The project's plot definitions over a stand-in train@k (same persist folder): two real DVC experiments."""
+    repo, env = tmp_path / "repo", environment(tmp_path)
+    repo.mkdir()
+    project = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    stage = {"foreach": "${folds}", "do": {"cmd": "python write_history.py ${item}", "deps": ["write_history.py"],
+                                           "params": ["scale"],
+                                           "outs": [{"outputs/folds/${item}/train": {"persist": True}}]}}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}, "plots": project["plots"]}))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"folds": FOLDS[:2], "scale": 1.0}))
+    (repo / "write_history.py").write_text(WRITE_HISTORY)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "baseline"], ["dvc", "exp", "run", "-n", "slower", "-S", "scale=1.5"],
+                    ["dvc", "exp", "run", "-n", "faster", "-S", "scale=0.5"]):
+        run(command, repo, env)
+    (plot,) = plots_json(repo, env, "diff", "slower", "faster")["data"]["val_mae"]
+    rows = pd.DataFrame(plot["content"]["data"]["values"])
+    assert sorted(rows["rev"].unique()) == ["faster", "slower"]
+    assert set(rows["filename"]) == {f"{fold}/train/history.csv" for fold in FOLDS[:2]}
+    first = rows[(rows["epoch"] == "1") & (rows["filename"] == "0/train/history.csv")].set_index("rev")["val/mae"]
+    assert first.to_dict() == {"slower": "5.8500", "faster": "1.9500"}  # each experiment's own curve
