@@ -15,7 +15,7 @@ and the sha256 of each inlined file. `build` (network, `make plots-vendor`) down
 refuses any whose sha512 differs from the lock or from the registry's metadata, and writes the
 template; `check` (offline) verifies the committed template against the lock.
 
-    python -m l2rclip.offline_plots check
+    python -m l2rclip.offline_plots check      # from the project root (paths default to vega/...)
     python -m l2rclip.offline_plots build      # after editing versions in the lock: add --update
 """
 
