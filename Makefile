@@ -62,6 +62,18 @@ reproduce: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip reproduce $(PROTOCOL) --data $(DATA) --lists $(LISTS) \
 	  $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(FOLDS),--folds $(FOLDS))
 
+## plots: learning curves (every fold's history.csv) and evaluation plots as an HTML page that opens
+## offline (dvc_plots/index.html); REVS="exp-a exp-b" compares experiments (`dvc plots diff`)
+REVS ?=
+.PHONY: plots plots-vendor
+plots: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m l2rclip.offline_plots check
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc plots $(if $(REVS),diff $(REVS),show)
+
+## plots-vendor: download the vega libraries pinned in vega/vega-lock.json from npm, verify, rebuild the page
+plots-vendor: $(STAMP)
+	$(BIN)/python -m l2rclip.offline_plots build
+
 ## test: the default (fast, offline) test suite
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -63,7 +63,7 @@ AXES: dict[str, dict[str, list[Any]]] = {
     "schedule": {"train.schedule": ["one_stage", "two_stage"]},
 }
 DEFAULT_GRID = {**AXES["rankformer"], **AXES["cop"]}
-OUT_DIR = Path("outputs/ablation")
+OUT_DIR = Path("outputs/ablation")  # git-ignored: rewritten from `dvc exp show` on every run (ablation_report)
 VARIANT_TAG = "l2rclip.variant"
 
 
@@ -177,7 +177,7 @@ def tag_variant_runs(uri: str, name: str, raw_params: dict[str, Any]) -> int:
 @flow(name="ablation")
 def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: list[str] | None = None,
              jobs: int = 1, metric: str = "test/mae", work_pool: str | None = None,
-             git_remote: str = "origin") -> dict[str, Any]:
+             git_remote: str = "origin", reference: str | None = None) -> dict[str, Any]:
     """Run every variant of `grid` as a DVC experiment and compare `metric` across folds.
 
     Args:
@@ -191,6 +191,8 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
             pool (`pipelines.fanout`): the commit must be on `git_remote`, and the tracking URI a
             server every worker reaches.
         git_remote: the git remote the workers fetch from and push their experiments to.
+        reference: the variant every other one is compared with, paired over folds (default: the
+            first of the grid; `pipelines.ablation_report`).
 
     Returns:
         `table` (markdown, also in `outputs/ablation/ablation.md`), `plot` (the PNG's path),
@@ -205,6 +207,9 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
     announce_api(logger)
     root = project(repo)
     variants = expand(grid or DEFAULT_GRID)
+    if reference is not None and reference not in {v.name for v in variants}:
+        raise ValueError(f"ablation --reference: expected one of {', '.join(v.name for v in variants)}, "
+                         f"found {reference!r}")
     tag_flow_run([*checkout_tags(root), *(f"dvc-exp:{v.name}" for v in variants)])
     uri = tracking_uri(root)
     runs = None
@@ -216,13 +221,13 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
             queue_variants(root, variants, list(extra or []))
             run_queue(root, jobs)
         found = collect(root)
-    results = [{"name": v.name, "overrides": v.overrides, "summary": found.get(v.name, {}).get("summary")}
-               for v in variants]
+    results = [{"name": v.name, "overrides": v.overrides, "summary": found.get(v.name, {}).get("summary"),
+                "folds": found.get(v.name, {}).get("params", {}).get("folds")} for v in variants]
     tagged = sum(tag_variant_runs(uri, v.name, found[v.name]["params"]) for v in variants if v.name in found)
-    table = comparison_table(results, metric)
+    table = comparison_table(results, metric, reference)
     (root / OUT_DIR).mkdir(parents=True, exist_ok=True)
     (root / OUT_DIR / "ablation.md").write_text(table, encoding="utf-8")
-    plot = comparison_plot(results, metric, root / OUT_DIR / "ablation.png")
+    plot = comparison_plot(results, metric, root / OUT_DIR / "ablation.png", reference)
     publish_comparison(results, metric, table)
     logger.info("ablation of %d variants (%d MLflow runs tagged %s):\n%s", len(variants), tagged, VARIANT_TAG,
                 table)
@@ -286,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "of the local queue (deployment experiment/<pool>, see pipelines.fanout)")
     parser.add_argument("--git-remote", default="origin",
                         help="git remote the workers fetch from and push to (default: %(default)s)")
+    parser.add_argument("--reference", help="variant the others are compared with (default: the grid's first)")
     return run_cli(parser, lambda a: ablation(a.repo, _grid(a), a.extra, a.jobs, a.metric, a.work_pool,
-                                              a.git_remote), argv)
+                                              a.git_remote, a.reference), argv)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from l2rclip.registry import HOLDOUT_SPEC_TAG, champion, register
 from l2rclip.stages.common import data_version, fingerprint
 from l2rclip.tracking import Tracker
 from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand, publish_comparison
-from pipelines.ablation_report import comparison_plot, comparison_table
+from pipelines.ablation_report import comparison_table
 from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock
 from pipelines.common import DvcError, is_transient
 from pipelines.deploy import DEFAULT_CRON, DEFAULT_NAME, deploy_to_pool, retrain_deployment
@@ -162,20 +162,6 @@ def test_default_grid_is_rankformer_by_cop_with_the_full_model_first():
     assert expand({"train.schedule": ["one_stage", "two_stage"]})[1].name == "schedule-two_stage"
     with pytest.raises(ValueError, match="at least one value"):
         expand({"loss.cop": []})
-
-
-def test_comparison_table_and_plot(tmp_path):
-    def summary(folds):
-        return {"test/mae": {"mean": float(np.mean(folds)), "std": float(np.std(folds, ddof=1)), "folds": folds},
-                "is_clip": False}
-    results = [{"name": "full", "overrides": {"loss.cop": 1.0}, "summary": summary([1.0, 1.2])},
-               {"name": "no-cop", "overrides": {"loss.cop": 0.0}, "summary": summary([1.3, 1.5])},
-               {"name": "broken", "overrides": {"loss.cop": 0.5}, "summary": None}]
-    table = comparison_table(results, "test/mae")
-    assert "| full | 1.0 | 1.1000 | 0.1414 | 1.000, 1.200 | +0.0000 |" in table
-    assert "| no-cop | 0.0 | 1.4000 | 0.1414 | 1.300, 1.500 | +0.3000 |" in table
-    assert "| broken | 0.5 | failed |" in table and "Best: **full**" in table and "NOT CLIP" in table
-    assert comparison_plot(results, "test/mae", tmp_path / "a.png").stat().st_size > 10_000
 
 
 @flow(name="publish-comparison")
