@@ -67,16 +67,16 @@ def dataset_identity(params: Params, train_root: Path) -> dict[str, Any]:
 
 
 def not_comparable(previous: dict[str, Any], dataset: dict[str, Any]) -> str | None:
-    """Why the committed report `previous` must not be compared with one of `dataset`, or None.
+    """Why the committed report `previous` must not be compared with one of `dataset` (a sentence), or None.
 
     Reports of two datasets (another source or registered model name) differ by their data, not
     by what changed in the pipeline; a changed data version of the same dataset is compared.
     """
     before = previous.get("dataset")
     if not isinstance(before, dict):
-        return "the committed report does not name its dataset (written by an older l2rclip); not compared."
+        return "The committed report does not name its dataset (written by an older l2rclip); not compared."
     if (before.get("source"), before.get("model_name")) != (dataset["source"], dataset["model_name"]):
-        return (f"the previous committed report is of another dataset (source {before.get('source')}, "
+        return (f"The previous committed report is of another dataset (source {before.get('source')}, "
                 f"{before.get('model_name')}; now source {dataset['source']}, {dataset['model_name']}); "
                 "not compared.")
     return None
@@ -143,14 +143,12 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
                       f"({mae['mean']:.3f} vs {base['mean']:.3f})."]
     lines += conformal_lines(summary)
     lines += ["", "## Change since the last committed run", ""]
-    dataset = header["dataset"]
-    why_not = None if previous is None else not_comparable(previous, dataset)
     if previous is None:
         lines.append("No committed report to compare with (first run, or outputs not committed).")
-    elif why_not is not None:
-        lines.append(why_not[0].upper() + why_not[1:])
+    elif (why_not := not_comparable(previous, header["dataset"])) is not None:
+        lines.append(why_not)
     else:
-        before = previous["dataset"].get("data_version")
+        dataset, before = header["dataset"], previous["dataset"].get("data_version")
         if before != dataset["data_version"]:
             lines += [f"Same dataset ({dataset['model_name']}), other data: version {before} then, "
                       f"{dataset['data_version']} now.", ""]
