@@ -158,13 +158,13 @@ def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = No
     """Log an l2rclip model folder as a models-from-code pyfunc of an existing run; returns its URI.
 
     The logged model's source run is `run_id` and the run lists it among its outputs (MLflow's
-    model <-> run link). MLflow logs a model only into the active run, so a run that had ended is
-    reopened for it and then given back its status and end time: a fold run's duration stays
-    its training's, not the time until registration.
+    model <-> run link). MLflow logs a model only into the active run, so the run is started
+    again for it and ended afterwards; a run that had ended gets back its status and end time
+    (a fold run's duration stays its training's, not the time until registration).
 
     Args:
         model_dir: the model folder (or any URI `Predictor.load` accepts).
-        run_id: the run that produced the model (the fold run that trained it).
+        run_id: the run that produced the model (the fold run that trained it); ended afterwards.
         tracking_uri: MLflow store (default: `default_tracking_uri()`).
         artifact_path: the logged model's name within the run.
         limits: request limits the served model applies (default: the params defaults), stored

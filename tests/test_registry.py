@@ -1,5 +1,6 @@
 """The model registry on a real MLflow SQLite store: versions, the champion alias, recorded decisions,
-model <-> version <-> run links, the registration switch, one registered model and one report lineage per dataset."""
+model <-> version <-> run links, the registration switch, one registered model and one report lineage
+per dataset."""
 
 import dataclasses
 import hashlib
@@ -17,7 +18,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_predict import NUMBERS, mlflow_store, save_tiny_model
 
-from l2rclip.config import ConfigError, DataConfig, Params, TrackingConfig, TrainConfig, from_dict, model_name, to_dict
+from l2rclip.config import (
+    ConfigError,
+    DataConfig,
+    Params,
+    TrackingConfig,
+    TrainConfig,
+    from_dict,
+    model_name,
+    to_dict,
+)
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.holdout import holdout_spec
 from l2rclip.models.checkpoint import ModelFileError
@@ -74,7 +84,8 @@ def test_register_keep_promote_and_load_the_champion(store, tmp_path):
     assert (v2.tags["l2rclip.decision"], v2.tags["l2rclip.decision_reason"]) == ("promoted", "val/mae 0.9 < 1.1")
     assert v2.description == ("Promoted to champion (replacing version 1): val/mae 0.9 < 1.1\n\n"
                               f"Trained in run {run_id} (fold 1) of pipeline run {parent}: the fold's metrics are "
-                              "on its run, the cross-validated test means (`test/<metric>_mean`) on the pipeline run.")
+                              "on its run, the cross-validated test means (`test/<metric>_mean`) on the pipeline "
+                              "run.")
 
     demo = tmp_path / "demo"
     generate_demo(demo, n_per_rank=1, image_size=64)
@@ -162,7 +173,7 @@ def test_the_model_is_logged_in_the_fold_run_that_trained_it_and_linked_both_way
     version = client.get_model_version(result["name"], str(result["version"]))
     logged = client.get_logged_model(result["model_id"])
     assert version.run_id == logged.source_run_id == fold_run  # version -> run, logged model -> run
-    assert version.source == f"models:/{logged.model_id}"  # version -> logged model (the SQLite store keeps no model_id)
+    assert version.source == f"models:/{logged.model_id}"  # version -> logged model (SQLite keeps no model_id)
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "l2rclip-linked", "version": 1}]
     run = client.get_run(fold_run)
     assert [output.model_id for output in run.outputs.model_outputs] == [logged.model_id]  # run -> logged model
@@ -266,8 +277,9 @@ def offline_pipeline(tmp_path, monkeypatch) -> dict:
         monkeypatch.delenv(name, raising=False)  # Tracker sets them for http stores; restored afterwards
     folds, report, _ = fake_pipeline_outputs(tmp_path, None, {0: {"val/mae": 1.1}, 1: {"val/mae": 0.9}})
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(to_dict(Params(folds=(0, 1), data=DataConfig(source="csv", root="data/offline"),
-                                                    tracking=TrackingConfig(experiment="offline-test")))))
+    offline = Params(folds=(0, 1), data=DataConfig(source="csv", root="data/offline"),
+                     tracking=TrackingConfig(experiment="offline-test"))
+    params.write_text(yaml.safe_dump(to_dict(offline)))
     args = ["--params", str(params), "--folds-dir", str(folds), "--report", str(report),
             "--out", str(tmp_path / "register")]
     return {"root": tmp_path, "folds": folds, "args": args, "out": tmp_path / "register" / "registered.json"}

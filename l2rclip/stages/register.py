@@ -167,8 +167,6 @@ def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: P
                                     f"{error}") from error
         for run in {run_id, parent}:
             tracker.set_tags(run, {"l2rclip.registered_model": result["model_uri"]})
-        if run_id == parent:
-            tracker.end_run(parent)  # found or made here, for the model alone
     write_json(out_dir / "registered.json", result)
     log.info("fold %d (val/%s %s): %s", fold, metric, score,
              result["model_uri"] if result["registered"] else f"not registered: {result['reason']}")
@@ -182,7 +180,7 @@ def training_run(params: Params, train_dir: Path, version: str | None) -> tuple[
     there, beside the training it came from. Otherwise (training could not reach MLflow, so the
     handle is missing or holds no run) there is no fold run to log into: the model goes to the
     parent run with this pipeline's key in the current store, created if there is none (as the
-    train stage does), which is then both runs returned.
+    train stage does), which is then both runs returned (and is ended once the model is logged).
 
     Raises:
         RegistrationError: the store cannot be used; the message names it and MLflow's error.
