@@ -255,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--axis", action="append", dest="axes", choices=sorted(AXES),
                         help="a named axis of the grid (repeatable; default: rankformer and cop)")
     parser.add_argument("--grid", action="append", help="an axis as key=value1,value2 (repeatable)")
-    parser.add_argument("--set", action="append", dest="extra", help="key=value for every variant (repeatable)")
+    parser.add_argument("--set", action="append", dest="extra",
+                        help="key=value for every variant (repeatable); variants register no model unless "
+                             "--set tracking.register=true")
     parser.add_argument("--jobs", type=int, default=1,
                         help="experiments at a time in the local DVC queue (default: %(default)s)")
     parser.add_argument("--metric", default="test/mae", help="report metric compared (default: %(default)s)")

@@ -208,8 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line of the stage (see `--help`)."""
     parser = stage_parser(
         "register",
-        "Register the model of the fold with the best validation score in the MLflow model registry "
-        "(champion when there is none yet); without tracking, record why not and exit 0.")
+        "Log the model of the fold with the best validation score in that fold's MLflow run and register it "
+        "(champion when there is none yet); with tracking.enabled or tracking.register false, record why not "
+        "and exit 0.")
     parser.add_argument("--folds-dir", type=Path, default=Path("outputs/folds"),
                         help="folder of the per-fold training outputs (default: %(default)s)")
     parser.add_argument("--report", type=Path, default=Path("outputs/report/metrics.json"),
