@@ -11,6 +11,7 @@ Constructors elsewhere take plain arguments, never a `Params`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -265,6 +266,31 @@ class TrackingConfig:
 
     enabled: bool = True
     experiment: str = "l2rclip"
+    # The model registry (l2rclip.stages.register): `register: false` trains, evaluates and
+    # reports but registers no model version (ablation variants); `model_name` is the registered
+    # model (null or empty: derived from `data.root`, see `model_name`).
+    register: bool = True
+    model_name: str | None = None
+
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # safe in `models:/<name>@champion` and in shells
+
+
+def model_name(params: Params) -> str:
+    """The registered model of this project's dataset: `tracking.model_name`, else from `data.root`.
+
+    The default is `l2rclip-<name of the data root folder>` (`data/demo` -> `l2rclip-demo`,
+    `data/my_faces` -> `l2rclip-my_faces`, `../shared/data/fgnet` -> `l2rclip-fgnet`), other
+    characters than letters, digits, `_`, `.` and `-` replaced by `_`: one lineage per dataset,
+    so two CSV datasets never share one, and the retrain gate never compares models of two
+    datasets. A root without a name of its own (`.`, `..`) gives `l2rclip-<data.source>`: the
+    name must not depend on where a clone of the project lies.
+    """
+    if params.tracking.model_name:
+        return params.tracking.model_name
+    folder = Path(os.path.normpath(params.data.root)).name
+    stem = folder if folder not in ("", ".", "..") else params.data.source
+    return f"l2rclip-{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}"
 
 
 @dataclass(frozen=True)
@@ -448,7 +474,15 @@ def _params_rules(params: Params, prefix: str) -> list[str]:
     return []
 
 
-_RULES: dict[type, Any] = {SplitConfig: _split_rules, Params: _params_rules}
+def _tracking_rules(tracking: TrackingConfig, prefix: str) -> list[str]:
+    if tracking.model_name and not MODEL_NAME.fullmatch(tracking.model_name):
+        return [f"'{prefix}.model_name': expected letters, digits, '_', '.' and '-', starting with a letter or "
+                f"digit (it is part of models:/<name>@champion URIs), or null for the default; found "
+                f"{tracking.model_name!r}"]
+    return []
+
+
+_RULES: dict[type, Any] = {SplitConfig: _split_rules, Params: _params_rules, TrackingConfig: _tracking_rules}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

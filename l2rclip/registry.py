@@ -1,10 +1,16 @@
 """The MLflow model registry: one registered model per dataset, the `champion` alias, and decisions.
 
-Every registered version is an l2rclip pyfunc (`l2rclip.serving`) tagged with what produced it
-(data version, params hash, fold, validation score, CV test means, whether the backbone was
-CLIP). Whether a new version replaces the champion is a decision made elsewhere (a Prefect flow
-comparing scores); here it is carried out and recorded on the new version, as tags and in its
-description, with the reason, so the registry itself says why the champion is the champion.
+Every registered version is an l2rclip pyfunc (`l2rclip.serving`) logged in the run that trained
+it (a fold run of the pipeline), and registered from that logged model, so MLflow's links hold
+both ways: the run lists the model among its outputs, the logged model names its source run and
+its versions (`mlflow.modelVersions`), the version names the run and the logged model (its
+source `models:/<model_id>`). A version's tags say only what identifies it (data version, params
+hash, fold, validation score, promotion holdout, conformal level, backbone); everything else
+(the fold's metrics, the cross-validated test means of its pipeline run) is on the runs, which
+its description names. Whether a new version replaces the champion is a decision made elsewhere
+(a Prefect flow comparing scores); here it is carried out and recorded on the new version, as
+tags and in its description, with the reason, so the registry itself says why the champion is
+the champion.
 """
 
 from __future__ import annotations
@@ -13,14 +19,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from l2rclip.models.checkpoint import read_model_meta
+from l2rclip.predict import mlflow_store
 from l2rclip.serving import RequestLimits, log_pyfunc
-from l2rclip.tracking import default_tracking_uri
+from l2rclip.tracking import PARENT_TAG, default_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +40,6 @@ PROMOTED = "promoted"
 KEPT = "kept_champion"
 
 
-def default_model_name(source: str) -> str:
-    """The registered model of a dataset source: `l2rclip-<source>` (one lineage per dataset)."""
-    return f"l2rclip-{source}"
-
-
 def _client(tracking_uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri or default_tracking_uri())
 
@@ -45,12 +48,12 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
              tracking_uri: str | None = None, set_champion_if_missing: bool = True,
              limits: RequestLimits | None = None,
              calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Log `model_dir` as a pyfunc under `run_id` and register it as a new version of `name`.
+    """Log `model_dir` as a pyfunc of the run `run_id` and register that logged model as a version of `name`.
 
     Args:
         model_dir: the l2rclip model folder.
-        name: registered model name (see `default_model_name`).
-        run_id: the run that produced the model (the pipeline's parent run).
+        name: registered model name (`l2rclip.config.model_name`).
+        run_id: the run that trained the model (the fold's run); the version's run.
         tags: version tags (None values are left out); `l2rclip.is_clip` and `l2rclip.backbone`
             are added from the model's metadata unless given.
         tracking_uri: MLflow store, also the registry (default: `default_tracking_uri()`).
@@ -59,8 +62,8 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
         calibration: the fold's conformal calibration, stored in the model (interval columns).
 
     Returns:
-        `name`, `version` (int), `model_uri` (`models:/<name>/<version>`), `run_id`, and
-        `champion` (whether this version is now the champion).
+        `name`, `version` (int), `model_uri` (`models:/<name>/<version>`), `run_id`, `model_id`
+        (the logged model) and `champion` (whether this version is now the champion).
     """
     uri = tracking_uri or default_tracking_uri()
     client = _client(uri)
@@ -73,19 +76,33 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
     except MlflowException as error:
         if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-    # The logged model's storage location, not its models:/ URI: the registry store would look that
-    # URI up in MLflow's global tracking store, not necessarily this one.
-    logged = client.get_logged_model(logged_uri.removeprefix("models:/"))
-    version = client.create_model_version(
-        name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
-        tags={key: str(value) for key, value in version_tags.items() if value is not None})
+    # MLflow's registration of a logged model: the version's run is the model's source run, and the
+    # logged model lists the version. It takes no store: it looks models:/<model_id> up in the global one.
+    with mlflow_store(uri):
+        version = mlflow.register_model(logged_uri, name, tags={key: str(value) for key, value in
+                                                                version_tags.items() if value is not None})
+    client.update_model_version(name, version.version, description=_origin(client, version))
     is_champion = set_champion_if_missing and champion(name, uri) is None
     if is_champion:
         promote(name, version.version, f"first version of {name}: there was no champion yet", uri)
     log.info("registered %s version %s from run %s%s", name, version.version, run_id,
              " as champion" if is_champion else "")
     return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
-            "run_id": run_id, "champion": is_champion}
+            "run_id": run_id, "model_id": logged_uri.removeprefix("models:/"), "champion": is_champion}
+
+
+def _origin(client: MlflowClient, version: ModelVersion) -> str:
+    """Where a version came from and where the rest of its numbers are: its run, and that run's parent."""
+    try:
+        parent = client.get_run(version.run_id).data.tags.get(PARENT_TAG)
+    except MlflowException:  # the run was deleted since: the version still names it
+        parent = None
+    fold = version.tags.get("l2rclip.fold")
+    trained = f"Trained in run {version.run_id}" + (f" (fold {fold})" if fold is not None else "")
+    if parent is None:
+        return f"{trained}: the run holds the model and the metrics logged with it."
+    return (f"{trained} of pipeline run {parent}: the fold's metrics are on its run, the cross-validated "
+            f"test means (`test/<metric>_mean`) on the pipeline run.")
 
 
 def champion(name: str, tracking_uri: str | None = None) -> ModelVersion | None:
@@ -123,4 +140,5 @@ def _record(client: MlflowClient, name: str, version: str | int, decision: str, 
     client.set_model_version_tag(name, str(version), DECISION_TAG, decision)
     client.set_model_version_tag(name, str(version), REASON_TAG, reason)
     log.info("%s version %s: %s", name, version, description)
-    return client.update_model_version(name, str(version), description=description)
+    origin = _origin(client, client.get_model_version(name, str(version)))
+    return client.update_model_version(name, str(version), description=f"{description}\n\n{origin}")

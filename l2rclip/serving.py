@@ -38,6 +38,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from l2rclip.config import DataConfig, ServingConfig
@@ -154,11 +155,16 @@ def requirements() -> list[str]:
 def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = None,
                artifact_path: str = "model", limits: RequestLimits | None = None,
                calibration: dict[str, Any] | None = None) -> str:
-    """Log an l2rclip model folder as a models-from-code pyfunc under an existing run; returns its URI.
+    """Log an l2rclip model folder as a models-from-code pyfunc of an existing run; returns its URI.
+
+    The logged model's source run is `run_id` and the run lists it among its outputs (MLflow's
+    model <-> run link). MLflow logs a model only into the active run, so the run is started
+    again for it and ended afterwards; a run that had ended gets back its status and end time
+    (a fold run's duration stays its training's, not the time until registration).
 
     Args:
         model_dir: the model folder (or any URI `Predictor.load` accepts).
-        run_id: the run to log under (e.g. the pipeline's parent run); it is ended afterwards.
+        run_id: the run that produced the model (the fold run that trained it); ended afterwards.
         tracking_uri: MLflow store (default: `default_tracking_uri()`).
         artifact_path: the logged model's name within the run.
         limits: request limits the served model applies (default: the params defaults), stored
@@ -178,10 +184,14 @@ def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = No
         signature = infer_signature(example, predict_frame(predictor, example, limits).infer_objects())
     with tempfile.TemporaryDirectory(prefix="l2rclip-pyfunc-") as tmp:
         folder = predictor.save(Path(tmp) / "l2rclip-model")
-        with mlflow_store(tracking_uri or default_tracking_uri()), mlflow.start_run(run_id=run_id):
+        uri = tracking_uri or default_tracking_uri()
+        before = MlflowClient(uri).get_run(run_id).info
+        with mlflow_store(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(MODEL_CODE),
                                            artifacts={MODEL_ARTIFACT: str(folder)}, model_config=asdict(limits),
                                            signature=signature, input_example=example,
                                            pip_requirements=requirements(), code_paths=None)
+    if before.end_time:  # the run had ended: put its status and end back (reopening it changed them)
+        MlflowClient(uri).set_terminated(run_id, before.status, end_time=before.end_time)
     log.info("logged %s as pyfunc model %s under run %s", model_dir, info.model_uri, run_id)
     return info.model_uri

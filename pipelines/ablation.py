@@ -8,6 +8,10 @@ Metrics come back from `dvc exp show --json` (the report's `metrics.json` of eve
 the variants run instead on the workers of a Prefect work pool, one machine each, and come back
 through the shared git and DVC remotes (`pipelines.fanout`); the comparison is the same.
 
+Variants register no model: every variant runs with `-S tracking.register=false` (on the local
+queue and on the work pool alike), so its `register` stage records "not registered" and the
+registry holds only the models of the pipeline's own runs (`dvc repro`, the retrain flow).
+
 Every MLflow run of a variant (the pipeline's parent run and its fold runs) gets the tag
 `l2rclip.variant=<name>`: a variant's runs are those whose `l2rclip.pipeline_key` equals the key
 the train stage computes from that variant's params and the run's data version.
@@ -64,6 +68,7 @@ AXES: dict[str, dict[str, list[Any]]] = {
 }
 DEFAULT_GRID = {**AXES["rankformer"], **AXES["cop"]}
 OUT_DIR = Path("outputs/ablation")  # git-ignored: rewritten from `dvc exp show` on every run (ablation_report)
+NO_REGISTER = "tracking.register=false"  # variants are compared, not served: they register no model
 VARIANT_TAG = "l2rclip.variant"
 
 
@@ -96,14 +101,18 @@ def expand(grid: dict[str, list[Any]]) -> list[Variant]:
     return variants
 
 
-def _settings(overrides: dict[str, Any], extra: Sequence[str]) -> list[str]:
-    """`key=value` settings for `dvc exp run -S`; values in JSON, which DVC's parser reads as YAML."""
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()] + list(extra)
+def variant_settings(overrides: dict[str, Any], extra: Sequence[str]) -> list[str]:
+    """`key=value` settings for `dvc exp run -S`: `NO_REGISTER`, the variant's, then `extra`.
+
+    Values are JSON, which DVC's parser reads as YAML. Later settings win, so `extra` can turn
+    registration back on (`--set tracking.register=true`) when a variant is meant to be served.
+    """
+    return [NO_REGISTER, *(f"{key}={json.dumps(value)}" for key, value in overrides.items()), *extra]
 
 
 def _set_params(overrides: dict[str, Any], extra: Sequence[str]) -> list[str]:
-    """`-S key=value` arguments (see `_settings`)."""
-    return [argument for setting in _settings(overrides, extra) for argument in ("-S", setting)]
+    """`-S key=value` arguments (see `variant_settings`)."""
+    return [argument for setting in variant_settings(overrides, extra) for argument in ("-S", setting)]
 
 
 @task
@@ -215,8 +224,8 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
     runs = None
     with checkout_lock(root, log=logger):
         if work_pool:
-            runs = fan_out(root, [(v.name, _settings(v.overrides, extra or [])) for v in variants], work_pool,
-                           uri, git_remote)
+            settings = [(v.name, variant_settings(v.overrides, extra or [])) for v in variants]
+            runs = fan_out(root, settings, work_pool, uri, git_remote)
         else:
             queue_variants(root, variants, list(extra or []))
             run_queue(root, jobs)
@@ -283,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--axis", action="append", dest="axes", choices=sorted(AXES),
                         help="a named axis of the grid (repeatable; default: rankformer and cop)")
     parser.add_argument("--grid", action="append", help="an axis as key=value1,value2 (repeatable)")
-    parser.add_argument("--set", action="append", dest="extra", help="key=value for every variant (repeatable)")
+    parser.add_argument("--set", action="append", dest="extra",
+                        help="key=value for every variant (repeatable); variants register no model unless "
+                             "--set tracking.register=true")
     parser.add_argument("--jobs", type=int, default=1,
                         help="experiments at a time in the local DVC queue (default: %(default)s)")
     parser.add_argument("--metric", default="test/mae", help="report metric compared (default: %(default)s)")

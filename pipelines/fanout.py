@@ -11,7 +11,9 @@ run, on whichever worker picks it up:
     3. `dvc exp run --temp -n <name> -S key=value ...` (a temporary copy: the clone stays clean);
     4. `dvc exp push <git remote> <name>`: the experiment's git ref to the git remote and its
        outputs to the DVC remote, where every other clone can `dvc exp pull` them;
-while its stages track to the MLflow server the caller uses (`MLFLOW_TRACKING_URI`).
+while its stages track to the MLflow server the caller uses (`MLFLOW_TRACKING_URI`). Its callers'
+settings start with `tracking.register=false` (`pipelines.ablation.NO_REGISTER`): experiments
+run here are variants or pieces of one, and register no model.
 
 The caller (`pipelines.ablation --work-pool <pool>`) checks that its commit is on the git remote,
 submits one run per variant, waits for all of them, then `dvc exp pull`s the results and

@@ -23,13 +23,17 @@ from prefect import flow, get_run_logger
 
 from l2rclip.config import load_params
 from l2rclip.stages.report import summarise
-from pipelines.ablation import collect
+from pipelines.ablation import NO_REGISTER, collect
 from pipelines.common import describe, project, run_cli, tracking_uri
 from pipelines.fanout import fan_out
 
 
 def fold_runs(name: str, settings: Sequence[str], default_folds: Sequence[int]) -> list[tuple[str, list[str]]]:
-    """`(NAME-fold<k>, settings + folds=[k])` for each fold of `-S folds=...` or else `default_folds`."""
+    """`(NAME-fold<k>, settings + folds=[k])` for each fold of `-S folds=...` or else `default_folds`.
+
+    A fold's experiment is a piece of one, so it registers no model (`NO_REGISTER` first: a
+    `tracking.register=true` in `settings` still wins).
+    """
     chosen, kept = list(default_folds), []
     for setting in settings:
         key, _, value = setting.partition("=")
@@ -41,7 +45,7 @@ def fold_runs(name: str, settings: Sequence[str], default_folds: Sequence[int]) 
             raise ValueError(f"folds: expected a list of fold numbers such as folds=[0,1], found {setting!r}")
     if not chosen:
         raise ValueError("folds: expected at least one fold, found none")
-    return [(f"{name}-fold{k}", [*kept, f"folds=[{k}]"]) for k in chosen]
+    return [(f"{name}-fold{k}", [NO_REGISTER, *kept, f"folds=[{k}]"]) for k in chosen]
 
 
 def combine(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

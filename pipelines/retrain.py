@@ -3,8 +3,10 @@
 1. `dvc status`: if no stage is stale and the registered version of the last run has already been
    decided on (it is the champion, or carries a decision), the flow logs "up to date" and stops.
 2. Otherwise the `pipeline` flow runs `dvc repro`; its `register` stage registers the best
-   validation fold's model as a new version of `l2rclip-<data.source>` (the champion when there
-   is none yet).
+   validation fold's model as a new version of the dataset's registered model
+   (`l2rclip.config.model_name`: `tracking.model_name`, default `l2rclip-<folder name of data.root>`;
+   the champion when there is none yet). Versions of one name are of one dataset: the gate never
+   compares models of two datasets.
 3. The new version and the champion are scored on the SAME images, which NEITHER trained on: the
    promotion holdout (`outputs/prepare/holdout.csv`, `l2rclip.data.holdout`), each through its own
    registered artifacts (`l2rclip.predict.Predictor`), with `l2rclip.metrics.ordinal_metrics`.
@@ -39,7 +41,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from l2rclip.config import EvalConfig, Params, load_params
+from l2rclip.config import EvalConfig, Params, load_params, model_name
 from l2rclip.data.holdout import holdout_version
 from l2rclip.evaluation import probabilities_of
 from l2rclip.metrics import ordinal_metrics
@@ -51,7 +53,6 @@ from l2rclip.registry import (
     PROMOTED,
     REASON_TAG,
     champion,
-    default_model_name,
     keep,
     promote,
 )
@@ -134,7 +135,8 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
     """Retrain when data, params or code changed; promote the new version only if it is better.
 
     Args:
-        repo: the project folder; its `params.yaml` names the dataset (and so the registered model).
+        repo: the project folder; its `params.yaml` names the dataset and so the registered model
+            (`l2rclip.config.model_name`).
         margin: the smallest improvement in `metric` that promotes (its units, e.g. 0.05 years).
         metric: `test/<name>` of `l2rclip.metrics.ordinal_metrics`, computed on the promotion holdout.
 
@@ -165,7 +167,7 @@ def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
     logger = get_run_logger()
     params = load_params(root / "params.yaml")
     store = tracking_uri(root)
-    name = default_model_name(params.data.source)
+    name = model_name(params)
     stale = stale_stages(root)
     if stale:
         logger.info("changed since the last run (stages to rebuild): %s", ", ".join(stale))

@@ -85,9 +85,9 @@ def test_a_worker_run_needs_its_clone_and_never_overwrites_local_changes(shared_
 
 def test_folds_fan_out_as_one_experiment_each_and_summarise_like_the_report():
     settings = ["loss.cop=0", "folds=[2, 4]", "train.epochs=3"]
-    assert fold_runs("fgnet", settings, default_folds=[0, 1]) == [
-        ("fgnet-fold2", ["loss.cop=0", "train.epochs=3", "folds=[2]"]),
-        ("fgnet-fold4", ["loss.cop=0", "train.epochs=3", "folds=[4]"])]
+    assert fold_runs("fgnet", settings, default_folds=[0, 1]) == [  # pieces of one experiment: no registration
+        ("fgnet-fold2", ["tracking.register=false", "loss.cop=0", "train.epochs=3", "folds=[2]"]),
+        ("fgnet-fold4", ["tracking.register=false", "loss.cop=0", "train.epochs=3", "folds=[4]"])]
     assert [name for name, _ in fold_runs("x", [], default_folds=[0, 1, 2])] == ["x-fold0", "x-fold1", "x-fold2"]
     with pytest.raises(ValueError, match="expected a list of fold numbers .* found 'folds=3'"):
         fold_runs("x", ["folds=3"], default_folds=[0])

@@ -443,6 +443,8 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
     assert f"| champion | 1 | {promoted['scores']['champion']:.4f} |" in decision.data
     assert "margin 0" in decision.data and "20 promotion-holdout images" in decision.data
     assert "l2rclip.data_version v1 -> v2" in decision.data and "now: version 2" in decision.data
+    fold_run = json.loads((repo / "outputs/folds/0/train/tracking.json").read_text())["run_id"]
+    assert client.get_model_version("l2rclip-demo", "2").run_id == fold_run  # logged where it was trained
 
     again, run_id = run_flow(retrain, str(repo))
     assert again["up_to_date"] and again["stale"] == [] and again["version"] == "2" and "scores" not in again
@@ -470,6 +472,16 @@ def test_retrain_refuses_to_compare_models_made_under_different_holdouts(harness
     result = retrain(str(repo))
     assert (result["decision"], result["champion"]) == ("kept_champion", "1") and "scores" not in result
     assert "another promotion holdout" in result["reason"] and "salt=another-salt" in result["reason"]
+
+
+def test_retrain_of_another_dataset_starts_its_own_lineage(harness, retrain_repo, env):
+    repo, _ = retrain_repo
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tracking"]["model_name"] = "faces-prod"  # another dataset's model: never gated on l2rclip-demo's
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = retrain(str(repo))
+    assert (result["name"], result["version"], result["champion"]) == ("faces-prod", "1", "1")
+    assert "scores" not in result and str(champion("l2rclip-demo", env).version) == "1"
 
 
 # --- slow: the project's pipeline as DVC experiments; a real Prefect server ----------------------------

@@ -3,7 +3,9 @@
 Outputs:
     <out>/metrics.json      {"test/<metric>": {"mean", "std", "folds": [...]}, ...} (a DVC metric)
     <out>/report.md         the table, the median baseline, and the comparison with the metrics of
-                            the last committed run (what `dvc metrics diff` shows, read from git)
+                            the last committed run (what `dvc metrics diff` shows, read from git),
+                            only when that run was of the same dataset (`dataset` in metrics.json:
+                            source, registered model name, data version)
     <out>/figures/cv_summary.png
 The std is the sample standard deviation over folds (ddof=1), as papers report it.
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from l2rclip.config import Params, load_params
+from l2rclip.config import Params, load_params, model_name
 from l2rclip.plots import cv_summary_plot
 from l2rclip.stages.common import PIPELINE_CHECK, run_main, stage_parser, write_json
 from l2rclip.timings import read_seconds
@@ -52,6 +54,32 @@ def summarise(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                         "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                         "folds": [float(v) for v in values]}
     return summary
+
+
+def dataset_identity(params: Params, train_root: Path) -> dict[str, Any]:
+    """Which dataset the report is of: source, registered model name (one per dataset), data version.
+
+    The data version is the train stage's (`summary.json` of the first fold; None without it).
+    """
+    summary = train_root / str(params.folds[0]) / "train" / "summary.json"
+    version = json.loads(summary.read_text(encoding="utf-8")).get("data_version") if summary.is_file() else None
+    return {"source": params.data.source, "model_name": model_name(params), "data_version": version}
+
+
+def not_comparable(previous: dict[str, Any], dataset: dict[str, Any]) -> str | None:
+    """Why the committed report `previous` must not be compared with one of `dataset` (a sentence), or None.
+
+    Reports of two datasets (another source or registered model name) differ by their data, not
+    by what changed in the pipeline; a changed data version of the same dataset is compared.
+    """
+    before = previous.get("dataset")
+    if not isinstance(before, dict):
+        return "The committed report does not name its dataset (written by an older l2rclip); not compared."
+    if (before.get("source"), before.get("model_name")) != (dataset["source"], dataset["model_name"]):
+        return (f"The previous committed report is of another dataset (source {before.get('source')}, "
+                f"{before.get('model_name')}; now source {dataset['source']}, {dataset['model_name']}); "
+                "not compared.")
+    return None
 
 
 def previous_summary(path: Path) -> dict[str, Any] | None:
@@ -117,7 +145,13 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
     lines += ["", "## Change since the last committed run", ""]
     if previous is None:
         lines.append("No committed report to compare with (first run, or outputs not committed).")
+    elif (why_not := not_comparable(previous, header["dataset"])) is not None:
+        lines.append(why_not)
     else:
+        dataset, before = header["dataset"], previous["dataset"].get("data_version")
+        if before != dataset["data_version"]:
+            lines += [f"Same dataset ({dataset['model_name']}), other data: version {before} then, "
+                      f"{dataset['data_version']} now.", ""]
         lines += ["| metric | before | now | change |", "|---|---|---|---|"]
         for name in TABLE_METRICS:
             key = f"test/{name}"
@@ -140,7 +174,8 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
               "n_folds": len(per_fold),
               "paper_mae": PAPER_MAE_KEYS[params.eval.paper_mae],
               "paper_mae_unit": "rank-index" if params.eval.paper_mae == "index" else "rank-value",
-              "prediction_rule": per_fold[0].get("prediction_rule", "argmax+expectation")}
+              "prediction_rule": per_fold[0].get("prediction_rule", "argmax+expectation"),
+              "dataset": dataset_identity(params, train_root)}
     metrics_file = out_dir / "metrics.json"
     previous = previous_summary(metrics_file)
     write_json(metrics_file, {**summary, **header})
