@@ -125,9 +125,9 @@ def probabilities_of(predictions: pd.DataFrame, rank_space: RankSpace) -> np.nda
     columns = list(rank_space.probability_columns())
     missing = [c for c in columns if c not in predictions.columns]
     if missing:
-        raise ValueError(f"predictions lack the probability columns {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                         f" of {rank_space.describe()}: expected a table written with probabilities "
-                         f"(p_<label> per rank), found columns {list(predictions.columns)[:12]}")
+        raise ValueError(f"predictions lack {len(missing)} probability columns, e.g. {missing[:5]}, of the ranks "
+                         f"{rank_space.describe()}: expected a table written with probabilities (p_<label> "
+                         f"per rank), found columns {list(predictions.columns)[:12]}")
     return predictions[columns].to_numpy(dtype=np.float64)
 
 
