@@ -302,8 +302,8 @@ def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
 
     Panels have their own y scale, because MAE in years and accuracy in [0, 1] share no axis.
     A baseline (e.g. the MAE of always predicting the training median) is drawn in its metric's
-    panel: its value per fold as a grey bar, its mean as a dashed line. With one fold there is
-    no std to show.
+    panel: its value per fold as a dash, its mean as a dashed line. With one fold there is no std
+    to show. Legends sit under the panels, off the points.
 
     Args:
         per_fold: metric name -> value per fold.
@@ -334,29 +334,31 @@ def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
         raise ValueError(f"expected one value per fold ({n_folds} folds: {', '.join(fold_names)}), "
                          f"found {wrong}")
     x = np.arange(n_folds)  # (K,)
-    fig, axes = _figure(max(2.6, 0.12 * n_folds + 2.2) * len(names) + 0.5, 3.8, ncols=len(names))
+    panel = min(9.0, max(3.0, 0.12 * n_folds + 2.2))  # inches per panel: room for the folds, within reason
+    fig, axes = _figure(panel * len(names) + 0.5, 4.2, ncols=len(names))
     for ax, name in zip(axes, names, strict=True):
         values = series[name]
         mean = values.mean()
-        if name in baselines:
-            base = series[f"baseline of {name}"]
-            ax.bar(x, base, width=0.6, color="lightgrey", label="median baseline per fold")
-            ax.axhline(base.mean(), color="grey", linestyle="--", linewidth=1,
-                       label=f"median baseline, mean {base.mean():.3g}")
-        ax.plot(x, values, "o", label="fold")
-        ax.axhline(mean, color="black", linewidth=1, label="mean")
         if n_folds > 1:
             std = values.std(ddof=1)
-            ax.axhspan(mean - std, mean + std, color="black", alpha=0.08, label="mean ± std")
+            ax.axhspan(mean - std, mean + std, color="C0", alpha=0.12, label="mean ± std")
             title = f"{name}\n{mean:.3g} ± {std:.2g}"
         else:
             title = f"{name}\n{mean:.3g} (one fold: no std)"
+        ax.axhline(mean, color="C0", linewidth=1, label="mean")
+        ax.plot(x, values, "o", color="C0", label="fold")
+        if name in baselines:
+            base = series[f"baseline of {name}"]
+            ax.plot(x, base, "_", color="C3", markersize=min(14.0, 300 / n_folds), markeredgewidth=2,
+                    label="median baseline per fold")
+            ax.axhline(base.mean(), color="C3", linestyle="--", linewidth=1,
+                       label=f"median baseline, mean {base.mean():.3g}")
         keep = x[:: math.ceil(n_folds / MAX_TICKS)]
         ax.set_xticks(keep, [fold_names[i] for i in keep])
         ax.set(xlabel="fold", xlim=(-0.6, n_folds - 0.4), title=title)
         if units.get(name):
-            ax.set_ylabel(units[name])
-        ax.legend(loc="best", fontsize=7)
+            ax.set_ylabel(f"{name} ({units[name]})")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, fontsize=7, frameon=False)
     return _save(fig, path, f"Cross-validation ({n_folds} fold{'s' if n_folds > 1 else ''})", title_suffix)
 
 
@@ -430,7 +432,7 @@ def conformal_plot(by_rank: Mapping[str, Mapping[str, Sequence[float | None]]], 
             ax.bar(x + offset, np.asarray(table[key], dtype=np.float64)[present], width=bar, label=method)
     cover_ax.axhline(1 - alpha, color="black", linestyle="--", label=f"1 - alpha = {1 - alpha:.3g}")
     cover_ax.set(ylabel="test coverage", ylim=(0, 1.15))
-    width_ax.set(ylabel="mean interval width (ranks)")
+    width_ax.set(ylabel="mean interval width (ranks)", ylim=(0, 1.25 * width_ax.get_ylim()[1]))  # legend room
     for ax in (cover_ax, width_ax):
         _rank_axis(ax, rank_space, "x", "true", unit, shown=present)
         ax.legend(loc="upper left", ncols=3, fontsize=8)
