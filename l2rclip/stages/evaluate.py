@@ -97,7 +97,7 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     if by_rank:
         result["conformal_by_rank"] = by_rank
     write_json(metrics_file, result)
-    suffix = "" if meta["is_clip"] else f"\n{PIPELINE_CHECK}"
+    suffix = "" if meta["is_clip"] else PIPELINE_CHECK
     figures = evaluation_plots(predictions, prototypes, rank_space,
                                out_dir / "figures", title_suffix=suffix, unit=params.ranks.unit)
     for alpha in calibration.alpha if calibration is not None else ():
