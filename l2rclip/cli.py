@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image file, folder, or CSV with a path column")
     predict.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-    predict.add_argument("--probabilities", action="store_true", help="add one p_<k> column per rank")
+    predict.add_argument("--probabilities", action="store_true",
+                         help="add one probability column per rank, named by its label: p_<label> (p_20: age 20)")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     predict.add_argument("--num-workers", type=int, default=0,
                          help="loader processes reading images (default: 0, in the main process)")

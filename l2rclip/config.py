@@ -44,6 +44,8 @@ class RanksConfig:
     `values` gives each label's numeric value (default: the label itself, which must then be
     numeric); `names` is `words` (number words of the values), `labels` (the labels as text) or
     an explicit list; `name_format` wraps each name, e.g. "{}s" turns "1950" into "1950s".
+    `unit` is the unit of the values, shown in figure axis labels ("years" -> "true value (years)");
+    "" for unitless ranks. It only labels figures (l2rclip.plots).
     """
 
     start: int | None = 1
@@ -52,6 +54,7 @@ class RanksConfig:
     values: tuple[float, ...] | None = None
     names: str | tuple[str, ...] = "words"
     name_format: str = "{}"
+    unit: str = ""
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,9 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
         table: rows in the order of `probs`, with `path` and optionally `rank` and `value`.
         probs: (N, M) rank probabilities.
         rank_space: the ranks.
-        with_probabilities: add one `p_<k>` column per rank.
+        with_probabilities: add one probability column per rank, in rank order, named by its
+            label: `p_<label>` (`RankSpace.probability_columns`: `p_20` for age 20, `p_0_2` for
+            Adience "(0, 2)").
         calibration: add the conformal interval of its served method: `interval_low` and
             `interval_high` (labels), `interval_low_value`, `interval_high_value` and
             `interval_level` (1 - alpha).
@@ -114,14 +116,18 @@ def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSp
         out["interval_high_value"] = rank_space.value_array[high]
         out["interval_level"] = 1.0 - alpha
     if with_probabilities:
-        for k in range(probs.shape[1]):
-            out[f"p_{k}"] = probs[:, k]
+        out = pd.concat([out, pd.DataFrame(probs, columns=rank_space.probability_columns())], axis=1)
     return out
 
 
-def probabilities_of(predictions: pd.DataFrame) -> np.ndarray:
-    """The (N, M) probability block of a predictions table written with probabilities."""
-    columns = sorted((c for c in predictions.columns if c.startswith("p_")), key=lambda c: int(c[2:]))
+def probabilities_of(predictions: pd.DataFrame, rank_space: RankSpace) -> np.ndarray:
+    """The (N, M) probability block, in rank order, of a predictions table written with probabilities."""
+    columns = list(rank_space.probability_columns())
+    missing = [c for c in columns if c not in predictions.columns]
+    if missing:
+        raise ValueError(f"predictions lack {len(missing)} probability columns, e.g. {missing[:5]}, of the ranks "
+                         f"{rank_space.describe()}: expected a table written with probabilities (p_<label> "
+                         f"per rank), found columns {list(predictions.columns)[:12]}")
     return predictions[columns].to_numpy(dtype=np.float64)
 
 

@@ -311,14 +311,15 @@ class Predictor:
             names: the `path` column, one per input.
             batch_size: images per forward pass.
             num_workers: loader processes reading and transforming images (0: this process).
-            with_probabilities: add one `p_<k>` column per rank.
+            with_probabilities: add one probability column per rank, named by its label
+                (`p_<label>`, e.g. `p_20` for age 20; `RankSpace.probability_columns`).
             progress: show a progress bar.
 
         Returns:
             One row per input, in input order: `path`, `pred_rank` (nullable int), `pred_label`,
             `pred_name`, `pred_value`, `expected_value`, `std`, `entropy`, `confidence`, with a
             calibration `interval_low`, `interval_high` (labels), `interval_low_value`,
-            `interval_high_value` and `interval_level`, the `p_<k>` columns when asked, and
+            `interval_high_value` and `interval_level`, the `p_<label>` columns when asked, and
             `error` ("" when the input was read, else why not; its prediction columns are then
             empty).
         """

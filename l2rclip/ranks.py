@@ -8,6 +8,7 @@ names ("twenty-three", "1950s"). Keeping every conversion here means offsets suc
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,7 @@ class RankSpace:
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "values", values)
         object.__setattr__(self, "names", names)
+        object.__setattr__(self, "_columns", self._probability_columns(labels))
 
     @classmethod
     def from_config(cls, config: RanksConfig) -> RankSpace:
@@ -156,6 +158,30 @@ class RankSpace:
     def label_of(self, index: int) -> Any:
         """Label of rank index."""
         return self.labels[index]
+
+    def probability_columns(self) -> tuple[str, ...]:
+        """Column name of each rank's probability in prediction tables: `p_<label>`, in rank order.
+
+        Named by label, not position, so a column keeps its meaning when the rank space changes
+        (age 20 is `p_20` for ranks 0..69 and 16..77 alike). In a label, every run of characters
+        other than letters, digits, `.`, `+` and `-` becomes one `_`, trimmed at the ends (Adience
+        "(0, 2)" -> `p_0_2`); the constructor refuses labels whose names would be empty or clash.
+        """
+        return self.__dict__["_columns"]
+
+    @staticmethod
+    def _probability_columns(labels: tuple[Any, ...]) -> tuple[str, ...]:
+        cleaned = [re.sub(r"[^0-9A-Za-z.+-]+", "_", str(RankSpace._key(label))).strip("_") for label in labels]
+        empty = [label for label, name in zip(labels, cleaned, strict=True) if not name]
+        if empty:
+            raise RankError(f"labels {empty!r} have no letter or digit: expected labels that can name "
+                            "a probability column p_<label>")
+        first: dict[str, Any] = {}
+        for label, name in zip(labels, cleaned, strict=True):
+            if first.setdefault(name, label) != label:
+                raise RankError(f"labels {first[name]!r} and {label!r} both name the probability column "
+                                f"p_{name}: rename one of them")
+        return tuple(f"p_{name}" for name in cleaned)
 
     def describe(self) -> str:
         """Short human description of the labels, for error messages."""

@@ -116,7 +116,7 @@ def score(model_uri: str, store: str, paths: list[str], labels: list[Any], devic
                          f"{unread.iloc[0]['path']}: {unread.iloc[0]['error']}")
     space = predictor.rank_space
     point = table["pred_rank"].to_numpy(dtype=int) if predictor.model.has_point_rule else None  # CORAL/CORN rule
-    metrics = ordinal_metrics(probabilities_of(table), space.indices(labels), space.value_array,
+    metrics = ordinal_metrics(probabilities_of(table, space), space.indices(labels), space.value_array,
                               settings.cs_theta, settings.ece_bins, point)
     name = metric.rsplit("/", 1)[-1]
     if name not in metrics:

@@ -232,12 +232,12 @@ def test_conformal_plot_draws_the_ranks_with_test_images(tmp_path):
     test_probs, test_ranks = calibrated(300, 0.5, rng)
     calibration = Calibration.fit(calib_probs, calib_ranks, VALUES, "ordinal", [0.1])
     _, by_rank = evaluate_intervals(calibration, test_probs, test_ranks, VALUES)
-    names = [str(v) for v in range(1, M + 1)]
-    path = conformal_plot({m: by_rank[f"{m}_90"] for m in METHODS}, 0.1, names, tmp_path / "c.png",
-                          title_suffix="PIPELINE CHECK")
+    space = RankSpace(range(1, M + 1))
+    path = conformal_plot({m: by_rank[f"{m}_90"] for m in METHODS}, 0.1, space, tmp_path / "c.png",
+                          title_suffix="PIPELINE CHECK", unit="years")
     assert path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="at least one method"):
-        conformal_plot({}, 0.1, names, tmp_path / "none.png")
+        conformal_plot({}, 0.1, space, tmp_path / "none.png")
 
 
 @pytest.fixture(scope="module")

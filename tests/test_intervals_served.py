@@ -11,6 +11,7 @@ from test_predict import mlflow_store, save_tiny_model
 from l2rclip import cli
 from l2rclip.conformal import Calibration, ConformalError
 from l2rclip.data.demo import generate_demo
+from l2rclip.evaluation import probabilities_of
 from l2rclip.predict import Predictor
 from l2rclip.registry import register
 from l2rclip.serving import log_pyfunc
@@ -29,7 +30,7 @@ def served(tmp_path_factory) -> dict:
     calib, test = np.arange(0, 30, 3).tolist() + np.arange(1, 30, 3).tolist(), np.arange(2, 30, 3).tolist()
     plain = Predictor.load(model_dir, device="cpu")
     probs = plain.predict_paths([paths[i] for i in calib], with_probabilities=True, progress=False)
-    probs = probs[[f"p_{k}" for k in range(10)]].to_numpy(float)  # (20, 10)
+    probs = probabilities_of(probs, plain.rank_space)  # (20, 10): p_1 .. p_10
     calibration = Calibration.fit(probs, table["label"].to_numpy()[calib] - 1, np.arange(1.0, 11.0), "ordinal",
                                   [0.1, 0.2]).to_dict()
     uri = mlflow_store(tmp_path_factory)

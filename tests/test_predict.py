@@ -26,6 +26,7 @@ from l2rclip.ranks import RankSpace
 from l2rclip.serving import predict_frame
 
 NUMBERS = ["pred_rank", "pred_value", "expected_value", "std", "entropy", "confidence"]
+PROBABILITIES = [f"p_{count}" for count in range(1, 11)]  # named by label: the tiny model's ranks are counts 1..10
 
 
 def save_tiny_model(folder: Path) -> Path:
@@ -93,13 +94,14 @@ def test_folder_with_bad_inputs_keeps_order_and_matches_evaluate(predictor, mode
     bad = out["error"] != ""
     assert bad.tolist() == [False, False, True, True, False]
     assert "corrupt.png" in out.loc[2, "error"] and "missing.jpg" in out.loc[3, "error"]
-    assert out.loc[bad, NUMBERS + ["p_0"]].isna().all().all()
+    assert [c for c in out.columns if c.startswith("p_")] == PROBABILITIES
+    assert out.loc[bad, NUMBERS + ["p_1"]].isna().all().all()
     good = [p for p, b in zip(paths, bad, strict=True) if not b]
     expected = evaluate_stage_predictions(model_dir, good)
     found = out[~bad].reset_index(drop=True)
     assert (found["pred_label"].tolist() == expected["pred_label"].tolist()
             and found["pred_name"].tolist() == expected["pred_name"].tolist())
-    columns = NUMBERS + [f"p_{k}" for k in range(10)]
+    columns = NUMBERS + PROBABILITIES
     np.testing.assert_allclose(found[columns].to_numpy(float), expected[columns].to_numpy(float), atol=1e-6)
 
 
@@ -166,7 +168,7 @@ def test_cli_writes_the_csv(model_dir, demo_root, tmp_path, capsys):
     assert code == cli.EXIT_SOME_FAILED  # one input is missing
     table = pd.read_csv(out, keep_default_na=False)
     assert len(table) == 3 and table["error"].astype(bool).tolist() == [False, False, True]
-    assert {f"p_{k}" for k in range(10)} <= set(table.columns)
+    assert [c for c in table.columns if c.startswith("p_")] == PROBABILITIES
     assert f"predicted 2 of 3 images (1 errors) -> {out}" in capsys.readouterr().out
     assert cli.main(["predict", str(tmp_path / "no-model"), str(demo_root), "--out", str(out)]) == 2
     assert "no-model: expected an l2rclip model folder" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def test_overrides_set_the_whole_protocol_and_the_reduced_budget(tmp_path):
     assert settings == [
         "folds=[1]",
         "ranks.start=1", "ranks.stop=10", "ranks.labels=[1930, 1940]", "ranks.values=null",
-        'ranks.names="labels"', 'ranks.name_format="{}s"',
+        'ranks.names="labels"', 'ranks.name_format="{}s"', 'ranks.unit=""',
         'data.source="hci"', 'data.root="/images"', 'data.list_file="/lists/hci"', "data.category=null",
         'split.protocol="repeats"', "split.n_folds=5", "split.val_fraction=0.1", "split.few_shot=null",
         "split.shift_keep=null", "split.shift_ranks=null", "split.n_repeats=2", "split.n_train=3",

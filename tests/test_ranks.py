@@ -42,3 +42,20 @@ def test_out_of_range_labels(call, match):
 def test_bad_definitions(kwargs, match):
     with pytest.raises(RankError, match=match):
         RankSpace(**kwargs)
+
+
+def test_probability_columns_are_named_by_label():
+    assert RankSpace(range(16, 20)).probability_columns() == ("p_16", "p_17", "p_18", "p_19")
+    assert RankSpace(["20", 21.0, 22]).probability_columns() == ("p_20", "p_21", "p_22")  # one name per number
+    groups = RankSpace(["(0, 2)", "(4, 6)", "60+"], values=[1, 5, 80])
+    assert groups.probability_columns() == ("p_0_2", "p_4_6", "p_60+")
+    assert RankSpace([-1, 2.5], names=["a", "b"]).probability_columns() == ("p_-1", "p_2.5")
+
+
+@pytest.mark.parametrize(("labels", "match"), [
+    (["a b", "a_b"], r"'a b' and 'a_b' both name the probability column p_a_b"),
+    (["()", "x"], r"\['\(\)'\] have no letter or digit"),
+])
+def test_labels_that_cannot_name_distinct_columns_are_refused(labels, match):
+    with pytest.raises(RankError, match=match):
+        RankSpace(labels, values=[1, 2])

@@ -25,14 +25,14 @@ import yaml
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 from PIL import Image
-from test_predict import NUMBERS, mlflow_store, save_tiny_model
+from test_predict import NUMBERS, PROBABILITIES, mlflow_store, save_tiny_model
 
 from l2rclip.data.demo import generate_demo
 from l2rclip.predict import Predictor
 from l2rclip.serving import MODEL_CODE, RequestLimits, encode_image, log_pyfunc
 from l2rclip.tracking import Tracker
 
-COLUMNS = NUMBERS + [f"p_{k}" for k in range(10)]
+COLUMNS = NUMBERS + PROBABILITIES
 # Small enough to break in a test, large enough for the 64 x 64 demo images the tests send.
 LIMITS = RequestLimits(max_rows=5, max_request_bytes=200_000, max_image_pixels=100 * 100)
 
@@ -67,6 +67,7 @@ def test_pyfunc_agrees_with_the_predictor(logged, monkeypatch):
     assert "invalid base64" in out.loc[3, "error"] and "UnidentifiedImageError" in out.loc[4, "error"]
     assert out.loc[3:, COLUMNS].isna().all().all()
     expected = logged["expected"]
+    assert [c for c in out.columns if c.startswith("p_")] == [c for c in expected.columns if c.startswith("p_")]
     np.testing.assert_allclose(out.loc[:2, COLUMNS].to_numpy(float), expected[COLUMNS].to_numpy(float), atol=1e-6)
     assert out.loc[:2, "pred_name"].tolist() == expected["pred_name"].tolist()
     with pytest.raises(Exception, match="image"):

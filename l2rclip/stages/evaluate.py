@@ -97,14 +97,14 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     if by_rank:
         result["conformal_by_rank"] = by_rank
     write_json(metrics_file, result)
-    suffix = "" if meta["is_clip"] else f"\n{PIPELINE_CHECK}"
+    suffix = "" if meta["is_clip"] else PIPELINE_CHECK
     figures = evaluation_plots(predictions, prototypes, rank_space,
-                               out_dir / "figures", title_suffix=suffix)
+                               out_dir / "figures", title_suffix=suffix, unit=params.ranks.unit)
     for alpha in calibration.alpha if calibration is not None else ():
         level = level_name(alpha)
         figures[f"conformal_{level}"] = conformal_plot(
-            {m: by_rank[f"{m}_{level}"] for m in calibration.scores}, alpha, rank_space.names,
-            out_dir / "figures" / f"conformal_{level}.png", title_suffix=suffix)
+            {m: by_rank[f"{m}_{level}"] for m in calibration.scores}, alpha, rank_space,
+            out_dir / "figures" / f"conformal_{level}.png", title_suffix=suffix, unit=params.ranks.unit)
 
     tracker, ids = Tracker.from_handle(model_dir.parent)
     run_id = ids.get("run_id")

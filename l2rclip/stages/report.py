@@ -180,9 +180,11 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     previous = previous_summary(metrics_file)
     write_json(metrics_file, {**summary, **header})
     (out_dir / "report.md").write_text(markdown(summary, previous, header), encoding="utf-8")
-    figure = cv_summary_plot({k: v["folds"] for k, v in summary.items()},
-                             out_dir / "figures" / "cv_summary.png",
-                             metric_names=[f"test/{m}" for m in ("mae", "mae_median_baseline", "accuracy")])
+    figure = cv_summary_plot({k: v["folds"] for k, v in summary.items()}, out_dir / "figures" / "cv_summary.png",
+                             metric_names=["test/mae", "test/accuracy"], folds=params.folds,
+                             baselines={"test/mae": summary["test/mae_median_baseline"]["folds"]},
+                             units={"test/mae": params.ranks.unit},
+                             title_suffix="" if header["is_clip"] else PIPELINE_CHECK)
 
     tracker, ids = Tracker.from_handle(train_root / str(params.folds[0]) / "train")
     parent = ids.get("parent_run_id")
