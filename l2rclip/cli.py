@@ -11,6 +11,7 @@ from pathlib import Path
 
 from l2rclip import __version__
 from l2rclip.config import DataConfig
+from l2rclip.data.formats import DATA_FORMATS, PREPARE_DESCRIPTION
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -211,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("bundle", choices=["reference"], help="the bundle to print")
     parity.set_defaults(func=_parity)
 
-    prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)")
+    prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)",
+                                  description=PREPARE_DESCRIPTION, epilog=DATA_FORMATS,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     prepare.add_argument("--out", default="outputs/prepare", help="output folder (default: outputs/prepare)")
     prepare.set_defaults(func=_prepare)

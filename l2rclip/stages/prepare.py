@@ -29,10 +29,11 @@ import numpy as np
 import pandas as pd
 
 from l2rclip.config import ConfigError, Params, load_params
+from l2rclip.data.formats import DATA_FORMATS, PREPARE_DESCRIPTION
 from l2rclip.data.holdout import HOLDOUT_COLUMNS, holdout_spec, holdout_version, split_holdout
 from l2rclip.data.sources import SourceError, load_source
 from l2rclip.data.splits import FOLD_SPLITS, SplitError, make_splits
-from l2rclip.data.validate import DataValidationError, validate_table
+from l2rclip.data.validate import DataValidationError, ranks_hint, validate_table
 from l2rclip.ranks import RankError, RankSpace
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,10 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
                                   duplicates=params.data.duplicates,
                                   workers=params.data.decode_workers, max_pixels=params.data.max_image_pixels)
     if good.empty:
+        hint = f"; {ranks_hint(table['label'])}" if (report["reason"] == "label_not_in_ranks").any() else ""
         raise DataValidationError(f"none of the {len(table)} rows of source {params.data.source!r} "
-                                  f"at {params.data.root} is usable (see the reasons above)")
+                                  f"at {table.attrs.get('list_file', params.data.root)} is usable "
+                                  f"(see the reasons above){hint}")
     # Sorting by path makes the folds independent of the order in which a source lists files.
     good = good.sort_values(["path", "row"], kind="mergesort").reset_index(drop=True)
     folded, holdout = split_holdout(good, params.split.holdout_fraction, params.split.holdout_salt)
@@ -137,11 +140,8 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `python -m l2rclip.stages.prepare --params params.yaml --out outputs/prepare`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m l2rclip.stages.prepare",
-        description="Read the data source named in the params file, decode and check every image "
-                    "and label once, split the good rows into folds, and write images.csv, "
-                    "bad_rows.csv, splits.csv and summary.json. The source data is only read.")
+    parser = argparse.ArgumentParser(prog="python -m l2rclip.stages.prepare", description=PREPARE_DESCRIPTION,
+                                     epilog=DATA_FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/prepare"),
