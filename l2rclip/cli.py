@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from l2rclip import __version__
@@ -118,6 +120,44 @@ def _prepare(args: argparse.Namespace) -> int:
 EXIT_BAD_REQUEST = 2      # bad arguments, inputs, model or --out: nothing was predicted or written
 EXIT_SOME_FAILED = 3      # the CSV was written, but some inputs could not be read (its `error` column)
 EXIT_NONE_PREDICTED = 4   # the CSV was written, but no input could be read
+
+
+REGISTERED_FILE = Path("outputs/register/registered.json")  # written by the register stage
+
+
+def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str],
+                     executable: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow models serve` command line for `model` and the environment to run it in.
+
+    MLflow's scoring server starts `uvicorn` by name, so it fails with "uvicorn: not found" unless
+    the interpreter's folder (a `.venv/bin` that need not be activated) is on PATH: it goes first.
+    The store is the pipeline's (`MLFLOW_TRACKING_URI`, else ./mlflow.db), as for `l2rclip predict`.
+    """
+    from l2rclip.tracking import default_tracking_uri
+
+    bin_dir = str(Path(executable).parent)  # not resolved: a venv's python is a link out of the venv
+    rest = [entry for entry in environ.get("PATH", "").split(os.pathsep) if entry and entry != bin_dir]
+    env = {**environ, "PATH": os.pathsep.join([bin_dir, *rest]),
+           "MLFLOW_TRACKING_URI": environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()}
+    command = [executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
+               "-h", host, "-p", str(port)]
+    return command, env
+
+
+def _serve(args: argparse.Namespace) -> int:
+    model = args.model
+    if model is None:
+        info = json.loads(REGISTERED_FILE.read_text(encoding="utf-8")) if REGISTERED_FILE.is_file() else {}
+        if not info.get("registered"):
+            print(f"l2rclip serve: error: no model given and no registered model in {REGISTERED_FILE} "
+                  "(run `dvc repro`, whose register stage writes it, or name one: models:/<name>@champion, "
+                  "models:/<name>/<version>, runs:/<run_id>/model)", file=sys.stderr)
+            return 2
+        model = f"models:/{info['name']}@champion"
+    command, env = serve_invocation(model, args.host, args.port, os.environ)
+    print(f"serving {model} at http://{args.host}:{args.port}/invocations (store {env['MLFLOW_TRACKING_URI']}); "
+          "Ctrl+C stops it", file=sys.stderr, flush=True)
+    os.execve(command[0], command, env)  # the server takes over this process (and its Ctrl+C)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -252,6 +292,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="refuse images with more pixels (decompression bombs), as data.max_image_pixels "
                               "does in prepare and serving (default: %(default)s)")
     predict.set_defaults(func=_predict)
+
+    serve = commands.add_parser(
+        "serve", help="serve a registered model over REST (mlflow models serve, with .venv/bin on PATH)",
+        description="Run `mlflow models serve --env-manager local` on MODEL (default: the champion of the model "
+                    f"the register stage recorded in {REGISTERED_FILE}), with this interpreter's folder first on "
+                    "PATH so that MLflow finds uvicorn without an activated .venv. The store is "
+                    "MLFLOW_TRACKING_URI, else ./mlflow.db. POST images to /invocations (README: Using a trained "
+                    "model).")
+    serve.add_argument("model", nargs="?", help="models:/<name>@champion, models:/<name>/<version> or "
+                                                "runs:/<run_id>/model (default: the registered champion)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
+    serve.set_defaults(func=_serve)
     return parser
 
 
