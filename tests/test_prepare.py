@@ -14,7 +14,7 @@ from test_validate import build_mixed_source
 
 from l2rclip.cli import build_parser
 from l2rclip.config import Params, from_dict
-from l2rclip.data.splits import read_splits
+from l2rclip.data.splits import SplitError, read_splits
 from l2rclip.data.validate import DataValidationError
 from l2rclip.stages.prepare import main, prepare
 
@@ -133,8 +133,8 @@ def test_labels_outside_the_ranks_name_the_file_row_and_the_ranks_to_set(tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert f"none of the 24 rows of source 'csv' at {root / 'labels.csv'} is usable" in err
-    assert ("the labels found run from 16 to 27 (12 distinct): set ranks.start: 16 and ranks.stop: 27 in "
-            "params.yaml") in err
+    assert ("24 of 24 rows have labels outside the ranks 1 .. 10 (10 ranks): the labels found run from 16 to 27 "
+            "(12 distinct): set ranks.start: 16 and ranks.stop: 27 in params.yaml") in err
     assert not (tmp_path / "out").exists()  # nothing written
 
     with pytest.raises(DataValidationError, match=(
@@ -142,6 +142,12 @@ def test_labels_outside_the_ranks_name_the_file_row_and_the_ranks_to_set(tmp_pat
             r"expected one of 1 \.\. 10 \(10 ranks\); the labels found run from 16 to 27 .*ranks\.start: 16 "
             r"and ranks\.stop: 27")):
         prepare(from_dict(Params, own_params(root, on_bad="fail")), tmp_path / "out")
+
+    few = own_params(root)  # ranks 27..38 keep only the two images aged 27: too few for 3 folds
+    few["ranks"], few["split"]["n_folds"] = {"start": 27, "stop": 38}, 3
+    with pytest.raises(SplitError, match=r"3 folds need at least 3 groups .*, found 2; 22 of 24 rows have labels "
+                                         r"outside the ranks .*set ranks\.start: 16 and ranks\.stop: 27"):
+        prepare(from_dict(Params, few), tmp_path / "out")
 
     fixed = own_params(root)
     fixed["ranks"] = {"start": 16, "stop": 27}  # what the message says to set

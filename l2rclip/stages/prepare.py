@@ -65,18 +65,21 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
                                   allow_outside_root=params.data.allow_outside_root,
                                   duplicates=params.data.duplicates,
                                   workers=params.data.decode_workers, max_pixels=params.data.max_image_pixels)
+    outside = _outside_ranks_note(table, report, rank_space)
     if good.empty:
-        hint = f"; {ranks_hint(table['label'])}" if (report["reason"] == "label_not_in_ranks").any() else ""
         raise DataValidationError(f"none of the {len(table)} rows of source {params.data.source!r} "
                                   f"at {table.attrs.get('list_file', params.data.root)} is usable "
-                                  f"(see the reasons above){hint}")
+                                  f"(see the reasons above){outside}")
     # Sorting by path makes the folds independent of the order in which a source lists files.
     good = good.sort_values(["path", "row"], kind="mergesort").reset_index(drop=True)
     folded, holdout = split_holdout(good, params.split.holdout_fraction, params.split.holdout_salt)
     if folded.empty:
         raise SplitError(f"split.holdout_fraction {params.split.holdout_fraction} leaves no image for the folds "
                          f"({len(good)} good images, all in the holdout); lower it")
-    splits = make_splits(folded, params.split, params.seed, rank_space)
+    try:
+        splits = make_splits(folded, params.split, params.seed, rank_space)
+    except SplitError as error:  # too few images left may only be the symptom of ranks that do not fit
+        raise SplitError(f"{error}{outside}") from None
     holdout = holdout[[c for c in HOLDOUT_COLUMNS if c in holdout.columns]]
     summary = _summary(params, table, good, report, splits, rank_space)
     summary["holdout"] = {"images": len(holdout), "spec": holdout_spec(params.split.holdout_fraction,
@@ -93,6 +96,15 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
     log.info("prepare: %d good and %d bad rows, %d folds, %d images in the promotion holdout, written to %s",
              len(good), len(report), len(summary["folds"]), len(holdout), out_dir)
     return summary
+
+
+def _outside_ranks_note(table: pd.DataFrame, report: pd.DataFrame, rank_space: RankSpace) -> str:
+    """'; N of M rows have labels outside the ranks ...: <what to set>', or '' when every label is a rank."""
+    outside = int((report["reason"] == "label_not_in_ranks").sum())
+    if not outside:
+        return ""
+    return (f"; {outside} of {len(table)} rows have labels outside the ranks {rank_space.describe()}: "
+            f"{ranks_hint(table['label'])}")
 
 
 def _load(params: Params) -> pd.DataFrame:
