@@ -14,6 +14,7 @@ from pathlib import Path
 from l2rclip import __version__
 from l2rclip.config import DataConfig
 from l2rclip.data.formats import DATA_FORMATS, PREPARE_DESCRIPTION
+from l2rclip.venv_path import interpreter_first_on_path
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -45,12 +46,13 @@ def _demo(args: argparse.Namespace) -> int:
               "a PIPELINE CHECK: its numbers are NOT CLIP results.\n", flush=True)
     dvc = Path(sys.executable).with_name("dvc")
     dvc = str(dvc) if dvc.exists() else "dvc"
-    result = subprocess.run([dvc, "repro"], check=False)
+    env = interpreter_first_on_path(os.environ)  # the stages' `python` is this one, activated or not
+    result = subprocess.run([dvc, "repro"], check=False, env=env)
     if result.returncode:
         print(f"dvc repro failed (exit {result.returncode}); see the messages above", file=sys.stderr)
         return result.returncode
     if args.push:  # so that any clone can `dvc pull` these results instead of recomputing them
-        pushed = subprocess.run([dvc, "push"], check=False)
+        pushed = subprocess.run([dvc, "push"], check=False, env=env)
         if pushed.returncode:
             print(f"dvc push failed (exit {pushed.returncode}): the results are here but not on the DVC "
                   "remote; see `dvc remote list`, fix the remote (README, Team set-up) and run `dvc push`",
@@ -135,10 +137,8 @@ def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str
     """
     from l2rclip.tracking import default_tracking_uri
 
-    bin_dir = str(Path(executable).parent)  # not resolved: a venv's python is a link out of the venv
-    rest = [entry for entry in environ.get("PATH", "").split(os.pathsep) if entry and entry != bin_dir]
-    env = {**environ, "PATH": os.pathsep.join([bin_dir, *rest]),
-           "MLFLOW_TRACKING_URI": environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()}
+    env = interpreter_first_on_path(environ, executable)
+    env["MLFLOW_TRACKING_URI"] = environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
     command = [executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
                "-h", host, "-p", str(port)]
     return command, env

@@ -1,4 +1,5 @@
-"""`l2rclip serve`: `mlflow models serve` that works without an activated .venv (uvicorn is found)."""
+"""Commands that start tools by name work without an activated .venv: `l2rclip serve` (mlflow models
+serve finds uvicorn), `l2rclip demo` and `l2rclip reproduce` (DVC's stages find this Python)."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 from test_serving import encoded, free_port, logged, stop, wait_for_ping  # noqa: F401 - logged is a fixture
 
 from l2rclip.cli import main, serve_invocation
+from l2rclip.venv_path import interpreter_first_on_path
 
 VENV_PYTHON = "/home/me/l2rclip/.venv/bin/python"
 
@@ -22,6 +24,12 @@ def test_the_interpreters_folder_goes_first_on_path_once():
     assert command == [VENV_PYTHON, "-m", "mlflow", "models", "serve", "-m", "models:/faces@champion",
                        "--env-manager", "local", "-h", "127.0.0.1", "-p", "5001"]
     assert env["HOME"] == "/home/me" and environ["PATH"] == "/usr/bin:/home/me/l2rclip/.venv/bin:/bin"
+
+
+def test_the_stages_python_is_this_one_activated_or_not():
+    env = interpreter_first_on_path({"PATH": "/usr/local/bin:/usr/bin", "LANG": "C"}, VENV_PYTHON)
+    assert env == {"PATH": "/home/me/l2rclip/.venv/bin:/usr/local/bin:/usr/bin", "LANG": "C"}
+    assert interpreter_first_on_path({}, VENV_PYTHON)["PATH"] == "/home/me/l2rclip/.venv/bin"
 
 
 def test_the_store_is_the_pipelines_unless_given(tmp_path, monkeypatch):
