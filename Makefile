@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean
+.PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean ui serve flows
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,25 @@ plots: $(STAMP)
 ## plots-vendor: download the vega libraries pinned in vega/vega-lock.json from npm, verify, rebuild the page
 plots-vendor: $(STAMP)
 	$(BIN)/python -m l2rclip.offline_plots build
+
+## ui: the MLflow UI on the project's store (mlflow.db) at http://127.0.0.1:5000 (Ctrl+C stops it)
+ui: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --host 127.0.0.1 --port 5000
+
+## serve: the registered champion over REST at http://127.0.0.1:5001/invocations (MODEL=models:/<name>/<version>
+## for another; PORT=...); `l2rclip serve` puts .venv/bin on PATH, where mlflow models serve finds uvicorn
+MODEL ?=
+PORT ?= 5001
+serve: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip serve $(MODEL) --port $(PORT)
+
+## flows: a local Prefect server with its UI at http://127.0.0.1:4200 (Ctrl+C stops it), for the flows in
+## pipelines/ to report to and for schedules; start them from another terminal (README: Commands)
+flows: $(STAMP)
+	@echo "then, in another terminal: export PREFECT_API_URL=http://127.0.0.1:4200/api and run e.g."
+	@echo "  .venv/bin/python -m pipelines.pipeline   or   .venv/bin/python -m pipelines.deploy --cron '0 3 * * *'"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 ## test: the default (fast, offline) test suite
 test: $(STAMP)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from l2rclip import __version__
 from l2rclip.config import DataConfig
+from l2rclip.data.formats import DATA_FORMATS, PREPARE_DESCRIPTION
+from l2rclip.venv_path import interpreter_first_on_path
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -42,12 +46,13 @@ def _demo(args: argparse.Namespace) -> int:
               "a PIPELINE CHECK: its numbers are NOT CLIP results.\n", flush=True)
     dvc = Path(sys.executable).with_name("dvc")
     dvc = str(dvc) if dvc.exists() else "dvc"
-    result = subprocess.run([dvc, "repro"], check=False)
+    env = interpreter_first_on_path(os.environ)  # the stages' `python` is this one, activated or not
+    result = subprocess.run([dvc, "repro"], check=False, env=env)
     if result.returncode:
         print(f"dvc repro failed (exit {result.returncode}); see the messages above", file=sys.stderr)
         return result.returncode
     if args.push:  # so that any clone can `dvc pull` these results instead of recomputing them
-        pushed = subprocess.run([dvc, "push"], check=False)
+        pushed = subprocess.run([dvc, "push"], check=False, env=env)
         if pushed.returncode:
             print(f"dvc push failed (exit {pushed.returncode}): the results are here but not on the DVC "
                   "remote; see `dvc remote list`, fix the remote (README, Team set-up) and run `dvc push`",
@@ -117,6 +122,42 @@ def _prepare(args: argparse.Namespace) -> int:
 EXIT_BAD_REQUEST = 2      # bad arguments, inputs, model or --out: nothing was predicted or written
 EXIT_SOME_FAILED = 3      # the CSV was written, but some inputs could not be read (its `error` column)
 EXIT_NONE_PREDICTED = 4   # the CSV was written, but no input could be read
+
+
+REGISTERED_FILE = Path("outputs/register/registered.json")  # written by the register stage
+
+
+def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str],
+                     executable: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow models serve` command line for `model` and the environment to run it in.
+
+    MLflow's scoring server starts `uvicorn` by name, so it fails with "uvicorn: not found" unless
+    the interpreter's folder (a `.venv/bin` that need not be activated) is on PATH: it goes first.
+    The store is the pipeline's (`MLFLOW_TRACKING_URI`, else ./mlflow.db), as for `l2rclip predict`.
+    """
+    from l2rclip.tracking import default_tracking_uri
+
+    env = interpreter_first_on_path(environ, executable)
+    env["MLFLOW_TRACKING_URI"] = environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    command = [executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
+               "-h", host, "-p", str(port)]
+    return command, env
+
+
+def _serve(args: argparse.Namespace) -> int:
+    model = args.model
+    if model is None:
+        info = json.loads(REGISTERED_FILE.read_text(encoding="utf-8")) if REGISTERED_FILE.is_file() else {}
+        if not info.get("registered"):
+            print(f"l2rclip serve: error: no model given and no registered model in {REGISTERED_FILE} "
+                  "(run `dvc repro`, whose register stage writes it, or name one: models:/<name>@champion, "
+                  "models:/<name>/<version>, runs:/<run_id>/model)", file=sys.stderr)
+            return 2
+        model = f"models:/{info['name']}@champion"
+    command, env = serve_invocation(model, args.host, args.port, os.environ)
+    print(f"serving {model} at http://{args.host}:{args.port}/invocations (store {env['MLFLOW_TRACKING_URI']}); "
+          "Ctrl+C stops it", file=sys.stderr, flush=True)
+    os.execve(command[0], command, env)  # the server takes over this process (and its Ctrl+C)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -211,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("bundle", choices=["reference"], help="the bundle to print")
     parity.set_defaults(func=_parity)
 
-    prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)")
+    prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)",
+                                  description=PREPARE_DESCRIPTION, epilog=DATA_FORMATS,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     prepare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     prepare.add_argument("--out", default="outputs/prepare", help="output folder (default: outputs/prepare)")
     prepare.set_defaults(func=_prepare)
@@ -250,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="refuse images with more pixels (decompression bombs), as data.max_image_pixels "
                               "does in prepare and serving (default: %(default)s)")
     predict.set_defaults(func=_predict)
+
+    serve = commands.add_parser(
+        "serve", help="serve a registered model over REST (mlflow models serve, with .venv/bin on PATH)",
+        description="Run `mlflow models serve --env-manager local` on MODEL (default: the champion of the model "
+                    f"the register stage recorded in {REGISTERED_FILE}), with this interpreter's folder first on "
+                    "PATH so that MLflow finds uvicorn without an activated .venv. The store is "
+                    "MLFLOW_TRACKING_URI, else ./mlflow.db. POST images to /invocations (README: Using a trained "
+                    "model).")
+    serve.add_argument("model", nargs="?", help="models:/<name>@champion, models:/<name>/<version> or "
+                                                "runs:/<run_id>/model (default: the registered champion)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from typing import Any
 import yaml
 
 from l2rclip.config import ConfigError, Params, from_dict, to_dict
+from l2rclip.venv_path import interpreter_first_on_path
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ def reproduce(preset: Preset, settings: list[str], name: str | None = None, dry_
     if dry_run:
         print(paper_table(preset, None))
         return 0
-    result = subprocess.run(command, check=False)
+    result = subprocess.run(command, check=False, env=interpreter_first_on_path(os.environ))  # the stages' python
     if result.returncode:
         print(f"dvc exp run failed (exit {result.returncode}); see the messages above", file=sys.stderr)
         return result.returncode

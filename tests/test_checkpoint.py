@@ -1,6 +1,7 @@
 """Saved models reload exactly, cached prototypes included; wrong files are clear errors."""
 
 import json
+import logging
 import warnings
 
 import pytest
@@ -64,3 +65,22 @@ def test_weights_of_another_architecture(saved, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
     with pytest.raises(ModelFileError, match="weights do not fit"):
         load_model(tmp_path)
+
+
+RANDOM_INIT_NOTICE = "No pretrained weights loaded for model"
+
+
+def test_loading_a_saved_model_does_not_claim_random_init(saved, caplog):
+    _, _, folder = saved
+    filters = list(logging.getLogger().filters)
+    with caplog.at_level(logging.WARNING):
+        load_model(folder)
+    assert not [r for r in caplog.records if r.getMessage().startswith(RANDOM_INIT_NOTICE)]
+    assert logging.getLogger().filters == filters  # dropped only while loading, not for later random inits
+
+
+def test_a_fresh_random_backbone_still_says_so(caplog):
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_backbone(TINY_ARCH, "none")
+    assert [r for r in caplog.records if r.getMessage().startswith(RANDOM_INIT_NOTICE)]

@@ -1,4 +1,4 @@
-"""params.yaml loading: strict keys, types and choices; the repository's params.yaml is valid."""
+"""params.yaml loading: strict keys, types and choices; the tests' demo params (tests/fixtures) are valid."""
 
 from pathlib import Path
 
@@ -9,8 +9,8 @@ from l2rclip.config import ConfigError, Params, from_dict, load_params, to_dict,
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_repository_params_load():
-    params = load_params(ROOT / "params.yaml")
+def test_fixture_params_load():
+    params = load_params(ROOT / "tests" / "fixtures" / "params.yaml")  # never the user's params.yaml
     assert params.model.arch == "ViT-B-16" and params.data.source == "demo"
     assert from_dict(Params, to_dict(params)) == params  # round trip through plain dicts
 

@@ -37,7 +37,7 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
-from test_pipeline import ROOT, SMALL, copy_project, merge
+from test_pipeline import ROOT, SMALL, copy_project, project_params
 
 from l2rclip.config import ModelConfig, PromptConfig, load_params
 from l2rclip.data.demo import generate_demo
@@ -387,8 +387,7 @@ def retrain_repo(env, tmp_path):
     The fold's test split holds other images with other labels: the gate must not look at it.
     """
     repo = dvc_project(tmp_path / "repo", {"register": REGISTER_STAGE})
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                   {"folds": [0], "train": {"device": "cpu"}, "tracking": {"experiment": "retrain-test"}})
+    params = project_params({"folds": [0], "train": {"device": "cpu"}, "tracking": {"experiment": "retrain-test"}})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     images = generate_demo(repo / "data/demo", n_per_rank=2, image_size=64)
     weak, strong = tiny_model(tmp_path / "weak", seed=1), tiny_model(tmp_path / "strong", seed=2)

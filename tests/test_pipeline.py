@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from l2rclip.config import load_params, to_dict
 from l2rclip.results import collect, markdown_table, write_between_markers
 
 # Whole pipelines in subprocesses: generous limits for a loaded machine (about a minute when idle).
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.timeout(900)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+FIXTURE_PARAMS = Path(__file__).resolve().parent / "fixtures" / "params.yaml"  # never the repo's params.yaml
 
 SMALL = {
     "folds": [1],  # one of two folds: the pipeline runs the folds listed, not necessarily all
@@ -60,15 +62,40 @@ def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
+def project_params(override: dict) -> dict:
+    """The tests' demo params (tests/fixtures/params.yaml, every key filled in from l2rclip.config) merged
+    with `override`: what a test's project runs with, whatever the user put in the repo's params.yaml."""
+    return merge(to_dict(load_params(FIXTURE_PARAMS)), override)
+
+
 def copy_project(repo: Path, override: dict) -> Path:
-    """The project's pipeline and code (its dependencies) in `repo`, with params.yaml merged with `override`."""
+    """The project's pipeline and code (its dependencies) in `repo`, with the fixture params merged with
+    `override` as its params.yaml."""
     repo.mkdir(parents=True)
     shutil.copytree(ROOT / "l2rclip", repo / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), override)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "params.yaml").write_text(yaml.safe_dump(project_params(override), sort_keys=False))
     return repo
+
+
+def test_copied_project_params_do_not_depend_on_the_repository_params(tmp_path, monkeypatch):
+    """A user's edits to params.yaml (own data, other ranks) never reach a test's project."""
+    fake_root = tmp_path / "root"
+    shutil.copytree(ROOT / "l2rclip", fake_root / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, fake_root / name)
+    (fake_root / "params.yaml").write_text(yaml.safe_dump({
+        "folds": [0], "ranks": {"start": 16, "stop": 77}, "data": {"source": "csv", "root": "/my/faces"},
+        "split": {"n_folds": 1}, "tracking": {"experiment": "my-faces"}}))
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
+
+    repo = copy_project(tmp_path / "repo", SMALL)
+
+    written = yaml.safe_load((repo / "params.yaml").read_text())
+    assert written == project_params(SMALL)
+    assert (written["data"]["source"], written["ranks"]["stop"], written["folds"]) == ("demo", 10, [1])
+    assert load_params(repo / "params.yaml").tracking.experiment == "pipeline-test"  # a complete, valid file
 
 
 @pytest.fixture

@@ -5,13 +5,16 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 from test_validate import build_mixed_source
 
+from l2rclip.cli import build_parser
 from l2rclip.config import Params, from_dict
-from l2rclip.data.splits import read_splits
+from l2rclip.data.splits import SplitError, read_splits
 from l2rclip.data.validate import DataValidationError
 from l2rclip.stages.prepare import main, prepare
 
@@ -58,7 +61,7 @@ def test_prepare_reports_bad_rows_goes_on_and_never_touches_the_source(tmp_path)
     images = pd.read_csv(tmp_path / "out" / "images.csv")
     assert len(images) == 8 and set(images["mode"]) >= {"L", "RGBA", "P", "CMYK", "I;16"}
     assert_folds_are_sound(read_splits(tmp_path / "out" / "splits.csv"), images)
-    with pytest.raises(DataValidationError, match=r"row 8 .*missing\.jpg\): missing_file"):
+    with pytest.raises(DataValidationError, match=r"labels\.csv, data row 9 \(missing\.jpg\): missing_file"):
         prepare(mixed_params(source, on_bad="fail"), tmp_path / "out_fail")
     assert checksums(source) == before
 
@@ -101,3 +104,90 @@ def test_main_writes_outputs_and_reports_errors_without_a_traceback(tmp_path, ca
         main(["--params", str(params_file), "--out", str(tmp_path / "bad")])
     assert exit_info.value.code == 2
     assert "'split.n_folds': expected a value >= 2, found 1" in capsys.readouterr().err
+
+
+def own_faces(root: Path) -> Path:
+    """A user's own set as a CSV list: 24 noise images of 8 people aged 16..27, ranks not yet set."""
+    root.mkdir(parents=True)
+    lines = ["path,label,group"]
+    for i in range(24):
+        pixels = np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"face{i}.png")
+        lines.append(f"face{i}.png,{16 + i % 12},person{i % 8}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def own_params(root: Path, **data: str) -> dict:
+    return {"folds": [0, 1], "data": {"source": "csv", "root": str(root), **data},
+            "split": {"n_folds": 2, "val_fraction": 0, "calib_fraction": 0, "holdout_fraction": 0,
+                      "missing_ranks": "warn"}}
+
+
+def test_labels_outside_the_ranks_name_the_file_row_and_the_ranks_to_set(tmp_path, capsys):
+    root = own_faces(tmp_path / "faces")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(own_params(root)))  # the demo's ranks 1..10
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--params", str(params_file), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert f"none of the 24 rows of source 'csv' at {root / 'labels.csv'} is usable" in err
+    assert ("24 of 24 rows have labels outside the ranks 1 .. 10 (10 ranks): the labels found run from 16 to 27 "
+            "(12 distinct): set ranks.start: 16 and ranks.stop: 27 in params.yaml") in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+    with pytest.raises(DataValidationError, match=(
+            rf"{root / 'labels.csv'}, data row 1 \(face0\.png\): label_not_in_ranks: label 16 is not a rank; "
+            r"expected one of 1 \.\. 10 \(10 ranks\); the labels found run from 16 to 27 .*ranks\.start: 16 "
+            r"and ranks\.stop: 27")):
+        prepare(from_dict(Params, own_params(root, on_bad="fail")), tmp_path / "out")
+
+    few = own_params(root)  # ranks 27..38 keep only the two images aged 27: too few for 3 folds
+    few["ranks"], few["split"]["n_folds"] = {"start": 27, "stop": 38}, 3
+    with pytest.raises(SplitError, match=r"3 folds need at least 3 groups .*, found 2; 22 of 24 rows have labels "
+                                         r"outside the ranks .*set ranks\.start: 16 and ranks\.stop: 27"):
+        prepare(from_dict(Params, few), tmp_path / "out")
+
+    fixed = own_params(root)
+    fixed["ranks"] = {"start": 16, "stop": 27}  # what the message says to set
+    summary = prepare(from_dict(Params, fixed), tmp_path / "out")
+    assert summary["rows"] == {"total": 24, "good": 24, "bad": 0}
+    assert [r["label"] for r in summary["ranks"]] == list(range(16, 28))
+
+
+def test_text_labels_outside_the_ranks_suggest_ranks_labels():
+    from l2rclip.data.validate import ranks_hint
+    assert ranks_hint(["(0, 2)", "(4, 6)", "(0, 2)", None]) == (
+        "the labels found are (0, 2), (4, 6): list them in rank order as ranks.labels in params.yaml "
+        "(with ranks.values for their numbers)")
+    assert ranks_hint([3, "7", 5.0]).startswith("the labels found run from 3 to 7 (3 distinct)")
+
+
+def test_own_folder_layout_prepares_with_folder_names_as_labels(tmp_path):
+    root = tmp_path / "grades"
+    for i, grade in enumerate([1, 1, 2, 2, 3, 3, 1, 2, 3, 1, 2, 3]):
+        (root / str(grade)).mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(100 + i).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / str(grade) / f"img{i}.png")
+    params = own_params(root)
+    params["data"]["source"] = "folder"
+    params["ranks"] = {"start": 1, "stop": 3}
+    summary = prepare(from_dict(Params, params), tmp_path / "out")
+    assert [r["images"] for r in summary["ranks"]] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("argv", [["--help"], None])
+def test_prepare_help_names_both_own_data_formats(argv, capsys):
+    """`python -m l2rclip.stages.prepare --help` and `l2rclip prepare --help` say what a user's data looks like."""
+    with pytest.raises(SystemExit) as exit_info:
+        if argv is None:
+            build_parser().parse_args(["prepare", "--help"])
+        else:
+            main(argv)
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for words in ("<data.root>/labels.csv", "path ", "label ", "group ", "fold ", "split ", "required", "optional",
+                  "one folder per label: <data.root>/<label>/<image>", "ranks.start..ranks.stop", "ranks.labels",
+                  "bad_rows.csv"):
+        assert words in out, words

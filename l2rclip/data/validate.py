@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
@@ -235,14 +235,63 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
                 continue
             if on_bad == "fail" or result.fatal:
                 pool.shutdown(wait=False, cancel_futures=True)
-                raise DataValidationError(f"row {row} of the source table ({record['path']}): "
-                                          f"{result.reason}: {result.detail}")
+                hint = f"; {ranks_hint(table['label'])}" if result.reason == "label_not_in_ranks" else ""
+                raise DataValidationError(f"{_row_where(table, row, record['path'])}: "
+                                          f"{result.reason}: {result.detail}{hint}")
             bad_rows.append({"row": row, "path": record["path"], "label": record["label"],
                              "reason": result.reason, "detail": result.detail})
     good_rows, bad_rows = contents.drop_conflicts(good_rows, bad_rows)
     good, report = _frames(table, good_rows, bad_rows)
     _log_counts(len(table), good, report)
+    outside = int((report["reason"] == "label_not_in_ranks").sum())
+    if outside:
+        log.warning("%d rows have labels outside the ranks %s; %s", outside, rank_space.describe(),
+                    ranks_hint(table["label"]))
     return good, report
+
+
+def ranks_hint(labels: Iterable[Any]) -> str:
+    """The `ranks` setting of params.yaml that would cover every label found.
+
+    A user's own data rarely has the demo's ranks 1..10; the error for a label outside the ranks says
+    what to set instead: the observed range for integer labels, the list of labels otherwise.
+    """
+    present = [label for label in labels if not _is_blank(label)]
+    integers = [_as_integer(label) for label in present]
+    if present and all(number is not None for number in integers):
+        low, high = min(integers), max(integers)
+        return (f"the labels found run from {low} to {high} ({len(set(integers))} distinct): set ranks.start: "
+                f"{low} and ranks.stop: {high} in params.yaml to cover them (or list the ranks in "
+                "ranks.labels, with ranks.values for their numbers)")
+    distinct = sorted({str(label).strip() for label in present})
+    shown = ", ".join(distinct[:12]) + (f", ... ({len(distinct)} in all)" if len(distinct) > 12 else "")
+    return (f"the labels found are {shown}: list them in rank order as ranks.labels in params.yaml "
+            "(with ranks.values for their numbers)")
+
+
+def _is_blank(label: Any) -> bool:
+    return label is None or (isinstance(label, float) and np.isnan(label)) or str(label).strip() == ""
+
+
+def _as_integer(label: Any) -> int | None:
+    """`label` as an int when it is one (20, "20", 20.0), else None."""
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return int(label)
+    try:
+        number = float(str(label).strip())
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _row_where(table: pd.DataFrame, row: int, path: Any) -> str:
+    """Where a row came from, with its image path.
+
+    For a CSV list its file and data row (as the CSV source's own errors say), else its place in the
+    source table.
+    """
+    list_file = table.attrs.get("list_file")
+    return f"{list_file}, data row {row + 1} ({path})" if list_file else f"row {row} of the source table ({path})"
 
 
 def _check_columns(table: pd.DataFrame) -> None:
@@ -291,7 +340,7 @@ def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank
 
 def _label_reason(label: Any, rank_space: RankSpace) -> tuple[str, str] | None:
     """Why a label cannot be mapped to a rank, or None when it can."""
-    if label is None or (isinstance(label, float) and np.isnan(label)) or str(label).strip() == "":
+    if _is_blank(label):
         return "missing_label", f"the label is blank; expected one of {rank_space.describe()}"
     if rank_space.contains(label):
         return None

@@ -7,6 +7,7 @@ architecture with random weights and overwrites them. No download, no pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import warnings
@@ -34,6 +35,28 @@ FORMAT_VERSION = 1
 
 class ModelFileError(ValueError):
     """A model folder that is missing, incomplete or not an l2rclip model."""
+
+
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model ... initialized randomly".
+
+    open_clip logs it on the root logger; it is false while loading a saved model, whose trained
+    weights overwrite the random init.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _random_init_notice_dropped():
+    """Only around rebuilding a saved model: a run that really starts from random init keeps the notice."""
+    notice, root = _RandomInitNotice(), logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def save_model(model: L2RCLIP | OrdinalHeadModel, folder: str | Path, config: ModelConfig, rank_space: RankSpace,
@@ -99,7 +122,7 @@ def load_model(folder: str | Path,
     except (SafetensorError, OSError) as error:
         raise ModelFileError(f"{folder / WEIGHTS_FILE}: expected a safetensors weights file, "
                              f"found something else ({error})") from None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _random_init_notice_dropped():
         warnings.simplefilter("ignore")  # random init is overwritten by the saved weights below
         backbone = load_backbone(config.arch, "none", device=device)
     model = build_model(backbone, rank_space, config).to(device)

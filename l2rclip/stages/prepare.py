@@ -29,10 +29,11 @@ import numpy as np
 import pandas as pd
 
 from l2rclip.config import ConfigError, Params, load_params
+from l2rclip.data.formats import DATA_FORMATS, PREPARE_DESCRIPTION
 from l2rclip.data.holdout import HOLDOUT_COLUMNS, holdout_spec, holdout_version, split_holdout
 from l2rclip.data.sources import SourceError, load_source
 from l2rclip.data.splits import FOLD_SPLITS, SplitError, make_splits
-from l2rclip.data.validate import DataValidationError, validate_table
+from l2rclip.data.validate import DataValidationError, ranks_hint, validate_table
 from l2rclip.ranks import RankError, RankSpace
 
 log = logging.getLogger(__name__)
@@ -64,16 +65,21 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
                                   allow_outside_root=params.data.allow_outside_root,
                                   duplicates=params.data.duplicates,
                                   workers=params.data.decode_workers, max_pixels=params.data.max_image_pixels)
+    outside = _outside_ranks_note(table, report, rank_space)
     if good.empty:
         raise DataValidationError(f"none of the {len(table)} rows of source {params.data.source!r} "
-                                  f"at {params.data.root} is usable (see the reasons above)")
+                                  f"at {table.attrs.get('list_file', params.data.root)} is usable "
+                                  f"(see the reasons above){outside}")
     # Sorting by path makes the folds independent of the order in which a source lists files.
     good = good.sort_values(["path", "row"], kind="mergesort").reset_index(drop=True)
     folded, holdout = split_holdout(good, params.split.holdout_fraction, params.split.holdout_salt)
     if folded.empty:
         raise SplitError(f"split.holdout_fraction {params.split.holdout_fraction} leaves no image for the folds "
                          f"({len(good)} good images, all in the holdout); lower it")
-    splits = make_splits(folded, params.split, params.seed, rank_space)
+    try:
+        splits = make_splits(folded, params.split, params.seed, rank_space)
+    except SplitError as error:  # too few images left may only be the symptom of ranks that do not fit
+        raise SplitError(f"{error}{outside}") from None
     holdout = holdout[[c for c in HOLDOUT_COLUMNS if c in holdout.columns]]
     summary = _summary(params, table, good, report, splits, rank_space)
     summary["holdout"] = {"images": len(holdout), "spec": holdout_spec(params.split.holdout_fraction,
@@ -90,6 +96,15 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
     log.info("prepare: %d good and %d bad rows, %d folds, %d images in the promotion holdout, written to %s",
              len(good), len(report), len(summary["folds"]), len(holdout), out_dir)
     return summary
+
+
+def _outside_ranks_note(table: pd.DataFrame, report: pd.DataFrame, rank_space: RankSpace) -> str:
+    """'; N of M rows have labels outside the ranks ...: <what to set>', or '' when every label is a rank."""
+    outside = int((report["reason"] == "label_not_in_ranks").sum())
+    if not outside:
+        return ""
+    return (f"; {outside} of {len(table)} rows have labels outside the ranks {rank_space.describe()}: "
+            f"{ranks_hint(table['label'])}")
 
 
 def _load(params: Params) -> pd.DataFrame:
@@ -137,11 +152,8 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `python -m l2rclip.stages.prepare --params params.yaml --out outputs/prepare`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m l2rclip.stages.prepare",
-        description="Read the data source named in the params file, decode and check every image "
-                    "and label once, split the good rows into folds, and write images.csv, "
-                    "bad_rows.csv, splits.csv and summary.json. The source data is only read.")
+    parser = argparse.ArgumentParser(prog="python -m l2rclip.stages.prepare", description=PREPARE_DESCRIPTION,
+                                     epilog=DATA_FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="params file (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("outputs/prepare"),

@@ -46,7 +46,9 @@ def csv_source(root: Path, list_file: Path | None) -> pd.DataFrame:
         if "split" in record:
             row["split"] = split_name(record["split"], where)
         rows.append(row)
-    return make_table(rows, str(path))
+    table = make_table(rows, str(path))
+    table.attrs["list_file"] = str(path)  # row i is the file's data row i + 1: validation errors name both
+    return table
 
 
 def folder_source(root: Path, list_file: Path | None) -> pd.DataFrame:
