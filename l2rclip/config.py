@@ -261,10 +261,16 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow: experiment name; `enabled: false` records nothing (the pipeline runs the same)."""
+    """MLflow: experiment name; `enabled: false` records nothing (the pipeline runs the same).
+
+    `system_metrics`: MLflow's system-metrics monitor (CPU, memory, disk, network, GPU with
+    pynvml) samples every `system_metrics_interval` seconds on the fold run while it trains.
+    """
 
     enabled: bool = True
     experiment: str = "l2rclip"
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,18 @@ DVC runs `train@fold`, `evaluate@fold` and `report` as separate processes, so th
 ids to `tracking.json` in its output folder so later stages log into the same runs. Tracking records
 what happened but is not needed for it to happen: any MLflow error (an unreachable server, a deleted
 run) logs one warning and makes the tracker a no-op; it never owns local files, so nothing is lost.
+
+Conventions a user of MLflow expects (README, "MLflow"): runs carry MLflow's standard source tags
+(`source_tags`) and are named after the DVC experiment they belong to (`pipeline_run_name`); the
+experiment is a model-training one with a description (`EXPERIMENT_TAGS`); datasets are run
+inputs whose digest is the DVC data version (`Tracker.log_datasets`); system metrics come from
+MLflow's own monitor (`Tracker.system_metrics`). A DVC experiment's commit exists only after
+`dvc exp run` has finished: `tag_experiment_commits` adds it to the runs afterwards.
 """
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import json
 import logging
@@ -15,15 +24,18 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+import pandas as pd
+import yaml
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import validation as limits
@@ -32,17 +44,33 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_KEY_TAG = "l2rclip.pipeline_key"
 PARENT_TAG = "mlflow.parentRunId"
+DVC_EXP_TAG = "l2rclip.dvc_exp"  # the DVC experiment's name (DVC_EXP_NAME inside `dvc exp run`)
+DVC_BASELINE_TAG = "l2rclip.dvc_baseline"  # the commit the experiment started from
+DVC_EXP_COMMIT_TAG = "l2rclip.dvc_exp_commit"  # the experiment's own commit (tag_experiment_commits)
 HANDLE_FILE = "tracking.json"
+EXPERIMENT_DESCRIPTION = (
+    "L2RCLIP ordinal regression (NeurIPS 2023 reference implementation). One parent run per pipeline "
+    "run, named after its DVC experiment, with one child run per fold (train, calibrate, evaluate). "
+    "Params are the configuration that ran (after method presets and the offline fallback backbone); "
+    "the requested one is the artifact params/requested.yaml. Runs tagged l2rclip.pipeline_check=true "
+    "used a randomly initialised backbone: their numbers are NOT CLIP results.")
+# mlflow.experimentKind makes the UI open the training-runs view instead of GenAI traces
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.note.content": EXPERIMENT_DESCRIPTION}
+DATASET_CONTEXTS = {"train": "train", "val": "validation", "calib": "calibration", "test": "test"}
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow accepts only these in param/metric keys
 T = TypeVar("T")
 
 
 def default_tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else an absolute `sqlite:///` URI of ./mlflow.db.
+    """`MLFLOW_TRACKING_URI` if set, else an absolute `sqlite:///` URI of mlflow.db in the project.
 
-    Absolute, so that stages started from other folders (DVC, Prefect workers) share one store.
+    The project is `DVC_ROOT` under DVC (inside `dvc exp run --temp` or a queued experiment that is
+    the user's repository, not the temporary copy), else the current folder. Absolute, so that
+    stages started from other folders (DVC, Prefect workers) share one store.
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    root = Path(os.environ.get("DVC_ROOT") or ".")
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
 def pipeline_key(flat_params: dict, data_version: str) -> str:
@@ -59,10 +87,72 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return _git(cwd, "rev-parse", "HEAD")
 
 
+def dvc_experiment() -> dict[str, str | None]:
+    """The DVC experiment this process runs in: `name` and `baseline` (None outside `dvc exp run`).
+
+    `dvc exp run` gives every stage `DVC_EXP_NAME` and `DVC_EXP_BASELINE_REV` (dvc/env.py).
+    """
+    return {"name": os.environ.get("DVC_EXP_NAME") or None,
+            "baseline": os.environ.get("DVC_EXP_BASELINE_REV") or None}
+
+
+def pipeline_run_name(source: str, version: str) -> str:
+    """The parent run's name: the DVC experiment's, else `<data.source> <data version[:7]>`."""
+    return dvc_experiment()["name"] or f"{source} {version[:7]}"
+
+
 def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
-    """Tag values that say which code ran: the commit and whether the work tree differed from it."""
-    status = _git(cwd, "status", "--porcelain")
-    return {"git_commit": git_commit(cwd), "git_dirty": None if status is None else str(bool(status)).lower()}
+    """Tag values that say which code ran: the commit and whether the work tree differed from it.
+
+    The commit is the DVC experiment's baseline inside `dvc exp run` (HEAD otherwise), as
+    `mlflow.source.git.commit`. `git_dirty` counts tracked files that differ from it, except what
+    DVC itself changes while running: `dvc.lock`, params files (their values are the run's params),
+    DVC outputs named in dvc.lock and `.gitignore` files; `l2rclip.git_changed` names the files
+    that did count. None values (not a git checkout) leave the tags out.
+    """
+    commit = dvc_experiment()["baseline"] or git_commit(cwd)
+    changed = None if commit is None else _git(cwd, "diff", "--name-only", commit, "--")
+    if changed is None:
+        return {"mlflow.source.git.commit": commit, "git_dirty": None}
+    owned = _dvc_owned(cwd)
+    counted = [path for path in changed.splitlines() if path and not _is_owned(PurePosixPath(path), owned)]
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(counted)).lower(),
+            "l2rclip.git_changed": ", ".join(counted) or None}
+
+
+def _dvc_owned(cwd: str | Path) -> set[PurePosixPath]:
+    """Paths (relative to the repository root) DVC writes itself: dvc.lock, params files, outputs."""
+    owned = {PurePosixPath("dvc.lock"), PurePosixPath("params.yaml")}
+    root = _git(cwd, "rev-parse", "--show-toplevel")
+    lock = Path(cwd) / "dvc.lock"
+    try:
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return owned
+    prefix = PurePosixPath(os.path.relpath(Path(cwd).resolve(), root)) if root else PurePosixPath(".")
+    for stage in stages.values() if isinstance(stages, dict) else ():
+        owned.update(prefix / name for name in (stage.get("params") or {}))
+        owned.update(prefix / out["path"] for out in stage.get("outs") or ()
+                     if isinstance(out, dict) and "path" in out)
+    return owned
+
+
+def _is_owned(path: PurePosixPath, owned: set[PurePosixPath]) -> bool:
+    return path.name == ".gitignore" or any(path == o or o in path.parents for o in owned)
+
+
+def source_tags(entry: str, cwd: str | Path = ".") -> dict[str, str | None]:
+    """MLflow's standard run tags (who, what, which commit) plus the DVC experiment, for stage `entry`.
+
+    `entry` is the command that ran (e.g. `l2rclip.stages.train`), `mlflow.source.name`.
+    """
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment or password database
+        user = None
+    experiment = dvc_experiment()
+    return {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL", "mlflow.user": user, **git_state(cwd),
+            DVC_EXP_TAG: experiment["name"], DVC_BASELINE_TAG: experiment["baseline"]}
 
 
 def _git(cwd: str | Path, *args: str) -> str | None:
@@ -161,10 +251,18 @@ class Tracker:
 
     @property
     def _exp_id(self) -> str:
-        """Experiment id by name (cached), creating the experiment on first use."""
+        """Experiment id by name (cached), creating the experiment on first use.
+
+        The experiment gets `EXPERIMENT_TAGS` (model training kind, description) where it lacks
+        them, so experiments made before, or by hand, are set up too; a user's own note stays.
+        """
         if self._experiment_id is None:
             found = self._client.get_experiment_by_name(self.experiment)
             self._experiment_id = found.experiment_id if found else self._create_experiment()
+            present = found.tags if found else {}
+            for key, value in EXPERIMENT_TAGS.items():
+                if key not in present:
+                    self._client.set_experiment_tag(self._experiment_id, key, value)
         return self._experiment_id
 
     def _create_experiment(self) -> str:
@@ -262,8 +360,50 @@ class Tracker:
         """Store `obj` as a JSON or YAML artifact (format from the extension of `artifact_file`)."""
         self._guard("log_dict", lambda: self._client.log_dict(run_id, obj, artifact_file))
 
+    def log_datasets(self, run_id: str, splits: Mapping[str, pd.DataFrame], name: str, digest: str,
+                     source: str | Path) -> None:
+        """Log each split's rows as a dataset input of the run: `<name>-<split>`, digest `digest`.
+
+        `splits` maps split names (train, val, calib, test) to their rows; the dataset context tag
+        says train, validation, calibration or test. `digest` is the DVC data version and `source`
+        the file the rows come from, so MLflow's dataset view names what DVC versions.
+        """
+        def log() -> None:
+            from mlflow.data import from_pandas  # imported on use: it loads MLflow's dataset machinery
+            inputs = []
+            for split, rows in splits.items():
+                dataset = from_pandas(rows, source=str(source), name=f"{name}-{split}", digest=digest)
+                inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                           [InputTag("mlflow.data.context", DATASET_CONTEXTS.get(split, split))]))
+            self._client.log_inputs(run_id, datasets=inputs)
+        self._guard("log_datasets", log)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str | None, interval: float, resume: bool = False) -> Iterator[None]:
+        """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU with pynvml) on `run_id`.
+
+        Samples every `interval` seconds in a thread while the block runs, as `system/...` metrics;
+        `resume` continues the step count of an earlier process of the same run. Without a run (or
+        with the tracker off) the block just runs.
+        """
+        def start() -> Any:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resume,
+                                           tracking_uri=self.tracking_uri)
+            monitor.start()
+            return monitor
+        monitor = self._guard("system_metrics", start) if run_id else None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                self._guard("system_metrics", monitor.finish)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Mark the run terminated with `status` (FINISHED, FAILED or KILLED)."""
+        """Mark the run terminated with `status` (FINISHED, FAILED or KILLED).
+
+        Later stages may still log into a terminated run (MLflow allows it); its end time stays.
+        """
         self._guard("end_run", lambda: self._client.set_terminated(run_id, status))
 
     def write_handle(self, folder: str | Path, run_id: str | None, parent_id: str | None) -> Path:
@@ -298,3 +438,47 @@ class Tracker:
         tracker = cls(handle["tracking_uri"])
         tracker._experiment_id = handle.get("experiment_id")
         return tracker, handle
+
+
+def tag_experiment_commits(repo: str | Path = ".", tracking_uri: str | None = None) -> int:
+    """Tag runs of finished DVC experiments with the experiment's commit; returns how many runs.
+
+    A stage inside `dvc exp run` knows its experiment's name and baseline (`source_tags`) but not
+    its commit, which DVC makes when the run ends. This reads `dvc exp show --json` in `repo` and
+    sets `l2rclip.dvc_exp_commit` on every run (any experiment of the store at `tracking_uri`)
+    tagged with that experiment's name and baseline. Never fatal: DVC or MLflow failures log one
+    warning and tag nothing more.
+    """
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                          text=True, check=False)
+    try:
+        shown = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        shown = None
+    if shown is None:
+        logger.warning("cannot read DVC experiments in %s (`dvc exp show --json` exited %d: %s); "
+                       "no commits tagged", repo, done.returncode, done.stderr.strip()[-500:])
+        return 0
+    commits = {(baseline, name): rev for baseline, name, rev in _experiment_revs(shown)}
+    tracker = Tracker(tracking_uri)
+
+    def tag() -> int:
+        experiments = [e.experiment_id for e in tracker._client.search_experiments()]
+        tagged = 0
+        for (baseline, name), rev in commits.items():
+            runs = tracker._client.search_runs(experiments, filter_string=(
+                f"tags.`{DVC_EXP_TAG}` = '{name}' and tags.`{DVC_BASELINE_TAG}` = '{baseline}'"))
+            for run in runs:
+                tracker._client.set_tag(run.info.run_id, DVC_EXP_COMMIT_TAG, rev)
+            tagged += len(runs)
+        return tagged
+    return tracker._guard("tag_experiment_commits", tag) or 0
+
+
+def _experiment_revs(shown: list[dict]) -> Iterator[tuple[str, str, str]]:
+    """(baseline commit, experiment name, experiment commit) from `dvc exp show --json` (DVC 3)."""
+    for baseline in shown:
+        for group in baseline.get("experiments") or ():
+            for rev in group.get("revs") or ():
+                if rev.get("name") and rev.get("rev"):
+                    yield baseline["rev"], rev["name"], rev["rev"]
