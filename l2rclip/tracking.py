@@ -29,12 +29,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import pandas as pd
 import yaml
+from mlflow.data.dataset_source import DatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -114,26 +116,34 @@ def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
     changed = None if commit is None else _git(cwd, "diff", "--name-only", commit, "--")
     if changed is None:
         return {"mlflow.source.git.commit": commit, "git_dirty": None}
-    owned = _dvc_owned(cwd)
+    owned = _dvc_owned(cwd, commit)
     counted = [path for path in changed.splitlines() if path and not _is_owned(PurePosixPath(path), owned)]
     return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(counted)).lower(),
             "l2rclip.git_changed": ", ".join(counted) or None}
 
 
-def _dvc_owned(cwd: str | Path) -> set[PurePosixPath]:
-    """Paths (relative to the repository root) DVC writes itself: dvc.lock, params files, outputs."""
+def _dvc_owned(cwd: str | Path, commit: str) -> set[PurePosixPath]:
+    """Paths (relative to the repository root) DVC writes itself: dvc.lock, params files, outputs.
+
+    Read from dvc.lock as it is now and as committed in `commit` (DVC rewrites it while running).
+    """
     owned = {PurePosixPath("dvc.lock"), PurePosixPath("params.yaml")}
     root = _git(cwd, "rev-parse", "--show-toplevel")
-    lock = Path(cwd) / "dvc.lock"
-    try:
-        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        return owned
     prefix = PurePosixPath(os.path.relpath(Path(cwd).resolve(), root)) if root else PurePosixPath(".")
-    for stage in stages.values() if isinstance(stages, dict) else ():
-        owned.update(prefix / name for name in (stage.get("params") or {}))
-        owned.update(prefix / out["path"] for out in stage.get("outs") or ()
-                     if isinstance(out, dict) and "path" in out)
+    try:
+        texts = [(Path(cwd) / "dvc.lock").read_text(encoding="utf-8")]
+    except OSError:
+        texts = []
+    texts.append(_git(cwd, "show", f"{commit}:./dvc.lock") or "")
+    for text in texts:
+        try:
+            stages = (yaml.safe_load(text) or {}).get("stages") or {}
+        except (yaml.YAMLError, AttributeError):
+            continue
+        for stage in stages.values() if isinstance(stages, dict) else ():
+            owned.update(prefix / name for name in (stage.get("params") or {}))
+            owned.update(prefix / out["path"] for out in stage.get("outs") or ()
+                         if isinstance(out, dict) and "path" in out)
     return owned
 
 
@@ -201,6 +211,42 @@ def _unreachable(uri: str) -> str | None:
         return None  # it answered (perhaps 401 behind a proxy): reachable
     except (OSError, ValueError) as error:
         return f"the server does not answer ({error})"
+
+
+class DvcDatasetSource(DatasetSource):
+    """Where a logged dataset's rows come from: a file of the DVC pipeline at a data version.
+
+    MLflow shows it as source type `dvc` with the file's path and `data_version` (the DVC data
+    version, also the dataset's digest); `load()` reads the file as it is now.
+    """
+
+    def __init__(self, path: str, data_version: str):
+        self.path, self.data_version = path, data_version
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self) -> pd.DataFrame:
+        """The file's rows as a table."""
+        return pd.read_csv(self.path, keep_default_na=False)
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False  # made explicitly, never guessed from a string
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> DvcDatasetSource:
+        raise NotImplementedError("DvcDatasetSource is made explicitly: DvcDatasetSource(path, data_version)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What MLflow stores as the dataset's source."""
+        return {"path": self.path, "data_version": self.data_version}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> DvcDatasetSource:
+        """The source `to_dict` stored."""
+        return cls(source_dict["path"], source_dict["data_version"])
 
 
 class Tracker:
@@ -372,9 +418,12 @@ class Tracker:
             from mlflow.data import from_pandas  # imported on use: it loads MLflow's dataset machinery
             inputs = []
             for split, rows in splits.items():
-                dataset = from_pandas(rows, source=str(source), name=f"{name}-{split}", digest=digest)
-                inputs.append(DatasetInput(dataset._to_mlflow_entity(),
-                                           [InputTag("mlflow.data.context", DATASET_CONTEXTS.get(split, split))]))
+                with warnings.catch_warnings():  # MLflow's hint on integer columns concerns model schemas
+                    warnings.simplefilter("ignore", UserWarning)
+                    entity = from_pandas(rows, source=DvcDatasetSource(str(source), digest),
+                                         name=f"{name}-{split}", digest=digest)._to_mlflow_entity()
+                context = InputTag("mlflow.data.context", DATASET_CONTEXTS.get(split, split))
+                inputs.append(DatasetInput(entity, [context]))
             self._client.log_inputs(run_id, datasets=inputs)
         self._guard("log_datasets", log)
 

@@ -4,6 +4,7 @@ The train, calibrate and evaluate stage functions run on a tiny demo fold agains
 store, as `dvc exp run` would start them (its environment variables set), in a git checkout.
 """
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -148,7 +149,10 @@ def test_train_calibrate_evaluate_follow_mlflow_conventions(fold, checkout, tmp_
     contexts = {name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for name, i in inputs.items()}
     assert contexts == {"demo-fold0-train": "train", "demo-fold0-val": "validation",
                         "demo-fold0-calib": "calibration", "demo-fold0-test": "test"}
-    assert str(prepared / "splits.csv") in inputs["demo-fold0-train"].dataset.source
+    train = inputs["demo-fold0-train"].dataset
+    assert train.source_type == "dvc" and json.loads(train.source) == {"path": str(prepared / "splits.csv"),
+                                                                      "data_version": version}
+    assert json.loads(train.profile)["num_rows"] == summary["train_images"]
 
 
 def test_a_resumed_training_continues_its_run(fold, checkout, tmp_path):
