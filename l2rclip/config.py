@@ -412,6 +412,7 @@ RANGES: dict[str, Range] = {
     "train.eval_batch_size": COUNT,
     "eval.cs_theta": NON_NEGATIVE,
     "eval.ece_bins": COUNT,
+    "tracking.system_metrics_interval": POSITIVE,
 }
 
 

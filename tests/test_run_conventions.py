@@ -5,6 +5,7 @@ store, as `dvc exp run` would start them (its environment variables set), in a g
 """
 
 import json
+import logging
 import subprocess
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from l2rclip.stages.evaluate import evaluate_fold
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.register import parent_run
 from l2rclip.stages.train import train_fold
-from l2rclip.tracking import EXPERIMENT_TAGS, PARENT_TAG, PIPELINE_KEY_TAG, Tracker, git_state, pipeline_key
+from l2rclip.tracking import (
+    EXPERIMENT_TAGS,
+    PARENT_TAG,
+    PIPELINE_KEY_TAG,
+    Tracker,
+    git_state,
+    pipeline_key,
+    tag_experiment_commits,
+)
 
 
 def git(repo, *args):
@@ -180,3 +189,9 @@ def test_existing_experiments_get_the_training_kind_but_keep_their_note(tmp_path
     assert client.get_experiment(plain).tags["mlflow.note.content"] == EXPERIMENT_TAGS["mlflow.note.content"]
     tags = client.get_experiment(noted).tags
     assert tags["mlflow.note.content"] == "mine" and tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_tagging_experiment_commits_outside_a_dvc_repository_warns_and_tags_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="l2rclip"):
+        assert tag_experiment_commits(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}") == 0
+    assert "dvc exp show --json" in caplog.text and str(tmp_path) in caplog.text

@@ -67,7 +67,7 @@ def test_params_metrics_artifacts_and_tags_land(tracker, uri, tmp_path):
     assert len(data.params["long"]) == 6000
     assert [(m.step, m.value) for m in client.get_metric_history(run, "train/loss")] == [(0, 1.0), (1, 0.5)]
     assert len(client.get_metric_history(run, "test/cs_5")) == 3
-    assert data.tags["stage"] == "train" and "git_commit" not in data.tags  # tmp_path is not a repo
+    assert data.tags["stage"] == "train" and "mlflow.source.git.commit" not in data.tags  # tmp_path: no repo
     listed = {a.path for a in client.list_artifacts(run)}
     assert listed == {"plots", "outputs", "summary.json"}
     assert [a.path for a in client.list_artifacts(run, "outputs")] == ["outputs/preds.csv"]
