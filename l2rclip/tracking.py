@@ -373,6 +373,22 @@ class Tracker:
             self._log_batch(run_id, "metrics", batch, limits.MAX_METRICS_PER_BATCH)
         self._guard("log_metrics", log)
 
+    def log_missing_epochs(self, run_id: str, history: list[dict[str, Any]]) -> None:
+        """Log the records of `history` (one per epoch, `epoch` the step) whose step the run lacks.
+
+        A training killed after saving an epoch but before logging it resumes from that epoch: this
+        fills the gap, without logging an epoch twice.
+        """
+        def missing() -> list[dict[str, Any]]:
+            shared = set.intersection(*(set(record) - {"epoch", "phase"} for record in history)) if history else ()
+            if not shared:  # no key every epoch has: nothing tells logged epochs apart
+                return []
+            logged = {m.step for m in self._client.get_metric_history(run_id, _safe_key(min(shared)))}
+            return [record for record in history if record["epoch"] not in logged]
+        for record in self._guard("log_missing_epochs", missing) or ():
+            self.log_metrics(run_id, {k: v for k, v in record.items() if k not in ("epoch", "phase")},
+                             step=record["epoch"])
+
     def _log_batch(self, run_id: str, kind: str, items: list, size: int) -> None:
         """Send `items` as `log_batch(kind=...)` calls of at most `size` (MLflow's per-request limits)."""
         for start in range(0, len(items), size):

@@ -172,7 +172,9 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     tracker, run_id = (open_fold_run(requested, params, effective, fold, out_dir, version, resuming, tags)
                        if world.is_main else (Tracker(experiment=params.tracking.experiment, enabled=False), None))
     params = used
-    if not resuming:
+    if resuming:  # the killed process may have saved its last epoch without logging it
+        tracker.log_missing_epochs(run_id, state.history)
+    else:
         tracker.log_datasets(run_id, {"train": data.train, "val": data.val}, f"{params.data.source}-fold{fold}",
                              version, prepared / "splits.csv")
     monitor = (tracker.system_metrics(run_id, params.tracking.system_metrics_interval, resume=resuming)
