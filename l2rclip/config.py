@@ -265,10 +265,16 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow: experiment name; `enabled: false` records nothing (the pipeline runs the same)."""
+    """MLflow: experiment name; `enabled: false` records nothing (the pipeline runs the same).
+
+    `system_metrics`: MLflow's system-metrics monitor (CPU, memory, disk, network, GPU with
+    pynvml) samples every `system_metrics_interval` seconds on the fold run while it trains.
+    """
 
     enabled: bool = True
     experiment: str = "l2rclip"
+    system_metrics: bool = True
+    system_metrics_interval: float = 10.0
     # The model registry (l2rclip.stages.register): `register: false` trains, evaluates and
     # reports but registers no model version (ablation variants); `model_name` is the registered
     # model (null or empty: derived from `data.root`, see `model_name`).
@@ -435,6 +441,7 @@ RANGES: dict[str, Range] = {
     "train.eval_batch_size": COUNT,
     "eval.cs_theta": NON_NEGATIVE,
     "eval.ece_bins": COUNT,
+    "tracking.system_metrics_interval": POSITIVE,
 }
 
 

@@ -5,9 +5,18 @@ DVC runs `train@fold`, `evaluate@fold` and `report` as separate processes, so th
 ids to `tracking.json` in its output folder so later stages log into the same runs. Tracking records
 what happened but is not needed for it to happen: any MLflow error (an unreachable server, a deleted
 run) logs one warning and makes the tracker a no-op; it never owns local files, so nothing is lost.
+
+Conventions a user of MLflow expects (README, "MLflow"): runs carry MLflow's standard source tags
+(`source_tags`) and are named after the DVC experiment they belong to (`pipeline_run_name`); the
+experiment is a model-training one with a description (`EXPERIMENT_TAGS`); datasets are run
+inputs whose digest is the DVC data version (`Tracker.log_datasets`); system metrics come from
+MLflow's own monitor (`Tracker.system_metrics`). A DVC experiment's commit exists only after
+`dvc exp run` has finished: `tag_experiment_commits` adds it to the runs afterwards.
 """
 from __future__ import annotations
 
+import contextlib
+import getpass
 import hashlib
 import json
 import logging
@@ -15,15 +24,20 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
-from mlflow.entities import Metric, Param, RunTag
+import pandas as pd
+import yaml
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import validation as limits
@@ -32,17 +46,33 @@ logger = logging.getLogger(__name__)
 
 PIPELINE_KEY_TAG = "l2rclip.pipeline_key"
 PARENT_TAG = "mlflow.parentRunId"
+DVC_EXP_TAG = "l2rclip.dvc_exp"  # the DVC experiment's name (DVC_EXP_NAME inside `dvc exp run`)
+DVC_BASELINE_TAG = "l2rclip.dvc_baseline"  # the commit the experiment started from
+DVC_EXP_COMMIT_TAG = "l2rclip.dvc_exp_commit"  # the experiment's own commit (tag_experiment_commits)
 HANDLE_FILE = "tracking.json"
+EXPERIMENT_DESCRIPTION = (
+    "L2RCLIP ordinal regression (NeurIPS 2023 reference implementation). One parent run per pipeline "
+    "run, named after its DVC experiment, with one child run per fold (train, calibrate, evaluate). "
+    "Params are the configuration that ran (after method presets and the offline fallback backbone); "
+    "the requested one is the artifact params/requested.yaml. Runs tagged l2rclip.pipeline_check=true "
+    "used a randomly initialised backbone: their numbers are NOT CLIP results.")
+# mlflow.experimentKind makes the UI open the training-runs view instead of GenAI traces
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   "mlflow.note.content": EXPERIMENT_DESCRIPTION}
+DATASET_CONTEXTS = {"train": "train", "val": "validation", "calib": "calibration", "test": "test"}
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow accepts only these in param/metric keys
 T = TypeVar("T")
 
 
 def default_tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else an absolute `sqlite:///` URI of ./mlflow.db.
+    """`MLFLOW_TRACKING_URI` if set, else an absolute `sqlite:///` URI of mlflow.db in the project.
 
-    Absolute, so that stages started from other folders (DVC, Prefect workers) share one store.
+    The project is `DVC_ROOT` under DVC (inside `dvc exp run --temp` or a queued experiment that is
+    the user's repository, not the temporary copy), else the current folder. Absolute, so that
+    stages started from other folders (DVC, Prefect workers) share one store.
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    root = Path(os.environ.get("DVC_ROOT") or ".")
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
 def pipeline_key(flat_params: dict, data_version: str) -> str:
@@ -59,10 +89,80 @@ def git_commit(cwd: str | Path = ".") -> str | None:
     return _git(cwd, "rev-parse", "HEAD")
 
 
+def dvc_experiment() -> dict[str, str | None]:
+    """The DVC experiment this process runs in: `name` and `baseline` (None outside `dvc exp run`).
+
+    `dvc exp run` gives every stage `DVC_EXP_NAME` and `DVC_EXP_BASELINE_REV` (dvc/env.py).
+    """
+    return {"name": os.environ.get("DVC_EXP_NAME") or None,
+            "baseline": os.environ.get("DVC_EXP_BASELINE_REV") or None}
+
+
+def pipeline_run_name(source: str, version: str) -> str:
+    """The parent run's name: the DVC experiment's, else `<data.source> <data version[:7]>`."""
+    return dvc_experiment()["name"] or f"{source} {version[:7]}"
+
+
 def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
-    """Tag values that say which code ran: the commit and whether the work tree differed from it."""
-    status = _git(cwd, "status", "--porcelain")
-    return {"git_commit": git_commit(cwd), "git_dirty": None if status is None else str(bool(status)).lower()}
+    """Tag values that say which code ran: the commit and whether the work tree differed from it.
+
+    The commit is the DVC experiment's baseline inside `dvc exp run` (HEAD otherwise), as
+    `mlflow.source.git.commit`. `git_dirty` counts tracked files that differ from it, except what
+    DVC itself changes while running: `dvc.lock`, params files (their values are the run's params),
+    DVC outputs named in dvc.lock and `.gitignore` files; `l2rclip.git_changed` names the files
+    that did count. None values (not a git checkout) leave the tags out.
+    """
+    commit = dvc_experiment()["baseline"] or git_commit(cwd)
+    changed = None if commit is None else _git(cwd, "diff", "--name-only", commit, "--")
+    if changed is None:
+        return {"mlflow.source.git.commit": commit, "git_dirty": None}
+    owned = _dvc_owned(cwd, commit)
+    counted = [path for path in changed.splitlines() if path and not _is_owned(PurePosixPath(path), owned)]
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(counted)).lower(),
+            "l2rclip.git_changed": ", ".join(counted) or None}
+
+
+def _dvc_owned(cwd: str | Path, commit: str) -> set[PurePosixPath]:
+    """Paths (relative to the repository root) DVC writes itself: dvc.lock, params files, outputs.
+
+    Read from dvc.lock as it is now and as committed in `commit` (DVC rewrites it while running).
+    """
+    owned = {PurePosixPath("dvc.lock"), PurePosixPath("params.yaml")}
+    root = _git(cwd, "rev-parse", "--show-toplevel")
+    prefix = PurePosixPath(os.path.relpath(Path(cwd).resolve(), root)) if root else PurePosixPath(".")
+    try:
+        texts = [(Path(cwd) / "dvc.lock").read_text(encoding="utf-8")]
+    except OSError:
+        texts = []
+    texts.append(_git(cwd, "show", f"{commit}:./dvc.lock") or "")
+    for text in texts:
+        try:
+            stages = (yaml.safe_load(text) or {}).get("stages") or {}
+        except (yaml.YAMLError, AttributeError):
+            continue
+        for stage in stages.values() if isinstance(stages, dict) else ():
+            owned.update(prefix / name for name in (stage.get("params") or {}))
+            owned.update(prefix / out["path"] for out in stage.get("outs") or ()
+                         if isinstance(out, dict) and "path" in out)
+    return owned
+
+
+def _is_owned(path: PurePosixPath, owned: set[PurePosixPath]) -> bool:
+    return path.name == ".gitignore" or any(path == o or o in path.parents for o in owned)
+
+
+def source_tags(entry: str, cwd: str | Path = ".") -> dict[str, str | None]:
+    """MLflow's standard run tags (who, what, which commit) plus the DVC experiment, for stage `entry`.
+
+    `entry` is the command that ran (e.g. `l2rclip.stages.train`), `mlflow.source.name`.
+    """
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no user name in the environment or password database
+        user = None
+    experiment = dvc_experiment()
+    return {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL", "mlflow.user": user, **git_state(cwd),
+            DVC_EXP_TAG: experiment["name"], DVC_BASELINE_TAG: experiment["baseline"]}
 
 
 def _git(cwd: str | Path, *args: str) -> str | None:
@@ -113,6 +213,42 @@ def _unreachable(uri: str) -> str | None:
         return f"the server does not answer ({error})"
 
 
+class DvcDatasetSource(DatasetSource):
+    """Where a logged dataset's rows come from: a file of the DVC pipeline at a data version.
+
+    MLflow shows it as source type `dvc` with the file's path and `data_version` (the DVC data
+    version, also the dataset's digest); `load()` reads the file as it is now.
+    """
+
+    def __init__(self, path: str, data_version: str):
+        self.path, self.data_version = path, data_version
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self) -> pd.DataFrame:
+        """The file's rows as a table."""
+        return pd.read_csv(self.path, keep_default_na=False)
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False  # made explicitly, never guessed from a string
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> DvcDatasetSource:
+        raise NotImplementedError("DvcDatasetSource is made explicitly: DvcDatasetSource(path, data_version)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What MLflow stores as the dataset's source."""
+        return {"path": self.path, "data_version": self.data_version}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> DvcDatasetSource:
+        """The source `to_dict` stored."""
+        return cls(source_dict["path"], source_dict["data_version"])
+
+
 class Tracker:
     """Logs to MLflow by explicit run ids; turns itself off with one warning on the first failure.
 
@@ -161,10 +297,18 @@ class Tracker:
 
     @property
     def _exp_id(self) -> str:
-        """Experiment id by name (cached), creating the experiment on first use."""
+        """Experiment id by name (cached), creating the experiment on first use.
+
+        The experiment gets `EXPERIMENT_TAGS` (model training kind, description) where it lacks
+        them, so experiments made before, or by hand, are set up too; a user's own note stays.
+        """
         if self._experiment_id is None:
             found = self._client.get_experiment_by_name(self.experiment)
             self._experiment_id = found.experiment_id if found else self._create_experiment()
+            present = found.tags if found else {}
+            for key, value in EXPERIMENT_TAGS.items():
+                if key not in present:
+                    self._client.set_experiment_tag(self._experiment_id, key, value)
         return self._experiment_id
 
     def _create_experiment(self) -> str:
@@ -229,6 +373,22 @@ class Tracker:
             self._log_batch(run_id, "metrics", batch, limits.MAX_METRICS_PER_BATCH)
         self._guard("log_metrics", log)
 
+    def log_missing_epochs(self, run_id: str, history: list[dict[str, Any]]) -> None:
+        """Log the records of `history` (one per epoch, `epoch` the step) whose step the run lacks.
+
+        A training killed after saving an epoch but before logging it resumes from that epoch: this
+        fills the gap, without logging an epoch twice.
+        """
+        def missing() -> list[dict[str, Any]]:
+            shared = set.intersection(*(set(record) - {"epoch", "phase"} for record in history)) if history else ()
+            if not shared:  # no key every epoch has: nothing tells logged epochs apart
+                return []
+            logged = {m.step for m in self._client.get_metric_history(run_id, _safe_key(min(shared)))}
+            return [record for record in history if record["epoch"] not in logged]
+        for record in self._guard("log_missing_epochs", missing) or ():
+            self.log_metrics(run_id, {k: v for k, v in record.items() if k not in ("epoch", "phase")},
+                             step=record["epoch"])
+
     def _log_batch(self, run_id: str, kind: str, items: list, size: int) -> None:
         """Send `items` as `log_batch(kind=...)` calls of at most `size` (MLflow's per-request limits)."""
         for start in range(0, len(items), size):
@@ -262,8 +422,53 @@ class Tracker:
         """Store `obj` as a JSON or YAML artifact (format from the extension of `artifact_file`)."""
         self._guard("log_dict", lambda: self._client.log_dict(run_id, obj, artifact_file))
 
+    def log_datasets(self, run_id: str, splits: Mapping[str, pd.DataFrame], name: str, digest: str,
+                     source: str | Path) -> None:
+        """Log each split's rows as a dataset input of the run: `<name>-<split>`, digest `digest`.
+
+        `splits` maps split names (train, val, calib, test) to their rows; the dataset context tag
+        says train, validation, calibration or test. `digest` is the DVC data version and `source`
+        the file the rows come from, so MLflow's dataset view names what DVC versions.
+        """
+        def log() -> None:
+            from mlflow.data import from_pandas  # imported on use: it loads MLflow's dataset machinery
+            inputs = []
+            for split, rows in splits.items():
+                with warnings.catch_warnings():  # MLflow's hint on integer columns concerns model schemas
+                    warnings.simplefilter("ignore", UserWarning)
+                    entity = from_pandas(rows, source=DvcDatasetSource(str(source), digest),
+                                         name=f"{name}-{split}", digest=digest)._to_mlflow_entity()
+                context = InputTag("mlflow.data.context", DATASET_CONTEXTS.get(split, split))
+                inputs.append(DatasetInput(entity, [context]))
+            self._client.log_inputs(run_id, datasets=inputs)
+        self._guard("log_datasets", log)
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str | None, interval: float, resume: bool = False) -> Iterator[None]:
+        """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU with pynvml) on `run_id`.
+
+        Samples every `interval` seconds in a thread while the block runs, as `system/...` metrics;
+        `resume` continues the step count of an earlier process of the same run. Without a run (or
+        with the tracker off) the block just runs.
+        """
+        def start() -> Any:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resume,
+                                           tracking_uri=self.tracking_uri)
+            monitor.start()
+            return monitor
+        monitor = self._guard("system_metrics", start) if run_id else None
+        try:
+            yield
+        finally:
+            if monitor is not None:
+                self._guard("system_metrics", monitor.finish)
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Mark the run terminated with `status` (FINISHED, FAILED or KILLED)."""
+        """Mark the run terminated with `status` (FINISHED, FAILED or KILLED).
+
+        Later stages may still log into a terminated run (MLflow allows it); its end time stays.
+        """
         self._guard("end_run", lambda: self._client.set_terminated(run_id, status))
 
     def write_handle(self, folder: str | Path, run_id: str | None, parent_id: str | None) -> Path:
@@ -298,3 +503,47 @@ class Tracker:
         tracker = cls(handle["tracking_uri"])
         tracker._experiment_id = handle.get("experiment_id")
         return tracker, handle
+
+
+def tag_experiment_commits(repo: str | Path = ".", tracking_uri: str | None = None) -> int:
+    """Tag runs of finished DVC experiments with the experiment's commit; returns how many runs.
+
+    A stage inside `dvc exp run` knows its experiment's name and baseline (`source_tags`) but not
+    its commit, which DVC makes when the run ends. This reads `dvc exp show --json` in `repo` and
+    sets `l2rclip.dvc_exp_commit` on every run (any experiment of the store at `tracking_uri`)
+    tagged with that experiment's name and baseline. Never fatal: DVC or MLflow failures log one
+    warning and tag nothing more.
+    """
+    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                          text=True, check=False)
+    try:
+        shown = json.loads(done.stdout) if done.returncode == 0 else None
+    except ValueError:
+        shown = None
+    if shown is None:
+        logger.warning("cannot read DVC experiments in %s (`dvc exp show --json` exited %d: %s); "
+                       "no commits tagged", repo, done.returncode, done.stderr.strip()[-500:])
+        return 0
+    commits = {(baseline, name): rev for baseline, name, rev in _experiment_revs(shown)}
+    tracker = Tracker(tracking_uri)
+
+    def tag() -> int:
+        experiments = [e.experiment_id for e in tracker._client.search_experiments()]
+        tagged = 0
+        for (baseline, name), rev in commits.items():
+            runs = tracker._client.search_runs(experiments, filter_string=(
+                f"tags.`{DVC_EXP_TAG}` = '{name}' and tags.`{DVC_BASELINE_TAG}` = '{baseline}'"))
+            for run in runs:
+                tracker._client.set_tag(run.info.run_id, DVC_EXP_COMMIT_TAG, rev)
+            tagged += len(runs)
+        return tagged
+    return tracker._guard("tag_experiment_commits", tag) or 0
+
+
+def _experiment_revs(shown: list[dict]) -> Iterator[tuple[str, str, str]]:
+    """(baseline commit, experiment name, experiment commit) from `dvc exp show --json` (DVC 3)."""
+    for baseline in shown:
+        for group in baseline.get("experiments") or ():
+            for rev in group.get("revs") or ():
+                if rev.get("name") and rev.get("rev"):
+                    yield baseline["rev"], rev["name"], rev["rev"]

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from l2rclip.config import load_params, to_dict
 from l2rclip.results import collect, markdown_table, write_between_markers
+from l2rclip.tracking import tag_experiment_commits
 
 # Whole pipelines in subprocesses: generous limits for a loaded machine (about a minute when idle).
 pytestmark = pytest.mark.timeout(900)
@@ -73,7 +74,7 @@ def copy_project(repo: Path, override: dict) -> Path:
     `override` as its params.yaml."""
     repo.mkdir(parents=True)
     shutil.copytree(ROOT / "l2rclip", repo / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # .gitignore: files stages write beside outputs
         shutil.copy(ROOT / name, repo / name)
     (repo / "params.yaml").write_text(yaml.safe_dump(project_params(override), sort_keys=False))
     return repo
@@ -145,6 +146,20 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
     child = next(r for r in children if r.data.tags["mlflow.parentRunId"] == latest.info.run_id)
     assert child.data.tags["l2rclip.pipeline_check"] == "true" and "test/mae" in child.data.metrics
     assert len(client.get_metric_history(child.info.run_id, "val/mae")) == 2  # per epoch
+    # named after the DVC experiment; its code is the baseline's (-S and DVC's own writes are not "dirty")
+    baseline = run(["git", "rev-parse", "HEAD"], repo, env).strip()
+    assert (latest.info.run_name, child.info.run_name) == ("cop-half", "cop-half fold 1")
+    assert {k: latest.data.tags.get(k) for k in ("l2rclip.dvc_exp", "mlflow.source.git.commit", "git_dirty",
+                                                 "l2rclip.git_changed")} == {
+        "l2rclip.dvc_exp": "cop-half", "mlflow.source.git.commit": baseline, "git_dirty": "false",
+        "l2rclip.git_changed": None}
+    first = min(parents, key=lambda r: r.info.start_time)
+    assert first.info.run_name.startswith("demo ") and "l2rclip.dvc_exp" not in first.data.tags
+    assert tag_experiment_commits(repo, env["MLFLOW_TRACKING_URI"]) == 2  # the experiment's parent and fold run
+    refs = run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], repo, env).split()
+    exp_commit = refs[refs.index(next(r for r in refs if r.endswith("/cop-half"))) - 1]
+    for run_id in (latest.info.run_id, child.info.run_id):
+        assert client.get_run(run_id).data.tags["l2rclip.dvc_exp_commit"] == exp_commit
 
 
 def train_command(params: Path, prepared: Path, out: Path) -> list[str]:
@@ -157,7 +172,7 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(merge(SMALL, {
         "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 20}},
-        "model": {"fallback": {"epochs": 4}}, "train": {"batch_size": 4}, "tracking": {"enabled": False}})))
+        "model": {"fallback": {"epochs": 4}}, "train": {"batch_size": 4}, "tracking": {"experiment": "resume"}})))
     run([sys.executable, "-m", "l2rclip.stages.prepare", "--params", str(params), "--out",
          str(tmp_path / "prepared")], tmp_path, env)
 
@@ -176,9 +191,15 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
     killed_at = json.loads(state.read_text())["epoch"]
     assert 1 <= killed_at < 4, "the kill must interrupt training"
     assert not (resumed / "summary.json").exists()
+    killed_run = json.loads((resumed / "tracking.json").read_text())["run_id"]
 
     output = run(train_command(params, tmp_path / "prepared", resumed), tmp_path, env)
     assert f"resuming from {resumed / 'last'} after epoch {killed_at}" in output
+    # the resumed process continues the killed one's MLflow run, and ends it
+    assert json.loads((resumed / "tracking.json").read_text())["run_id"] == killed_run
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(killed_run).info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(killed_run, "val/mae")} == {1, 2, 3, 4}
     for name in ("best/model.safetensors", "last/model.safetensors", "last/optimizer.pt"):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
     # no timings in the outputs: the resumed run's files are those of the uninterrupted one

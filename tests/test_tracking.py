@@ -67,7 +67,7 @@ def test_params_metrics_artifacts_and_tags_land(tracker, uri, tmp_path):
     assert len(data.params["long"]) == 6000
     assert [(m.step, m.value) for m in client.get_metric_history(run, "train/loss")] == [(0, 1.0), (1, 0.5)]
     assert len(client.get_metric_history(run, "test/cs_5")) == 3
-    assert data.tags["stage"] == "train" and "git_commit" not in data.tags  # tmp_path is not a repo
+    assert data.tags["stage"] == "train" and "mlflow.source.git.commit" not in data.tags  # tmp_path: no repo
     listed = {a.path for a in client.list_artifacts(run)}
     assert listed == {"plots", "outputs", "summary.json"}
     assert [a.path for a in client.list_artifacts(run, "outputs")] == ["outputs/preds.csv"]
@@ -144,3 +144,13 @@ def test_racing_parent_creators_converge_on_the_oldest_run(tracker, uri, monkeyp
     client = MlflowClient(uri)
     alive = client.search_runs([tracker._experiment_id], f"tags.`{PIPELINE_KEY_TAG}` = 'k'")
     assert [r.info.run_id for r in alive] == [first]
+
+
+def test_missing_epochs_are_logged_once(tracker, uri):
+    run = tracker.child_run(tracker.parent_run("k", "p", {}, {}), "fold-0", {}, {})
+    history = [{"epoch": e, "phase": "main", "val/mae": 1.0 / e, "train/loss": 2.0 / e} for e in (1, 2, 3)]
+    tracker.log_metrics(run, {"val/mae": 1.0, "train/loss": 2.0}, step=1)  # the killed process logged epoch 1
+    tracker.log_missing_epochs(run, history)
+    client = MlflowClient(uri)
+    for key in ("val/mae", "train/loss"):
+        assert sorted(m.step for m in client.get_metric_history(run, key)) == [1, 2, 3]

@@ -10,7 +10,8 @@ calibration error (ECE) on the calibration split before and after tempering is r
 Output: `<out>` (calibration.json), the `Calibration` (sorted scores of both methods, the served
 method, the levels, the temperature and the thresholds) plus `fold`, `calibrated` and the ECE;
 `calibrated: false` and the reason when the fold has no calibration split (calib_fraction 0).
-The ECE and the calibration file also go to the fold's MLflow run.
+The ECE and the calibration file also go to the fold's MLflow run (ended by the train stage, so
+its end time, and with it its duration, stays the training's).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from l2rclip.evaluation import split_outputs
 from l2rclip.metrics import expected_calibration_error
 from l2rclip.models.checkpoint import load_model
 from l2rclip.stages.common import (
+    data_version,
     pick_device,
     read_prepared,
     run_main,
@@ -99,11 +101,13 @@ def calibrate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, o
               "calib/ece": _ece(probs, ranks, params.eval.ece_bins),
               "calib/ece_tempered": _ece(temper(probs, temperature), ranks, params.eval.ece_bins)}
     write_json(out_file, result)
-    tracker, ids = Tracker.from_handle(model_dir.parent)  # the fold's MLflow run, which evaluate ends
+    tracker, ids = Tracker.from_handle(model_dir.parent)  # the fold's MLflow run, ended by the train stage
     if run_id := ids.get("run_id"):
         tracker.log_metrics(run_id, {"calib/n_images": float(calibration.n), "calib/ece": result["calib/ece"],
                                      "calib/ece_tempered": result["calib/ece_tempered"],
                                      **({"calib/temperature": temperature} if temperature else {})})
+        tracker.log_datasets(run_id, {CALIB: calib}, f"{params.data.source}-fold{fold}", data_version(prepared),
+                             prepared / "splits.csv")
         tracker.log_artifact(run_id, out_file, "calibrate")
     log.info("fold %d calibrated on %d images (temperature %s): %s", fold, calibration.n, temperature,
              ", ".join(f"{m} q{level} {q:.3f}" for m, levels in result["thresholds"].items()

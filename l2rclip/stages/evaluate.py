@@ -9,6 +9,9 @@ Outputs:
                                 predicting the training median, the baseline every model must beat;
                                 MAEs in value units (`test/mae`) and rank-index units
                                 (`test/mae_index`), ordinality in our and OrdinalCLIP's definition
+MLflow: the metrics, predictions and figures go to the fold's run (from the train stage's
+tracking.json) with the test split as a dataset input; the run stays as the train stage ended it,
+so its duration is the training's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from l2rclip.plots import conformal_plot, evaluation_plots
 from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import (
     PIPELINE_CHECK,
+    data_version,
     pick_device,
     read_prepared,
     run_main,
@@ -109,10 +113,11 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     tracker, ids = Tracker.from_handle(model_dir.parent)
     run_id = ids.get("run_id")
     tracker.log_metrics(run_id, prefix_metrics(metrics, "test"))
+    tracker.log_datasets(run_id, {"test": test}, f"{params.data.source}-fold{fold}", data_version(prepared),
+                         prepared / "splits.csv")
     tracker.log_artifact(run_id, out_dir / "predictions.csv", "evaluate")
     for path in figures.values():
         tracker.log_artifact(run_id, path, "evaluate/figures")
-    tracker.end_run(run_id)
     log.info("fold %d test: MAE %.3f (median baseline %.3f), accuracy %.3f", fold, metrics["mae"],
              metrics["mae_median_baseline"], metrics["accuracy"])
     return result

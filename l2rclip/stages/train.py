@@ -5,7 +5,7 @@ Outputs in `--out` (declared `persist: true` in dvc.yaml, so a killed run resume
     last/           the last epoch's model, optimiser and scheduler state (for resuming)
     history.csv     one row per epoch: train loss terms, validation metrics (fixed column order)
     summary.json    best epoch and metrics, the backbone actually used
-    tracking.json   MLflow ids, so evaluate logs into the same run
+    tracking.json   MLflow ids, so calibrate and evaluate log into the same run
 Beside it, not DVC outputs: `<out>_timings.json` (seconds: they differ on every run, so they are
 kept out of the files DVC hashes) and `<out>.lock` (held while the stage runs).
 
@@ -15,10 +15,18 @@ params, fold, data, package code, library versions); otherwise it starts fresh a
 With `train.devices` x `train.nodes` > 1 the stage relaunches itself under torchrun, one process
 per device, which together compute what one process with the same `train.batch_size` computes
 (`l2rclip.distributed`); rank 0 holds the lock and writes every output.
+
+MLflow (rank 0): the fold's child run under the pipeline's parent run gets the params that ran
+(method preset and offline fallback applied; the requested ones as `params/requested.yaml`, and
+tag `l2rclip.requested_differs` naming the keys), the train/val splits as dataset inputs, system
+metrics while training, per-epoch metrics and `best/...` at the end; the stage then ends the run,
+so its duration is the training's (calibrate and evaluate log into it afterwards). A resumed
+training continues the run of the killed one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -32,7 +40,7 @@ import pandas as pd
 import torch
 
 from l2rclip.baselines import fit_untrained
-from l2rclip.config import Params, load_params, to_flat_dict
+from l2rclip.config import Params, load_params, to_dict, to_flat_dict
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
 from l2rclip.distributed import (
@@ -60,26 +68,36 @@ from l2rclip.stages.common import (
     write_json,
 )
 from l2rclip.timings import Timings, timings_path
-from l2rclip.tracking import Tracker, git_state, pipeline_key
+from l2rclip.tracking import Tracker, pipeline_key, pipeline_run_name, source_tags
 from l2rclip.training import FoldData, check_schedule, fit
 
 log = logging.getLogger("l2rclip.stages.train")  # not __main__ under python -m
 
 
-def open_fold_run(params: Params, fold: int, out_dir: Path, version: str, resuming: bool,
-                  tags: dict[str, Any]) -> tuple[Tracker, str | None]:
-    """The MLflow child run of this fold under the pipeline's parent run (the same one when resuming)."""
+def open_fold_run(requested: Params, resolved: Params, effective: Params, fold: int, out_dir: Path, version: str,
+                  resuming: bool, tags: dict[str, Any]) -> tuple[Tracker, str | None]:
+    """The MLflow child run of this fold under the pipeline's parent run (the same one when resuming).
+
+    `requested`: the params file as read; `resolved`: with the method preset (its flat form is the
+    pipeline key every stage recomputes to find the parent run, so it must not change);
+    `effective`: what trains (the fallback backbone, its rate and epochs), logged as the params.
+    """
     if resuming and (out_dir / "tracking.json").is_file():
         tracker, ids = Tracker.from_handle(out_dir)
         if ids.get("run_id"):
             return tracker, ids["run_id"]
-    tracker = Tracker(experiment=params.tracking.experiment, enabled=params.tracking.enabled)
-    flat = to_flat_dict(params)
-    parent = tracker.parent_run(pipeline_key(flat, version), name=f"{params.data.source} pipeline",
-                                params=flat, tags=tags)
-    run_id = (tracker.child_run(parent, name=f"fold {fold}", params=flat, tags={**tags, "l2rclip.fold": fold})
+    tracker = Tracker(experiment=resolved.tracking.experiment, enabled=resolved.tracking.enabled)
+    flat, wanted = to_flat_dict(effective), to_flat_dict(requested)
+    differs = sorted(key for key in flat if wanted.get(key) != flat[key])
+    tags = {**tags, "l2rclip.requested_differs": str(bool(differs)).lower(),
+            "l2rclip.requested_differs_keys": ", ".join(differs) or None}
+    name = pipeline_run_name(resolved.data.source, version)
+    parent = tracker.parent_run(pipeline_key(to_flat_dict(resolved), version), name=name, params=flat, tags=tags)
+    run_id = (tracker.child_run(parent, f"{name} fold {fold}", flat, {**tags, "l2rclip.fold": fold})
               if parent else None)
     if run_id:
+        for run in (parent, run_id):
+            tracker.log_dict(run, to_dict(requested), "params/requested.yaml")
         tracker.write_handle(out_dir, run_id, parent)
     return tracker, run_id
 
@@ -113,25 +131,27 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path, store_d
     `world`: this process among torchrun's training processes (rank 0 locks and writes).
     """
     seed_everything(params.seed)
+    requested = params
     params, images, splits = check_inputs(params, fold, prepared)
     if not world.is_main:
         logging.getLogger("l2rclip").setLevel(logging.WARNING)  # one log, rank 0's
     device = worker_device(params.train.device, world) if world.distributed else pick_device(params.train.device)
     with process_group(world, device), main_process_lock(out_dir, world):
-        return _train_locked(params, fold, images, splits, out_dir, data_version(prepared), store_dir, device,
-                             world)
+        return _train_locked(requested, params, fold, images, splits, out_dir, prepared, store_dir, device, world)
 
 
-def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.DataFrame, out_dir: Path,
-                  version: str, store_dir: Path | None, device: torch.device, world: World) -> dict[str, Any]:
+def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataFrame, splits: pd.DataFrame,
+                  out_dir: Path, prepared: Path, store_dir: Path | None, device: torch.device,
+                  world: World) -> dict[str, Any]:
+    version = data_version(prepared)
     backbone, model_config = resolve_backbone(params.model, device=str(device))
     store = open_store(store_dir, backbone.model, model_config.arch, params.preprocess.margin)
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
     meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
             "is_clip": backbone.is_clip, "fold": fold, "data_version": version}
-    tags = {**git_state(), "l2rclip.data_version": version, "l2rclip.backbone": model_config.arch,
-            "l2rclip.pipeline_check": str(not backbone.is_clip).lower()}
+    tags = {**source_tags("l2rclip.stages.train"), "l2rclip.data_version": version,
+            "l2rclip.backbone": model_config.arch, "l2rclip.pipeline_check": str(not backbone.is_clip).lower()}
     if not backbone.is_clip:
         tags["mlflow.note.content"] = PIPELINE_CHECK
     used = params
@@ -148,9 +168,17 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
     state = state or TrainState(identity_fingerprint(identity), identity)
     timings, started = Timings.load(timings_path(out_dir), resuming), time.perf_counter()
     timings.start_process()
-    tracker, run_id = (open_fold_run(params, fold, out_dir, version, resuming, tags) if world.is_main
-                       else (Tracker(experiment=params.tracking.experiment, enabled=False), None))
+    effective = dataclasses.replace(used, model=model_config)  # what trains: logged as the run's params
+    tracker, run_id = (open_fold_run(requested, params, effective, fold, out_dir, version, resuming, tags)
+                       if world.is_main else (Tracker(experiment=params.tracking.experiment, enabled=False), None))
     params = used
+    if resuming:  # the killed process may have saved its last epoch without logging it
+        tracker.log_missing_epochs(run_id, state.history)
+    else:
+        tracker.log_datasets(run_id, {"train": data.train, "val": data.val}, f"{params.data.source}-fold{fold}",
+                             version, prepared / "splits.csv")
+    monitor = (tracker.system_metrics(run_id, params.tracking.system_metrics_interval, resume=resuming)
+               if params.tracking.system_metrics else contextlib.nullcontext())
 
     def on_epoch(metrics: dict[str, float], epoch: int) -> None:
         if world.is_main:  # after every epoch: a killed process keeps its time
@@ -158,14 +186,16 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
             timings.save(timings_path(out_dir))
         tracker.log_metrics(run_id, metrics, step=epoch)
 
-    if model_config.method in UNTRAINED:
-        result = fit_untrained(model_config.method, model, backbone, rank_space, data, model_config, params.train,
-                               params.eval, backbone.preprocess_eval, out_dir, params.seed, device, meta)
-        tracker.log_metrics(run_id, {k: v for k, v in result.best_metrics.items() if k.startswith("val/")})
-    else:
-        result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
-                     (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
-                     state, meta=meta, on_epoch=on_epoch, world=world)
+    with monitor:
+        if model_config.method in UNTRAINED:
+            result = fit_untrained(model_config.method, model, backbone, rank_space, data, model_config,
+                                   params.train, params.eval, backbone.preprocess_eval, out_dir, params.seed,
+                                   device, meta)
+            tracker.log_metrics(run_id, {k: v for k, v in result.best_metrics.items() if k.startswith("val/")})
+        else:
+            result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
+                         (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
+                         state, meta=meta, on_epoch=on_epoch, world=world)
     history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
                "train_images": len(data.train), "val_images": len(data.val),
@@ -175,10 +205,10 @@ def _train_locked(params: Params, fold: int, images: pd.DataFrame, splits: pd.Da
     write_json(out_dir / "summary.json", summary)
     timings.record(time.perf_counter() - started)
     timings.save(timings_path(out_dir))
-    tracker.log_metrics(run_id, {"train_seconds": timings.seconds})
+    tracker.log_metrics(run_id, {"train_seconds": timings.seconds, "best/epoch": result.best_epoch,
+                                 **{f"best/{k}": v for k, v in result.best_metrics.items()}})
     tracker.log_artifact(run_id, out_dir / "history.csv")
-    tracker.log_params(run_id, {"train.lr_image_used": params.train.lr_image,
-                                "train.epochs_used": params.train.epochs})
+    tracker.end_run(run_id)  # the run's duration is the training's; later stages log into it
     log.info("fold %d trained in %.0f s (%.0f s in all processes): best epoch %d, %s", fold, result.seconds,
              timings.seconds, result.best_epoch,
              ", ".join(f"{k} {v:.3f}" for k, v in result.best_metrics.items() if k.startswith("val/mae")))
