@@ -21,7 +21,7 @@ from l2rclip.stages.calibrate import calibrate_fold
 from l2rclip.stages.common import data_version
 from l2rclip.stages.evaluate import evaluate_fold
 from l2rclip.stages.prepare import prepare
-from l2rclip.stages.register import parent_run
+from l2rclip.stages.register import training_run
 from l2rclip.stages.train import train_fold
 from l2rclip.tracking import (
     EXPERIMENT_TAGS,
@@ -132,7 +132,7 @@ def test_train_calibrate_evaluate_follow_mlflow_conventions(fold, checkout, tmp_
     # the key every stage recomputes still finds this parent (register's fallback path uses it)
     version = data_version(prepared)
     assert parent.data.tags[PIPELINE_KEY_TAG] == pipeline_key(to_flat_dict(resolve_method(params)), version)
-    assert parent_run(params, tmp_path / "no-handle", version)[1] == parent.info.run_id
+    assert training_run(params, tmp_path / "no-handle", version)[2] == parent.info.run_id
 
     # the fold run ended with training; best epoch and system metrics beside the per-epoch values
     assert trained.status == "FINISHED" and trained.end_time is not None

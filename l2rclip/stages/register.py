@@ -80,7 +80,7 @@ from l2rclip.registry import HOLDOUT_SPEC_TAG, register
 from l2rclip.serving import RequestLimits
 from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import fingerprint, run_main, stage_parser, write_json
-from l2rclip.tracking import HANDLE_FILE, Tracker, git_state, pipeline_key
+from l2rclip.tracking import HANDLE_FILE, Tracker, pipeline_key, pipeline_run_name, source_tags
 from l2rclip.training import HIGHER_IS_BETTER
 
 log = logging.getLogger("l2rclip.stages.register")  # not __main__ under python -m
@@ -195,8 +195,9 @@ def training_run(params: Params, train_dir: Path, version: str | None) -> tuple[
                                     f"reached: {tracker.failure}")
     tracker = Tracker(experiment=params.tracking.experiment)
     flat = to_flat_dict(resolve_method(params))
-    parent = tracker.parent_run(pipeline_key(flat, version), name=f"{params.data.source} pipeline", params=flat,
-                                tags={**git_state(), "l2rclip.data_version": version})
+    name = pipeline_run_name(params.data.source, version or "")
+    tags = {**source_tags("l2rclip.stages.register"), "l2rclip.data_version": version}
+    parent = tracker.parent_run(pipeline_key(flat, version), name=name, params=flat, tags=tags)
     if parent is None:
         raise RegistrationError(tracker.failure or f"MLflow at {tracker.tracking_uri} gave no parent run")
     log.warning("training was not tracked (%s holds no MLflow run): the model is logged in parent run %s in %s",
