@@ -84,7 +84,7 @@ def test_copied_project_params_do_not_depend_on_the_repository_params(tmp_path, 
     """A user's edits to params.yaml (own data, other ranks) never reach a test's project."""
     fake_root = tmp_path / "root"
     shutil.copytree(ROOT / "l2rclip", fake_root / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, fake_root / name)
     (fake_root / "params.yaml").write_text(yaml.safe_dump({
         "folds": [0], "ranks": {"start": 16, "stop": 77}, "data": {"source": "csv", "root": "/my/faces"},
