@@ -1,9 +1,10 @@
 """Prefect flows for real: DVC in scratch repositories, a SQLite MLflow registry, a Prefect server.
 
 Fast tests run the flows against Prefect's test harness (a temporary local server) with tiny
-stand-in pipelines, and read their artifacts and tags back from it; the `slow` ones run the
-project's own pipeline as four DVC experiments, serve the retrain flow from a real `prefect server
-start`, and deploy `prefect.yaml` to a work pool whose worker runs the retrain deployment.
+stand-in pipelines, and read their artifacts and tags back from it; one deploys `prefect.yaml` to a
+work pool on a real `prefect server start`, whose worker runs the retrain deployment (about a
+minute); the `slow` ones run the project's own pipeline as four DVC experiments and serve the
+retrain flow from a real `prefect server start`.
 """
 
 import json
@@ -599,7 +600,6 @@ def test_retrain_served_on_a_cron_schedule_by_a_real_prefect_server(tmp_path):
                 stop(runner)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_nightly_retrain(tmp_path, retrain_repo, env):
     """`prefect deploy --all` of the repo's prefect.yaml; `prefect worker start --run-once` runs the retrain.
