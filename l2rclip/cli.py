@@ -91,6 +91,14 @@ def _results(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tag_commits(args: argparse.Namespace) -> int:
+    from l2rclip.tracking import tag_experiment_commits
+
+    tagged = tag_experiment_commits(".", args.tracking_uri)
+    print(f"tagged {tagged} MLflow runs with their DVC experiment's commit")
+    return 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from l2rclip.config import ConfigError
     from l2rclip.reproduce import find_preset, overrides, reproduce
@@ -227,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--readme", help="file to write the table into (default: print it)")
     results.add_argument("--marker", default="results", help="marker name in that file (default: results)")
     results.set_defaults(func=_results)
+
+    tag_commits = commands.add_parser(
+        "tag-commits", help="tag MLflow runs with the commit of the DVC experiment that made them",
+        description="A stage inside `dvc exp run` knows its experiment's name and baseline, not the commit "
+                    "DVC makes when the run ends. This reads `dvc exp show --json` and sets "
+                    "`l2rclip.dvc_exp_commit` on the runs of each finished experiment (the ablation and "
+                    "fold flows do it themselves; run it after a plain `dvc exp run`).")
+    tag_commits.add_argument("--tracking-uri",
+                             help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    tag_commits.set_defaults(func=_tag_commits)
 
     reproduce = commands.add_parser(
         "reproduce", help="run a published protocol (protocols/<name>.yaml) as a DVC experiment",

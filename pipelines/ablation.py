@@ -53,7 +53,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from l2rclip.config import Params, from_dict, to_flat_dict
-from l2rclip.tracking import PARENT_TAG, PIPELINE_KEY_TAG, pipeline_key
+from l2rclip.tracking import PARENT_TAG, PIPELINE_KEY_TAG, pipeline_key, tag_experiment_commits
 from pipelines.ablation_report import comparison_plot, comparison_table
 from pipelines.checkout_lock import checkout_lock
 from pipelines.common import REPORT_METRICS, dvc_output, dvc_stream, project, run_cli, tracking_uri
@@ -230,6 +230,7 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
             queue_variants(root, variants, list(extra or []))
             run_queue(root, jobs)
         found = collect(root)
+        tag_experiment_commits(root, uri)  # the experiments' commits exist now: l2rclip.dvc_exp_commit
     results = [{"name": v.name, "overrides": v.overrides, "summary": found.get(v.name, {}).get("summary"),
                 "folds": found.get(v.name, {}).get("params", {}).get("folds")} for v in variants]
     tagged = sum(tag_variant_runs(uri, v.name, found[v.name]["params"]) for v in variants if v.name in found)

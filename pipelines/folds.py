@@ -23,6 +23,7 @@ from prefect import flow, get_run_logger
 
 from l2rclip.config import load_params
 from l2rclip.stages.report import summarise
+from l2rclip.tracking import tag_experiment_commits
 from pipelines.ablation import NO_REGISTER, collect
 from pipelines.common import describe, project, run_cli, tracking_uri
 from pipelines.fanout import fan_out
@@ -92,6 +93,7 @@ def folds(work_pool: str, name: str, settings: list[str] | None = None, repo: st
     if failed := [f"{r['name']}: {r['state']} {r['message']}" for r in results if not r["completed"]]:
         raise RuntimeError(f"folds: {len(failed)} of {len(runs)} fold runs did not finish: {'; '.join(failed)}")
     found = {run_name: (entry or {}).get("summary") for run_name, entry in collect(root).items()}
+    tag_experiment_commits(root, tracking_uri(root))  # the fold experiments' commits: l2rclip.dvc_exp_commit
     if missing := [run_name for run_name, _ in runs if not found.get(run_name)]:
         raise RuntimeError(f"folds: no report in the experiments {', '.join(missing)} (see `dvc exp show`)")
     summary = combine({run_name: found[run_name] for run_name, _ in runs})

@@ -19,7 +19,6 @@ from mlflow.tracking import MlflowClient
 
 from l2rclip.config import load_params, to_dict
 from l2rclip.results import collect, markdown_table, write_between_markers
-from l2rclip.tracking import tag_experiment_commits
 
 # Whole pipelines in subprocesses: generous limits for a loaded machine (about a minute when idle).
 pytestmark = pytest.mark.timeout(900)
@@ -155,7 +154,8 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
         "l2rclip.git_changed": None}
     first = min(parents, key=lambda r: r.info.start_time)
     assert first.info.run_name.startswith("demo ") and "l2rclip.dvc_exp" not in first.data.tags
-    assert tag_experiment_commits(repo, env["MLFLOW_TRACKING_URI"]) == 2  # the experiment's parent and fold run
+    tagged = run([str(BIN / "l2rclip"), "tag-commits", "--tracking-uri", env["MLFLOW_TRACKING_URI"]], repo, env)
+    assert "tagged 2 MLflow runs" in tagged  # the experiment's parent and fold run
     refs = run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], repo, env).split()
     exp_commit = refs[refs.index(next(r for r in refs if r.endswith("/cop-half"))) - 1]
     for run_id in (latest.info.run_id, child.info.run_id):

@@ -7,7 +7,7 @@ It starts `mlflow server` on the SQLite store (a free port on 127.0.0.1), finds 
 parent run, the fold run that holds the registered model and the model version of the
 `champion` alias, and photographs their pages; with `--prefect-api` (a running `prefect server
 start`, which serves its UI at the API's host) it photographs the newest flow run that has
-artifacts, on its Artifacts tab. Chromium comes from the Debian package (`apt install chromium`);
+artifacts and the newest artifact of each key (decision, report, tables). Chromium comes from the Debian package (`apt install chromium`);
 nothing here needs a network.
 """
 
@@ -77,6 +77,7 @@ def mlflow_pages(store: Path, experiment: str, out: Path) -> None:
                                      max_results=1)
         if not parents:
             raise ValueError(f"experiment {experiment!r} in {store} has no pipeline run")
+        shoot(f"{base}/#/experiments/{eid}/runs", out / "mlflow_experiment_runs.png")
         shoot(f"{base}/#/experiments/{eid}/runs/{parents[0].info.run_id}", out / "mlflow_parent_run.png")
         versions = client.search_model_versions(order_by=["creation_timestamp DESC"], max_results=1)
         if versions:
@@ -89,7 +90,11 @@ def mlflow_pages(store: Path, experiment: str, out: Path) -> None:
 
 
 def prefect_page(api: str, out: Path) -> None:
-    """The newest flow run with artifacts, on its Artifacts tab (the UI is served beside the API)."""
+    """The newest flow run with artifacts, and the newest artifact of each key (the UI is served beside the API).
+
+    The server must have been started with `PREFECT_UI_API_URL` set to `api` when its port is not
+    4200, or the UI looks for the API at 4200 and renders an error.
+    """
     os.environ["PREFECT_API_URL"] = api
     from prefect.client.orchestration import get_client
 
@@ -97,10 +102,12 @@ def prefect_page(api: str, out: Path) -> None:
         artifacts = [a for a in client.read_artifacts(limit=50) if a.flow_run_id]
     if not artifacts:
         raise ValueError(f"no flow run with artifacts on {api}")
-    newest = max(artifacts, key=lambda a: a.created)
+    newest = max(artifacts, key=lambda a: a.created).flow_run_id
     ui = api.removesuffix("/api")
-    shoot(f"{ui}/runs/flow-run/{newest.flow_run_id}?tab=Artifacts", out / "prefect_flow_run_artifacts.png")
-    shoot(f"{ui}/runs/flow-run/{newest.flow_run_id}", out / "prefect_flow_run.png")
+    shoot(f"{ui}/runs/flow-run/{newest}", out / "prefect_flow_run.png")
+    latest = {a.key: a for a in sorted(artifacts, key=lambda a: a.created)}  # the newest of each key
+    for key, artifact in latest.items():
+        shoot(f"{ui}/artifacts/artifact/{artifact.id}", out / f"prefect_artifact_{key}.png")
 
 
 def main() -> int:
