@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from l2rclip.training import HIGHER_IS_BETTER
+from l2rclip.venv_path import interpreter_first_on_path
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,8 @@ def dvc_env(repo: Path, extra: Mapping[str, str] | None = None) -> dict[str, str
 
     `extra` wins over both (a fan-out run passes the tracking server its caller chose).
     """
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri(repo), "DVC_NO_ANALYTICS": "1",
-            **(extra or {})}
+    return {**interpreter_first_on_path(os.environ), "MLFLOW_TRACKING_URI": tracking_uri(repo),
+            "DVC_NO_ANALYTICS": "1", **(extra or {})}
 
 
 def dvc_output(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> str:

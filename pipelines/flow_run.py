@@ -10,7 +10,6 @@ where it reports (`announce_api`). Tags link a flow run to what it ran (`dvc-exp
 from __future__ import annotations
 
 import logging
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL
 
 from l2rclip.stages.common import data_version
+from l2rclip.tracking import git_commit
 from pipelines.common import PREPARED
 
 TEMPORARY_SERVER = ("a temporary local server (PREFECT_API_URL not set): this run will not appear in your UI; "
@@ -59,9 +59,8 @@ def checkout_tags(repo: Path) -> list[str]:
     versions carry (`l2rclip.data_version`), so a flow run and its MLflow runs can be matched.
     """
     tags = []
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=False)
-    if done.returncode == 0:
-        tags.append(f"git:{done.stdout.strip()[:12]}")
+    if commit := git_commit(repo):
+        tags.append(f"git:{commit[:12]}")
     if all((repo / PREPARED / name).is_file() for name in ("images.csv", "splits.csv")):
         tags.append(f"data:{data_version(repo / PREPARED)}")
     return tags

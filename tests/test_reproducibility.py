@@ -31,12 +31,17 @@ def weights(repo: Path) -> dict:
     return load_file(repo / WEIGHTS)
 
 
+def repro_and_commit(repo: Path, env: dict, message: str) -> None:
+    """`dvc repro`, then commit everything it wrote (the run's record)."""
+    run(["dvc", "repro"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", message], repo, env)
+
+
 def test_code_edit_retrains_and_an_unchanged_rerun_changes_nothing(tmp_path):
     env = environment(tmp_path)
     repo = git_repo(tmp_path / "repo", env)
-    run(["dvc", "repro"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "first run"], repo, env)
+    repro_and_commit(repo, env, "first run")
     lock, before = (repo / "dvc.lock").read_text(), weights(repo)
 
     # A forced rerun with nothing changed continues the same computation: every epoch is done.
@@ -69,9 +74,7 @@ def test_code_edit_retrains_and_an_unchanged_rerun_changes_nothing(tmp_path):
 def test_a_second_clone_pulls_the_results_and_has_nothing_to_run(tmp_path):
     env = environment(tmp_path)
     first = git_repo(tmp_path / "first", env)
-    run(["dvc", "repro"], first, env)
-    run(["git", "add", "-A"], first, env)
-    run(["git", "commit", "-qm", "results"], first, env)
+    repro_and_commit(first, env, "results")
     run(["dvc", "push"], first, env)
     assert (tmp_path / "l2rclip-dvc-remote").is_dir()  # the default remote lies beside the checkout
 
