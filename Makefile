@@ -67,12 +67,12 @@ reproduce: $(STAMP)
 REVS ?=
 .PHONY: plots plots-vendor
 plots: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m l2rclip.offline_plots check
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m l2rclip.evaluation.offline_plots check
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc plots $(if $(REVS),diff $(REVS),show)
 
 ## plots-vendor: download the vega libraries pinned in vega/vega-lock.json from npm, verify, rebuild the page
 plots-vendor: $(STAMP)
-	$(BIN)/python -m l2rclip.offline_plots build
+	$(BIN)/python -m l2rclip.evaluation.offline_plots build
 
 ## ui: the MLflow UI on the project's store (mlflow.db) at http://127.0.0.1:5000 (Ctrl+C stops it)
 ui: $(STAMP)

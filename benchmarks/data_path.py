@@ -9,7 +9,7 @@ variants alternating so that machine noise hits both alike:
    copies uint8 batches, and the crops and normalisation run on the device (`StoreBatches`).
    Target: at least 10x. A third row runs those device-side crops on this CPU as well, which is
    what CPU-only training pays.
-2. One training epoch of L2RCLIP-Tiny (64 px) with `l2rclip.training.fit`, same settings, from the
+2. One training epoch of L2RCLIP-Tiny (64 px) with `l2rclip.training.loop.fit`, same settings, from the
    files against from the store (`FoldData.store`). Target: at least 3x.
 
 The store is built once beforehand (timed separately: that is the preprocess stage's one-off cost).
@@ -42,8 +42,8 @@ from l2rclip.data.store import ImageStore, spec_for, write_store
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.ranks import RankSpace
-from l2rclip.resume import TrainState
-from l2rclip.training import FoldData, StoreBatches, fit
+from l2rclip.training.loop import FoldData, StoreBatches, fit
+from l2rclip.training.resume import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -49,14 +49,14 @@ from train_step import sync
 from l2rclip.config import LossConfig, ModelConfig, PromptConfig, TrainConfig
 from l2rclip.data.dataset import resolve_workers
 from l2rclip.data.demo import generate_demo
-from l2rclip.evaluation import autocast
 from l2rclip.models.backbone import load_backbone, register_builtin_configs
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.factory import build_l2rclip
-from l2rclip.optim import build_optimizer
-from l2rclip.predict import Predictor
 from l2rclip.ranks import RankSpace
-from l2rclip.training import IMAGE_TERMS, _image_batches, optimisation_step, parameter_groups, phase_loss
+from l2rclip.runtime import autocast
+from l2rclip.serving.predictor import Predictor
+from l2rclip.training.loop import IMAGE_TERMS, _image_batches, optimisation_step, parameter_groups, phase_loss
+from l2rclip.training.optim import build_optimizer
 
 # Per mode: the full check on a GPU, and a smoke run that exercises every part on the CPU in seconds.
 MODES = {
@@ -124,7 +124,7 @@ def timed(device: torch.device, run: Callable[[], object]) -> float:
 
 
 def l2rclip_step(model, criterion, optimizer, images, labels, device, amp: bool, grad_clip) -> float:
-    """What `l2rclip.training._train_epoch` does per batch; returns the loss."""
+    """What `l2rclip.training.loop._train_epoch` does per batch; returns the loss."""
     with autocast(device, amp):
         terms = criterion(model(images=images), labels)
     optimisation_step(optimizer, terms["loss"], grad_clip)

@@ -36,9 +36,9 @@ from l2rclip.data.demo import generate_demo
 from l2rclip.models.backbone import load_backbone, register_builtin_configs
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.factory import build_l2rclip
-from l2rclip.predict import Predictor
 from l2rclip.ranks import RankSpace
-from l2rclip.stages.common import pick_device
+from l2rclip.runtime import pick_device
+from l2rclip.serving.predictor import Predictor
 
 
 class Files(Dataset):

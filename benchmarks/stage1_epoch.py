@@ -1,9 +1,9 @@
 """Two-stage stage 1 (frozen image tower, cached features) against a one-stage epoch, side by side.
 
-Both variants run `l2rclip.training.fit` on the same demo images, from the same initial weights:
+Both variants run `l2rclip.training.loop.fit` on the same demo images, from the same initial weights:
 
 - stage 1:   `train.schedule: two_stage` with `train.epochs: 0` (stage 1 only): the image tower is
-             frozen, every image is encoded once by `l2rclip.features.cached_image_features`, and
+             frozen, every image is encoded once by `l2rclip.training.features.cached_image_features`, and
              epochs train prompts + RankFormer on the cached features (`supcon + cop_batch`);
 - one-stage: `train.schedule: one_stage`, `model.image_tower: train`: every step sends the images
              (training augmentation) through the trainable image tower (`ce + kl_t2i + cop`).
@@ -36,12 +36,12 @@ from benchmark_utils import machine_line
 
 from l2rclip.config import Params, from_dict
 from l2rclip.data.demo import generate_demo
-from l2rclip.features import cached_image_features
 from l2rclip.models.backbone import load_backbone
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.ranks import RankSpace
-from l2rclip.resume import TrainState
-from l2rclip.training import FoldData, fit
+from l2rclip.training.features import cached_image_features
+from l2rclip.training.loop import FoldData, fit
+from l2rclip.training.resume import TrainState
 
 
 def make_params(args: argparse.Namespace, variant: str, cache: Path) -> Params:

@@ -1,6 +1,6 @@
 """One training step: prototypes truncated at EOT (ours) against full 77-token prompts, side by side.
 
-A step is what `l2rclip.training` does per batch in the prompt-tuning setting of CoOp/OrdinalCLIP:
+A step is what `l2rclip.training.loop` does per batch in the prompt-tuning setting of CoOp/OrdinalCLIP:
 B images through the (by default frozen, under no_grad) image tower, all M prototypes computed
 once, logits, the one-stage loss `ce + kl_t2i + cop` (`phase_loss`), backward, gradient clipping
 and an Adam step over the library's parameter groups. The two variants differ only in
@@ -41,12 +41,12 @@ import torch
 from benchmark_utils import machine_line
 
 from l2rclip.config import LossConfig, ModelConfig, PromptConfig, TrainConfig
-from l2rclip.evaluation import autocast
 from l2rclip.models.backbone import load_backbone
 from l2rclip.models.factory import build_l2rclip
-from l2rclip.optim import build_optimizer
 from l2rclip.ranks import RankSpace
-from l2rclip.training import IMAGE_TERMS, optimisation_step, phase_loss
+from l2rclip.runtime import autocast
+from l2rclip.training.loop import IMAGE_TERMS, optimisation_step, phase_loss
+from l2rclip.training.optim import build_optimizer
 
 VARIANTS = {"ours": True, "reference": False}  # name -> truncate
 

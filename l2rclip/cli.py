@@ -18,8 +18,8 @@ from l2rclip.venv_path import interpreter_first_on_path
 
 
 def _check(args: argparse.Namespace) -> int:
-    from l2rclip.check import run_check
     from l2rclip.config import load_params
+    from l2rclip.training.check import run_check
 
     result = run_check(load_params(args.params), steps=args.steps)
     first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
@@ -80,7 +80,7 @@ def _registered_line() -> str:
 
 
 def _results(args: argparse.Namespace) -> int:
-    from l2rclip.results import collect, markdown_table, write_between_markers
+    from l2rclip.evaluation.results import collect, markdown_table, write_between_markers
 
     table = markdown_table(collect(".", args.prefix))
     if args.readme:
@@ -92,7 +92,7 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _tag_commits(args: argparse.Namespace) -> int:
-    from l2rclip.tracking import tag_experiment_commits
+    from l2rclip.tracking.runs import tag_experiment_commits
 
     tagged = tag_experiment_commits(".", args.tracking_uri)
     print(f"tagged {tagged} MLflow runs with their DVC experiment's commit")
@@ -101,7 +101,7 @@ def _tag_commits(args: argparse.Namespace) -> int:
 
 def _reproduce(args: argparse.Namespace) -> int:
     from l2rclip.config import ConfigError
-    from l2rclip.reproduce import find_preset, overrides, reproduce
+    from l2rclip.evaluation.reproduce import find_preset, overrides, reproduce
 
     try:
         preset = find_preset(args.protocol, args.protocols)
@@ -143,7 +143,7 @@ def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str
     the interpreter's folder (a `.venv/bin` that need not be activated) is on PATH: it goes first.
     The store is the pipeline's (`MLFLOW_TRACKING_URI`, else ./mlflow.db), as for `l2rclip predict`.
     """
-    from l2rclip.tracking import default_tracking_uri
+    from l2rclip.tracking.runs import default_tracking_uri
 
     env = interpreter_first_on_path(environ, executable)
     env["MLFLOW_TRACKING_URI"] = environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
@@ -169,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from l2rclip.predict import Predictor, check_output_file, expand_inputs, write_table
+    from l2rclip.serving.predictor import Predictor, check_output_file, expand_inputs, write_table
 
     try:
         paths = expand_inputs(args.inputs)

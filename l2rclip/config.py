@@ -45,7 +45,7 @@ class RanksConfig:
     numeric); `names` is `words` (number words of the values), `labels` (the labels as text) or
     an explicit list; `name_format` wraps each name, e.g. "{}s" turns "1950" into "1950s".
     `unit` is the unit of the values, shown in figure axis labels ("years" -> "true value (years)");
-    "" for unitless ranks. It only labels figures (l2rclip.plots).
+    "" for unitless ranks. It only labels figures (l2rclip.evaluation.plots).
     """
 
     start: int | None = 1
@@ -244,7 +244,7 @@ class TrainConfig:
     select_metric: str = "mae"
     eval_batch_size: int = 64
     feature_cache: str = "outputs/cache"
-    # Data-parallel training (l2rclip/distributed.py): devices x nodes processes under torchrun.
+    # Data-parallel training (l2rclip/training/distributed.py): devices x nodes processes under torchrun.
     devices: int = 1
     nodes: int = 1
     rdzv_endpoint: str | None = None

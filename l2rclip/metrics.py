@@ -27,6 +27,9 @@ from sklearn.metrics import (
     root_mean_squared_error,
 )
 
+# Metrics where a larger value is better (model selection and promotion read the direction here).
+HIGHER_IS_BETTER = {"accuracy", "off_by_one_accuracy", "cs", "qwk", "spearman"}
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis; subtracts the row maximum so large logits do not overflow."""

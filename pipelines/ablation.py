@@ -53,8 +53,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from l2rclip.config import Params, from_dict, to_flat_dict
-from l2rclip.tracking import PARENT_TAG, PIPELINE_KEY_TAG, pipeline_key, tag_experiment_commits
-from pipelines.ablation_report import comparison_plot, comparison_table
+from l2rclip.evaluation.ablation_report import comparison_plot, comparison_table
+from l2rclip.tracking.provenance import pipeline_key
+from l2rclip.tracking.runs import PARENT_TAG, PIPELINE_KEY_TAG, tag_experiment_commits
 from pipelines.checkout_lock import checkout_lock
 from pipelines.common import REPORT_METRICS, dvc_output, dvc_stream, project, run_cli, tracking_uri
 from pipelines.fanout import fan_out
@@ -201,7 +202,7 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
             server every worker reaches.
         git_remote: the git remote the workers fetch from and push their experiments to.
         reference: the variant every other one is compared with, paired over folds (default: the
-            first of the grid; `pipelines.ablation_report`).
+            first of the grid; `l2rclip.evaluation.ablation_report`).
 
     Returns:
         `table` (markdown, also in `outputs/ablation/ablation.md`), `plot` (the PNG's path),

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from l2rclip.training import HIGHER_IS_BETTER
+from l2rclip.metrics import HIGHER_IS_BETTER
 from l2rclip.venv_path import interpreter_first_on_path
 
 log = logging.getLogger(__name__)

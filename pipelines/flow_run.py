@@ -17,8 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL
 
-from l2rclip.stages.common import data_version
-from l2rclip.tracking import git_commit
+from l2rclip.tracking.provenance import data_version, git_commit
 from pipelines.common import PREPARED
 
 TEMPORARY_SERVER = ("a temporary local server (PREFECT_API_URL not set): this run will not appear in your UI; "

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 
 from l2rclip.config import load_params
 from l2rclip.stages.report import summarise
-from l2rclip.tracking import tag_experiment_commits
+from l2rclip.tracking.runs import tag_experiment_commits
 from pipelines.ablation import NO_REGISTER, collect
 from pipelines.common import describe, project, run_cli, tracking_uri
 from pipelines.fanout import fan_out

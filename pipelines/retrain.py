@@ -9,7 +9,7 @@
    compares models of two datasets.
 3. The new version and the champion are scored on the SAME images, which NEITHER trained on: the
    promotion holdout (`outputs/prepare/holdout.csv`, `l2rclip.data.holdout`), each through its own
-   registered artifacts (`l2rclip.predict.Predictor`), with `l2rclip.metrics.ordinal_metrics`.
+   registered artifacts (`l2rclip.serving.predictor.Predictor`), with `l2rclip.metrics.ordinal_metrics`.
    A fold's test split would not do: it is redrawn when data changes, so it holds images of the
    champion's training split. The holdout is defined by a stable hash of the group id, so it holds
    no image either model trained on as long as both were made under the same definition
@@ -43,10 +43,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from l2rclip.config import EvalConfig, Params, load_params, model_name
 from l2rclip.data.holdout import holdout_version
-from l2rclip.evaluation import probabilities_of
+from l2rclip.evaluation.predictions import probabilities_of
 from l2rclip.metrics import ordinal_metrics
-from l2rclip.predict import Predictor
-from l2rclip.registry import (
+from l2rclip.serving.predictor import Predictor
+from l2rclip.serving.registry import (
     DECISION_TAG,
     HOLDOUT_SPEC_TAG,
     KEPT,

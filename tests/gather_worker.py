@@ -5,8 +5,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from l2rclip.distributed import PADDING_LABEL, World, gather_batch, rank_positions
 from l2rclip.losses import OrdinalLoss
+from l2rclip.training.distributed import PADDING_LABEL, World, gather_batch, rank_positions
 
 TERMS = {"ce": 1.0, "kl_t2i": 1.0, "cop": 1.0, "cop_batch": 1.0, "supcon": 1.0}  # every whole-batch term
 STEPS = (slice(0, 12), slice(0, 5), slice(5, 6))  # global batches: even, uneven, one image for two ranks

@@ -5,7 +5,7 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from scipy import stats
 
-from pipelines.ablation_report import comparison_figure, comparison_plot, comparison_table, paired
+from l2rclip.evaluation.ablation_report import comparison_figure, comparison_plot, comparison_table, paired
 
 BASELINE = [2.5, 2.6, 2.4, 2.7, 2.5]
 REFERENCE = [1.0, 1.2, 1.1, 1.3, 1.0]

@@ -1,8 +1,8 @@
 """The library check (what `make demo` runs for now) on the real demo data, offline."""
 
-from l2rclip.check import run_check
 from l2rclip.cli import main
 from l2rclip.config import Params, from_dict
+from l2rclip.training.check import run_check
 
 
 def test_check_falls_back_offline_and_trains(tmp_path, monkeypatch):

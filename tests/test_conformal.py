@@ -10,7 +10,8 @@ import pytest
 from test_predict import save_tiny_model
 
 from l2rclip.config import ConfigError, Params, SplitConfig, from_dict
-from l2rclip.conformal import (
+from l2rclip.data.splits import CALIB, SplitError, make_splits
+from l2rclip.evaluation.conformal import (
     METHODS,
     Calibration,
     ConformalError,
@@ -24,9 +25,8 @@ from l2rclip.conformal import (
     ordinal_scores,
     temper,
 )
-from l2rclip.data.splits import CALIB, SplitError, make_splits
+from l2rclip.evaluation.plots import conformal_plot
 from l2rclip.metrics import expected_calibration_error
-from l2rclip.plots import conformal_plot
 from l2rclip.ranks import RankSpace
 from l2rclip.stages.calibrate import calibrate_fold
 from l2rclip.stages.evaluate import evaluate_fold

@@ -19,8 +19,8 @@ from PIL import Image
 from l2rclip.config import Params, from_dict
 from l2rclip.data.sources import load_source
 from l2rclip.data.validate import validate_table
+from l2rclip.evaluation.reproduce import find_preset
 from l2rclip.ranks import RankSpace
-from l2rclip.reproduce import find_preset
 from l2rclip.stages.prepare import prepare
 
 pytestmark = pytest.mark.data

@@ -24,12 +24,12 @@ from test_pipeline import SMALL, environment, merge
 
 from l2rclip.config import ConfigError, Params, TrainConfig, from_dict
 from l2rclip.data.demo import generate_demo
-from l2rclip.distributed import PADDING_LABEL, GlobalBatchSampler, SeededSamples, World, world_size
 from l2rclip.locking import exclusive_output
 from l2rclip.losses import OrdinalLoss
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.preprocess import preprocess
 from l2rclip.stages.train import train_fold
+from l2rclip.training.distributed import PADDING_LABEL, GlobalBatchSampler, SeededSamples, World, world_size
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -22,8 +22,8 @@ import yaml
 from dvc_render import VegaRenderer
 from test_pipeline import ROOT, environment, run
 
-from l2rclip import offline_plots
 from l2rclip.config import Params
+from l2rclip.evaluation import offline_plots
 
 FOLDS = list(Params().folds)  # the folds dvc.yaml's plots cover: those of the default params
 HISTORY = "outputs/folds/{}/train/history.csv"

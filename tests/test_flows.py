@@ -43,16 +43,16 @@ from test_pipeline import ROOT, SMALL, copy_project, project_params
 from l2rclip.config import ModelConfig, PromptConfig, load_params
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.holdout import holdout_spec
+from l2rclip.evaluation.ablation_report import comparison_table
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.factory import build_l2rclip
-from l2rclip.predict import Predictor
 from l2rclip.ranks import RankSpace
-from l2rclip.registry import HOLDOUT_SPEC_TAG, champion, register
-from l2rclip.stages.common import data_version, fingerprint
-from l2rclip.tracking import Tracker
+from l2rclip.serving.predictor import Predictor
+from l2rclip.serving.registry import HOLDOUT_SPEC_TAG, champion, register
+from l2rclip.tracking.provenance import data_version, fingerprint
+from l2rclip.tracking.runs import Tracker
 from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand, publish_comparison
-from pipelines.ablation_report import comparison_table
 from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock
 from pipelines.common import DvcError, is_transient
 from pipelines.deploy import DEFAULT_CRON, DEFAULT_NAME, deploy_to_pool, retrain_deployment

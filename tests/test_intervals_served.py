@@ -9,13 +9,13 @@ import pytest
 from test_predict import mlflow_store, save_tiny_model
 
 from l2rclip import cli
-from l2rclip.conformal import Calibration, ConformalError
 from l2rclip.data.demo import generate_demo
-from l2rclip.evaluation import probabilities_of
-from l2rclip.predict import Predictor
-from l2rclip.registry import register
-from l2rclip.serving import log_pyfunc
-from l2rclip.tracking import Tracker
+from l2rclip.evaluation.conformal import Calibration, ConformalError
+from l2rclip.evaluation.predictions import probabilities_of
+from l2rclip.serving.predictor import Predictor
+from l2rclip.serving.pyfunc import log_pyfunc
+from l2rclip.serving.registry import register
+from l2rclip.tracking.runs import Tracker
 
 INTERVALS = ["interval_low", "interval_high", "interval_low_value", "interval_high_value", "interval_level"]
 

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from l2rclip.baselines import fit_linear_probe
 from l2rclip.config import EvalConfig, Params, from_dict
 from l2rclip.methods import resolve_method
 from l2rclip.models.heads import HeadLoss, OrdinalHeadModel
 from l2rclip.stages.evaluate import evaluate_fold
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.train import train_fold
+from l2rclip.training.baselines import fit_linear_probe
 
 METHODS = ["l2rclip", "ordinalclip", "coop", "zero_shot", "linear_probe", "coral", "corn"]
 

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from l2rclip.config import load_params, to_dict
-from l2rclip.results import collect, markdown_table, write_between_markers
+from l2rclip.evaluation.results import collect, markdown_table, write_between_markers
 
 # Whole pipelines in subprocesses: generous limits for a loaded machine (about a minute when idle).
 pytestmark = pytest.mark.timeout(900)

@@ -6,7 +6,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from l2rclip.plots import (
+from l2rclip.evaluation.plots import (
     calibration_plot,
     conformal_plot,
     confusion_matrix_plot,

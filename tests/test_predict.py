@@ -17,13 +17,13 @@ from l2rclip.config import ModelConfig, PromptConfig
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb, validate_table
-from l2rclip.evaluation import predict_probabilities, predictions_table
+from l2rclip.evaluation.predictions import predict_probabilities, predictions_table
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.checkpoint import ModelFileError, load_model, save_model
 from l2rclip.models.factory import build_l2rclip
-from l2rclip.predict import Predictor, expand_inputs, resolve_model_dir, write_table
 from l2rclip.ranks import RankSpace
-from l2rclip.serving import predict_frame
+from l2rclip.serving.predictor import Predictor, expand_inputs, resolve_model_dir, write_table
+from l2rclip.serving.pyfunc import predict_frame
 
 NUMBERS = ["pred_rank", "pred_value", "expected_value", "std", "entropy", "confidence"]
 PROBABILITIES = [f"p_{count}" for count in range(1, 11)]  # named by label: the tiny model's ranks are counts 1..10

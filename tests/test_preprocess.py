@@ -15,13 +15,13 @@ from l2rclip.data.batch_transforms import crop_boxes, store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.store import ImageStore, StoreError, model_spec, open_store, spec_for
-from l2rclip.evaluation import predict_probabilities
+from l2rclip.evaluation.predictions import predict_probabilities
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.ranks import RankSpace
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.preprocess import preprocess
-from l2rclip.training import StoreBatches
+from l2rclip.training.loop import StoreBatches
 
 
 @pytest.fixture(scope="module")

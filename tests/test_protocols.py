@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from l2rclip.config import ConfigError, Params, from_dict
-from l2rclip.reproduce import dvc_command, find_preset, load_preset, overrides, paper_table
+from l2rclip.evaluation.reproduce import dvc_command, find_preset, load_preset, overrides, paper_table
 
 PROTOCOLS = Path(__file__).resolve().parents[1] / "protocols"
 EXPECTED = {"morph-a", "morph-b", "morph-c", "morph-d", "adience", "hci", "aesthetics-animals",

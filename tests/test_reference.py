@@ -15,7 +15,8 @@ import yaml
 from torch import nn
 
 from l2rclip.config import ConfigError, LossConfig, Params, ParamsLoader, load_params, to_flat_dict
-from l2rclip.evaluation import predict_outputs
+from l2rclip.evaluation.predictions import predict_outputs
+from l2rclip.evaluation.results import markdown_table
 from l2rclip.losses import OrdinalLoss, cop_batch_loss, kl_t2i_loss, reference_supcon_loss, supcon_loss
 from l2rclip.metrics import (
     ordinal_metrics,
@@ -26,7 +27,6 @@ from l2rclip.metrics import (
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.prompts import RankPromptLearner, interpolation_weights
 from l2rclip.parity import REFERENCE, dvc_set_args, with_overrides, yaml_scalar
-from l2rclip.results import markdown_table
 from l2rclip.stages.report import markdown
 
 LN2 = math.log(2.0)

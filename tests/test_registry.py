@@ -31,12 +31,12 @@ from l2rclip.config import (
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.holdout import holdout_spec
 from l2rclip.models.checkpoint import ModelFileError
-from l2rclip.predict import Predictor
-from l2rclip.registry import champion, keep, promote, register
-from l2rclip.stages.common import fingerprint
+from l2rclip.serving.predictor import Predictor
+from l2rclip.serving.registry import champion, keep, promote, register
 from l2rclip.stages.register import choose_fold, main, register_best
 from l2rclip.stages.report import report as report_stage
-from l2rclip.tracking import PARENT_TAG, PIPELINE_KEY_TAG, Tracker
+from l2rclip.tracking.provenance import fingerprint
+from l2rclip.tracking.runs import PARENT_TAG, PIPELINE_KEY_TAG, Tracker
 from pipelines.ablation import NO_REGISTER, variant_settings
 
 

@@ -12,9 +12,9 @@ from test_pipeline import SMALL, merge
 from l2rclip.config import Params, from_dict
 from l2rclip.data.demo import generate_demo
 from l2rclip.locking import OutputLockedError, exclusive_output
-from l2rclip.resume import identity_difference, run_identity
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.train import train_fold
+from l2rclip.training.resume import identity_difference, run_identity
 
 
 @pytest.fixture
@@ -34,9 +34,9 @@ def snapshot(folder):
 
 def test_identity_names_what_differs():
     base = run_identity({"train.epochs": 2}, 0, "v1")
-    other = {**base, "params": {"train.epochs": 3}, "code": {**base["code"], "l2rclip/training.py": "x"}}
+    other = {**base, "params": {"train.epochs": 3}, "code": {**base["code"], "l2rclip/training/loop.py": "x"}}
     text = identity_difference(base, other)
-    assert "params train.epochs" in text and "code l2rclip/training.py" in text
+    assert "params train.epochs" in text and "code l2rclip/training/loop.py" in text
     assert "older l2rclip" in identity_difference(None, base)
 
 

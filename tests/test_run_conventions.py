@@ -18,20 +18,12 @@ from l2rclip.config import Params, from_dict, to_flat_dict
 from l2rclip.data.demo import generate_demo
 from l2rclip.methods import resolve_method
 from l2rclip.stages.calibrate import calibrate_fold
-from l2rclip.stages.common import data_version
 from l2rclip.stages.evaluate import evaluate_fold
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.register import training_run
 from l2rclip.stages.train import train_fold
-from l2rclip.tracking import (
-    EXPERIMENT_TAGS,
-    PARENT_TAG,
-    PIPELINE_KEY_TAG,
-    Tracker,
-    git_state,
-    pipeline_key,
-    tag_experiment_commits,
-)
+from l2rclip.tracking.provenance import data_version, git_state, pipeline_key
+from l2rclip.tracking.runs import EXPERIMENT_TAGS, PARENT_TAG, PIPELINE_KEY_TAG, Tracker, tag_experiment_commits
 
 
 def git(repo, *args):

@@ -28,9 +28,9 @@ from PIL import Image
 from test_predict import NUMBERS, PROBABILITIES, mlflow_store, save_tiny_model
 
 from l2rclip.data.demo import generate_demo
-from l2rclip.predict import Predictor
-from l2rclip.serving import MODEL_CODE, RequestLimits, encode_image, log_pyfunc
-from l2rclip.tracking import Tracker
+from l2rclip.serving.predictor import Predictor
+from l2rclip.serving.pyfunc import MODEL_CODE, RequestLimits, encode_image, log_pyfunc
+from l2rclip.tracking.runs import Tracker
 
 COLUMNS = NUMBERS + PROBABILITIES
 # Small enough to break in a test, large enough for the 64 x 64 demo images the tests send.

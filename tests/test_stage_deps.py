@@ -2,7 +2,7 @@
 
 A stage reruns exactly when its code changes only if DVC knows its code: a module the stage imports
 but dvc.yaml does not list would let an edit keep a stale result (the train stage once missed
-config.py, methods.py and data/dataset.py). The closure comes from `l2rclip.code_deps`, which the
+config.py, methods.py and data/dataset.py). The closure comes from `l2rclip.training.code_deps`, which the
 train stage's resume identity hashes too; a second check runs the real interpreter once to make
 sure the static closure misses nothing that `python -m l2rclip.stages.train` actually loads.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from l2rclip.code_deps import import_closure
+from l2rclip.training.code_deps import import_closure
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]

@@ -6,7 +6,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from l2rclip.tracking import PARENT_TAG, PIPELINE_KEY_TAG, Tracker, git_state, pipeline_key
+from l2rclip.tracking.provenance import git_state, pipeline_key
+from l2rclip.tracking.runs import PARENT_TAG, PIPELINE_KEY_TAG, Tracker
 
 
 @pytest.fixture()

@@ -80,7 +80,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         drop_last: drop a final incomplete batch.
         device: where the batches go; on CUDA batches are pinned (for non-blocking copies).
         batch_sampler: yields the batches' keys instead (then batch_size, shuffle and drop_last
-            are its business), e.g. `l2rclip.distributed.GlobalBatchSampler`.
+            are its business), e.g. `l2rclip.training.distributed.GlobalBatchSampler`.
         collate_fn: how items become a batch (default: torch's).
         persistent: keep the workers across epochs on CUDA (for a loader that serves every epoch,
             whose batch sampler is reseeded per epoch in this process).

@@ -228,7 +228,7 @@ class StoreDataset(Dataset):
 
     Defines `__getitems__`, so a DataLoader fetches each batch with one read per shard instead of
     one per image; items are uint8 (3, S, S) and batches uint8 (B, 3, S, S). Keys are row indices,
-    or `(index, real)` pairs from `l2rclip.distributed.GlobalBatchSampler`, whose padding rows
+    or `(index, real)` pairs from `l2rclip.training.distributed.GlobalBatchSampler`, whose padding rows
     (`real` False) get the label -1.
     """
 

@@ -2,7 +2,7 @@
 
 Between train and evaluate. The calibration split (split.calib_fraction) was carved from the
 fold's training part and never seen by training or model selection, so its scores are
-exchangeable with the test split's: the condition of the conformal guarantee (l2rclip.conformal).
+exchangeable with the test split's: the condition of the conformal guarantee (l2rclip.evaluation.conformal).
 With conformal.temperature a softmax temperature is fitted first on the validation split (not on
 the calibration split, which would make its scores depend on themselves); the expected
 calibration error (ECE) on the calibration split before and after tempering is recorded.
@@ -26,22 +26,16 @@ from typing import Any
 import numpy as np
 
 from l2rclip.config import ConfigError, Params, load_params
-from l2rclip.conformal import Calibration, check_alpha, fit_temperature, temper
 from l2rclip.data.splits import CALIB, select
 from l2rclip.data.store import open_store
-from l2rclip.evaluation import split_outputs
+from l2rclip.evaluation.conformal import Calibration, check_alpha, fit_temperature, temper
+from l2rclip.evaluation.predictions import split_outputs
 from l2rclip.metrics import expected_calibration_error
 from l2rclip.models.checkpoint import load_model
-from l2rclip.stages.common import (
-    data_version,
-    pick_device,
-    read_prepared,
-    run_main,
-    seed_everything,
-    stage_parser,
-    write_json,
-)
-from l2rclip.tracking import Tracker
+from l2rclip.runtime import pick_device, seed_everything
+from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
+from l2rclip.tracking.provenance import data_version
+from l2rclip.tracking.runs import Tracker
 
 log = logging.getLogger("l2rclip.stages.calibrate")  # not __main__ under python -m
 

@@ -3,43 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import random
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 
-from l2rclip.config import ConfigError, Params, to_flat_dict
 from l2rclip.data.splits import read_splits
 from l2rclip.locking import OutputLockedError
 
 log = logging.getLogger(__name__)
 
 PIPELINE_CHECK = "PIPELINE CHECK (random-initialised backbone, NOT CLIP results)"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch once at a stage entry."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto`: CUDA when available, else CPU; otherwise the named device, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available here; use auto or cpu")
-    return device
 
 
 def read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -50,20 +28,6 @@ def read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(f"expected the prepare stage's outputs, missing: {', '.join(missing)}; "
                                 "run `dvc repro prepare` (or `l2rclip prepare`) first")
     return pd.read_csv(files[0], keep_default_na=False), read_splits(files[1])
-
-
-def data_version(prepared: Path) -> str:
-    """A short hash of the prepared tables: which images, labels and splits a run used."""
-    digest = hashlib.sha256()
-    for name in ("images.csv", "splits.csv"):
-        digest.update((prepared / name).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def fingerprint(params: Params, *parts: Any) -> str:
-    """A hash of the params and extra parts (fold, data version) that identifies a training run."""
-    payload = json.dumps([to_flat_dict(params), *parts], sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def write_json(path: Path, data: Any) -> None:

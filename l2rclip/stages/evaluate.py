@@ -25,25 +25,18 @@ from typing import Any
 import numpy as np
 
 from l2rclip.config import Params, load_params
-from l2rclip.conformal import evaluate_intervals, level_name
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
-from l2rclip.evaluation import predictions_table, split_outputs
+from l2rclip.evaluation.conformal import evaluate_intervals, level_name
+from l2rclip.evaluation.plots import conformal_plot, evaluation_plots
+from l2rclip.evaluation.predictions import predictions_table, split_outputs
 from l2rclip.metrics import clap_epsilon_error, ordinal_metrics, prefix_metrics, prototype_ordinality_metrics
 from l2rclip.models.checkpoint import load_model
-from l2rclip.plots import conformal_plot, evaluation_plots
+from l2rclip.runtime import pick_device, seed_everything
 from l2rclip.stages.calibrate import read_calibration
-from l2rclip.stages.common import (
-    PIPELINE_CHECK,
-    data_version,
-    pick_device,
-    read_prepared,
-    run_main,
-    seed_everything,
-    stage_parser,
-    write_json,
-)
-from l2rclip.tracking import Tracker
+from l2rclip.stages.common import PIPELINE_CHECK, read_prepared, run_main, stage_parser, write_json
+from l2rclip.tracking.provenance import data_version
+from l2rclip.tracking.runs import Tracker
 
 log = logging.getLogger("l2rclip.stages.evaluate")  # not __main__ under python -m
 

@@ -6,7 +6,7 @@ score: the test split is for reporting, and choosing on it would make the report
 optimistic. The chosen `best/` model is logged as an l2rclip pyfunc in the FOLD run that trained
 it (its `tracking.json`) and that logged model is registered as a new version of
 `l2rclip.config.model_name(params)` (`tracking.model_name`, default `l2rclip-<folder name of
-data.root>`), so the run, the logged model and the version link to each other (`l2rclip.registry`).
+data.root>`), so the run, the logged model and the version link to each other (`l2rclip.serving.registry`).
 The version's tags identify it: data source and version, a params hash, the fold, its
 validation score, the promotion holdout, the conformal method and level, the backbone; the
 cross-validated test means are metrics of the pipeline run (the report stage logs them), which
@@ -38,12 +38,12 @@ Expected dvc.yaml entry (after `report`):
       deps:
         - outputs/report/metrics.json
         - outputs/metrics
-        - l2rclip/conformal.py
+        - l2rclip/evaluation/conformal.py
         - l2rclip/stages/register.py
-        - l2rclip/registry.py
-        - l2rclip/serving.py
-        - l2rclip/served_model.py
-        - l2rclip/predict.py
+        - l2rclip/serving/registry.py
+        - l2rclip/serving/pyfunc.py
+        - l2rclip/serving/served_model.py
+        - l2rclip/serving/predictor.py
       params:
         - folds
         - data.source
@@ -72,16 +72,17 @@ from pathlib import Path
 from typing import Any
 
 from l2rclip.config import Params, load_params, model_name, to_flat_dict
-from l2rclip.conformal import Calibration
 from l2rclip.data.holdout import holdout_spec
+from l2rclip.evaluation.conformal import Calibration
 from l2rclip.methods import resolve_method
+from l2rclip.metrics import HIGHER_IS_BETTER
 from l2rclip.models.checkpoint import read_model_meta
-from l2rclip.registry import HOLDOUT_SPEC_TAG, register
-from l2rclip.serving import RequestLimits
+from l2rclip.serving.pyfunc import RequestLimits
+from l2rclip.serving.registry import HOLDOUT_SPEC_TAG, register
 from l2rclip.stages.calibrate import read_calibration
-from l2rclip.stages.common import fingerprint, run_main, stage_parser, write_json
-from l2rclip.tracking import HANDLE_FILE, Tracker, pipeline_key, pipeline_run_name, source_tags
-from l2rclip.training import HIGHER_IS_BETTER
+from l2rclip.stages.common import run_main, stage_parser, write_json
+from l2rclip.tracking.provenance import fingerprint, pipeline_key, pipeline_run_name, source_tags
+from l2rclip.tracking.runs import HANDLE_FILE, Tracker
 
 log = logging.getLogger("l2rclip.stages.register")  # not __main__ under python -m
 

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from l2rclip.config import Params, load_params, model_name
-from l2rclip.plots import cv_summary_plot
+from l2rclip.evaluation.plots import cv_summary_plot
 from l2rclip.stages.common import PIPELINE_CHECK, run_main, stage_parser, write_json
-from l2rclip.timings import read_seconds
-from l2rclip.tracking import Tracker
+from l2rclip.tracking.runs import Tracker
+from l2rclip.training.timings import read_seconds
 
 log = logging.getLogger("l2rclip.stages.report")  # not __main__ under python -m
 
@@ -96,7 +96,7 @@ def conformal_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     """The conformal interval table: test coverage against 1 - alpha in every fold, and mean width.
 
     A fold passes when its coverage is at least 1 - alpha - tolerance (`test/tolerance_<level>`:
-    three standard errors of calibration and test sampling, l2rclip.conformal.binomial_tolerance).
+    three standard errors of calibration and test sampling, l2rclip.evaluation.conformal.binomial_tolerance).
     """
     found = sorted({(m.group(1), m.group(2)) for key in summary
                     if (m := re.fullmatch(r"test/coverage_([a-z]+)_([0-9.]+)", key))},
@@ -190,7 +190,7 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     parent = ids.get("parent_run_id")
     tracker.log_metrics(parent, {f"{k}_{stat}": v[stat] for k, v in summary.items() for stat in ("mean", "std")})
     seconds = [read_seconds(train_root / str(fold) / "train") for fold in params.folds]
-    if all(s is not None for s in seconds):  # timings stay out of DVC's files (l2rclip.timings)
+    if all(s is not None for s in seconds):  # timings stay out of DVC's files (l2rclip.training.timings)
         tracker.log_metrics(parent, {"train_seconds": float(sum(seconds))})
     for path in (out_dir / "report.md", metrics_file, figure):
         tracker.log_artifact(parent, path, "report")

@@ -9,12 +9,12 @@ Outputs in `--out` (declared `persist: true` in dvc.yaml, so a killed run resume
 Beside it, not DVC outputs: `<out>_timings.json` (seconds: they differ on every run, so they are
 kept out of the files DVC hashes) and `<out>.lock` (held while the stage runs).
 
-A run resumes from `last/` only when it is the same computation (`l2rclip.resume.run_identity`:
+A run resumes from `last/` only when it is the same computation (`l2rclip.training.resume.run_identity`:
 params, fold, data, package code, library versions); otherwise it starts fresh and says why.
 
 With `train.devices` x `train.nodes` > 1 the stage relaunches itself under torchrun, one process
 per device, which together compute what one process with the same `train.batch_size` computes
-(`l2rclip.distributed`); rank 0 holds the lock and writes every output.
+(`l2rclip.training.distributed`); rank 0 holds the lock and writes every output.
 
 MLflow (rank 0): the fold's child run under the pipeline's parent run gets the params that ran
 (method preset and offline fallback applied; the requested ones as `params/requested.yaml`, and
@@ -39,11 +39,18 @@ from typing import Any
 import pandas as pd
 import torch
 
-from l2rclip.baselines import fit_untrained
 from l2rclip.config import Params, load_params, to_dict, to_flat_dict
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
-from l2rclip.distributed import (
+from l2rclip.methods import UNTRAINED, resolve_method
+from l2rclip.models.factory import build_model, resolve_backbone
+from l2rclip.ranks import RankSpace
+from l2rclip.runtime import pick_device, seed_everything
+from l2rclip.stages.common import PIPELINE_CHECK, read_prepared, run_main, stage_parser, write_json
+from l2rclip.tracking.provenance import data_version, pipeline_key, pipeline_run_name, source_tags
+from l2rclip.tracking.runs import Tracker
+from l2rclip.training.baselines import fit_untrained
+from l2rclip.training.distributed import (
     SINGLE,
     World,
     launch,
@@ -53,23 +60,9 @@ from l2rclip.distributed import (
     worker_device,
     world_size,
 )
-from l2rclip.methods import UNTRAINED, resolve_method
-from l2rclip.models.factory import build_model, resolve_backbone
-from l2rclip.ranks import RankSpace
-from l2rclip.resume import TrainState, find_state, identity_fingerprint, run_identity
-from l2rclip.stages.common import (
-    PIPELINE_CHECK,
-    data_version,
-    pick_device,
-    read_prepared,
-    run_main,
-    seed_everything,
-    stage_parser,
-    write_json,
-)
-from l2rclip.timings import Timings, timings_path
-from l2rclip.tracking import Tracker, pipeline_key, pipeline_run_name, source_tags
-from l2rclip.training import FoldData, check_schedule, fit
+from l2rclip.training.loop import FoldData, check_schedule, fit
+from l2rclip.training.resume import TrainState, find_state, identity_fingerprint, run_identity
+from l2rclip.training.timings import Timings, timings_path
 
 log = logging.getLogger("l2rclip.stages.train")  # not __main__ under python -m
 

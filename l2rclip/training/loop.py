@@ -28,7 +28,16 @@ from l2rclip.config import EvalConfig, LossConfig, ModelConfig, TrainConfig
 from l2rclip.data.batch_transforms import crop_boxes, normalize, random_resized_crop, store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore, StoreDataset, collate_batch
-from l2rclip.distributed import (
+from l2rclip.evaluation.predictions import predict_outputs
+from l2rclip.losses import OrdinalLoss
+from l2rclip.methods import HEAD_KINDS, UNTRAINED
+from l2rclip.metrics import HIGHER_IS_BETTER, ordinal_metrics, prefix_metrics
+from l2rclip.models.checkpoint import save_model
+from l2rclip.models.heads import HeadLoss, OrdinalHeadModel
+from l2rclip.models.l2rclip import L2RCLIP
+from l2rclip.ranks import RankSpace
+from l2rclip.runtime import autocast
+from l2rclip.training.distributed import (
     SINGLE,
     GlobalBatchSampler,
     SeededSamples,
@@ -37,21 +46,12 @@ from l2rclip.distributed import (
     rank_positions,
     wrap,
 )
-from l2rclip.evaluation import autocast, predict_outputs
-from l2rclip.features import cached_image_features
-from l2rclip.losses import OrdinalLoss
-from l2rclip.methods import HEAD_KINDS, UNTRAINED
-from l2rclip.metrics import ordinal_metrics, prefix_metrics
-from l2rclip.models.checkpoint import save_model
-from l2rclip.models.heads import HeadLoss, OrdinalHeadModel
-from l2rclip.models.l2rclip import L2RCLIP
-from l2rclip.optim import build_optimizer, warmup_cosine
-from l2rclip.ranks import RankSpace
-from l2rclip.resume import TrainState, restore, save_state
+from l2rclip.training.features import cached_image_features
+from l2rclip.training.optim import build_optimizer, warmup_cosine
+from l2rclip.training.resume import TrainState, restore, save_state
 
 log = logging.getLogger(__name__)
 
-HIGHER_IS_BETTER = {"accuracy", "off_by_one_accuracy", "cs", "qwk", "spearman"}
 IMAGE_TERMS = ("ce", "kl_t2i", "cop")
 PROMPT_TERMS = ("supcon", "cop_batch")
 
@@ -155,7 +155,7 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         on_epoch: called with each epoch's metrics and `epoch_seconds` (for tracking; timings
             stay out of the history so that a rerun writes identical files).
         meta: extra JSON metadata saved with the checkpoints (backbone, is_clip...).
-        world: this process among the data-parallel training processes (`l2rclip.distributed`):
+        world: this process among the data-parallel training processes (`l2rclip.training.distributed`):
             each trains its slice of every global batch of `train.batch_size`; rank 0 alone
             validates, writes `best/` and `last/`, and calls `on_epoch`.
     """
@@ -281,7 +281,7 @@ class StoreBatches:
 
 def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
                    seed: int, world: World = SINGLE) -> Iterator[tuple[dict, torch.Tensor]]:
-    # This rank's slice of each seeded global batch; augmentation seeded per image (l2rclip.distributed).
+    # This rank's slice of each seeded global batch; augmentation seeded per image (l2rclip.training.distributed).
     loader = make_loader(SeededSamples(RankImageDataset(table, root, transform), seed), train.batch_size,
                          shuffle=True, num_workers=train.num_workers, seed=seed,
                          batch_sampler=GlobalBatchSampler(len(table), train.batch_size, seed, world))
@@ -314,7 +314,7 @@ def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | Hea
     """One pass over the training batches; returns the mean of every loss term.
 
     `gather` turns this rank's outputs and labels into the global batch's (data-parallel image
-    batches, `l2rclip.distributed.gather_batch`); `quiet` hides the progress bar (ranks > 0).
+    batches, `l2rclip.training.distributed.gather_batch`); `quiet` hides the progress bar (ranks > 0).
     """
     model.train()
     sums: dict[str, float] = {}

@@ -16,8 +16,6 @@ MLflow's own monitor (`Tracker.system_metrics`). A DVC experiment's commit exist
 from __future__ import annotations
 
 import contextlib
-import getpass
-import hashlib
 import json
 import logging
 import math
@@ -31,24 +29,22 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pandas as pd
-import yaml
-from mlflow.data.dataset_source import DatasetSource
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils import validation as limits
 
+from l2rclip.tracking.datasets import DATASET_CONTEXTS, DvcDatasetSource
+from l2rclip.tracking.provenance import DVC_BASELINE_TAG, DVC_EXP_COMMIT_TAG, DVC_EXP_TAG
+
 logger = logging.getLogger(__name__)
 
 PIPELINE_KEY_TAG = "l2rclip.pipeline_key"
 PARENT_TAG = "mlflow.parentRunId"
-DVC_EXP_TAG = "l2rclip.dvc_exp"  # the DVC experiment's name (DVC_EXP_NAME inside `dvc exp run`)
-DVC_BASELINE_TAG = "l2rclip.dvc_baseline"  # the commit the experiment started from
-DVC_EXP_COMMIT_TAG = "l2rclip.dvc_exp_commit"  # the experiment's own commit (tag_experiment_commits)
 HANDLE_FILE = "tracking.json"
 EXPERIMENT_DESCRIPTION = (
     "L2RCLIP ordinal regression (NeurIPS 2023 reference implementation). One parent run per pipeline "
@@ -59,7 +55,6 @@ EXPERIMENT_DESCRIPTION = (
 # mlflow.experimentKind makes the UI open the training-runs view instead of GenAI traces
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                    "mlflow.note.content": EXPERIMENT_DESCRIPTION}
-DATASET_CONTEXTS = {"train": "train", "val": "validation", "calib": "calibration", "test": "test"}
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow accepts only these in param/metric keys
 T = TypeVar("T")
 
@@ -73,104 +68,6 @@ def default_tracking_uri() -> str:
     """
     root = Path(os.environ.get("DVC_ROOT") or ".")
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').resolve()}"
-
-
-def pipeline_key(flat_params: dict, data_version: str) -> str:
-    """Short stable hash of the resolved params and the data version.
-
-    Every stage process of one pipeline run computes the same key and so finds the same parent run.
-    """
-    blob = json.dumps({"params": flat_params, "data": data_version}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def git_commit(cwd: str | Path = ".") -> str | None:
-    """The HEAD commit of the repository at `cwd`, or None when it is not a git checkout."""
-    return _git(cwd, "rev-parse", "HEAD")
-
-
-def dvc_experiment() -> dict[str, str | None]:
-    """The DVC experiment this process runs in: `name` and `baseline` (None outside `dvc exp run`).
-
-    `dvc exp run` gives every stage `DVC_EXP_NAME` and `DVC_EXP_BASELINE_REV` (dvc/env.py).
-    """
-    return {"name": os.environ.get("DVC_EXP_NAME") or None,
-            "baseline": os.environ.get("DVC_EXP_BASELINE_REV") or None}
-
-
-def pipeline_run_name(source: str, version: str) -> str:
-    """The parent run's name: the DVC experiment's, else `<data.source> <data version[:7]>`."""
-    return dvc_experiment()["name"] or f"{source} {version[:7]}"
-
-
-def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
-    """Tag values that say which code ran: the commit and whether the work tree differed from it.
-
-    The commit is the DVC experiment's baseline inside `dvc exp run` (HEAD otherwise), as
-    `mlflow.source.git.commit`. `git_dirty` counts tracked files that differ from it, except what
-    DVC itself changes while running: `dvc.lock`, params files (their values are the run's params),
-    DVC outputs named in dvc.lock and `.gitignore` files; `l2rclip.git_changed` names the files
-    that did count. None values (not a git checkout) leave the tags out.
-    """
-    commit = dvc_experiment()["baseline"] or git_commit(cwd)
-    changed = None if commit is None else _git(cwd, "diff", "--name-only", commit, "--")
-    if changed is None:
-        return {"mlflow.source.git.commit": commit, "git_dirty": None}
-    owned = _dvc_owned(cwd, commit)
-    counted = [path for path in changed.splitlines() if path and not _is_owned(PurePosixPath(path), owned)]
-    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(counted)).lower(),
-            "l2rclip.git_changed": ", ".join(counted) or None}
-
-
-def _dvc_owned(cwd: str | Path, commit: str) -> set[PurePosixPath]:
-    """Paths (relative to the repository root) DVC writes itself: dvc.lock, params files, outputs.
-
-    Read from dvc.lock as it is now and as committed in `commit` (DVC rewrites it while running).
-    """
-    owned = {PurePosixPath("dvc.lock"), PurePosixPath("params.yaml")}
-    root = _git(cwd, "rev-parse", "--show-toplevel")
-    prefix = PurePosixPath(os.path.relpath(Path(cwd).resolve(), root)) if root else PurePosixPath(".")
-    try:
-        texts = [(Path(cwd) / "dvc.lock").read_text(encoding="utf-8")]
-    except OSError:
-        texts = []
-    texts.append(_git(cwd, "show", f"{commit}:./dvc.lock") or "")
-    for text in texts:
-        try:
-            stages = (yaml.safe_load(text) or {}).get("stages") or {}
-        except (yaml.YAMLError, AttributeError):
-            continue
-        for stage in stages.values() if isinstance(stages, dict) else ():
-            owned.update(prefix / name for name in (stage.get("params") or {}))
-            owned.update(prefix / out["path"] for out in stage.get("outs") or ()
-                         if isinstance(out, dict) and "path" in out)
-    return owned
-
-
-def _is_owned(path: PurePosixPath, owned: set[PurePosixPath]) -> bool:
-    return path.name == ".gitignore" or any(path == o or o in path.parents for o in owned)
-
-
-def source_tags(entry: str, cwd: str | Path = ".") -> dict[str, str | None]:
-    """MLflow's standard run tags (who, what, which commit) plus the DVC experiment, for stage `entry`.
-
-    `entry` is the command that ran (e.g. `l2rclip.stages.train`), `mlflow.source.name`.
-    """
-    try:
-        user = getpass.getuser()
-    except (OSError, KeyError):  # no user name in the environment or password database
-        user = None
-    experiment = dvc_experiment()
-    return {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL", "mlflow.user": user, **git_state(cwd),
-            DVC_EXP_TAG: experiment["name"], DVC_BASELINE_TAG: experiment["baseline"]}
-
-
-def _git(cwd: str | Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -211,44 +108,6 @@ def _unreachable(uri: str) -> str | None:
         return None  # it answered (perhaps 401 behind a proxy): reachable
     except (OSError, ValueError) as error:
         return f"the server does not answer ({error})"
-
-
-class DvcDatasetSource(DatasetSource):
-    """Where a logged dataset's rows come from: a file of the DVC pipeline at a data version.
-
-    MLflow shows it as source type `dvc` with the file's path and `data_version` (the DVC data
-    version, also the dataset's digest); `load()` reads the file as it is now.
-    """
-
-    def __init__(self, path: str, data_version: str):
-        self.path, self.data_version = path, data_version
-
-    @staticmethod
-    def _get_source_type() -> str:
-        return "dvc"
-
-    def load(self) -> pd.DataFrame:
-        """The file's rows as a table."""
-        return pd.read_csv(self.path, keep_default_na=False)
-
-    @staticmethod
-    def _can_resolve(raw_source: Any) -> bool:
-        return False  # made explicitly, never guessed from a string
-
-    @classmethod
-    def _resolve(cls, raw_source: Any) -> DvcDatasetSource:
-        """Never reached through MLflow (`_can_resolve` is False); a direct call is a caller's error."""
-        raise ValueError(f"a DVC dataset source is built from its file and data version, "
-                         f"DvcDatasetSource(path, data_version); found a raw source {raw_source!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """What MLflow stores as the dataset's source."""
-        return {"path": self.path, "data_version": self.data_version}
-
-    @classmethod
-    def from_dict(cls, source_dict: dict[Any, Any]) -> DvcDatasetSource:
-        """The source `to_dict` stored."""
-        return cls(source_dict["path"], source_dict["data_version"])
 
 
 class Tracker:

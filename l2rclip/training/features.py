@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from l2rclip.data.batch_transforms import store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore
-from l2rclip.evaluation import autocast
+from l2rclip.runtime import autocast
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The MLflow model registry: one registered model per dataset, the `champion` alias, and decisions.
 
-Every registered version is an l2rclip pyfunc (`l2rclip.serving`) logged in the run that trained
+Every registered version is an l2rclip pyfunc (`l2rclip.serving.pyfunc`) logged in the run that trained
 it (a fold run of the pipeline), and registered from that logged model, so MLflow's links hold
 both ways: the run lists the model among its outputs, the logged model names its source run and
 its versions (`mlflow.modelVersions`), the version names the run and the logged model (its
@@ -26,9 +26,9 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 
 from l2rclip.models.checkpoint import read_model_meta
-from l2rclip.predict import mlflow_store
-from l2rclip.serving import RequestLimits, log_pyfunc
-from l2rclip.tracking import PARENT_TAG, default_tracking_uri
+from l2rclip.serving.predictor import mlflow_store
+from l2rclip.serving.pyfunc import RequestLimits, log_pyfunc
+from l2rclip.tracking.runs import PARENT_TAG, default_tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The served l2rclip pyfunc as MLflow "models from code" (logged by `l2rclip.serving.log_pyfunc`).
+"""The served l2rclip pyfunc as MLflow "models from code" (logged by `l2rclip.serving.pyfunc.log_pyfunc`).
 
 MLflow copies this file into the logged model and runs it when the model is loaded; it imports
 the installed `l2rclip` and nothing else, so loading a registered model unpickles no code.
@@ -7,6 +7,6 @@ It is not meant to be imported: it exists to be logged.
 
 from mlflow.models import set_model
 
-from l2rclip.serving import L2RCLIPModel
+from l2rclip.serving.pyfunc import L2RCLIPModel
 
 set_model(L2RCLIPModel())

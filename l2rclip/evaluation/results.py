@@ -67,7 +67,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """One row per experiment: method, backbone and weights, MAE and accuracy (mean +- std).
 
     The MAE is in the paper's unit (`eval.paper_mae`: value or rank index), named in its own column.
-    Training time is not a DVC metric (it differs on every run; see `l2rclip.timings`): compare
+    Training time is not a DVC metric (it differs on every run; see `l2rclip.training.timings`): compare
     it in MLflow (`train_seconds` on each run).
     """
     if not rows:

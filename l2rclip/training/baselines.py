@@ -22,14 +22,14 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from l2rclip.config import EvalConfig, ModelConfig, TrainConfig
-from l2rclip.features import cached_image_features
 from l2rclip.metrics import ordinal_metrics
 from l2rclip.models.backbone import Backbone
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
-from l2rclip.training import FoldData, TrainResult, validate
+from l2rclip.training.features import cached_image_features
+from l2rclip.training.loop import FoldData, TrainResult, validate
 
 log = logging.getLogger(__name__)
 

@@ -409,7 +409,7 @@ def conformal_plot(by_rank: Mapping[str, Mapping[str, Sequence[float | None]]], 
 
     Args:
         by_rank: method -> per-rank lists `n`, `coverage`, `width` (None where a rank has no
-            test image), as `l2rclip.conformal.evaluate_intervals` gives them for one level.
+            test image), as `l2rclip.evaluation.conformal.evaluate_intervals` gives them for one level.
         alpha: the level's miscoverage (the line is drawn at 1 - alpha).
         rank_space: the ranks the per-rank lists refer to.
         path: PNG file to write.

@@ -2,7 +2,7 @@
 
 A `Predictor` wraps one l2rclip model folder (local, or fetched from MLflow by a `runs:/` or
 `models:/` URI), computes the rank prototypes once at load, and turns images into the same table
-the evaluate stage writes (`l2rclip.evaluation.predictions_table`), one row per input in input
+the evaluate stage writes (`l2rclip.evaluation.predictions.predictions_table`), one row per input in input
 order. An input that cannot be read gets its error on its own row and the rest go on: in a
 folder of ten thousand photos one truncated file must not cost the other 9,999 predictions.
 """
@@ -27,15 +27,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from l2rclip.conformal import Calibration, ConformalError
 from l2rclip.data.dataset import resolve_workers
 from l2rclip.data.sources.base import list_files
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_image_file, to_rgb
-from l2rclip.evaluation import predict_outputs, predictions_table
+from l2rclip.evaluation.conformal import Calibration, ConformalError
+from l2rclip.evaluation.predictions import predict_outputs, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
-from l2rclip.stages.common import pick_device
+from l2rclip.runtime import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, download_to: st
     A local folder is used as is (or searched, when it is a downloaded MLflow model that holds the
     folder as an artifact). `runs:/<run_id>/<path>`, `models:/<name>@<alias>` and
     `models:/<name>/<version>` are downloaded first, since the pyfunc model logged by
-    `l2rclip.registry` keeps the l2rclip folder inside its artifacts.
+    `l2rclip.serving.registry` keeps the l2rclip folder inside its artifacts.
 
     Args:
         uri: a folder, or an MLflow `runs:/` or `models:/` URI.
         tracking_uri: MLflow store, also the model registry, for URIs (default:
-            `l2rclip.tracking.default_tracking_uri()`).
+            `l2rclip.tracking.runs.default_tracking_uri()`).
         download_to: where MLflow URIs are downloaded (default: a new temporary folder that the
             caller owns).
 
@@ -67,7 +67,7 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, download_to: st
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from l2rclip.tracking import default_tracking_uri
+    from l2rclip.tracking.runs import default_tracking_uri
 
     store = tracking_uri or default_tracking_uri()
     target = Path(download_to) if download_to else Path(tempfile.mkdtemp(prefix="l2rclip-model-"))

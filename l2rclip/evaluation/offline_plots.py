@@ -15,8 +15,8 @@ and the sha256 of each inlined file. `build` (network, `make plots-vendor`) down
 refuses any whose sha512 differs from the lock or from the registry's metadata, and writes the
 template; `check` (offline) verifies the committed template against the lock.
 
-    python -m l2rclip.offline_plots check      # from the project root (paths default to vega/...)
-    python -m l2rclip.offline_plots build      # after editing versions in the lock: add --update
+    python -m l2rclip.evaluation.offline_plots check      # from the project root (paths default to vega/...)
+    python -m l2rclip.evaluation.offline_plots build      # after editing versions in the lock: add --update
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ _PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 {{refresh_tag}}
 <title>DVC plots</title>
-<!-- Offline page for `dvc plots show` (l2rclip/offline_plots.py): vega, vega-lite and vega-embed are
+<!-- Offline page for `dvc plots show` (l2rclip/evaluation/offline_plots.py): vega, vega-lite and vega-embed are
      inlined below (BSD-3-Clause, see vega/LICENSES.txt); nothing is loaded from a network. -->
 {blocks}
 <style>
@@ -154,7 +154,7 @@ def build(lock: Path = LOCK, template: Path = TEMPLATE, licenses: Path = LICENSE
 def check(lock: Path = LOCK, template: Path = TEMPLATE) -> list[str]:
     """Problems of the committed template against the lock (empty: it is what the lock pins)."""
     if not template.is_file():
-        return [f"{template}: missing (run `python -m l2rclip.offline_plots build`)"]
+        return [f"{template}: missing (run `python -m l2rclip.evaluation.offline_plots build`)"]
     placeholder = [] if "{plot_divs}" in template.read_text(encoding="utf-8") else [
         f"{template}: no {{plot_divs}} placeholder (DVC refuses the template)"]
     return placeholder + inlined_problems(lock, template)
@@ -183,7 +183,8 @@ def inlined_problems(lock: Path, page: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `check` the committed template, or `build` it from the npm registry."""
-    parser = argparse.ArgumentParser(prog="python -m l2rclip.offline_plots", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m l2rclip.evaluation.offline_plots",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=("check", "build"))
     parser.add_argument("--lock", type=Path, default=LOCK, help="pinned packages (default: %(default)s)")
     parser.add_argument("--template", type=Path, default=TEMPLATE, help="the page (default: %(default)s)")

@@ -13,22 +13,15 @@ import pandas as pd
 import torch
 
 from l2rclip.config import Params
-from l2rclip.conformal import Calibration
 from l2rclip.data.batch_transforms import store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore
+from l2rclip.evaluation.conformal import Calibration
 from l2rclip.metrics import rank_distribution_summary
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision on CUDA (bfloat16 where supported), a no-op context elsewhere."""
-    if device.type != "cuda" or not enabled:
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+from l2rclip.runtime import autocast
 
 
 @torch.no_grad()

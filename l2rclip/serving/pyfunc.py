@@ -8,7 +8,7 @@ infer them); an image service wants files in and a table out, so we log a pyfunc
 is inferred from a real request and its real answer, stored with it as the example request.
 
 The pyfunc is logged as MLflow "models from code": the logged model holds the source file
-`l2rclip/served_model.py` (three lines that import `L2RCLIPModel` from the installed package),
+`l2rclip/serving/served_model.py` (three lines that import `L2RCLIPModel` from the installed package),
 not a cloudpickle of the object. Loading a pickle runs whatever code it holds, so anyone who can
 write the artifact store could run code on the server; loading this model runs only the readable
 file and the installed l2rclip (the weights are safetensors, the config JSON). No other code is
@@ -43,8 +43,8 @@ from PIL import Image
 
 from l2rclip.config import DataConfig, ServingConfig
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb
-from l2rclip.predict import Predictor, mlflow_store
-from l2rclip.tracking import default_tracking_uri
+from l2rclip.serving.predictor import Predictor, mlflow_store
+from l2rclip.tracking.runs import default_tracking_uri
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from l2rclip.data.store import ImageStore, model_spec, write_store
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
 from l2rclip.models.factory import build_l2rclip, resolve_backbone
 from l2rclip.ranks import RankSpace
-from l2rclip.training import IMAGE_TERMS, phase_loss
+from l2rclip.training.loop import IMAGE_TERMS, phase_loss
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import hashlib
 from functools import cache
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # l2rclip/ (this file is l2rclip/training/code_deps.py)
 PACKAGE = PACKAGE_ROOT.name
 
 

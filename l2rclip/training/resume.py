@@ -36,10 +36,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from l2rclip.code_deps import code_hashes
 from l2rclip.config import ModelConfig
 from l2rclip.models.checkpoint import WEIGHTS_FILE, save_model
 from l2rclip.ranks import RankSpace
+from l2rclip.training.code_deps import code_hashes
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_identity(params: dict[str, Any], fold: int, data_version: str,
                  stage: str = "l2rclip.stages.train") -> dict[str, Any]:
     """What makes two training runs the same computation: params, fold, data, code, libraries.
 
-    The code is the import closure of the `stage` module (`l2rclip.code_deps`), which is what
+    The code is the import closure of the `stage` module (`l2rclip.training.code_deps`), which is what
     dvc.yaml lists as the stage's code deps.
     """
     return {"params": params, "fold": fold, "data": data_version, "code": code_hashes(stage),
