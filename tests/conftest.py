@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from support.models import log_tiny_pyfunc
 
 # No test may reach a model hub or phone home; set before any library reads them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,3 +22,9 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> dict:
+    """A tiny model logged as a pyfunc in a fresh SQLite store, with a few demo images and its predictions."""
+    return log_tiny_pyfunc(tmp_path_factory)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from test_predict import save_tiny_model
+from support.models import save_tiny_model
 
 from l2rclip.config import ConfigError, Params, SplitConfig, from_dict
 from l2rclip.data.splits import CALIB, SplitError, make_splits

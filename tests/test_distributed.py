@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_pipeline import SMALL, environment, merge
+from support.project import SMALL, environment, merge
 
 from l2rclip.config import ConfigError, Params, TrainConfig, from_dict
 from l2rclip.data.demo import generate_demo

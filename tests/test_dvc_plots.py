@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 from dvc_render import VegaRenderer
-from test_pipeline import ROOT, environment, run
+from support.project import ROOT, environment, run
 
 from l2rclip.config import Params
 from l2rclip.evaluation import offline_plots

@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-from test_flows import BIN, GIT_IDENTITY, free_port, healthy, sh, stop, wait_for
-from test_pipeline import SMALL, copy_project, merge
+from support.project import BIN, SMALL, copy_project, merge
+from support.servers import GIT_IDENTITY, free_port, healthy, sh, stop, wait_for
 
 from pipelines.ablation import VARIANT_TAG, ablation
 from pipelines.deploy import main as deploy_main

@@ -11,13 +11,10 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import warnings
 import zoneinfo
 from contextlib import contextmanager
@@ -38,7 +35,8 @@ from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
-from test_pipeline import ROOT, SMALL, copy_project, project_params
+from support.project import ROOT, SMALL, copy_project, project_params
+from support.servers import GIT_IDENTITY, free_port, healthy, sh, stop, wait_for
 
 from l2rclip.config import ModelConfig, PromptConfig, load_params
 from l2rclip.data.demo import generate_demo
@@ -63,8 +61,6 @@ from pipelines.retrain import decide, retrain
 from pipelines.settings import QUIET_DEFAULTS
 
 BIN = Path(sys.executable).parent
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +85,6 @@ def env(monkeypatch, tmp_path) -> str:
     return uri
 
 
-def sh(command: list[str], cwd: Path, env: dict | None = None) -> str:
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout
 
 
 def dvc_project(repo: Path, stages: dict) -> Path:
@@ -511,38 +503,12 @@ def test_ablation_runs_four_experiments_and_compares_them(harness, env, tmp_path
     assert result["tagged"] == len(runs) == 8  # a parent and a fold run per variant
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
-def wait_for(check, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if (value := check()) is not None:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"gave up after {seconds:.0f} s waiting for {what}")
 
 
-def healthy(url: str) -> bool | None:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2):
-            return True
-    except OSError:
-        return None
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Terminate a process started here and its children (it leads its own session), then wait."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from test_predict import mlflow_store, save_tiny_model
+from support.models import mlflow_store, save_tiny_model
 
 from l2rclip import cli
 from l2rclip.data.demo import generate_demo

@@ -3,7 +3,6 @@
 import base64
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,46 +10,18 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from support.models import NUMBERS, PROBABILITIES, save_tiny_model
+from support.sources import png_header_only
 
 from l2rclip import cli
-from l2rclip.config import ModelConfig, PromptConfig
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb, validate_table
 from l2rclip.evaluation.predictions import predict_probabilities, predictions_table
-from l2rclip.models.backbone import TINY_ARCH, load_backbone
-from l2rclip.models.checkpoint import ModelFileError, load_model, save_model
-from l2rclip.models.factory import build_l2rclip
+from l2rclip.models.checkpoint import ModelFileError, load_model
 from l2rclip.ranks import RankSpace
 from l2rclip.serving.predictor import Predictor, expand_inputs, resolve_model_dir, write_table
 from l2rclip.serving.pyfunc import predict_frame
-
-NUMBERS = ["pred_rank", "pred_value", "expected_value", "std", "entropy", "confidence"]
-PROBABILITIES = [f"p_{count}" for count in range(1, 11)]  # named by label: the tiny model's ranks are counts 1..10
-
-
-def save_tiny_model(folder: Path) -> Path:
-    """A random L2RCLIP-Tiny model over the demo's counts 1..10, saved without cached prototypes."""
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(TINY_ARCH, "none")
-    config = ModelConfig(arch=TINY_ARCH, pretrained="none",
-                         prompt=PromptConfig(context_init="the number of shapes is"))
-    space = RankSpace(list(range(1, 11)))
-    return save_model(build_l2rclip(backbone, space, config), folder, config, space,
-                      extra={"is_clip": False, "epoch": 1})
-
-
-_STORES: dict[Path, str] = {}
-
-
-def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One SQLite MLflow store per test session (creating its tables takes seconds), by its URI."""
-    base = tmp_path_factory.getbasetemp()
-    if base not in _STORES:
-        _STORES[base] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-    return _STORES[base]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +147,6 @@ def test_cli_writes_the_csv(model_dir, demo_root, tmp_path, capsys):
 
 def test_one_pixel_limit_in_prepare_predict_and_serving(model_dir, tmp_path, monkeypatch):
     """The same limit and message everywhere; before, 89.5 Mpx in prepare, 179 Mpx in predict/serving."""
-    from test_validate import png_header_only
 
     (tmp_path / "bomb.png").write_bytes(png_header_only(10_000, 10_000))  # 100 Mpx, only its header
     Image.new("RGB", (101, 100)).save(tmp_path / "wide.png")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
-from test_validate import build_mixed_source
+from support.sources import build_mixed_source
 
 from l2rclip.cli import build_parser
 from l2rclip.config import Params, from_dict

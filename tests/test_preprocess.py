@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from test_pipeline import ROOT, copy_project, environment, run, stages_run
+from support.project import ROOT, copy_project, environment, run, stages_run
 
 from l2rclip.config import ModelConfig, Params, PromptConfig, from_dict
 from l2rclip.data.batch_transforms import crop_boxes, store_eval_batches

@@ -121,7 +121,7 @@ def test_paper_table_prints_published_rows_and_this_run_in_paper_units(tmp_path)
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_reproduce_runs_a_dvc_experiment_and_prints_the_row(tmp_path):
-    from test_pipeline import SMALL, copy_project, environment, run
+    from support.project import SMALL, copy_project, environment, run
 
     repo = copy_project(tmp_path / "repo", SMALL)
     write_preset(repo / "protocols", TINY)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_predict import NUMBERS, mlflow_store, save_tiny_model
+from support.models import NUMBERS, mlflow_store, save_tiny_model
 
 from l2rclip.config import (
     ConfigError,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_pipeline import ROOT, copy_project, environment, merge, run, stages_run
-from test_pipeline import SMALL as PIPELINE_SMALL
+from support.project import ROOT, copy_project, environment, merge, run, stages_run
+from support.project import SMALL as PIPELINE_SMALL
 
 pytestmark = pytest.mark.timeout(1200)  # whole pipelines in subprocesses, as in test_pipeline.py
 

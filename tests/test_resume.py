@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_pipeline import SMALL, merge
+from support.project import SMALL, merge
 
 from l2rclip.config import Params, from_dict
 from l2rclip.data.demo import generate_demo

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_pipeline import SMALL, merge
+from support.project import SMALL, merge
 
 from l2rclip.config import Params, from_dict, to_flat_dict
 from l2rclip.data.demo import generate_demo

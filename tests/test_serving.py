@@ -4,15 +4,10 @@ It is logged as models-from-code (no pickle) with request limits in its model co
 loaded and the served model both apply.
 """
 
-import base64
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,36 +20,13 @@ import yaml
 from mlflow.artifacts import download_artifacts
 from mlflow.exceptions import MlflowException
 from PIL import Image
-from test_predict import NUMBERS, PROBABILITIES, mlflow_store, save_tiny_model
+from support.models import NUMBERS, PROBABILITIES
+from support.servers import encoded, free_port, stop, wait_for_ping
 
-from l2rclip.data.demo import generate_demo
 from l2rclip.serving.predictor import Predictor
-from l2rclip.serving.pyfunc import MODEL_CODE, RequestLimits, encode_image, log_pyfunc
-from l2rclip.tracking.runs import Tracker
+from l2rclip.serving.pyfunc import MODEL_CODE, RequestLimits, encode_image
 
 COLUMNS = NUMBERS + PROBABILITIES
-# Small enough to break in a test, large enough for the 64 x 64 demo images the tests send.
-LIMITS = RequestLimits(max_rows=5, max_request_bytes=200_000, max_image_pixels=100 * 100)
-
-
-@pytest.fixture(scope="module")
-def logged(tmp_path_factory) -> dict:
-    """A tiny model logged as a pyfunc under a run of a fresh SQLite store, and a few demo images."""
-    root = tmp_path_factory.mktemp("serving")
-    uri = mlflow_store(tmp_path_factory)
-    run_id = Tracker(uri, experiment="serving-test").parent_run("key", "demo pipeline", {}, {})
-    model_dir = save_tiny_model(root / "model")
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    model_uri = log_pyfunc(model_dir, run_id, uri, limits=LIMITS)
-    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # the global switch was undone
-    generate_demo(root / "demo", n_per_rank=1, image_size=64)
-    paths = sorted((root / "demo").rglob("*.png"))[:3]
-    expected = Predictor.load(model_dir).predict_paths(paths, with_probabilities=True, progress=False)
-    return {"uri": uri, "run_id": run_id, "model_uri": model_uri, "paths": paths, "expected": expected}
-
-
-def encoded(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def test_pyfunc_agrees_with_the_predictor(logged, monkeypatch):
@@ -107,38 +79,6 @@ def test_runs_uri_loads_the_same_model(logged):
     out = predictor.predict_paths(logged["paths"], with_probabilities=True, progress=False)
     expected = logged["expected"][COLUMNS].to_numpy(float)
     np.testing.assert_allclose(out[COLUMNS].to_numpy(float), expected, atol=1e-6)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_ping(url: str, server: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {server.returncode}: {log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise AssertionError(f"no answer from {url}/ping within {timeout:.0f} s")
-
-
-def stop(server: subprocess.Popen) -> None:
-    """End the server's process group (the CLI and the uvicorn it execs), politely first."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, sig)
-        try:
-            server.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_serving import encoded, free_port, logged, stop, wait_for_ping  # noqa: F401 - logged is a fixture
+from support.servers import encoded, free_port, stop, wait_for_ping
 
 from l2rclip.cli import main, serve_invocation
 from l2rclip.venv_path import interpreter_first_on_path

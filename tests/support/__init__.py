@@ -1,0 +1,1 @@
+"""Helpers shared by the test files (never import one test file from another)."""

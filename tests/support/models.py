@@ -1,0 +1,71 @@
+"""Tiny saved models and a session MLflow store for serving, registry and prediction tests."""
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from l2rclip.config import ModelConfig, PromptConfig
+from l2rclip.data.demo import generate_demo
+from l2rclip.models.backbone import TINY_ARCH, load_backbone
+from l2rclip.models.checkpoint import save_model
+from l2rclip.models.factory import build_l2rclip
+from l2rclip.ranks import RankSpace
+from l2rclip.serving.predictor import Predictor
+from l2rclip.serving.pyfunc import RequestLimits, log_pyfunc
+from l2rclip.tracking.runs import Tracker
+
+NUMBERS = ["pred_rank", "pred_value", "expected_value", "std", "entropy", "confidence"]
+
+
+PROBABILITIES = [f"p_{count}" for count in range(1, 11)]  # named by label: the tiny model's ranks are counts 1..10
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """A random L2RCLIP-Tiny model over the demo's counts 1..10, saved without cached prototypes."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = load_backbone(TINY_ARCH, "none")
+    config = ModelConfig(arch=TINY_ARCH, pretrained="none",
+                         prompt=PromptConfig(context_init="the number of shapes is"))
+    space = RankSpace(list(range(1, 11)))
+    return save_model(build_l2rclip(backbone, space, config), folder, config, space,
+                      extra={"is_clip": False, "epoch": 1})
+
+
+_STORES: dict[Path, str] = {}
+
+
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite MLflow store per test session (creating its tables takes seconds), by its URI."""
+    base = tmp_path_factory.getbasetemp()
+    if base not in _STORES:
+        _STORES[base] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    return _STORES[base]
+
+
+
+# Small enough to break in a test, large enough for the 64 x 64 demo images the tests send.
+LIMITS = RequestLimits(max_rows=5, max_request_bytes=200_000, max_image_pixels=100 * 100)
+
+
+def log_tiny_pyfunc(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny model logged as a pyfunc under a run of a fresh SQLite store, and a few demo images."""
+    root = tmp_path_factory.mktemp("serving")
+    uri = mlflow_store(tmp_path_factory)
+    run_id = Tracker(uri, experiment="serving-test").parent_run("key", "demo pipeline", {}, {})
+    model_dir = save_tiny_model(root / "model")
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    model_uri = log_pyfunc(model_dir, run_id, uri, limits=LIMITS)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before  # the global switch was undone
+    generate_demo(root / "demo", n_per_rank=1, image_size=64)
+    paths = sorted((root / "demo").rglob("*.png"))[:3]
+    expected = Predictor.load(model_dir).predict_paths(paths, with_probabilities=True, progress=False)
+    return {"uri": uri, "run_id": run_id, "model_uri": model_uri, "paths": paths, "expected": expected}
+
+
+
+
