@@ -101,8 +101,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+## lint: ruff, and the layers contract of pyproject.toml (no module imports a higher layer)
 lint: $(STAMP)
 	$(BIN)/ruff check l2rclip tests benchmarks pipelines
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

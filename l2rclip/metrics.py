@@ -31,6 +31,11 @@ from sklearn.metrics import (
 HIGHER_IS_BETTER = {"accuracy", "off_by_one_accuracy", "cs", "qwk", "spearman"}
 
 
+def lower_is_better(metric: str) -> bool:
+    """Direction of a metric such as `test/mae` (error-like) or `test/accuracy` (score-like)."""
+    return metric.rsplit("/", 1)[-1] not in HIGHER_IS_BETTER
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis; subtracts the row maximum so large logits do not overflow."""
     logits = np.asarray(logits, dtype=np.float64)

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from l2rclip.metrics import HIGHER_IS_BETTER
 from l2rclip.venv_path import interpreter_first_on_path
 
 log = logging.getLogger(__name__)
@@ -122,11 +121,6 @@ def stale_stages(repo: Path) -> list[str]:
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from `path`, or None when the file is not there."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def lower_is_better(metric: str) -> bool:
-    """Direction of a metric such as `test/mae` (error-like) or `test/accuracy` (score-like)."""
-    return metric.rsplit("/", 1)[-1] not in HIGHER_IS_BETTER
 
 
 def describe(summary: Mapping[str, Any], metrics: Sequence[str] = ("test/mae", "test/accuracy")) -> str:

@@ -44,7 +44,7 @@ from prefect.artifacts import create_markdown_artifact
 from l2rclip.config import EvalConfig, Params, load_params, model_name
 from l2rclip.data.holdout import holdout_version
 from l2rclip.evaluation.predictions import probabilities_of
-from l2rclip.metrics import ordinal_metrics
+from l2rclip.metrics import lower_is_better, ordinal_metrics
 from l2rclip.serving.predictor import Predictor
 from l2rclip.serving.registry import (
     DECISION_TAG,
@@ -60,7 +60,6 @@ from pipelines.checkout_lock import checkout_lock
 from pipelines.common import (
     PREPARED,
     REGISTERED,
-    lower_is_better,
     project,
     read_json,
     run_cli,

@@ -16,8 +16,8 @@ from l2rclip.evaluation.plots import (
     predicted_vs_true_plot,
     prototype_similarity_plot,
 )
+from l2rclip.models.labels import PIPELINE_CHECK
 from l2rclip.ranks import RankSpace
-from l2rclip.stages.common import PIPELINE_CHECK
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 THREE = RankSpace([1, 2, 3])

@@ -32,8 +32,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
-from l2rclip.stages.common import PIPELINE_CHECK
-from pipelines.common import lower_is_better
+from l2rclip.metrics import lower_is_better
+from l2rclip.models.labels import PIPELINE_CHECK
 
 CONFIDENCE = 0.95
 # the median baseline in the metric's units (rank values or rank indices)

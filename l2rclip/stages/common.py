@@ -17,7 +17,6 @@ from l2rclip.locking import OutputLockedError
 
 log = logging.getLogger(__name__)
 
-PIPELINE_CHECK = "PIPELINE CHECK (random-initialised backbone, NOT CLIP results)"
 
 
 def read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -32,9 +32,10 @@ from l2rclip.evaluation.plots import conformal_plot, evaluation_plots
 from l2rclip.evaluation.predictions import predictions_table, split_outputs
 from l2rclip.metrics import clap_epsilon_error, ordinal_metrics, prefix_metrics, prototype_ordinality_metrics
 from l2rclip.models.checkpoint import load_model
+from l2rclip.models.labels import PIPELINE_CHECK
 from l2rclip.runtime import pick_device, seed_everything
 from l2rclip.stages.calibrate import read_calibration
-from l2rclip.stages.common import PIPELINE_CHECK, read_prepared, run_main, stage_parser, write_json
+from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version
 from l2rclip.tracking.runs import Tracker
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from l2rclip.config import Params, load_params, model_name
 from l2rclip.evaluation.plots import cv_summary_plot
-from l2rclip.stages.common import PIPELINE_CHECK, run_main, stage_parser, write_json
+from l2rclip.models.labels import PIPELINE_CHECK
+from l2rclip.stages.common import run_main, stage_parser, write_json
 from l2rclip.tracking.runs import Tracker
 from l2rclip.training.timings import read_seconds
 

@@ -44,9 +44,10 @@ from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
 from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.models.factory import build_model, resolve_backbone
+from l2rclip.models.labels import PIPELINE_CHECK
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import pick_device, seed_everything
-from l2rclip.stages.common import PIPELINE_CHECK, read_prepared, run_main, stage_parser, write_json
+from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version, pipeline_key, pipeline_run_name, source_tags
 from l2rclip.tracking.runs import Tracker
 from l2rclip.training.baselines import fit_untrained
