@@ -1,12 +1,10 @@
 """params.yaml loading: strict keys, types and choices; the tests' demo params (tests/fixtures) are valid."""
 
-from pathlib import Path
 
 import pytest
+from support.project import ROOT
 
 from l2rclip.config import ConfigError, Params, from_dict, load_params, to_dict, to_flat_dict
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fixture_params_load():

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.project import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
+TESTS = ROOT / "tests"
 
 
 def test_no_test_file_imports_another_test_file():

@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.project import ROOT
 from support.servers import encoded, free_port, stop, wait_for_ping
 
 from l2rclip.cli import main, serve_invocation
@@ -55,7 +56,7 @@ def test_l2rclip_serve_answers_without_the_venv_on_path(logged, tmp_path):  # no
     """The reported failure: `mlflow models serve` from an unactivated .venv cannot find uvicorn."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(ROOT)}
     log = tmp_path / "server.log"
     with log.open("w") as output:
         server = subprocess.Popen([sys.executable, "-m", "l2rclip.cli", "serve", logged["model_uri"], "--port",

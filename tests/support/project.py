@@ -10,13 +10,13 @@ import yaml
 
 from l2rclip.config import load_params, to_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the project (this file is tests/support/project.py)
 
 
 BIN = Path(sys.executable).parent
 
 
-FIXTURE_PARAMS = Path(__file__).resolve().parent / "fixtures" / "params.yaml"  # never the repo's params.yaml
+FIXTURE_PARAMS = ROOT / "tests" / "fixtures" / "params.yaml"  # never the repo's params.yaml
 
 
 SMALL = {

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from support.models import NUMBERS, mlflow_store, save_tiny_model
+from support.project import ROOT
 
 from l2rclip.config import (
     ConfigError,
@@ -331,7 +332,7 @@ def test_dvc_keeps_register_pending_while_mlflow_is_down(store, offline_pipeline
              "deps": ["folds", "report/metrics.json"], "outs": [{"register/registered.json": {"cache": False}}]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": stage}}))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "DVC_NO_ANALYTICS": "1"}
+           "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
 
     def dvc(*args: str, store_uri: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from support.project import ROOT
 
 from l2rclip.config import Params, from_dict
 from l2rclip.data.sources import load_source
@@ -25,7 +26,7 @@ from l2rclip.stages.prepare import prepare
 
 pytestmark = pytest.mark.data
 
-PROTOCOLS = Path(__file__).resolve().parents[1] / "protocols"
+PROTOCOLS = ROOT / "protocols"
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from support.project import ROOT
 
 from l2rclip.config import ConfigError, Params, from_dict
 from l2rclip.evaluation.reproduce import dvc_command, find_preset, load_preset, overrides, paper_table
 
-PROTOCOLS = Path(__file__).resolve().parents[1] / "protocols"
+PROTOCOLS = ROOT / "protocols"
 EXPECTED = {"morph-a", "morph-b", "morph-c", "morph-d", "adience", "hci", "aesthetics-animals",
             "aesthetics-nature", "aesthetics-people", "aesthetics-urban", "clap2015", "fgnet-lopo", "utkface"}
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.project import ROOT
 
 from l2rclip.training.code_deps import import_closure
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
