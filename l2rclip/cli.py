@@ -31,6 +31,10 @@ def _check(args: argparse.Namespace) -> int:
     print(f"  truncated vs full-length prototypes: max difference {result.truncation_error:.1e}")
     print(f"  on the training batch (a smoke test, not a result): MAE {result.metrics['mae']:.2f}, "
           f"accuracy {result.metrics['accuracy']:.2f}; prototype ordinality {result.ordinality:.2f}")
+    if Path(".dvc").is_dir():  # a checkout of the project: can it fetch the committed results?
+        from l2rclip.dvc_remote import remote_status
+
+        print(f"  results: {remote_status('.').message}")
     return 0
 
 
