@@ -118,7 +118,8 @@ def _check_nodes(root: yaml.Node, path: Path) -> None:
         open_nodes.discard(id(node))
         if size > MAX_VALUES:
             raise ConfigError(f"{_at(path, node.start_mark)}: {where} expands to {size} values through YAML "
-                              f"aliases (*name); expected at most {MAX_VALUES} (a YAML bomb?): write the values out")
+                              f"aliases (*name); expected at most {MAX_VALUES} (a YAML bomb?): write the values "
+                              "out")
         sizes[id(node)] = size
         return size
 
