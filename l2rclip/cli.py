@@ -114,9 +114,17 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     from l2rclip.config import json_schema, load_params
+    from l2rclip.config.reference import MARKER, markdown_reference
 
     if args.action == "schema":
         print(json.dumps(json_schema(), indent=2))
+    elif args.action == "reference" and args.write:
+        from l2rclip.evaluation.results import write_between_markers
+
+        write_between_markers(Path(args.write), MARKER, markdown_reference())
+        print(f"wrote the params.yaml reference into {args.write} ({MARKER})")
+    elif args.action == "reference":
+        print(markdown_reference(), end="")
     else:
         load_params(args.params)  # a problem is a ConfigError: one line and exit 2 (main)
         print(f"{args.params}: valid")
@@ -273,12 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(func=_reproduce)
 
     config = commands.add_parser(
-        "config", help="print the JSON Schema of params.yaml, or validate a params file",
+        "config", help="print the JSON Schema or key reference of params.yaml, or validate a params file",
         description="`schema` prints the JSON Schema of params.yaml written from l2rclip.config (committed as "
-                    "params.schema.json, which params.yaml names for editors); `validate` loads a params file "
-                    "as every stage does and says what is wrong, in one line.")
+                    "params.schema.json, which params.yaml names for editors); `reference` prints its keys as "
+                    "markdown tables (docs/configuration.md); `validate` loads a params file as every stage does "
+                    "and says what is wrong, in one line.")
     config_actions = config.add_subparsers(dest="action", required=True)
     config_actions.add_parser("schema", help="print the JSON Schema of params.yaml")
+    reference = config_actions.add_parser("reference", help="print the key reference of params.yaml (markdown)")
+    reference.add_argument("--write", metavar="FILE", help="write it between the <!-- params-reference:start/end "
+                                                           "--> markers of FILE instead of printing it")
     validate = config_actions.add_parser("validate", help="check a params file against the schema")
     validate.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     config.set_defaults(func=_config)

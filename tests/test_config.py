@@ -1,6 +1,7 @@
 """params.yaml loading: strict keys, types and choices; the tests' demo params (tests/fixtures) are valid."""
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_params_are_frozen_and_flatten_to_dotted_keys():
 def billion_laughs() -> str:
     """Nine levels of nine aliases: 9^9 strings once expanded, from a file of 1 KB."""
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
-    lines += [f"{name}: &{name} [{', '.join([f'*{before}'] * 9)}]" for before, name in zip("abcdefgh", "bcdefghi")]
+    lines += [f"{name}: &{name} [{', '.join([f'*{before}'] * 9)}]" for before, name in pairwise("abcdefghi")]
     return "\n".join([*lines, "ranks:", "  labels: *i"]) + "\n"
 
 
@@ -65,7 +66,7 @@ BAD_FILES = {  # name -> (params file text, what the one-line error must say)
     "duplicate_key": ("seed: 0\nranks:\n  start: 1\n  stop: 5\n  start: 2\n",
                       "bad.yaml:5:3: duplicate key 'ranks.start' (first at line 3, again at line 5)"),
     "unsafe_tag": ("seed: !!python/object/apply:os.system ['touch {marker}']\n",
-                   "bad.yaml:1:7: 'seed' has the tag !!python/object/apply:os.system, which a params file cannot use"),
+                   "bad.yaml:1:7: 'seed' has the tag !!python/object/apply:os.system, which a params file cannot"),
     "yaml_bomb": (billion_laughs(), "values through YAML aliases (*name); expected at most 10000"),
     "list_in_labels": ("ranks:\n  labels: [[1, 2], 3]\n",
                        "bad.yaml: 'ranks.labels[0]': expected int, float or str, found [1, 2]"),
@@ -137,13 +138,35 @@ def test_an_empty_section_and_an_empty_file_read_as_the_defaults(tmp_path):
     assert load_params(path) == Params()
 
 
-def test_the_committed_json_schema_is_the_generated_one():
+def test_the_committed_json_schema_is_the_generated_one(capsys):
     """params.schema.json is written by `l2rclip config schema > params.schema.json`; rerun it after a change."""
-    from l2rclip.config import json_schema
+    from l2rclip import cli
 
-    committed = (ROOT / "params.schema.json").read_text(encoding="utf-8")
-    assert committed == json.dumps(json_schema(), indent=2) + "\n"
+    assert cli.main(["config", "schema"]) == 0
+    assert (ROOT / "params.schema.json").read_text(encoding="utf-8") == capsys.readouterr().out
     assert (ROOT / "params.yaml").read_text().startswith("# yaml-language-server: $schema=params.schema.json\n")
+
+
+def test_the_reference_in_the_docs_is_the_generated_one(tmp_path, capsys):
+    """docs/configuration.md's key tables: `l2rclip config reference --write docs/configuration.md`."""
+    from l2rclip import cli
+
+    page = tmp_path / "configuration.md"
+    page.write_text((ROOT / "docs" / "configuration.md").read_text(encoding="utf-8"), encoding="utf-8")
+    assert cli.main(["config", "reference", "--write", str(page)]) == 0
+    assert page.read_text(encoding="utf-8") == (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    documented = page.read_text(encoding="utf-8")
+    assert all(f"| `{key.rsplit('.', 1)[-1]}` |" in documented for key in to_flat_dict(Params()))
+
+
+def test_config_validate_says_valid_or_names_the_problem(tmp_path, capsys):
+    from l2rclip import cli
+
+    assert cli.main(["config", "validate", "--params", str(ROOT / "params.yaml")]) == 0
+    assert capsys.readouterr().out.strip().endswith("params.yaml: valid")
+    path, message = bad_file(tmp_path, "duplicate_key")
+    assert cli.main(["config", "validate", "--params", str(path)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_editors_schema_admits_the_shipped_params_and_refuses_what_loading_refuses():
@@ -152,7 +175,8 @@ def test_editors_schema_admits_the_shipped_params_and_refuses_what_loading_refus
 
     validator = jsonschema.Draft202012Validator(json.loads((ROOT / "params.schema.json").read_text()))
     files = [ROOT / "params.yaml", ROOT / "tests" / "fixtures" / "params.yaml"]
-    documents = [read_yaml(f) for f in files] + [read_yaml(f)["params"] for f in (ROOT / "protocols").glob("*.yaml")]
+    presets = sorted((ROOT / "protocols").glob("*.yaml"))
+    documents = [read_yaml(f) for f in files] + [read_yaml(f)["params"] for f in presets]
     assert len(documents) > 3 and all(not list(validator.iter_errors(doc)) for doc in documents)
     bad = [{"model": {"rankformer": {"enable": False}}}, {"data": {"max_image_pixels": -5}},
            {"ranks": {"labels": [[1, 2]]}}, {"data": {"on_bad": "ignore"}}, {"train": {"epochs": "ten"}}]
