@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from l2rclip import __version__
-from l2rclip.config import DataConfig
+from l2rclip.config import ConfigError, DataConfig
 from l2rclip.data.formats import DATA_FORMATS, PREPARE_DESCRIPTION
 from l2rclip.venv_path import interpreter_first_on_path
 
@@ -104,7 +104,6 @@ def _tag_commits(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from l2rclip.config import ConfigError
     from l2rclip.evaluation.reproduce import find_preset, overrides, reproduce
 
     try:
@@ -115,6 +114,25 @@ def _reproduce(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return reproduce(preset, settings, name=args.name, dry_run=args.dry_run)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from l2rclip.config import json_schema, load_params
+    from l2rclip.config.reference import MARKER, markdown_reference
+
+    if args.action == "schema":
+        print(json.dumps(json_schema(), indent=2))
+    elif args.action == "reference" and args.write:
+        from l2rclip.evaluation.results import write_between_markers
+
+        write_between_markers(Path(args.write), MARKER, markdown_reference())
+        print(f"wrote the params.yaml reference into {args.write} ({MARKER})")
+    elif args.action == "reference":
+        print(markdown_reference(), end="")
+    else:
+        load_params(args.params)  # a problem is a ConfigError: one line and exit 2 (main)
+        print(f"{args.params}: valid")
+    return 0
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -266,6 +284,21 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--dry-run", action="store_true", help="print the command and the published rows only")
     reproduce.set_defaults(func=_reproduce)
 
+    config = commands.add_parser(
+        "config", help="print the JSON Schema or key reference of params.yaml, or validate a params file",
+        description="`schema` prints the JSON Schema of params.yaml written from l2rclip.config (committed as "
+                    "params.schema.json, which params.yaml names for editors); `reference` prints its keys as "
+                    "markdown tables (docs/configuration.md); `validate` loads a params file as every stage does "
+                    "and says what is wrong, in one line.")
+    config_actions = config.add_subparsers(dest="action", required=True)
+    config_actions.add_parser("schema", help="print the JSON Schema of params.yaml")
+    reference = config_actions.add_parser("reference", help="print the key reference of params.yaml (markdown)")
+    reference.add_argument("--write", metavar="FILE", help="write it between the <!-- params-reference:start/end "
+                                                           "--> markers of FILE instead of printing it")
+    validate = config_actions.add_parser("validate", help="check a params file against the schema")
+    validate.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    config.set_defaults(func=_config)
+
     parity = commands.add_parser(
         "parity", help="print the -S overrides of a parity bundle (reference: the authors' definitions)",
         description="Print, as `dvc exp run` arguments, the params that switch every definition our code "
@@ -338,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("l2rclip").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as error:  # a params file or setting the schema refuses: one line, never a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

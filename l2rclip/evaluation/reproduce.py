@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from l2rclip.config import ConfigError, Params, from_dict, to_dict
+from l2rclip.config import ConfigError, Params, from_dict, read_yaml, to_dict
 from l2rclip.venv_path import interpreter_first_on_path
 
 log = logging.getLogger(__name__)
@@ -66,7 +64,7 @@ def load_preset(path: str | Path) -> Preset:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"protocol preset not found: expected a YAML file at {path}")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = read_yaml(path) or {}  # one-line errors: syntax, duplicate keys, tags, alias bombs
     if not isinstance(raw, dict) or set(raw) != set(PRESET_KEYS):
         found = ", ".join(sorted(raw)) if isinstance(raw, dict) else type(raw).__name__
         raise ConfigError(f"{path}: expected the keys {', '.join(PRESET_KEYS)}; found {found}")
