@@ -19,9 +19,14 @@ from l2rclip.venv_path import interpreter_first_on_path
 
 def _check(args: argparse.Namespace) -> int:
     from l2rclip.config import load_params
+    from l2rclip.data.sources import SourceError
     from l2rclip.training.check import run_check
 
-    result = run_check(load_params(args.params), steps=args.steps)
+    try:
+        result = run_check(load_params(args.params), steps=args.steps)
+    except SourceError as error:  # e.g. data.root holds a demo set of other settings (never rewritten)
+        print(f"l2rclip check: error: {error}", file=sys.stderr)
+        return 2
     first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
     kind = "CLIP weights" if result.is_clip else "RANDOM weights: a pipeline check, NOT CLIP results"
     print(f"l2rclip library check passed in {result.seconds:.1f}s")
