@@ -157,6 +157,24 @@ def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str
     return command, env
 
 
+LOOPBACK_HOSTS = ("localhost", "127.", "::1")
+
+
+def exposure_warning(host: str, port: int) -> str:
+    """A warning when `host` is reachable from other machines ('' on loopback).
+
+    The MLflow scoring server has no authentication: on 0.0.0.0 (or any non-loopback address)
+    anyone who reaches the port can send images and read predictions. It still starts, since
+    that is sometimes what is wanted (a container behind a proxy), but never without saying so.
+    """
+    if host.startswith(LOOPBACK_HOSTS) or host == "[::1]":
+        return ""
+    return (f"warning: --host {host} exposes an UNAUTHENTICATED endpoint: anyone who can reach port {port} "
+            "can use the model. Prefer the default 127.0.0.1 behind a reverse proxy that authenticates "
+            f"(e.g. nginx with auth_basic or an OAuth proxy, forwarding to http://127.0.0.1:{port}), or an SSH "
+            f"tunnel (ssh -L {port}:127.0.0.1:{port} this-host); see docs/operations.md")
+
+
 def _serve(args: argparse.Namespace) -> int:
     model = args.model
     if model is None:
@@ -168,6 +186,17 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         model = f"models:/{info['name']}@champion"
     command, env = serve_invocation(model, args.host, args.port, os.environ)
+    from l2rclip.models.checkpoint import ModelFileError
+    from l2rclip.serving.registry import check_model_uri
+
+    try:
+        check_model_uri(model, env["MLFLOW_TRACKING_URI"])
+    except ModelFileError as error:
+        print(f"l2rclip serve: error: {error}", file=sys.stderr)
+        return 2
+    exposure = exposure_warning(args.host, args.port)
+    if exposure:
+        print(exposure, file=sys.stderr, flush=True)
     print(f"serving {model} at http://{args.host}:{args.port}/invocations (store {env['MLFLOW_TRACKING_URI']}); "
           "Ctrl+C stops it", file=sys.stderr, flush=True)
     os.execve(command[0], command, env)  # the server takes over this process (and its Ctrl+C)
@@ -326,7 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "model).")
     serve.add_argument("model", nargs="?", help="models:/<name>@champion, models:/<name>/<version> or "
                                                 "runs:/<run_id>/model (default: the registered champion)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s); another address, e.g. 0.0.0.0, exposes "
+                            "an unauthenticated endpoint: put an authenticating proxy in front "
+                            "(docs/operations.md)")
     serve.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
     serve.set_defaults(func=_serve)
     return parser
