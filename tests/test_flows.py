@@ -53,7 +53,7 @@ from l2rclip.serving.registry import HOLDOUT_SPEC_TAG, champion, register
 from l2rclip.tracking.provenance import data_version, fingerprint
 from l2rclip.tracking.runs import Tracker
 from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand, publish_comparison
-from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock
+from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock, lease_file
 from pipelines.common import DvcError, is_transient
 from pipelines.deploy import DEFAULT_CRON, DEFAULT_NAME, deploy_to_pool, retrain_deployment
 from pipelines.fanout import CLONE_ENV, experiment_deployment
@@ -306,6 +306,68 @@ def test_a_second_flow_in_the_same_checkout_waits_for_the_servers_concurrency_li
     with checkout_lock(same, timeout_s=10):
         pass
     assert checkout_limit_name(same) != checkout_limit_name(other)
+
+
+def test_a_killed_holders_server_slot_is_released_at_once_not_after_its_lease(harness, tmp_path):
+    """Issue 21.8: the next flow need not wait out the lease of a flow that was killed (kill -9)."""
+    same = tmp_path / "same"
+    (same / ".dvc").mkdir(parents=True)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(same)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert json.loads(lease_file(same).read_text())["pid"] == holder.pid
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        with get_client(sync_client=True) as client:  # the killed holder's slot is still taken on the server
+            assert client.read_global_concurrency_limit_by_name(checkout_limit_name(same)).active_slots == 1
+        began = time.monotonic()
+        with checkout_lock(same, timeout_s=20, poll_s=0.2):
+            waited = time.monotonic() - began
+            assert json.loads(lease_file(same).read_text())["pid"] == os.getpid()
+        assert waited < 10 and not lease_file(same).exists()
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(checkout_limit_name(same)).active_slots == 0
+    finally:
+        stop(holder)
+
+
+def test_the_folds_flow_holds_the_checkout_tags_its_commit_and_publishes_its_summary(harness, tmp_path,
+                                                                                      monkeypatch):
+    """Issue 21.7: pipelines.folds takes the checkout lock, the commit tag and a result artifact, as the others."""
+    import pipelines.folds as folds_module
+
+    repo = dvc_project(tmp_path / "repo", {"noop": {"cmd": "true"}})
+    (repo / "params.yaml").write_text("folds: [0, 1]\n")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "init"], repo, env={**os.environ, **GIT_IDENTITY})
+    held_elsewhere = []
+
+    def fan_out(root, runs, pool, uri, remote):
+        def other_flow():  # another thread is another flow: the lock is re-entrant only in its own thread
+            try:
+                with checkout_lock(root, timeout_s=0):
+                    held_elsewhere.append(False)
+            except CheckoutBusyError:
+                held_elsewhere.append(True)
+        thread = threading.Thread(target=other_flow)
+        thread.start()
+        thread.join()
+        return [{"name": name, "completed": True, "state": "COMPLETED", "message": ""} for name, _ in runs]
+
+    def report(mae):
+        return {"summary": {"test/mae": {"mean": mae, "std": 0.0, "folds": [mae]}, "is_clip": False}}
+    monkeypatch.setattr(folds_module, "fan_out", fan_out)
+    monkeypatch.setattr(folds_module, "collect", lambda root: {"x-fold0": report(1.0), "x-fold1": report(2.0)})
+    monkeypatch.setattr(folds_module, "tag_experiment_commits", lambda root, uri: 0)
+    result, run_id = run_flow(folds_module.folds, "pool", "x", repo=str(repo))
+    assert held_elsewhere == [True]
+    assert result["summary"]["test/mae"]["folds"] == [1.0, 2.0]
+    commit = sh(["git", "rev-parse", "HEAD"], repo).strip()
+    assert {f"git:{commit[:12]}", "dvc-exp:x-fold0", "dvc-exp:x-fold1"} <= set(tags_of(run_id))
+    artifact = artifacts_of(run_id)["folds-summary"]
+    assert artifact.type == "markdown" and "| test/mae | 1.5000 +- 0.7071 | 1.0000 | 2.0000 |" in artifact.data
 
 
 # --- the pipeline flow: retries ------------------------------------------------------------------------
