@@ -49,7 +49,7 @@ from l2rclip.models.checkpoint import save_model
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.ranks import RankSpace
 from l2rclip.serving.predictor import Predictor
-from l2rclip.serving.registry import HOLDOUT_SPEC_TAG, champion, register
+from l2rclip.serving.registry import HOLDOUT_SPEC_TAG, RANKS_TAG, champion, register
 from l2rclip.tracking.provenance import data_version, fingerprint
 from l2rclip.tracking.runs import Tracker
 from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand, publish_comparison
@@ -59,7 +59,7 @@ from pipelines.deploy import DEFAULT_CRON, DEFAULT_NAME, deploy_to_pool, retrain
 from pipelines.fanout import CLONE_ENV, experiment_deployment
 from pipelines.flow_run import TEMPORARY_SERVER, api_target
 from pipelines.pipeline import pipeline
-from pipelines.retrain import decide, retrain
+from pipelines.retrain import ACCEPTED, NOT_COMPARED, RANK_CHANGE_TAG, decide, decision_markdown, retrain
 from pipelines.settings import QUIET_DEFAULTS
 
 BIN = Path(sys.executable).parent
@@ -419,14 +419,14 @@ def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(ha
 
 # --- the retrain flow: a real register stage and registry ---------------------------------------------
 
-def tiny_model(folder: Path, seed: int) -> Path:
-    """A random L2RCLIP-Tiny over counts 1..10; a large logit scale makes it confident (E[value] ~ argmax)."""
+def tiny_model(folder: Path, seed: int, top: int = 10) -> Path:
+    """A random L2RCLIP-Tiny over counts 1..top; a large logit scale makes it confident (E[value] ~ argmax)."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(TINY_ARCH, "none")
     config = ModelConfig(arch=TINY_ARCH, pretrained="none", prompt=PromptConfig(context_init="the number of"))
-    space = RankSpace(list(range(1, 11)))
+    space = RankSpace(list(range(1, top + 1)))
     model = build_l2rclip(backbone, space, config)
     model.logit_scale.fill_(math.log(1000.0))
     return save_model(model, folder, config, space, extra={"is_clip": False, "epoch": 1})
@@ -534,6 +534,35 @@ def test_retrain_refuses_to_compare_models_made_under_different_holdouts(harness
     result = retrain(str(repo))
     assert (result["decision"], result["champion"]) == ("kept_champion", "1") and "scores" not in result
     assert "another promotion holdout" in result["reason"] and "salt=another-salt" in result["reason"]
+
+
+def test_retrain_does_not_compare_a_version_with_another_rank_set_unless_accepted(harness, retrain_repo, env):
+    """Issue 21.9: ranks 1..10 -> 1..9 change the contract: refused, compared on shared ranks with the flag."""
+    repo, _ = retrain_repo
+    client = MlflowClient(env)
+    client.delete_model_version_tag("l2rclip-demo", "1", RANKS_TAG)  # a champion registered before the tag existed
+    shutil.rmtree(repo / "outputs/folds/0/train/best")
+    tiny_model(repo / "outputs/folds/0/train/best", seed=2, top=9)  # the new training dropped rank 10
+    holdout = pd.read_csv(repo / "outputs/prepare/holdout.csv")
+    labels = holdout.index % 10 + 1  # every rank, 10 included (the random models may predict one rank only)
+    holdout.assign(label=labels, rank=labels - 1, value=labels.astype(float)).to_csv(
+        repo / "outputs/prepare/holdout.csv", index=False)
+    refused = retrain(str(repo))
+    assert (refused["version"], refused["decision"], refused["champion"]) == ("2", "kept_champion", "1")
+    assert "scores" not in refused and not refused["rank_change"]["accepted"]
+    assert "the rank set changed from 1 .. 10 (10 ranks) to 1 .. 9 (9 ranks) (dropped 10)" in refused["reason"]
+    assert "--accept-rank-change" in refused["reason"]
+    assert client.get_model_version("l2rclip-demo", "2").tags[RANK_CHANGE_TAG].endswith(NOT_COMPARED)
+
+    accepted = retrain(str(repo), accept_rank_change=True)  # the refused version is decided again
+    shared = (pd.read_csv(repo / "outputs/prepare/holdout.csv")["label"] != 10).sum()
+    assert not accepted["decided_earlier"] and set(accepted["scores"]) == {"new", "champion"}
+    assert accepted["rank_change"]["shared_ranks"] == list(range(1, 10))
+    assert f"{ACCEPTED}: compared on the {shared} holdout images of the 9 ranks both share" in accepted["reason"]
+    tags = client.get_model_version("l2rclip-demo", "2").tags
+    assert tags[RANK_CHANGE_TAG].endswith(ACCEPTED) and tags["l2rclip.decision_reason"] == accepted["reason"]
+    assert f"- rank set: {accepted['rank_change']['change']}; {ACCEPTED}" in decision_markdown(accepted, 0.0,
+                                                                                              "test/mae")
 
 
 def test_retrain_of_another_dataset_starts_its_own_lineage(harness, retrain_repo, env):

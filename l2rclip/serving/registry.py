@@ -10,11 +10,13 @@ hash, fold, validation score, promotion holdout, conformal level, backbone); eve
 its description names. Whether a new version replaces the champion is a decision made elsewhere
 (a Prefect flow comparing scores); here it is carried out and recorded on the new version, as
 tags and in its description, with the reason, so the registry itself says why the champion is
-the champion.
+the champion. Each version also carries its rank set (`l2rclip.ranks`): the labels it answers and
+the `p_<label>` columns it serves, which the retrain gate compares before any score.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ CHAMPION = "champion"
 DECISION_TAG = "l2rclip.decision"
 REASON_TAG = "l2rclip.decision_reason"
 HOLDOUT_SPEC_TAG = "l2rclip.holdout_spec"  # the promotion holdout's definition (l2rclip.data.holdout)
+RANKS_TAG = "l2rclip.ranks"  # the rank set (labels, values, names) as compact JSON: the model's output contract
 PROMOTED = "promoted"
 KEPT = "kept_champion"
 
@@ -69,7 +72,7 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
     client = _client(uri)
     meta = read_model_meta(model_dir)
     version_tags = {"l2rclip.is_clip": str(meta.get("is_clip")).lower(), "l2rclip.backbone": meta["model"]["arch"],
-                    **tags}
+                    RANKS_TAG: json.dumps(meta["ranks"], separators=(",", ":")), **tags}
     logged_uri = log_pyfunc(model_dir, run_id, uri, limits=limits, calibration=calibration)  # models:/<model_id>
     try:
         client.create_registered_model(name, description="L2RCLIP ordinal classifier (l2rclip pyfunc)")
