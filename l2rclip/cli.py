@@ -135,6 +135,7 @@ def _prepare(args: argparse.Namespace) -> int:
 EXIT_BAD_REQUEST = 2      # bad arguments, inputs, model or --out: nothing was predicted or written
 EXIT_SOME_FAILED = 3      # the CSV was written, but some inputs could not be read (its `error` column)
 EXIT_NONE_PREDICTED = 4   # the CSV was written, but no input could be read
+EXIT_INTERRUPTED = 130    # Ctrl+C (128 + SIGINT, as shells report it): nothing was written
 
 
 REGISTERED_FILE = Path("outputs/register/registered.json")  # written by the register stage
@@ -215,10 +216,13 @@ def _predict(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
-    table = predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
-                                    with_probabilities=args.probabilities)
     try:
-        write_table(table, out)
+        table = predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
+                                        with_probabilities=args.probabilities)
+        write_table(table, out)  # a temporary file that replaces --out only when complete
+    except KeyboardInterrupt:  # Ctrl+C: the old --out (if any) is intact; no traceback
+        print(f"interrupted, nothing written ({out} unchanged)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as error:  # checked before the work; still possible (disk full, a folder removed meanwhile)
         print(f"error: cannot write the predictions to {out}: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
@@ -323,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "only by a complete file.",
         epilog=f"exit status: 0 every input predicted; {EXIT_SOME_FAILED} the CSV was written but some inputs "
                f"could not be read (see its error column); {EXIT_NONE_PREDICTED} the CSV was written but no "
-               f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written).")
+               f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written); "
+               f"{EXIT_INTERRUPTED} interrupted by Ctrl+C (nothing written).")
     predict.add_argument("model", help="model folder or MLflow model URI")
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image file, folder, or CSV with a path column")

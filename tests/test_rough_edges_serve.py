@@ -38,3 +38,24 @@ def test_serve_of_an_unknown_model_is_one_line_naming_the_store(tmp_path, capsys
     assert "registered models there: none" in err
     assert cli.main(["serve", str(tmp_path / "missing")]) == 2
     assert "no such model folder" in capsys.readouterr().err and not no_exec
+
+
+def test_ctrl_c_in_predict_is_one_line_exit_130_and_the_old_output_stays(tmp_path, capsys, monkeypatch):
+    """Issue 21.5: KeyboardInterrupt during prediction: no traceback, exit 130, --out untouched."""
+    from PIL import Image
+
+    from l2rclip.serving import predictor as predictor_module
+
+    class Interrupted:
+        def predict_paths(self, *args, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(predictor_module.Predictor, "load", classmethod(lambda cls, *a, **k: Interrupted()))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    out = tmp_path / "predictions.csv"
+    out.write_text("path,pred_label\nold.png,3\n")
+    assert cli.main(["predict", str(tmp_path / "model"), str(tmp_path / "a.png"), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted, nothing written ({out} unchanged)\n"
+    assert out.read_text() == "path,pred_label\nold.png,3\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.png", "predictions.csv"]
