@@ -222,7 +222,8 @@ def test_plots_diff_compares_the_learning_curves_of_experiments(tmp_path):
     run(["dvc", "repro", "-q"], repo, env)
     (repo / "outputs/folds/0/train.lock").write_text("12345\n")  # a stage's lock beside its output (its PID)
     assert json.loads(run(["dvc", "status", "--json"], repo, env).strip().splitlines()[-1]) == {}
-    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"], ["dvc", "exp", "run", "-n", "slower", "-S", "scale.yaml:scale=1.5"],
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
+                    ["dvc", "exp", "run", "-n", "slower", "-S", "scale.yaml:scale=1.5"],
                     ["dvc", "exp", "run", "-n", "faster", "-S", "scale.yaml:scale=0.5"]):
         run(command, repo, env)
     (plot,) = plots_json(repo, env, "diff", "slower", "faster")["data"]["val_mae"]
