@@ -19,9 +19,14 @@ from l2rclip.venv_path import interpreter_first_on_path
 
 def _check(args: argparse.Namespace) -> int:
     from l2rclip.config import load_params
+    from l2rclip.data.sources import SourceError
     from l2rclip.training.check import run_check
 
-    result = run_check(load_params(args.params), steps=args.steps)
+    try:
+        result = run_check(load_params(args.params), steps=args.steps)
+    except SourceError as error:  # e.g. data.root holds a demo set of other settings (never rewritten)
+        print(f"l2rclip check: error: {error}", file=sys.stderr)
+        return 2
     first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
     kind = "CLIP weights" if result.is_clip else "RANDOM weights: a pipeline check, NOT CLIP results"
     print(f"l2rclip library check passed in {result.seconds:.1f}s")
@@ -152,6 +157,7 @@ def _prepare(args: argparse.Namespace) -> int:
 EXIT_BAD_REQUEST = 2      # bad arguments, inputs, model or --out: nothing was predicted or written
 EXIT_SOME_FAILED = 3      # the CSV was written, but some inputs could not be read (its `error` column)
 EXIT_NONE_PREDICTED = 4   # the CSV was written, but no input could be read
+EXIT_INTERRUPTED = 130    # Ctrl+C (128 + SIGINT, as shells report it): nothing was written
 
 
 REGISTERED_FILE = Path("outputs/register/registered.json")  # written by the register stage
@@ -174,6 +180,24 @@ def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str
     return command, env
 
 
+LOOPBACK_HOSTS = ("localhost", "127.", "::1")
+
+
+def exposure_warning(host: str, port: int) -> str:
+    """A warning when `host` is reachable from other machines ('' on loopback).
+
+    The MLflow scoring server has no authentication: on 0.0.0.0 (or any non-loopback address)
+    anyone who reaches the port can send images and read predictions. It still starts, since
+    that is sometimes what is wanted (a container behind a proxy), but never without saying so.
+    """
+    if host.startswith(LOOPBACK_HOSTS) or host == "[::1]":
+        return ""
+    return (f"warning: --host {host} exposes an UNAUTHENTICATED endpoint: anyone who can reach port {port} "
+            "can use the model. Prefer the default 127.0.0.1 behind a reverse proxy that authenticates "
+            f"(e.g. nginx with auth_basic or an OAuth proxy, forwarding to http://127.0.0.1:{port}), or an SSH "
+            f"tunnel (ssh -L {port}:127.0.0.1:{port} this-host); see docs/operations.md")
+
+
 def _serve(args: argparse.Namespace) -> int:
     model = args.model
     if model is None:
@@ -185,6 +209,17 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         model = f"models:/{info['name']}@champion"
     command, env = serve_invocation(model, args.host, args.port, os.environ)
+    from l2rclip.models.checkpoint import ModelFileError
+    from l2rclip.serving.registry import check_model_uri
+
+    try:
+        check_model_uri(model, env["MLFLOW_TRACKING_URI"])
+    except ModelFileError as error:
+        print(f"l2rclip serve: error: {error}", file=sys.stderr)
+        return 2
+    exposure = exposure_warning(args.host, args.port)
+    if exposure:
+        print(exposure, file=sys.stderr, flush=True)
     print(f"serving {model} at http://{args.host}:{args.port}/invocations (store {env['MLFLOW_TRACKING_URI']}); "
           "Ctrl+C stops it", file=sys.stderr, flush=True)
     os.execve(command[0], command, env)  # the server takes over this process (and its Ctrl+C)
@@ -203,10 +238,13 @@ def _predict(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
-    table = predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
-                                    with_probabilities=args.probabilities)
     try:
-        write_table(table, out)
+        table = predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
+                                        with_probabilities=args.probabilities)
+        write_table(table, out)  # a temporary file that replaces --out only when complete
+    except KeyboardInterrupt:  # Ctrl+C: the old --out (if any) is intact; no traceback
+        print(f"interrupted, nothing written ({out} unchanged)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except OSError as error:  # checked before the work; still possible (disk full, a folder removed meanwhile)
         print(f"error: cannot write the predictions to {out}: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
@@ -326,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "only by a complete file.",
         epilog=f"exit status: 0 every input predicted; {EXIT_SOME_FAILED} the CSV was written but some inputs "
                f"could not be read (see its error column); {EXIT_NONE_PREDICTED} the CSV was written but no "
-               f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written).")
+               f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written); "
+               f"{EXIT_INTERRUPTED} interrupted by Ctrl+C (nothing written).")
     predict.add_argument("model", help="model folder or MLflow model URI")
     predict.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image file, folder, or CSV with a path column")
@@ -358,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "model).")
     serve.add_argument("model", nargs="?", help="models:/<name>@champion, models:/<name>/<version> or "
                                                 "runs:/<run_id>/model (default: the registered champion)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s); another address, e.g. 0.0.0.0, exposes "
+                            "an unauthenticated endpoint: put an authenticating proxy in front "
+                            "(docs/operations.md)")
     serve.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
     serve.set_defaults(func=_serve)
     return parser

@@ -8,7 +8,10 @@ does (`l2rclip.stages.report.summarise`: mean, std with ddof=1, per-fold values)
 
     python -m pipelines.folds --work-pool l2rclip --name fgnet-5fold -S data.source=fgnet ...
 
-The folds are `folds` from the commit's params.yaml, or a `-S folds=[...]` given here.
+The folds are `folds` from the commit's params.yaml, or a `-S folds=[...]` given here. Like the
+other flows it holds the checkout (`pipelines.checkout_lock`) while it removes, pulls and reads
+experiments, so a scheduled retrain in the same checkout waits for it; its flow run is tagged
+`git:<commit>` and `dvc-exp:<name>-fold<k>`, and the summary is its markdown artifact `folds-summary`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from l2rclip.config import load_params
 from l2rclip.stages.report import summarise
 from l2rclip.tracking.runs import tag_experiment_commits
 from pipelines.ablation import NO_REGISTER, collect
+from pipelines.checkout_lock import checkout_lock
 from pipelines.common import describe, project, run_cli, tracking_uri
 from pipelines.fanout import fan_out
+from pipelines.flow_run import announce_api, checkout_tags, tag_flow_run
 
 
 def fold_runs(name: str, settings: Sequence[str], default_folds: Sequence[int]) -> list[tuple[str, list[str]]]:
@@ -87,18 +93,40 @@ def folds(work_pool: str, name: str, settings: list[str] | None = None, repo: st
         RuntimeError: some folds did not finish (after all others have).
     """
     logger = get_run_logger()
+    announce_api(logger)
     root = project(repo)
     runs = fold_runs(name, settings or [], load_params(root / "params.yaml").folds)
-    results = fan_out(root, runs, work_pool, tracking_uri(root), git_remote)
-    if failed := [f"{r['name']}: {r['state']} {r['message']}" for r in results if not r["completed"]]:
-        raise RuntimeError(f"folds: {len(failed)} of {len(runs)} fold runs did not finish: {'; '.join(failed)}")
-    found = {run_name: (entry or {}).get("summary") for run_name, entry in collect(root).items()}
-    tag_experiment_commits(root, tracking_uri(root))  # the fold experiments' commits: l2rclip.dvc_exp_commit
+    tag_flow_run([*checkout_tags(root), *(f"dvc-exp:{run_name}" for run_name, _ in runs)])
+    with checkout_lock(root, log=logger):  # removes, pulls and reads experiments in this checkout
+        results = fan_out(root, runs, work_pool, tracking_uri(root), git_remote)
+        if failed := [f"{r['name']}: {r['state']} {r['message']}" for r in results if not r["completed"]]:
+            raise RuntimeError(f"folds: {len(failed)} of {len(runs)} fold runs did not finish: "
+                               f"{'; '.join(failed)}")
+        found = {run_name: (entry or {}).get("summary") for run_name, entry in collect(root).items()}
+        tag_experiment_commits(root, tracking_uri(root))  # the fold experiments' commits: l2rclip.dvc_exp_commit
     if missing := [run_name for run_name, _ in runs if not found.get(run_name)]:
         raise RuntimeError(f"folds: no report in the experiments {', '.join(missing)} (see `dvc exp show`)")
     summary = combine({run_name: found[run_name] for run_name, _ in runs})
     logger.info("%s over %d folds on %s: %s", name, len(runs), work_pool, describe(summary))
+    create_markdown_artifact(summary_markdown(name, summary, [run_name for run_name, _ in runs]),
+                             key="folds-summary",
+                             description=f"{name} over {len(runs)} folds: {describe(summary)}")
     return {"summary": summary, "experiments": [run_name for run_name, _ in runs], "runs": results}
+
+
+def summary_markdown(name: str, summary: dict[str, Any], experiments: Sequence[str]) -> str:
+    """The cross-validated summary as a markdown table: metric, mean +- std, one column per fold."""
+    metrics = sorted(key for key, entry in summary.items() if isinstance(entry, dict) and "folds" in entry)
+    header = ["metric", "mean +- std", *experiments]
+    lines = [f"# {name}: {len(experiments)} folds", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for metric in metrics:
+        entry = summary[metric]
+        lines.append(f"| {metric} | {entry['mean']:.4f} +- {entry['std']:.4f} | "
+                     + " | ".join(f"{value:.4f}" for value in entry["folds"]) + " |")
+    if "is_clip" in summary:
+        lines += ["", f"CLIP weights: {summary['is_clip']}"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,13 @@
    no image either model trained on as long as both were made under the same definition
    (`split.holdout_fraction` and `holdout_salt`, tagged on every version as `l2rclip.holdout_spec`);
    versions made under different definitions are not compared, and the champion stays.
+   A change of the rank set (labels, values or names, `l2rclip.ranks` on each version) is a change
+   of the model's contract: the labels it answers and the `p_<label>` columns it serves. Such a
+   version is not compared automatically (the champion stays, the reason names the ranks dropped
+   and added); `--accept-rank-change` (`accept_rank_change=True`) compares the two on the holdout
+   images of the ranks both share, says so, and lets the better one be promoted. Either way the
+   change and whether it was accepted are recorded on the version (`l2rclip.rank_change`), and a
+   version refused for it can be decided again with the flag.
 4. `decide`: promote (move the `champion` alias) only when the new version is better by more
    than `margin`; otherwise keep. The decision, its reason and the gate set's size and version
    (`l2rclip.gate_images`, `l2rclip.gate_version`) are recorded on the new version, and published
@@ -29,8 +36,11 @@ same checkout waits until this one has decided.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,12 +55,15 @@ from l2rclip.config import EvalConfig, Params, load_params, model_name
 from l2rclip.data.holdout import holdout_version
 from l2rclip.evaluation.predictions import probabilities_of
 from l2rclip.metrics import lower_is_better, ordinal_metrics
-from l2rclip.serving.predictor import Predictor
+from l2rclip.models.checkpoint import read_model_meta
+from l2rclip.ranks import RankSpace
+from l2rclip.serving.predictor import Predictor, resolve_model_dir
 from l2rclip.serving.registry import (
     DECISION_TAG,
     HOLDOUT_SPEC_TAG,
     KEPT,
     PROMOTED,
+    RANKS_TAG,
     REASON_TAG,
     champion,
     keep,
@@ -70,6 +83,9 @@ from pipelines.flow_run import announce_api, checkout_tags, tag_flow_run
 from pipelines.pipeline import pipeline
 
 LINEAGE_TAGS = ("l2rclip.data_version", "l2rclip.params_hash")
+RANK_CHANGE_TAG = "l2rclip.rank_change"
+NOT_COMPARED = "not compared (promotion needs --accept-rank-change)"
+ACCEPTED = "accepted with --accept-rank-change"
 
 
 @dataclass(frozen=True)
@@ -129,8 +145,50 @@ def _lineage(champion_tags: dict[str, str], new_tags: dict[str, str]) -> dict[st
             if champion_tags.get(tag) != new_tags.get(tag)}
 
 
+def version_ranks(name: str, version: Any, store: str) -> RankSpace:
+    """The rank set of a registered version: its `l2rclip.ranks` tag, else (older versions) its model.json."""
+    if text := version.tags.get(RANKS_TAG):
+        return RankSpace.from_dict(json.loads(text))
+    folder = tempfile.mkdtemp(prefix="l2rclip-ranks-")
+    try:
+        return RankSpace.from_dict(read_model_meta(
+            resolve_model_dir(f"models:/{name}/{version.version}", store, download_to=folder))["ranks"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def rank_change(held: RankSpace, new: RankSpace) -> str | None:
+    """What changed from the champion's rank set to the new version's, in one phrase; None when nothing did."""
+    if held.to_dict() == new.to_dict():
+        return None
+    dropped = [label for label in held.labels if not new.contains(label)]
+    added = [label for label in new.labels if not held.contains(label)]
+    shared = [label for label in held.labels if new.contains(label)]
+    revalued = [label for label in shared
+                if held.values[held.index_of(label)] != new.values[new.index_of(label)]]
+    renamed = [label for label in shared if held.names[held.index_of(label)] != new.names[new.index_of(label)]]
+    parts = [f"{what} {', '.join(map(str, labels[:10]))}{' ...' if len(labels) > 10 else ''}"
+             for what, labels in (("dropped", dropped), ("added", added), ("other values for", revalued),
+                                  ("other names for", renamed)) if labels]
+    if not parts:  # the same labels, values and names in another order
+        parts = ["the same ranks in another order"]
+    return f"the rank set changed from {held.describe()} to {new.describe()} ({'; '.join(parts)})"
+
+
+def shared_gate(gate: pd.DataFrame, spaces: Sequence[RankSpace]) -> pd.DataFrame:
+    """The gate rows whose label is a rank of every one of `spaces`."""
+    keep_row = [all(space.contains(label) for space in spaces) for label in gate["label"]]
+    return gate[keep_row].reset_index(drop=True)
+
+
+def _reopened(tags: dict[str, str], accept_rank_change: bool) -> bool:
+    """Whether a version refused for a rank change is to be decided again, now that the change is accepted."""
+    return accept_rank_change and tags.get(RANK_CHANGE_TAG, "").endswith(NOT_COMPARED)
+
+
 @flow(name="retrain")
-def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> dict[str, Any]:
+def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae",
+            accept_rank_change: bool = False) -> dict[str, Any]:
     """Retrain when data, params or code changed; promote the new version only if it is better.
 
     Args:
@@ -138,6 +196,9 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
             (`l2rclip.config.model_name`).
         margin: the smallest improvement in `metric` that promotes (its units, e.g. 0.05 years).
         metric: `test/<name>` of `l2rclip.metrics.ordinal_metrics`, computed on the promotion holdout.
+        accept_rank_change: a new version whose rank set differs from the champion's is compared
+            (on the holdout images of the shared ranks) and may be promoted; without it, it is not
+            compared and the champion stays.
 
     Returns:
         `decision` (`promoted` or `kept_champion`), `reason`, `up_to_date` (nothing had changed),
@@ -145,7 +206,8 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
         `previous_champion` (the one that held it before), `decided_earlier` (the version had
         been decided on by an earlier run: nothing was compared),
         `stale` (the stages that had to run), `changes` (data version / params hash that differ
-        from the champion's), and `scores` when both models were scored.
+        from the champion's), `scores` when both models were scored, and `rank_change`
+        (`change`, `accepted`, `shared_ranks`) when the rank set differs from the champion's.
 
     Raises:
         RuntimeError: the pipeline registered no model (tracking off, MLflow failing).
@@ -154,14 +216,14 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae") -> d
     announce_api(logger)
     root = project(repo)
     with checkout_lock(root, log=logger):
-        result = _retrain(root, margin, metric)
+        result = _retrain(root, margin, metric, accept_rank_change)
     tag_flow_run(checkout_tags(root))
     create_markdown_artifact(decision_markdown(result, margin, metric), key="retrain-decision",
                              description=f"{result['name']} version {result['version']}: {result['decision']}")
     return result
 
 
-def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
+def _retrain(root: Path, margin: float, metric: str, accept_rank_change: bool = False) -> dict[str, Any]:
     """The flow's steps 1-4 (see the module's docstring), in a checkout the caller holds."""
     logger = get_run_logger()
     params = load_params(root / "params.yaml")
@@ -182,7 +244,7 @@ def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
     result: dict[str, Any] = {"name": name, "version": version, "stale": stale, "up_to_date": not stale,
                               "previous_champion": held,
                               "changes": _lineage(current.tags if current else {}, new.tags)}
-    if new.tags.get(DECISION_TAG) or held == version:
+    if (new.tags.get(DECISION_TAG) and not _reopened(new.tags, accept_rank_change)) or held == version:
         decision = new.tags.get(DECISION_TAG, PROMOTED)
         logger.info("%s version %s was already decided on (%s)%s", name, version, decision,
                     "; up to date" if not stale else "")
@@ -194,11 +256,8 @@ def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
     elif (mismatch := gate_mismatch(current.tags, new.tags, gate)) is not None:
         decision = Decision(False, mismatch)
     else:
-        logger.info("new version %s vs champion %s on the promotion holdout (%d images, version %s); "
-                    "lineage differences: %s", version, held, len(gate), holdout_version(gate),
-                    result["changes"] or "none (same data and params: code or training changed)")
-        result["scores"] = compare(root, params, gate, {"new": version, "champion": held}, name, store, metric)
-        decision = decide(result["scores"]["new"], result["scores"]["champion"], margin, metric)
+        decision = _gate_ranks_then_decide(root, params, gate, result, (current, new), store, metric, margin,
+                                           accept_rank_change)
     result["gate"] = {"images": len(gate), "version": holdout_version(gate),
                       "spec": new.tags.get(HOLDOUT_SPEC_TAG)}
     MlflowClient(store).set_model_version_tag(name, version, "l2rclip.gate_images", str(len(gate)))
@@ -208,6 +267,50 @@ def _retrain(root: Path, margin: float, metric: str) -> dict[str, Any]:
     logger.info("%s version %s: %s; champion is version %s", name, version, decision.reason, after)
     return {**result, "decision": PROMOTED if decision.promote else KEPT, "reason": decision.reason,
             "champion": after, "decided_earlier": False}
+
+
+def _gate_ranks_then_decide(root: Path, params: Params, gate: pd.DataFrame, result: dict[str, Any],
+                            versions: tuple[Any, Any], store: str, metric: str, margin: float,
+                            accept_rank_change: bool) -> Decision:
+    """Check the rank contract of (champion, new) `versions`, then score both on the gate and decide.
+
+    A change of ranks is recorded on the new version and in `result["rank_change"]`; without
+    `accept_rank_change` nothing is compared, with it only the gate images of the shared ranks are.
+    """
+    name, version = result["name"], result["version"]
+    spaces = tuple(version_ranks(name, v, store) for v in versions)
+    change = rank_change(*spaces)
+    if change is not None:
+        shared = [label for label in spaces[0].labels if spaces[1].contains(label)]
+        result["rank_change"] = {"change": change, "accepted": accept_rank_change, "shared_ranks": shared}
+        outcome = ACCEPTED if accept_rank_change else NOT_COMPARED
+        MlflowClient(store).set_model_version_tag(name, version, RANK_CHANGE_TAG, f"{change}: {outcome}")
+        if not accept_rank_change:
+            return Decision(False, f"{change}: a change of the model's contract (the labels it answers, the "
+                                   "p_<label> columns it serves), so the versions are not compared automatically; "
+                                   "to compare them on the ranks both share and promote the better, run the "
+                                   "retrain flow with --accept-rank-change")
+        gate = shared_gate(gate, spaces)
+    decision = _compare_and_decide(root, params, gate, result, store, metric, margin)
+    if change is None:
+        return decision
+    return Decision(decision.promote, f"{decision.reason}; {change}, {ACCEPTED}: compared on the {len(gate)} "
+                                      f"holdout images of the {len(result['rank_change']['shared_ranks'])} ranks "
+                                      "both share")
+
+
+def _compare_and_decide(root: Path, params: Params, gate: pd.DataFrame, result: dict[str, Any], store: str,
+                        metric: str, margin: float) -> Decision:
+    """Score the new version and the champion on `gate` (into `result["scores"]`) and decide."""
+    if gate.empty:
+        return Decision(False, "no promotion-holdout image has a rank both versions share: nothing to compare on")
+    get_run_logger().info(
+        "new version %s vs champion %s on the promotion holdout (%d images, version %s); lineage differences: %s",
+        result["version"], result["previous_champion"], len(gate), holdout_version(gate),
+        result["changes"] or "none (same data and params: code or training changed)")
+    versions = {"new": result["version"], "champion": result["previous_champion"]}
+    result["scores"] = compare(root, params, gate, versions, result["name"], store, metric)
+    return decide(result["scores"]["new"], result["scores"]["champion"], margin, metric)
 
 
 def decision_markdown(result: dict[str, Any], margin: float, metric: str) -> str:
@@ -228,6 +331,8 @@ def decision_markdown(result: dict[str, Any], margin: float, metric: str) -> str
     if gate := result.get("gate"):
         lines.append(f"- gate: {gate['images']} promotion-holdout images, version `{gate['version']}`, "
                      f"holdout `{gate['spec']}`")
+    if ranks := result.get("rank_change"):
+        lines.append(f"- rank set: {ranks['change']}; {ACCEPTED if ranks['accepted'] else NOT_COMPARED}")
     changes = ", ".join(f"{tag} {pair['champion']} -> {pair['new']}" for tag, pair in result["changes"].items())
     lines += [f"- stages rebuilt: {', '.join(result['stale']) or 'none (up to date)'}",
               f"- lineage changes from the champion: {changes or 'none'}",
@@ -272,7 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.0, help="smallest improvement that promotes")
     parser.add_argument("--metric", default="test/mae",
                         help="metric compared on the promotion holdout (default: %(default)s)")
-    return run_cli(parser, lambda a: retrain(a.repo, a.margin, a.metric), argv)
+    parser.add_argument("--accept-rank-change", action="store_true",
+                        help="compare a new version whose rank set (labels, values, names) differs from the "
+                             "champion's on the ranks both share, and let it be promoted (a change of the "
+                             "served contract; recorded in the decision)")
+    return run_cli(parser, lambda a: retrain(a.repo, a.margin, a.metric, a.accept_rank_change), argv)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,7 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96,
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size: expected at least {MIN_IMAGE_SIZE} px, found {image_size}")
     root = Path(root)
-    settings = {"version": GENERATOR_VERSION, "n_per_rank": n_per_rank, "image_size": image_size,
-                "seed": seed}
+    settings = demo_settings(n_per_rank, image_size, seed)
     previous = _read_manifest(root)
     if previous is not None and previous["settings"] == settings and _complete(root, previous):
         log.info("demo set in %s is up to date (%s)", root, settings)
@@ -88,6 +87,49 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96,
     staging.replace(root / "manifest.json")
     log.info("generated %d demo images in %s (%s)", len(images), root, settings)
     return table
+
+
+def demo_settings(n_per_rank: int, image_size: int, seed: int) -> dict[str, int]:
+    """What a demo set's manifest records as `settings`; two sets with equal settings are byte-identical."""
+    return {"version": GENERATOR_VERSION, "n_per_rank": n_per_rank, "image_size": image_size, "seed": seed}
+
+
+class DemoMismatchError(ValueError):
+    """The folder holds a demo set other than the one asked for (settings differ or files are missing)."""
+
+
+def read_demo(root: str | Path, n_per_rank: int, image_size: int, seed: int) -> pd.DataFrame | None:
+    """The table of the demo set under `root` made with these settings; None when `root` holds none.
+
+    Never writes: the demo set is a DVC output of the `demo` stage, and a side command (prepare
+    with another params file, check) that rewrote it in place would change what `dvc status`
+    and a concurrent stage see. A folder that holds files but not this set (other settings, an
+    interrupted generation, a foreign folder) raises DemoMismatchError naming both settings.
+    """
+    root = Path(root)
+    wanted = demo_settings(n_per_rank, image_size, seed)
+    manifest = _read_manifest(root)
+    if manifest is not None and manifest["settings"] == wanted and _complete(root, manifest):
+        return demo_table(manifest)
+    if manifest is None and not (root.is_dir() and any(root.iterdir())):
+        return None
+    found = "no readable manifest.json" if manifest is None else (
+        f"settings {_describe(manifest['settings'])}" if manifest["settings"] != wanted
+        else "missing files (an interrupted generation?)")
+    raise DemoMismatchError(
+        f"{root} does not hold the demo set these params ask for ({_describe(wanted)}; found {found}). "
+        f"Only the `demo` stage writes it: run `dvc repro demo` (or `python -m l2rclip.stages.demo_data "
+        f"--params <params file> --out {root}`), or set data.root to another folder")
+
+
+def _describe(settings: Any) -> str:
+    """'seed=0, n_per_rank=60, image_size=96' (the version only when it is not this generator's)."""
+    if not isinstance(settings, dict):
+        return repr(settings)
+    keys = [k for k in ("seed", "n_per_rank", "image_size") if k in settings]
+    if settings.get("version") != GENERATOR_VERSION:
+        keys.append("version")
+    return ", ".join(f"{k}={settings[k]}" for k in keys)
 
 
 def demo_table(manifest: dict[str, Any]) -> pd.DataFrame:

@@ -1,8 +1,10 @@
 """Identical files under different names: found by the sha256 of their bytes, decided by policy.
 
 Validation hashes each file's bytes while it reads them for decoding, so finding duplicates costs
-no second read. The same picture twice with the same label would be trained (or tested) twice; with
-two labels it teaches a contradiction, and which label is right is unknown. Every row is kept
+no second read. The same path listed twice with two labels reaches this index too (its bytes are
+the same), so `data.duplicates` decides it as it decides two names of one picture. The same
+picture twice with the same label would be trained (or tested) twice; with two labels it teaches
+a contradiction, and which label is right is unknown. Every row is kept
 or reported, never silently merged.
 """
 
@@ -42,7 +44,8 @@ class ContentIndex:
             self.first[key] = (row, record, rank)
             return None
         first, first_record, first_rank = self.first[key]
-        same = f"same content (sha256 {key[0][:12]}) as row {first} ({first_record['path']})"
+        same = (f"same path as row {first}" if record["path"] == first_record["path"]
+                else f"same content (sha256 {key[0][:12]}) as row {first} ({first_record['path']})")
         if first_rank == rank:
             return Duplicate("duplicate_content", f"{same}, same label; the first is kept")
         there = f"{same}, labelled {first_record['label']!r} there, {record['label']!r} here"

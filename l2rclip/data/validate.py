@@ -167,14 +167,16 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
     """Split a source table into good rows and a report of bad ones.
 
     Bad reasons, from the path alone: `missing_file` (blank path), `duplicate` (the same path
-    again), `outside_root` (the path leaves `root`: `../x.png`, an absolute path elsewhere; symlinks
+    again with the same label; with another label it is a `conflicting_labels` below),
+    `outside_root` (the path leaves `root`: `../x.png`, an absolute path elsewhere; symlinks
     inside `root` are followed, as DVC's symlink cache makes them), `unsupported_extension` (not
     one of `IMAGE_EXTENSIONS`); from the label: `missing_label`, `non_numeric_label` (text where
     the ranks are numbers), `label_not_in_ranks`; from `stat`: `missing_file`, `dangling_symlink`,
     `symlink_loop`, `not_a_file` (a folder, a device), `unreadable_file`, `empty_file`; from
     reading: `corrupt_image` (PIL cannot decode it all), `decompression_bomb` (more pixels than
     `max_pixels`, see `open_image`), `duplicate_content` (the same bytes as an earlier row, same
-    label) and `conflicting_labels` (the same bytes with another label).
+    label) and `conflicting_labels` (the same bytes, under this or another path, with another
+    label: `duplicates` decides for both alike).
 
     Duplicates keep the first occurrence. They are looked for within each fold when the table
     lists every fold's own splits (`fold` and `split` columns: such lists name an image once per
@@ -326,9 +328,13 @@ def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank
         key = (file, fold)
         if not file:
             reasons.append(("missing_file", "the path is blank"))
-        elif key in first_seen:
+        elif key in first_seen and _same_label(table["label"].iat[first_seen[key]], label, rank_space):
             where = "" if fold is None else f" in fold {fold}"
             reasons.append(("duplicate", f"same path as row {first_seen[key]}{where}; the first is kept"))
+        elif key in first_seen:
+            # The same file under another label is a label conflict like the same bytes under two
+            # names: decoding finds the same content and `data.duplicates` decides (ContentIndex).
+            reasons.append(_label_reason(label, rank_space))
         else:
             first_seen[key] = row
             # A folder is reported as not_a_file (by the stat check), whatever its name.
@@ -336,6 +342,13 @@ def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank
             reasons.append((root is not None and outside_root(root, file)) or wrong_type
                            or _label_reason(label, rank_space))
     return reasons
+
+
+def _same_label(first: Any, label: Any, rank_space: RankSpace) -> bool:
+    """Whether two labels name the same rank ("20", 20 and 20.0 do), or are the same text when not ranks."""
+    if rank_space.contains(first) and rank_space.contains(label):
+        return rank_space.index_of(first) == rank_space.index_of(label)
+    return str(first).strip() == str(label).strip()
 
 
 def _label_reason(label: Any, rank_space: RankSpace) -> tuple[str, str] | None:

@@ -10,11 +10,13 @@ hash, fold, validation score, promotion holdout, conformal level, backbone); eve
 its description names. Whether a new version replaces the champion is a decision made elsewhere
 (a Prefect flow comparing scores); here it is carried out and recorded on the new version, as
 tags and in its description, with the reason, so the registry itself says why the champion is
-the champion.
+the champion. Each version also carries its rank set (`l2rclip.ranks`): the labels it answers and
+the `p_<label>` columns it serves, which the retrain gate compares before any score.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from l2rclip.models.checkpoint import read_model_meta
+from l2rclip.models.checkpoint import ModelFileError, read_model_meta
 from l2rclip.serving.predictor import mlflow_store
 from l2rclip.serving.pyfunc import RequestLimits, log_pyfunc
 from l2rclip.tracking.runs import PARENT_TAG, default_tracking_uri
@@ -36,6 +38,7 @@ CHAMPION = "champion"
 DECISION_TAG = "l2rclip.decision"
 REASON_TAG = "l2rclip.decision_reason"
 HOLDOUT_SPEC_TAG = "l2rclip.holdout_spec"  # the promotion holdout's definition (l2rclip.data.holdout)
+RANKS_TAG = "l2rclip.ranks"  # the rank set (labels, values, names) as compact JSON: the model's output contract
 PROMOTED = "promoted"
 KEPT = "kept_champion"
 
@@ -69,7 +72,7 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
     client = _client(uri)
     meta = read_model_meta(model_dir)
     version_tags = {"l2rclip.is_clip": str(meta.get("is_clip")).lower(), "l2rclip.backbone": meta["model"]["arch"],
-                    **tags}
+                    RANKS_TAG: json.dumps(meta["ranks"], separators=(",", ":")), **tags}
     logged_uri = log_pyfunc(model_dir, run_id, uri, limits=limits, calibration=calibration)  # models:/<model_id>
     try:
         client.create_registered_model(name, description="L2RCLIP ordinal classifier (l2rclip pyfunc)")
@@ -103,6 +106,54 @@ def _origin(client: MlflowClient, version: ModelVersion) -> str:
         return f"{trained}: the run holds the model and the metrics logged with it."
     return (f"{trained} of pipeline run {parent}: the fold's metrics are on its run, the cross-validated "
             f"test means (`test/<metric>_mean`) on the pipeline run.")
+
+
+def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """Check that `uri` names a model that exists, without downloading it; return where it points.
+
+    `l2rclip serve` hands the URI to `mlflow models serve`, whose answer to a misspelt name is a
+    50-line traceback; asking the registry first turns that into one line naming the store and the
+    models it holds.
+
+    Raises:
+        ModelFileError: a malformed URI, an unknown model, alias, version or run, or a missing folder.
+    """
+    store = tracking_uri or default_tracking_uri()
+    if not uri.startswith(("models:/", "runs:/")):
+        if not Path(uri).exists():
+            raise ModelFileError(f"{uri}: no such model folder (expected a folder, models:/<name>@<alias>, "
+                                 "models:/<name>/<version> or runs:/<run_id>/model)")
+        return f"folder {uri}"
+    rest = uri.split(":/", 1)[1]
+    try:
+        client = _client(store)
+        if uri.startswith("runs:/"):
+            return f"run {client.get_run(rest.split('/', 1)[0]).info.run_id}"
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in rest and rest.rsplit("/", 1)[1].isdigit():
+            version = client.get_model_version(*rest.rsplit("/", 1))
+        else:
+            raise ModelFileError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version> "
+                                 "(a version number)")
+    except MlflowException as error:
+        raise ModelFileError(f"{uri}: not in the MLflow store {store} ({_first_line(error)}); "
+                             f"registered models there: {_registered_names(store)}") from None
+    return f"version {version.version} of {version.name}"
+
+
+def _first_line(error: MlflowException) -> str:
+    return (str(error.message).strip().splitlines() or [str(error.error_code)])[0]
+
+
+def _registered_names(store: str) -> str:
+    """'a, b' (the first 50), 'none', or why the store cannot list them: for an error message."""
+    try:
+        names = sorted(m.name for m in _client(store).search_registered_models(max_results=50))
+    except MlflowException as error:
+        return f"cannot be listed ({_first_line(error)})"
+    return ", ".join(names) or "none"
 
 
 def champion(name: str, tracking_uri: str | None = None) -> ModelVersion | None:

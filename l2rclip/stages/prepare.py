@@ -11,7 +11,8 @@ format, no timestamps), so DVC sees no change when nothing changed:
     holdout.csv    path, group, label, rank, value: the promotion holdout (`split.holdout_fraction`,
                    l2rclip.data.holdout), in no fold; header only when the fraction is 0.
     summary.json   counts: rows, bad rows by reason, images per rank, split sizes per fold.
-The source data is only read.
+The source data is only read; for the demo source that includes `data/demo`, which only the
+`demo` stage writes (a folder holding other demo settings is refused, see l2rclip.data.sources.demo).
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare(load_params(args.params), args.out)
     except (ConfigError, RankError, SourceError, DataValidationError, SplitError) as error:
         parser.exit(2, f"prepare: error: {error}\n")
+    except OSError as error:  # e.g. --out on a read-only copy: one line that names the file, not a traceback
+        parser.exit(2, f"prepare: error: cannot write the outputs to {args.out}: {error}\n")
     return 0
 
 

@@ -84,6 +84,9 @@ def identity_difference(saved: dict[str, Any] | None, current: dict[str, Any]) -
     """One phrase saying what differs between two run identities (for the "starting fresh" line)."""
     if not saved:
         return "the state records no run identity (written by an older l2rclip)"
+    # The saved identity went through JSON (tuples became lists), as the fingerprint does: compare
+    # like with like, or every list-valued param (folds, model.probe_c, conformal.alpha) "differs".
+    current = _as_json(current)
     parts = []
     if saved.get("params") != current["params"]:
         keys = sorted(k for k in set(saved.get("params", {})) | set(current["params"])
@@ -103,6 +106,11 @@ def identity_difference(saved: dict[str, Any] | None, current: dict[str, Any]) -
     if libs:
         parts.append("libraries " + ", ".join(libs))
     return "; ".join(parts) or "nothing visible (fingerprint scheme changed)"
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from the state file (tuples as lists, other objects as strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 @dataclass

@@ -98,3 +98,25 @@ def test_load_rgb_converts_every_format(tmp_path):
     assert rotated.size == (20, 40) and rotated.mode == "RGB"
     for name in ("grey.png", "alpha.png", "cmyk.jpg", "wide.png", "plain.jpg"):
         assert load_rgb(tmp_path / name).mode == "RGB"
+
+
+@pytest.mark.parametrize("policy", ["drop_conflicts", "keep_first", "fail"])
+def test_same_path_with_two_labels_is_decided_like_same_content_under_two_names(tmp_path, policy):
+    """Issue 21.3: `data.duplicates` decides one path listed with two labels as one picture under two names."""
+    write_good_images(tmp_path)
+    (tmp_path / "plain_copy.jpg").write_bytes((tmp_path / "plain.jpg").read_bytes())
+    same_path = pd.DataFrame({"path": ["plain.jpg", "grey.png", "plain.jpg"], "label": [1, 2, 3]})
+    same_content = same_path.assign(path=["plain.jpg", "grey.png", "plain_copy.jpg"])
+    if policy == "fail":
+        for table in (same_path, same_content):
+            with pytest.raises(DataValidationError, match=r"row 2 of the source table .*conflicting_labels"):
+                validate_table(table, tmp_path, RANKS, duplicates=policy)
+        return
+    outcomes = []
+    for table in (same_path, same_content):
+        good, report = validate_table(table, tmp_path, RANKS, duplicates=policy)
+        outcomes.append((good["row"].tolist(), report[["row", "reason"]].values.tolist()))
+    kept = [1] if policy == "drop_conflicts" else [0, 1]
+    dropped = [[0, "conflicting_labels"], [2, "conflicting_labels"]] if policy == "drop_conflicts" \
+        else [[2, "conflicting_labels"]]
+    assert outcomes == [(kept, dropped), (kept, dropped)]

@@ -71,7 +71,7 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
     repo, env = scratch_repo
     first = run(["dvc", "repro"], repo, env)
     assert stages_run(first) == {"demo", "prepare", "preprocess", "train@1", "calibrate@1", "evaluate@1", "report",
-                                 "register"}
+                                 "curves", "register"}
     assert "NOT CLIP" in first  # the offline fallback says so plainly
     summary = json.loads((repo / "outputs/report/metrics.json").read_text())
     assert len(summary["test/mae"]["folds"]) == 1 and summary["is_clip"] is False
@@ -87,7 +87,7 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     ablation = run(["dvc", "exp", "run", "--name", "cop-half", "-S", "loss.cop=0.5"], repo, env)
-    assert stages_run(ablation) == {"train@1", "calibrate@1", "evaluate@1", "report", "register"}
+    assert stages_run(ablation) == {"train@1", "calibrate@1", "evaluate@1", "report", "curves", "register"}
     rows = collect(repo, prefix="cop-")
     assert [r["name"] for r in rows] == ["cop-half"] and rows[0]["params"]["loss"]["cop"] == 0.5
     table = markdown_table(rows)

@@ -1,9 +1,11 @@
 """DVC plots: the project's learning curves and the offline page, with the real DVC in a scratch repository.
 
-The scratch repository holds the project's dvc.yaml, a small params.yaml and one history.csv per
-fold written the way train@k writes it (epoch, phase, loss terms, val metrics), committed once and
-then changed in the workspace, so `dvc plots diff HEAD` compares two revisions as it compares
-experiments; a last test runs two real `dvc exp run` over a stand-in train@k and diffs them. The
+The scratch repository holds the project's dvc.yaml and plot template, a params.yaml whose `folds`
+go beyond 0..4 (as the protocols' 10 repeats or 82 persons do), one history.csv per fold written
+the way train@k writes it (epoch, phase, loss terms, val metrics) and the curves stage's stack of
+them, committed once and then changed in the workspace, so `dvc plots diff HEAD` compares two
+revisions as it compares experiments; a last test runs two real `dvc exp run` over a stand-in
+train@k and the real curves stage and diffs them. The
 offline page is rendered by headless Chromium with every host name unresolvable.
 """
 
@@ -22,11 +24,13 @@ import yaml
 from dvc_render import VegaRenderer
 from support.project import ROOT, environment, run
 
-from l2rclip.config import Params
 from l2rclip.evaluation import offline_plots
+from l2rclip.stages import curves
 
-FOLDS = list(Params().folds)  # the folds dvc.yaml's plots cover: those of the default params
+FOLDS = [0, 1, 3, 7, 12, 81]  # more than the default 5, with gaps: dvc.yaml must not list folds
 HISTORY = "outputs/folds/{}/train/history.csv"
+CURVES = "outputs/curves/learning_curves.csv"
+TEMPLATE = ".dvc/plots/fold_curves.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -45,18 +49,29 @@ def plots_repo(tmp_path_factory):
     repo, env = tmp / "repo", environment(tmp)
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    (repo / "params.yaml").write_text(json.dumps({"folds": FOLDS, "data": {"root": "data/demo"}}))
+    (repo / "params.yaml").write_text(json.dumps({"folds": FOLDS, "split": {"n_folds": 82},  # FG-NET's persons
+                                                  "data": {"root": "data/demo"}}))
     run(["git", "init", "-q"], repo, env)
     run(["dvc", "init", "-q"], repo, env)
+    (repo / TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / TEMPLATE, repo / TEMPLATE)
     run(["dvc", "config", "plots.html_template", str(ROOT / offline_plots.TEMPLATE)], repo, env)
     for fold in FOLDS:
         path = repo / HISTORY.format(fold)
         path.parent.mkdir(parents=True)
         history(fold, 4, 0.0).to_csv(path, index=False)
+    stack(repo)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "histories"], repo, env)
     history(0, 6, 0.125).to_csv(repo / HISTORY.format(0), index=False)  # a longer, shifted curve
+    stack(repo)
     return repo, env
+
+
+def stack(repo: Path) -> None:
+    """Run the curves stage in `repo`, as `dvc repro curves` would."""
+    assert curves.main(["--params", str(repo / "params.yaml"), "--folds-dir", str(repo / "outputs/folds"),
+                        "--out", str(repo / CURVES)]) == 0
 
 
 def plots_json(repo: Path, env: dict, *command: str) -> dict:
@@ -120,23 +135,36 @@ def test_build_refuses_a_tarball_the_lock_or_registry_does_not_pin(tmp_path):
 
 
 def test_dvc_yaml_declares_learning_curves_for_every_fold(plots_repo):
+    """Issue 21.6: one plot per metric holds a line for every fold of `folds`, whatever they are."""
     repo, env = plots_repo
-    shown = plots_json(repo, env, "show")["data"]
+    done = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300, check=True)
+    shown = json.loads(done.stdout)
+    assert not [e for e in shown.get("errors") or [] if e.get("name") in ("val_mae", "train_loss")]
     for plot_id, column in (("val_mae", "val/mae"), ("train_loss", "train/loss")):
-        (plot,) = shown[plot_id]
+        (plot,) = shown["data"][plot_id]
         spec = plot["content"]
-        assert spec["encoding"]["x"]["field"] == "epoch"
+        assert spec["encoding"]["x"]["field"] == "epoch" and spec["encoding"]["color"]["field"] == "fold"
         rows = pd.DataFrame(spec["data"]["values"])
-        assert sorted(rows["filename"].unique()) == [f"{fold}/train/history.csv" for fold in FOLDS]
-        assert rows.groupby("filename").size().to_dict()["0/train/history.csv"] == 6  # the workspace file
+        assert sorted(rows["fold"].unique(), key=int) == [str(fold) for fold in FOLDS]
+        assert rows.groupby("fold").size().to_dict()["0"] == 6  # the workspace's history of fold 0
         assert column in rows.columns
+
+
+def test_the_curves_stage_names_every_fold_without_a_history(tmp_path):
+    history(0, 2, 0.0).to_csv(tmp_path / "history.csv", index=False)
+    (tmp_path / "0" / "train").mkdir(parents=True)
+    (tmp_path / "history.csv").rename(tmp_path / "0" / "train" / "history.csv")
+    assert curves.stack_histories(tmp_path, [0])["fold"].tolist() == ["0", "0"]
+    with pytest.raises(FileNotFoundError, match=r"folds` \[0, 5, 9\]; missing: .*5/train/history.csv, .*9/train"):
+        curves.stack_histories(tmp_path, [0, 5, 9])
 
 
 def test_plots_diff_compares_revisions_on_an_offline_page(plots_repo):
     repo, env = plots_repo
     (plot,) = plots_json(repo, env, "diff", "HEAD")["data"]["val_mae"]
     rows = pd.DataFrame(plot["content"]["data"]["values"])
-    fold0 = rows[rows["filename"] == "0/train/history.csv"]
+    fold0 = rows[rows["fold"] == "0"]
     assert fold0.groupby("rev").size().to_dict() == {"HEAD": 4, "workspace": 6}
 
     out = run(["dvc", "plots", "diff", "HEAD", "-o", "page"], repo, env)
@@ -163,7 +191,7 @@ def test_the_page_renders_with_no_network(plots_repo):
 
 WRITE_HISTORY = """\
 import pathlib, sys, yaml
-fold, scale = int(sys.argv[1]), yaml.safe_load(open("params.yaml"))["scale"]
+fold, scale = int(sys.argv[1]), yaml.safe_load(open("scale.yaml"))["scale"]
 out = pathlib.Path(f"outputs/folds/{fold}/train")
 out.mkdir(parents=True, exist_ok=True)
 rows = [f"{e},one_stage,{scale * 3 / e:.4f},{scale * (4 - e / 10) + fold / 10:.4f}" for e in range(1, 4)]
@@ -172,23 +200,35 @@ rows = [f"{e},one_stage,{scale * 3 / e:.4f},{scale * (4 - e / 10) + fold / 10:.4
 
 
 def test_plots_diff_compares_the_learning_curves_of_experiments(tmp_path):
-    """The project's plot definitions over a stand-in train@k (same persist folder): two real DVC experiments."""
+    """The project's curves stage and plots over a stand-in train@k (same persist folder): two real experiments."""
     repo, env = tmp_path / "repo", environment(tmp_path)
     repo.mkdir()
     project = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     stage = {"foreach": "${folds}", "do": {"cmd": "python write_history.py ${item}", "deps": ["write_history.py"],
-                                           "params": ["scale"],
+                                           "params": [{"scale.yaml": ["scale"]}],
                                            "outs": [{"outputs/folds/${item}/train": {"persist": True}}]}}
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}, "plots": project["plots"]}))
-    (repo / "params.yaml").write_text(yaml.safe_dump({"folds": FOLDS[:2], "scale": 1.0}))
+    curves_stage = {**project["stages"]["curves"], "deps": ["outputs/folds"]}  # the code runs from ROOT
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage, "curves": curves_stage},
+                                                   "plots": project["plots"]}))
+    (repo / "params.yaml").write_text(yaml.safe_dump({"folds": [0, 7], "split": {"n_folds": 8}}))
+    (repo / "scale.yaml").write_text(yaml.safe_dump({"scale": 1.0}))  # not an l2rclip param: a file of its own
     (repo / "write_history.py").write_text(WRITE_HISTORY)
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"], ["git", "add", "-A"],
-                    ["git", "commit", "-qm", "baseline"], ["dvc", "exp", "run", "-n", "slower", "-S", "scale=1.5"],
-                    ["dvc", "exp", "run", "-n", "faster", "-S", "scale=0.5"]):
+    env = {**env, "PYTHONPATH": str(ROOT)}
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        run(command, repo, env)
+    (repo / TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / TEMPLATE, repo / TEMPLATE)
+    shutil.copy(ROOT / ".dvcignore", repo / ".dvcignore")
+    run(["dvc", "repro", "-q"], repo, env)
+    (repo / "outputs/folds/0/train.lock").write_text("12345\n")  # a stage's lock beside its output (its PID)
+    assert json.loads(run(["dvc", "status", "--json"], repo, env).strip().splitlines()[-1]) == {}
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
+                    ["dvc", "exp", "run", "-n", "slower", "-S", "scale.yaml:scale=1.5"],
+                    ["dvc", "exp", "run", "-n", "faster", "-S", "scale.yaml:scale=0.5"]):
         run(command, repo, env)
     (plot,) = plots_json(repo, env, "diff", "slower", "faster")["data"]["val_mae"]
     rows = pd.DataFrame(plot["content"]["data"]["values"])
     assert sorted(rows["rev"].unique()) == ["faster", "slower"]
-    assert set(rows["filename"]) == {f"{fold}/train/history.csv" for fold in FOLDS[:2]}
-    first = rows[(rows["epoch"] == "1") & (rows["filename"] == "0/train/history.csv")].set_index("rev")["val/mae"]
+    assert set(rows["fold"]) == {"0", "7"}
+    first = rows[(rows["epoch"] == "1") & (rows["fold"] == "0")].set_index("rev")["val/mae"]
     assert first.to_dict() == {"slower": "5.8500", "faster": "1.9500"}  # each experiment's own curve

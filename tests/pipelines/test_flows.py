@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -47,17 +48,17 @@ from l2rclip.models.checkpoint import save_model
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.ranks import RankSpace
 from l2rclip.serving.predictor import Predictor
-from l2rclip.serving.registry import HOLDOUT_SPEC_TAG, champion, register
+from l2rclip.serving.registry import HOLDOUT_SPEC_TAG, RANKS_TAG, champion, register
 from l2rclip.tracking.provenance import data_version, fingerprint
 from l2rclip.tracking.runs import Tracker
 from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand, publish_comparison
-from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock
+from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock, lease_file
 from pipelines.common import DvcError, is_transient
 from pipelines.deploy import DEFAULT_CRON, DEFAULT_NAME, deploy_to_pool, retrain_deployment
 from pipelines.fanout import CLONE_ENV, experiment_deployment
 from pipelines.flow_run import TEMPORARY_SERVER, api_target
 from pipelines.pipeline import pipeline
-from pipelines.retrain import decide, retrain
+from pipelines.retrain import ACCEPTED, NOT_COMPARED, RANK_CHANGE_TAG, decide, decision_markdown, retrain
 from pipelines.settings import QUIET_DEFAULTS
 
 BIN = Path(sys.executable).parent
@@ -300,6 +301,68 @@ def test_a_second_flow_in_the_same_checkout_waits_for_the_servers_concurrency_li
     assert checkout_limit_name(same) != checkout_limit_name(other)
 
 
+def test_a_killed_holders_server_slot_is_released_at_once_not_after_its_lease(harness, tmp_path):
+    """Issue 21.8: the next flow need not wait out the lease of a flow that was killed (kill -9)."""
+    same = tmp_path / "same"
+    (same / ".dvc").mkdir(parents=True)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(same)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert json.loads(lease_file(same).read_text())["pid"] == holder.pid
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+        with get_client(sync_client=True) as client:  # the killed holder's slot is still taken on the server
+            assert client.read_global_concurrency_limit_by_name(checkout_limit_name(same)).active_slots == 1
+        began = time.monotonic()
+        with checkout_lock(same, timeout_s=20, poll_s=0.2):
+            waited = time.monotonic() - began
+            assert json.loads(lease_file(same).read_text())["pid"] == os.getpid()
+        assert waited < 10 and not lease_file(same).exists()
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(checkout_limit_name(same)).active_slots == 0
+    finally:
+        stop(holder)
+
+
+def test_the_folds_flow_holds_the_checkout_tags_its_commit_and_publishes_its_summary(harness, tmp_path,
+                                                                                      monkeypatch):
+    """Issue 21.7: pipelines.folds takes the checkout lock, the commit tag and a result artifact, as the others."""
+    import pipelines.folds as folds_module
+
+    repo = dvc_project(tmp_path / "repo", {"noop": {"cmd": "true"}})
+    (repo / "params.yaml").write_text("folds: [0, 1]\n")
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "init"], repo, env={**os.environ, **GIT_IDENTITY})
+    held_elsewhere = []
+
+    def fan_out(root, runs, pool, uri, remote):
+        def other_flow():  # another thread is another flow: the lock is re-entrant only in its own thread
+            try:
+                with checkout_lock(root, timeout_s=0):
+                    held_elsewhere.append(False)
+            except CheckoutBusyError:
+                held_elsewhere.append(True)
+        thread = threading.Thread(target=other_flow)
+        thread.start()
+        thread.join()
+        return [{"name": name, "completed": True, "state": "COMPLETED", "message": ""} for name, _ in runs]
+
+    def report(mae):
+        return {"summary": {"test/mae": {"mean": mae, "std": 0.0, "folds": [mae]}, "is_clip": False}}
+    monkeypatch.setattr(folds_module, "fan_out", fan_out)
+    monkeypatch.setattr(folds_module, "collect", lambda root: {"x-fold0": report(1.0), "x-fold1": report(2.0)})
+    monkeypatch.setattr(folds_module, "tag_experiment_commits", lambda root, uri: 0)
+    result, run_id = run_flow(folds_module.folds, "pool", "x", repo=str(repo))
+    assert held_elsewhere == [True]
+    assert result["summary"]["test/mae"]["folds"] == [1.0, 2.0]
+    commit = sh(["git", "rev-parse", "HEAD"], repo).strip()
+    assert {f"git:{commit[:12]}", "dvc-exp:x-fold0", "dvc-exp:x-fold1"} <= set(tags_of(run_id))
+    artifact = artifacts_of(run_id)["folds-summary"]
+    assert artifact.type == "markdown" and "| test/mae | 1.5000 +- 0.7071 | 1.0000 | 2.0000 |" in artifact.data
+
+
 # --- the pipeline flow: retries ------------------------------------------------------------------------
 
 FLAKY_STAGE = """\
@@ -349,14 +412,14 @@ def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(ha
 
 # --- the retrain flow: a real register stage and registry ---------------------------------------------
 
-def tiny_model(folder: Path, seed: int) -> Path:
-    """A random L2RCLIP-Tiny over counts 1..10; a large logit scale makes it confident (E[value] ~ argmax)."""
+def tiny_model(folder: Path, seed: int, top: int = 10) -> Path:
+    """A random L2RCLIP-Tiny over counts 1..top; a large logit scale makes it confident (E[value] ~ argmax)."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(TINY_ARCH, "none")
     config = ModelConfig(arch=TINY_ARCH, pretrained="none", prompt=PromptConfig(context_init="the number of"))
-    space = RankSpace(list(range(1, 11)))
+    space = RankSpace(list(range(1, top + 1)))
     model = build_l2rclip(backbone, space, config)
     model.logit_scale.fill_(math.log(1000.0))
     return save_model(model, folder, config, space, extra={"is_clip": False, "epoch": 1})
@@ -464,6 +527,35 @@ def test_retrain_refuses_to_compare_models_made_under_different_holdouts(harness
     result = retrain(str(repo))
     assert (result["decision"], result["champion"]) == ("kept_champion", "1") and "scores" not in result
     assert "another promotion holdout" in result["reason"] and "salt=another-salt" in result["reason"]
+
+
+def test_retrain_does_not_compare_a_version_with_another_rank_set_unless_accepted(harness, retrain_repo, env):
+    """Issue 21.9: ranks 1..10 -> 1..9 change the contract: refused, compared on shared ranks with the flag."""
+    repo, _ = retrain_repo
+    client = MlflowClient(env)
+    client.delete_model_version_tag("l2rclip-demo", "1", RANKS_TAG)  # a champion registered before the tag existed
+    shutil.rmtree(repo / "outputs/folds/0/train/best")
+    tiny_model(repo / "outputs/folds/0/train/best", seed=2, top=9)  # the new training dropped rank 10
+    holdout = pd.read_csv(repo / "outputs/prepare/holdout.csv")
+    labels = holdout.index % 10 + 1  # every rank, 10 included (the random models may predict one rank only)
+    holdout.assign(label=labels, rank=labels - 1, value=labels.astype(float)).to_csv(
+        repo / "outputs/prepare/holdout.csv", index=False)
+    refused = retrain(str(repo))
+    assert (refused["version"], refused["decision"], refused["champion"]) == ("2", "kept_champion", "1")
+    assert "scores" not in refused and not refused["rank_change"]["accepted"]
+    assert "the rank set changed from 1 .. 10 (10 ranks) to 1 .. 9 (9 ranks) (dropped 10)" in refused["reason"]
+    assert "--accept-rank-change" in refused["reason"]
+    assert client.get_model_version("l2rclip-demo", "2").tags[RANK_CHANGE_TAG].endswith(NOT_COMPARED)
+
+    accepted = retrain(str(repo), accept_rank_change=True)  # the refused version is decided again
+    shared = (pd.read_csv(repo / "outputs/prepare/holdout.csv")["label"] != 10).sum()
+    assert not accepted["decided_earlier"] and set(accepted["scores"]) == {"new", "champion"}
+    assert accepted["rank_change"]["shared_ranks"] == list(range(1, 10))
+    assert f"{ACCEPTED}: compared on the {shared} holdout images of the 9 ranks both share" in accepted["reason"]
+    tags = client.get_model_version("l2rclip-demo", "2").tags
+    assert tags[RANK_CHANGE_TAG].endswith(ACCEPTED) and tags["l2rclip.decision_reason"] == accepted["reason"]
+    assert f"- rank set: {accepted['rank_change']['change']}; {ACCEPTED}" in decision_markdown(accepted, 0.0,
+                                                                                              "test/mae")
 
 
 def test_retrain_of_another_dataset_starts_its_own_lineage(harness, retrain_repo, env):

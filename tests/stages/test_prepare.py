@@ -106,6 +106,38 @@ def test_main_writes_outputs_and_reports_errors_without_a_traceback(tmp_path, ca
     assert "'split.n_folds': expected a value >= 2, found 1" in capsys.readouterr().err
 
 
+def test_prepare_never_rewrites_a_demo_set_made_with_other_settings(tmp_path, capsys):
+    """Issue 21.1: only the `demo` stage writes data/demo; a side prepare with another seed refuses."""
+    root = tmp_path / "demo"
+    prepare(from_dict(Params, demo_params(root)), tmp_path / "first")  # an empty folder: first use generates it
+    before = checksums(root)
+    params_file = tmp_path / "other.yaml"
+    params_file.write_text(yaml.safe_dump({**demo_params(root), "seed": 7}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--params", str(params_file), "--out", str(tmp_path / "elsewhere")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "seed=7, n_per_rank=6, image_size=48; found settings seed=0" in err and "dvc repro demo" in err
+    assert checksums(root) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_prepare_reports_an_unwritable_demo_folder_in_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 21.1: a read-only copy (simulated: root bypasses file modes) gives one line, no OSError traceback."""
+    import l2rclip.data.sources.demo as demo_module
+
+    def read_only(root, **_):
+        raise OSError(30, "Read-only file system", str(root / "images"))
+
+    monkeypatch.setattr(demo_module, "generate_demo", read_only)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(demo_params(tmp_path / "demo")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--params", str(params_file), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"cannot generate the demo set in {tmp_path / 'demo'}: Read-only file system" in err
+
+
 def own_faces(root: Path) -> Path:
     """A user's own set as a CSV list: 24 noise images of 8 people aged 16..27, ranks not yet set."""
     root.mkdir(parents=True)

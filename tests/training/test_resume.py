@@ -40,6 +40,14 @@ def test_identity_names_what_differs():
     assert "older l2rclip" in identity_difference(None, base)
 
 
+def test_identity_difference_does_not_name_unchanged_list_params():
+    """Issue 21.10: a saved identity has been through JSON; tuples equal to its lists are not changes."""
+    params = {"folds": (0, 1, 2), "model.probe_c": (0.1, 1.0), "conformal.alpha": (0.1, 0.2), "train.epochs": 2}
+    saved = json.loads(json.dumps(run_identity(params, 0, "v1")))
+    current = run_identity({**params, "train.epochs": 3}, 0, "v1")
+    assert identity_difference(saved, current) == "params train.epochs"
+
+
 def test_a_corrupt_last_state_is_moved_aside_and_training_starts_fresh(fold_inputs, tmp_path, caplog):
     params, prepared = fold_inputs
     out = tmp_path / "folds/0/train"
