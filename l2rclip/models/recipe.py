@@ -236,7 +236,8 @@ def check_model_config(recipe: BackboneRecipe, where: str) -> None:
         keys = sorted(k for k in set(installed) | set(stored) if installed.get(k) != stored.get(k))
         raise RecipeError(f"{where}: the model was saved with open_clip {recipe.open_clip_version}'s "
                           f"{recipe.arch} config, which the installed open_clip {open_clip.__version__} defines "
-                          f"differently (keys {keys}); install open_clip_torch=={recipe.open_clip_version}")
+                          f"differently (keys {keys}); install open_clip_torch=={recipe.open_clip_version} "
+                          "and the l2rclip that saved it (its architecture configs)")
 
 
 def _register_config(arch: str, model_cfg: dict[str, Any]) -> None:
