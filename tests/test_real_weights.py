@@ -9,6 +9,7 @@ code before the backbone recipe too (where it fails: GELU rebuilt, OpenAI mean/s
 """
 
 import base64
+import json
 import warnings
 
 import mlflow
@@ -67,6 +68,7 @@ def run_pipeline(arch: str, tag: str, root, monkeypatch, image_size: int = 64, n
     monkeypatch.setattr(training_loop, "save_model", save_spy)
     train_stage.train_fold(params, 0, root / "prepared", root / "train", root / "store")
     model_dir = root / "train" / "best"
+    summary = json.loads((root / "train" / "summary.json").read_text())
 
     outputs = evaluate_stage.split_outputs
     monkeypatch.setattr(evaluate_stage, "split_outputs",
@@ -88,7 +90,7 @@ def run_pipeline(arch: str, tag: str, root, monkeypatch, image_size: int = 64, n
             return model(torch.stack([transform(im) for im in images]))["logits"].double().numpy()
 
     loaded, meta = load_model(model_dir)
-    result = {"logits": logits.numpy(), "probs": probs,
+    result = {"summary": summary, "logits": logits.numpy(), "probs": probs,
               "evaluate probs": captured["evaluate"][0],
               "load_model logits": logits_of(loaded, meta["preprocess"])}
 
@@ -117,7 +119,7 @@ def check_every_consumer(result: dict) -> dict[str, float]:
     """Max abs difference of each consumer to the trained model (logits, or probabilities of the logits)."""
     diffs = {}
     for name, value in result.items():
-        if name not in ("logits", "probs"):
+        if name not in ("logits", "probs", "summary"):
             reference = result["logits"] if "logits" in name else result["probs"]
             diffs[name] = float(np.abs(np.asarray(value, dtype=float) - reference).max())
     print(diffs)
@@ -126,11 +128,15 @@ def check_every_consumer(result: dict) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("tag", ["sim_quickgelu", "sim_laion"])
-def test_every_consumer_computes_what_training_computed(tag, tiny_tags, tmp_path, monkeypatch):
+def test_every_consumer_computes_what_training_computed(tag, tiny_tags, tmp_path, monkeypatch, capsys):
     arch, _ = tiny_tags
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        check_every_consumer(run_pipeline(arch, tag, tmp_path, monkeypatch))
+        result = run_pipeline(arch, tag, tmp_path, monkeypatch)
+    check_every_consumer(result)
+    device = result["summary"]["device"]  # the device is recorded with the fold
+    assert device["device"] == "cpu" and device["autocast"] == "off" and device["torch"] == torch.__version__
+    assert "train fold 0: device cpu (no GPU), float32 weights, autocast off" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ from l2rclip.models.checkpoint import (
 from l2rclip.models.factory import build_l2rclip, planned_recipe
 from l2rclip.models.recipe import BackboneRecipe, RecipeError, resolve_recipe
 from l2rclip.ranks import RankSpace
+from l2rclip.runtime import describe_device, device_report
 from l2rclip.training.features import cached_image_features
 
 
@@ -242,3 +243,10 @@ def test_the_feature_cache_key_holds_the_activation(tmp_path):
     model.recipe = dataclasses.replace(model.recipe, quick_gelu=not model.recipe.quick_gelu)
     cached_image_features(model, *args)
     assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 2
+
+
+def test_the_device_report_says_what_auto_resolved_to():
+    report = device_report(torch.device("cpu"), amp=True)
+    assert report["device"] == "cpu" and report["autocast"] == "off" and report["gpu"] == "none"
+    assert report["torch"] == torch.__version__ and report["cuda"] == (torch.version.cuda or "none")
+    assert describe_device(report).startswith("device cpu (no GPU), float32 weights, autocast off")
