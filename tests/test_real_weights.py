@@ -140,6 +140,7 @@ def test_every_consumer_computes_what_training_computed(tag, tiny_tags, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ViT-B-16 on CPU: train, evaluate, predict and serve 40 test images
 def test_the_papers_backbone_vit_b16_openai(simulated_hub, tmp_path, monkeypatch):
     simulated_hub.add("ViT-B-16", "openai")
     with warnings.catch_warnings():
