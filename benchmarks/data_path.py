@@ -41,6 +41,7 @@ from l2rclip.data.sources import load_source
 from l2rclip.data.store import ImageStore, spec_for, write_store
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.factory import build_l2rclip
+from l2rclip.models.recipe import resolve_recipe
 from l2rclip.ranks import RankSpace
 from l2rclip.training.loop import FoldData, StoreBatches, fit
 from l2rclip.training.resume import TrainState
@@ -56,7 +57,7 @@ def fgnet_table(root: Path) -> tuple[pd.DataFrame, RankSpace]:
 
 def build_store(table: pd.DataFrame, root: Path, arch: str, folder: Path) -> tuple[ImageStore, float]:
     tick = time.perf_counter()
-    write_store(sorted(table["path"]), root, spec_for(arch, "none", 0.0), folder)
+    write_store(sorted(table["path"]), root, spec_for(resolve_recipe(arch, "none"), 0.0), folder)
     return ImageStore(folder), time.perf_counter() - tick
 
 

@@ -6,7 +6,9 @@ another layer for them.
 
 from __future__ import annotations
 
+import platform
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +33,42 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The mixed-precision dtype `autocast` uses: bfloat16 (or float16 where unsupported) on CUDA, else None."""
+    if device.type != "cuda" or not enabled:
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast(device: torch.device, enabled: bool):
     """Mixed precision on CUDA (bfloat16 where supported), a no-op context elsewhere."""
-    if device.type != "cuda" or not enabled:
+    dtype = autocast_dtype(device, enabled)
+    if dtype is None:
         return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def device_report(device: torch.device, amp: bool) -> dict[str, Any]:
+    """What a run computes on, for its record: `train.device: auto` alone does not say.
+
+    Keys: `device` (resolved, e.g. `cuda:0`, `cpu`), `dtype` (the weights' float32), `autocast`
+    (the mixed-precision dtype, or `off`), `torch`, `cuda` (torch's CUDA build, or `none`),
+    `gpu` (the device's name, or `none`), `cpu_threads` (torch's intra-op threads), `python`.
+    """
+    gpu = "none"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        device = torch.device("cuda", index)
+        gpu = torch.cuda.get_device_name(index)
+    dtype = autocast_dtype(device, amp)
+    autocast_name = str(dtype).removeprefix("torch.") if dtype else "off"
+    return {"device": str(device), "dtype": "float32", "autocast": autocast_name, "torch": torch.__version__,
+            "cuda": torch.version.cuda or "none", "gpu": gpu, "cpu_threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def describe_device(report: dict[str, Any]) -> str:
+    """One line of a `device_report` for logs and stdout."""
+    return (f"device {report['device']} ({report['gpu'] if report['gpu'] != 'none' else 'no GPU'}), "
+            f"{report['dtype']} weights, autocast {report['autocast']}, torch {report['torch']}, "
+            f"CUDA {report['cuda']}, {report['cpu_threads']} CPU threads")

@@ -28,3 +28,26 @@ def shared_data() -> Path:
 def logged(tmp_path_factory) -> dict:
     """A tiny model logged as a pyfunc in a fresh SQLite store, with a few demo images and its predictions."""
     return log_tiny_pyfunc(tmp_path_factory)
+
+
+@pytest.fixture
+def simulated_hub(tmp_path_factory, monkeypatch):
+    """A simulated connected user: a private, offline Hugging Face cache (see tests/simulated_hub.py).
+
+    `simulated_hub.add(arch, tag)` puts random weights where open_clip looks for the tag's.
+    """
+    from support.simulated_hub import install
+
+    return install(tmp_path_factory.mktemp("hf_home"), monkeypatch)
+
+
+@pytest.fixture
+def tiny_tags(simulated_hub, tmp_path_factory, monkeypatch):
+    """A tiny GELU architecture with two registered tags whose weights are in the simulated cache:
+    `sim_quickgelu` (trained with QuickGELU) and `sim_laion` (mean/std 0.5, bilinear)."""
+    from support.simulated_hub import TINY_GELU_ARCH, register_tiny_tags
+
+    tags = register_tiny_tags(tmp_path_factory.mktemp("arch"), monkeypatch)
+    for seed, tag in enumerate(tags):
+        simulated_hub.add(TINY_GELU_ARCH, tag, seed=seed)
+    return TINY_GELU_ARCH, tags

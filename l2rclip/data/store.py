@@ -3,12 +3,14 @@
 Decoding and resizing a JPEG costs a CPU core about 5 ms; a GPU trains on an image in well under
 1 ms. So the `preprocess` stage decodes every image of the prepared set once, with the same
 `load_rgb` as validation (EXIF orientation, modes, the bomb limit), applies the *geometric part* of
-the backbone's own evaluation transform (open_clip's resize of the shorter side + centre crop, with
-its interpolation) at side `S = round(image_size * (1 + margin))`, and writes the pixels as uint8.
+the backbone's own evaluation transform (open_clip's resize (shortest side, longest side or squash,
+as the backbone recipe's `resize_mode` says) + centre crop or pad, with its interpolation) at side
+`S = round(image_size * (1 + margin))`, and writes the pixels as uint8. The preprocessing is the
+backbone recipe's (`l2rclip.models.recipe`): the one the trained model stores and is checked against.
 
 Layout of the store folder (a DVC output):
     store.json           the spec (`StoreSpec`: model input size, stored side, interpolation,
-                         resize mode, mean, std, arch) and the shard list.
+                         resize mode, mean, std, fill, arch), the backbone recipe and the shard list.
     index.csv            path, shard, row: where each image of `images.csv` lies.
     shard_00000.npy ...  uint8 arrays (n, S, S, 3), at most `shard_size` images each, read
                          memory-mapped, so a worker touches only the pages of its batch.
@@ -30,17 +32,20 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import open_clip
 import pandas as pd
 import torch
-from open_clip.transform import PreprocessCfg
+from open_clip.transform import MaybeConvertMode, MaybeToTensor
 from torch.utils.data import Dataset
-from torchvision.transforms import CenterCrop, Compose
+from torchvision.transforms import Compose
 
 from l2rclip.data.validate import load_rgb
+
+if TYPE_CHECKING:
+    from l2rclip.models.recipe import BackboneRecipe
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ class StoreError(ValueError):
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """What the stored pixels are: the backbone's preprocessing config and the stored side."""
+    """What the stored pixels are: the backbone recipe's preprocessing and the stored side."""
 
     arch: str
     image_size: int          # the model's input side
@@ -62,67 +67,46 @@ class StoreSpec:
     resize_mode: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    fill_color: int = 0      # padding of resize_mode `longest` (absent from stores made before it was kept)
 
     def matches(self, other: StoreSpec) -> bool:
         """Same pixels: everything but the arch name (two archs may share a preprocessing)."""
         return {**asdict(self), "arch": None} == {**asdict(other), "arch": None}
 
 
-def spec_for(arch: str, pretrained: str | None, margin: float) -> StoreSpec:
-    """The preprocessing open_clip gives `arch` with `pretrained`, read from configs (no weights loaded)."""
-    from l2rclip.models.backbone import register_builtin_configs  # torch-heavy: only when a spec is made
-
-    register_builtin_configs()
-    config = open_clip.get_model_config(arch)
-    if config is None:
-        raise StoreError(f"model.arch: unknown open_clip architecture {arch!r}")
-    merged = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {})}
-    tag = _tag_config(arch, pretrained)
-    if tag:
-        merged.update({k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag})
-    size = config["vision_cfg"]["image_size"]
-    if isinstance(size, (list, tuple)):
-        if size[0] != size[1]:
-            raise StoreError(f"{arch}: non-square input {size} is not supported by the image store")
-        size = size[0]
+def spec_for(recipe: BackboneRecipe, margin: float) -> StoreSpec:
+    """The store spec of a backbone recipe's preprocessing, stored with `margin` around the input."""
+    pre = recipe.preprocess
+    height, width = pre.size
+    if height != width:
+        raise StoreError(f"{recipe.arch}: non-square input {pre.size} is not supported by the image store; "
+                         "set preprocess.enabled: false")
     if margin < 0:
         raise StoreError(f"preprocess.margin: expected >= 0, found {margin}")
-    return StoreSpec(arch=arch, image_size=int(size), side=round(size * (1 + margin)),
-                     interpolation=merged["interpolation"], resize_mode=merged["resize_mode"],
-                     mean=tuple(merged["mean"]), std=tuple(merged["std"]))
-
-
-def _tag_config(arch: str, pretrained: str | None) -> dict[str, Any]:
-    """open_clip's config of a weights tag ({} for `none` or a local file, which use the defaults)."""
-    if pretrained is None or str(pretrained).lower() in ("", "none", "null") or os.path.isfile(pretrained):
-        return {}
-    return open_clip.get_pretrained_cfg(arch, str(pretrained)) or {}
-
-
-def model_spec(model: torch.nn.Module, arch: str, margin: float) -> StoreSpec:
-    """The spec of a loaded open_clip model (what its own transforms do), to check a store against."""
-    cfg = {**asdict(PreprocessCfg()), **open_clip.get_model_preprocess_cfg(model)}
-    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
-    return StoreSpec(arch=arch, image_size=int(size), side=round(size * (1 + margin)),
-                     interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"],
-                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return StoreSpec(arch=recipe.arch, image_size=int(height), side=round(height * (1 + margin)),
+                     interpolation=pre.interpolation, resize_mode=pre.resize_mode,
+                     mean=tuple(pre.mean), std=tuple(pre.std), fill_color=pre.fill_color)
 
 
 def geometric_transform(spec: StoreSpec) -> Compose:
-    """open_clip's evaluation transform at the stored side, up to (not including) ToTensor."""
+    """open_clip's evaluation transform at the stored side, up to (not including) the tensor conversion."""
     full = open_clip.image_transform(spec.side, is_train=False, mean=spec.mean, std=spec.std,
-                                     resize_mode=spec.resize_mode, interpolation=spec.interpolation)
+                                     resize_mode=spec.resize_mode, interpolation=spec.interpolation,
+                                     fill_color=spec.fill_color)
     steps = []
     for step in full.transforms:
-        steps.append(step)
-        if isinstance(step, CenterCrop):
+        if isinstance(step, (MaybeConvertMode, MaybeToTensor)):
             return Compose(steps)
-    raise StoreError(f"open_clip's evaluation transform has no centre crop: {full}")
+        steps.append(step)
+    raise StoreError(f"open_clip's evaluation transform has no tensor conversion: {full}")
 
 
 def write_store(paths: Sequence[str], root: str | Path, spec: StoreSpec, out_dir: Path,
-                shard_size: int = 4096, workers: int | None = None) -> dict[str, Any]:
+                shard_size: int = 4096, workers: int | None = None,
+                recipe: BackboneRecipe | None = None) -> dict[str, Any]:
     """Decode `paths` (relative to `root`) once into a store at `out_dir`; returns store.json's content.
+
+    `recipe`, the backbone recipe the spec came from, is recorded in store.json for the reader.
 
     Decoding runs on `workers` threads (PIL releases the GIL); shards are written in path order,
     so the same inputs give byte-identical files.
@@ -155,7 +139,8 @@ def write_store(paths: Sequence[str], root: str | Path, spec: StoreSpec, out_dir
             log.info("preprocess: %d / %d images", start + len(chunk), len(paths))
     pd.DataFrame(index, columns=["path", "shard", "row"]).to_csv(out_dir / INDEX_FILE, index=False,
                                                                  lineterminator="\n")
-    content = {"spec": asdict(spec), "shards": shards, "images": len(paths)}
+    content = {"spec": asdict(spec), "shards": shards, "images": len(paths),
+               **({"recipe": recipe.to_dict()} if recipe is not None else {})}
     (out_dir / SPEC_FILE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
     return content
 
@@ -172,6 +157,7 @@ class ImageStore:
         content = json.loads(spec_file.read_text(encoding="utf-8"))
         spec = content["spec"]
         self.spec = StoreSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+        self.recipe = content.get("recipe")
         self.shard_files = [self.folder / s["file"] for s in content["shards"]]
         index = pd.read_csv(self.folder / INDEX_FILE, dtype={"path": str}, keep_default_na=False)
         self.location = dict(zip(index["path"], zip(index["shard"], index["row"], strict=True), strict=True))
@@ -181,7 +167,8 @@ class ImageStore:
         """Fail unless the stored pixels are what a model with `expected` preprocessing needs."""
         if not self.spec.matches(expected):
             raise StoreError(f"the image store {self.folder} was made for {asdict(self.spec)}, but the model "
-                             f"needs {asdict(expected)}; run `dvc repro preprocess`")
+                             f"needs {asdict(expected)}; run `dvc repro preprocess` (with --force when params "
+                             "did not change, e.g. CLIP weights became available after a fallback run)")
 
     def rows(self, paths: Sequence[str]) -> list[tuple[int, int]]:
         """(shard, row) of each path; a path the store lacks is an error naming it."""
@@ -208,8 +195,8 @@ class ImageStore:
         return self._shards[number]
 
 
-def open_store(folder: Path | None, model: torch.nn.Module, arch: str, margin: float) -> ImageStore | None:
-    """The store at `folder` checked against `model`'s preprocessing; None: read the image files.
+def open_store(folder: Path | None, recipe: BackboneRecipe, margin: float) -> ImageStore | None:
+    """The store at `folder` checked against the backbone recipe's preprocessing; None: read the image files.
 
     None when `folder` is None (library use) or the preprocess stage ran with `enabled: false`.
     """
@@ -219,7 +206,7 @@ def open_store(folder: Path | None, model: torch.nn.Module, arch: str, margin: f
     if spec_file.is_file() and json.loads(spec_file.read_text(encoding="utf-8")).get("enabled") is False:
         return None
     store = ImageStore(folder)
-    store.check(model_spec(model, arch, margin))
+    store.check(spec_for(recipe, margin))
     return store
 
 

@@ -7,6 +7,10 @@
 - a path to a local weights file (`.bin`, `.pt`, `.safetensors`);
 - `none`: random initialisation. Useful for pipeline checks and tests, and loudly *not CLIP*.
 
+What network and preprocessing that gives is the backbone's recipe (`l2rclip.models.recipe`):
+`load_backbone` resolves it and builds it with the weights; a saved model stores it, and
+`build_backbone(recipe, load_weights=False)` rebuilds exactly it for the saved weights.
+
 The text tower and the logit scale are always frozen (L2RCLIP tunes prompts, not the text encoder).
 """
 
@@ -17,7 +21,6 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,9 +30,14 @@ import torch
 from open_clip.factory import load_state_dict
 from torch import nn
 
+from l2rclip.models.recipe import TINY_ARCH, BackboneRecipe, register_builtin_configs, resolve_recipe, tag_config
+
+__all__ = ["TINY_ARCH", "Backbone", "WeightsFileError", "WeightsUnavailableError", "build_backbone",
+           "create_clip", "freeze_text_tower", "load_backbone", "register_builtin_configs",
+           "weights_unavailable_reason"]
+
 log = logging.getLogger(__name__)
 
-TINY_ARCH = "L2RCLIP-Tiny"
 _HF_HOST = "huggingface.co"
 _PROBE_TIMEOUT_S = 3.0
 
@@ -44,73 +52,98 @@ class WeightsFileError(ValueError):
 
 @dataclass
 class Backbone:
-    """An open_clip CLIP model with its preprocessing and tokenizer.
+    """An open_clip CLIP model with its preprocessing, tokenizer and recipe.
 
     Attributes:
         model: the open_clip CLIP (text tower and logit scale frozen).
         preprocess_train: training transform (augmenting).
         preprocess_eval: evaluation transform (resize + centre crop).
         tokenizer: the architecture's tokenizer.
-        arch: architecture name; pretrained: the weights source as given.
-        is_clip: False when the weights are random (`pretrained: none`).
+        recipe: what network and preprocessing this is (`l2rclip.models.recipe`).
     """
 
     model: nn.Module
     preprocess_train: Any
     preprocess_eval: Any
     tokenizer: Any
-    arch: str
-    pretrained: str
-    is_clip: bool
+    recipe: BackboneRecipe
 
+    @property
+    def arch(self) -> str:
+        """The open_clip architecture name."""
+        return self.recipe.arch
 
-def register_builtin_configs() -> None:
-    """Make the package's own architecture configs (the tiny test model) known to open_clip."""
-    if TINY_ARCH not in open_clip.list_models():
-        config_dir = resources.files("l2rclip.models") / "configs"
-        open_clip.add_model_config(Path(str(config_dir)))
+    @property
+    def is_clip(self) -> bool:
+        """False when the weights are random (`pretrained: none`)."""
+        return self.recipe.is_clip
 
 
 def load_backbone(arch: str, pretrained: str | None, device: str | torch.device = "cpu") -> Backbone:
     """Create the CLIP model and transforms for `arch` with weights from `pretrained`.
 
     Raises:
-        ValueError: unknown architecture or a `pretrained` that is neither tag, file nor `none`.
+        ValueError (RecipeError): unknown architecture or a `pretrained` that is neither tag, file nor `none`.
         WeightsFileError: a local file that cannot be read as weights, or holds another
             architecture's (one line: the file, what was expected, what was found).
         WeightsUnavailableError: a tag whose weights are not cached and cannot be downloaded.
     """
-    register_builtin_configs()
-    if arch not in open_clip.list_models():
-        raise ValueError(f"model.arch: unknown open_clip architecture {arch!r}; "
-                         f"expected one of open_clip.list_models() (e.g. ViT-B-16, ViT-B-32, {TINY_ARCH})")
-    source = _resolve_weights(arch, pretrained)
-    quick_gelu = bool(source.get("quick_gelu", False))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
-        try:
-            model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-                arch, pretrained=source.get("path"), force_quick_gelu=quick_gelu, device=device)
-        except Exception as error:  # noqa: BLE001 - torch, safetensors and open_clip raise many types
-            if not source.get("file"):
-                raise
-            raise WeightsFileError(_weights_file_problem(arch, source["path"], error)) from None
-    if source["path"] is None:
+    recipe = resolve_recipe(arch, pretrained)
+    if reason := weights_unavailable_reason(recipe):
+        raise WeightsUnavailableError(reason)
+    backbone = build_backbone(recipe, device, load_weights=True)
+    if not recipe.is_clip:
         warnings.warn(f"model.pretrained is 'none': {arch} is randomly initialised. This is NOT CLIP; "
                       "results measure the pipeline, not the method.", UserWarning, stacklevel=2)
+    return backbone
+
+
+def build_backbone(recipe: BackboneRecipe, device: str | torch.device = "cpu",
+                   load_weights: bool = True) -> Backbone:
+    """The backbone of `recipe`: its network, transforms and tokenizer, text tower frozen.
+
+    `load_weights` False builds the network with random weights, for a saved model whose own
+    weights replace them: nothing is read or downloaded, whatever the recipe's source.
+    """
+    model = create_clip(recipe, device, load_weights)
     freeze_text_tower(model)
-    return Backbone(model=model, preprocess_train=preprocess_train, preprocess_eval=preprocess_eval,
-                    tokenizer=open_clip.get_tokenizer(arch), arch=arch, pretrained=str(pretrained),
-                    is_clip=source["path"] is not None)
+    return Backbone(model=model, preprocess_train=recipe.preprocess.transform(is_train=True),
+                    preprocess_eval=recipe.preprocess.transform(is_train=False),
+                    tokenizer=open_clip.get_tokenizer(recipe.arch), recipe=recipe)
 
 
-def weights_unavailable_reason(arch: str, pretrained: str | None) -> str | None:
-    """Why the weights of `arch`/`pretrained` cannot be had here, or None when they can (cheap: no load)."""
-    register_builtin_configs()
+def create_clip(recipe: BackboneRecipe, device: str | torch.device = "cpu",
+                load_weights: bool = True) -> nn.Module:
+    """`open_clip.create_model` with the recipe's activation and preprocessing (and weights, if asked)."""
+    pretrained = recipe.weights_argument() if load_weights else None
     try:
-        _resolve_weights(arch, pretrained)
-    except WeightsUnavailableError as error:
-        return str(error)
+        return open_clip.create_model(recipe.arch, pretrained=pretrained, force_quick_gelu=recipe.quick_gelu,
+                                      force_preprocess_cfg=recipe.preprocess.open_clip_cfg(), device=device)
+    except Exception as error:  # noqa: BLE001 - torch, safetensors and open_clip raise many types
+        if pretrained is None or recipe.source != "file":
+            raise
+        raise WeightsFileError(_weights_file_problem(recipe.arch, pretrained, error)) from None
+
+
+def weights_unavailable_reason(recipe_or_arch: BackboneRecipe | str, pretrained: str | None = None) -> str | None:
+    """Why the recipe's weights cannot be had here, or None when they can (cheap: no load, no download).
+
+    Accepts a recipe, or `(arch, pretrained)` to resolve one (without hashing a weights file).
+    """
+    recipe = (recipe_or_arch if isinstance(recipe_or_arch, BackboneRecipe)
+              else resolve_recipe(recipe_or_arch, pretrained, hash_file=False))
+    if recipe.source != "tag":
+        return None
+    tag_cfg = tag_config(recipe.arch, recipe.pretrained)
+    if _tag_is_cached(tag_cfg):
+        return None
+    if tag_cfg.get("file"):
+        return (f"model.pretrained: the tag {recipe.pretrained!r} of {recipe.arch} names the local weights file "
+                f"{tag_cfg['file']}, which does not exist")
+    host = _HF_HOST if tag_cfg.get("hf_hub") else urlparse(tag_cfg.get("url", "")).hostname
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline or not _reachable(host):
+        return _offline_message(recipe.arch, recipe.pretrained, tag_cfg, offline)
     return None
 
 
@@ -130,25 +163,6 @@ def freeze_text_tower(model: nn.Module) -> None:
         params = [part] if isinstance(part, nn.Parameter) else part.parameters()
         for param in params:
             param.requires_grad_(False)
-
-
-def _resolve_weights(arch: str, pretrained: str | None) -> dict[str, Any]:
-    """Turn `pretrained` into {'path': tag-or-file-or-None, 'quick_gelu': bool}, failing fast offline."""
-    if pretrained is None or str(pretrained).lower() in ("", "none", "null"):
-        return {"path": None}
-    if os.path.isfile(pretrained):
-        return {"path": str(pretrained), "file": True}
-    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
-    if not tag_cfg:
-        tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise ValueError(f"model.pretrained: {pretrained!r} is neither a weights file nor a tag of {arch}; "
-                         f"expected a file path, 'none', or one of the tags {tags}")
-    if not _tag_is_cached(tag_cfg):
-        host = _HF_HOST if tag_cfg.get("hf_hub") else urlparse(tag_cfg.get("url", "")).hostname
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-        if offline or not _reachable(host):
-            raise WeightsUnavailableError(_offline_message(arch, pretrained, tag_cfg, offline))
-    return {"path": pretrained, "quick_gelu": tag_cfg.get("quick_gelu", False)}
 
 
 def _weights_file_problem(arch: str, path: str, error: Exception) -> str:
@@ -185,6 +199,8 @@ def _first_line(error: Exception) -> str:
 
 def _tag_is_cached(tag_cfg: dict[str, Any]) -> bool:
     """Whether open_clip would find the tag's weights without the network."""
+    if tag_cfg.get("file"):
+        return os.path.isfile(tag_cfg["file"])
     if tag_cfg.get("hf_hub"):
         from huggingface_hub import try_to_load_from_cache
         # Same convention as open_clip: "org/model/" means the default file names.

@@ -14,6 +14,7 @@ from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.models.prompts import RankPromptLearner
 from l2rclip.models.rankformer import RankFormer
+from l2rclip.models.recipe import BackboneRecipe, resolve_recipe
 from l2rclip.models.text_encoder import PromptTextEncoder
 from l2rclip.ranks import RankSpace
 
@@ -21,7 +22,11 @@ log = logging.getLogger(__name__)
 
 
 def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) -> L2RCLIP:
-    """Build the model: prompts initialised from the backbone's word embeddings, frozen text tower."""
+    """Build the model: prompts initialised from the backbone's word embeddings, frozen text tower.
+
+    The model carries the backbone's recipe (`model.recipe`), so that whatever saves it stores
+    the network it is, and whatever caches its features keys them by it.
+    """
     clip = backbone.model
     prompt_learner = RankPromptLearner(clip.token_embedding, backbone.tokenizer, rank_space.names,
                                        **dataclasses.asdict(config.prompt))
@@ -29,10 +34,12 @@ def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig
     rankformer = (RankFormer(len(rank_space), clip.token_embedding.weight.shape[1],
                              **{k: v for k, v in rankformer_options.items() if k != "enabled"})
                   if config.rankformer.enabled else None)
-    return L2RCLIP(image_encoder=clip.visual, text_encoder=PromptTextEncoder(clip, backbone.tokenizer),
-                   prompt_learner=prompt_learner, rankformer=rankformer,
-                   logit_scale=float(clip.logit_scale.detach()),
-                   train_image_tower=config.image_tower == "train")
+    model = L2RCLIP(image_encoder=clip.visual, text_encoder=PromptTextEncoder(clip, backbone.tokenizer),
+                    prompt_learner=prompt_learner, rankformer=rankformer,
+                    logit_scale=float(clip.logit_scale.detach()),
+                    train_image_tower=config.image_tower == "train")
+    model.recipe = backbone.recipe
+    return model
 
 
 def build_model(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) -> L2RCLIP | OrdinalHeadModel:
@@ -41,9 +48,11 @@ def build_model(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) 
     if kind is None:
         return build_l2rclip(backbone, rank_space, config)
     visual = backbone.model.visual
-    return OrdinalHeadModel(visual, kind, len(rank_space), int(visual.output_dim),
-                            train_image_tower=config.image_tower == "train" and config.method != "linear_probe",
-                            rule=config.head_rule)
+    model = OrdinalHeadModel(visual, kind, len(rank_space), int(visual.output_dim),
+                             train_image_tower=config.image_tower == "train" and config.method != "linear_probe",
+                             rule=config.head_rule)
+    model.recipe = backbone.recipe
+    return model
 
 
 def similarity_scale(model: L2RCLIP) -> float:
@@ -51,14 +60,17 @@ def similarity_scale(model: L2RCLIP) -> float:
     return math.exp(float(model.logit_scale))
 
 
-def planned_backbone(config: ModelConfig) -> ModelConfig:
-    """The model config `resolve_backbone` will end up with, decided without loading any weights.
+def planned_recipe(config: ModelConfig) -> BackboneRecipe:
+    """The recipe of the backbone `resolve_backbone` will load, decided without loading any weights.
 
-    The preprocess stage needs the backbone's input geometry before training loads it.
+    The preprocess stage needs the backbone's preprocessing before training loads it. It reads
+    only `model.arch`, `model.pretrained` and `model.fallback.{enabled,arch}` (the params the stage
+    declares in dvc.yaml), and whether the weights can be had here.
     """
-    if config.fallback.enabled and weights_unavailable_reason(config.arch, config.pretrained):
-        return dataclasses.replace(config, arch=config.fallback.arch, pretrained="none")
-    return config
+    recipe = resolve_recipe(config.arch, config.pretrained, hash_file=False)
+    if config.fallback.enabled and weights_unavailable_reason(recipe):
+        return resolve_recipe(config.fallback.arch, "none")
+    return recipe
 
 
 def resolve_backbone(config: ModelConfig, device: str = "cpu") -> tuple[Backbone, ModelConfig]:

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 # Keys of load_model's metadata that save_model writes itself or that are live objects, not JSON.
-_REBUILT_META = frozenset({"format", "version", "model", "ranks", "rank_space", "config", "preprocess"})
+_REBUILT_META = frozenset({"format", "version", "model", "ranks", "rank_space", "config", "recipe", "preprocess"})
 
 
 def resolve_model_dir(uri: str, tracking_uri: str | None = None, download_to: str | Path | None = None) -> Path:

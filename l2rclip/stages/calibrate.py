@@ -82,7 +82,7 @@ def calibrate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, o
     device = pick_device(params.train.device)
     model, meta = load_model(model_dir, device=device)
     rank_space = meta["rank_space"]
-    store = open_store(store_dir, model.image_encoder, meta["backbone"], params.preprocess.margin)
+    store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
     probs = split_outputs(model, meta["preprocess"], calib, params, device, store)[0]  # (n, M)
     ranks = calib["rank"].to_numpy()
     temperature = None

@@ -68,7 +68,7 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     rank_space = meta["rank_space"]
     prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
     prototypes = None if prototypes is None else prototypes.cpu().numpy()
-    store = open_store(store_dir, model.image_encoder, meta["backbone"], params.preprocess.margin)
+    store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
     probs, point = split_outputs(model, meta["preprocess"], test, params, device, store)  # (N, M), (N,) or None
     predictions = predictions_table(test, probs, rank_space, calibration=calibration, point=point)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,13 @@
 """DVC stage `preprocess`: decode every prepared image once into the uint8 image store.
 
 Reads `outputs/prepare/images.csv` (the good rows) and writes the store described in
-`l2rclip.data.store` to `--out`. The stored geometry is the backbone's own evaluation
-preprocessing, found from open_clip's configs without loading weights, for the backbone training
-will use (the offline fallback included: `l2rclip.models.factory.planned_backbone`). The stage
-depends on the data, `preprocess.*` and `model.arch` / `model.pretrained` / `model.fallback`, so
-a change of `train.*` keeps the store and a backbone with another input size rebuilds it.
+`l2rclip.data.store` to `--out`. The stored geometry is the evaluation preprocessing of the
+backbone recipe training will use (the offline fallback included:
+`l2rclip.models.factory.planned_recipe`), resolved from open_clip's configs without loading
+weights; store.json records the recipe. The recipe is a function of `model.arch`,
+`model.pretrained`, `model.fallback.{enabled,arch}` and the code in l2rclip/models, which are
+exactly the stage's params and code deps besides the data and `preprocess.*`: a change of `train.*`
+keeps the store, and another backbone or tag (another size, mean, interpolation...) rebuilds it.
 With `preprocess.enabled: false` it writes only `store.json` saying so, and training decodes files.
 """
 
@@ -22,7 +24,7 @@ from typing import Any
 
 from l2rclip.config import Params, load_params
 from l2rclip.data.store import SPEC_FILE, spec_for, write_store
-from l2rclip.models.factory import planned_backbone
+from l2rclip.models.factory import planned_recipe
 from l2rclip.stages.common import read_prepared, run_main, stage_parser
 
 log = logging.getLogger("l2rclip.stages.preprocess")  # not __main__ under python -m
@@ -31,18 +33,18 @@ log = logging.getLogger("l2rclip.stages.preprocess")  # not __main__ under pytho
 def preprocess(params: Params, prepared: Path, out_dir: Path) -> dict[str, Any]:
     """Write the image store of the prepared images to `out_dir`; returns its description."""
     images, _ = read_prepared(prepared)
-    model = planned_backbone(params.model)
-    spec = spec_for(model.arch, model.pretrained, params.preprocess.margin)
+    recipe = planned_recipe(params.model)
+    spec = spec_for(recipe, params.preprocess.margin)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     if not params.preprocess.enabled:
         out_dir.mkdir(parents=True)
-        content = {"enabled": False, "spec": asdict(spec)}
+        content = {"enabled": False, "spec": asdict(spec), "recipe": recipe.to_dict()}
         (out_dir / SPEC_FILE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
         log.info("preprocess.enabled is false: no store; train and evaluate decode the image files")
         return content
     content = write_store(sorted(images["path"]), params.data.root, spec, out_dir,
-                          params.preprocess.shard_size, params.preprocess.workers)
+                          params.preprocess.shard_size, params.preprocess.workers, recipe)
     log.info("preprocess: %d images as %dx%d uint8 for %s (input %d px) in %d shard(s) at %s", content["images"],
              spec.side, spec.side, spec.arch, spec.image_size, len(content["shards"]), out_dir)
     return content

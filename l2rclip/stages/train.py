@@ -4,7 +4,8 @@ Outputs in `--out` (declared `persist: true` in dvc.yaml, so a killed run resume
     best/           model.safetensors + model.json of the best validation epoch
     last/           the last epoch's model, optimiser and scheduler state (for resuming)
     history.csv     one row per epoch: train loss terms, validation metrics (fixed column order)
-    summary.json    best epoch and metrics, the backbone actually used
+    summary.json    best epoch and metrics, the backbone actually used (and its recipe), the device
+                    it trained on (`l2rclip.runtime.device_report`)
     tracking.json   MLflow ids, so calibrate and evaluate log into the same run
 Beside it, not DVC outputs: `<out>_timings.json` (seconds: they differ on every run, so they are
 kept out of the files DVC hashes) and `<out>.lock` (held while the stage runs).
@@ -15,6 +16,10 @@ params, fold, data, package code, library versions); otherwise it starts fresh a
 With `train.devices` x `train.nodes` > 1 the stage relaunches itself under torchrun, one process
 per device, which together compute what one process with the same `train.batch_size` computes
 (`l2rclip.training.distributed`); rank 0 holds the lock and writes every output.
+
+At start the stage prints the device it trains on (resolved device, autocast dtype, torch and CUDA
+versions, GPU name) to stdout; the same goes to summary.json and to the fold run's `l2rclip.device.*`
+tags.
 
 MLflow (rank 0): the fold's child run under the pipeline's parent run gets the params that ran
 (method preset and offline fallback applied; the requested ones as `params/requested.yaml`, and
@@ -46,7 +51,7 @@ from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.models.factory import build_model, resolve_backbone
 from l2rclip.models.labels import PIPELINE_CHECK
 from l2rclip.ranks import RankSpace
-from l2rclip.runtime import pick_device, seed_everything
+from l2rclip.runtime import describe_device, device_report, pick_device, seed_everything
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version, pipeline_key, pipeline_run_name, source_tags
 from l2rclip.tracking.runs import Tracker
@@ -139,11 +144,14 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
                   world: World) -> dict[str, Any]:
     version = data_version(prepared)
     backbone, model_config = resolve_backbone(params.model, device=str(device))
-    store = open_store(store_dir, backbone.model, model_config.arch, params.preprocess.margin)
+    store = open_store(store_dir, backbone.recipe, params.preprocess.margin)
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
     meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
             "is_clip": backbone.is_clip, "fold": fold, "data_version": version}
+    device_info = device_report(device, params.train.amp)
+    if world.is_main:
+        print(f"train fold {fold}: {describe_device(device_info)}", flush=True)
     tags = {**source_tags("l2rclip.stages.train"), "l2rclip.data_version": version,
             "l2rclip.backbone": model_config.arch, "l2rclip.pipeline_check": str(not backbone.is_clip).lower()}
     if not backbone.is_clip:
@@ -166,6 +174,8 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     tracker, run_id = (open_fold_run(requested, params, effective, fold, out_dir, version, resuming, tags)
                        if world.is_main else (Tracker(experiment=params.tracking.experiment, enabled=False), None))
     params = used
+    if run_id:  # on resumption too: the run records where it trained last
+        tracker.set_tags(run_id, {f"l2rclip.device.{key}": value for key, value in device_info.items()})
     if resuming:  # the killed process may have saved its last epoch without logging it
         tracker.log_missing_epochs(run_id, state.history)
     else:
@@ -193,7 +203,8 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
                "train_images": len(data.train), "val_images": len(data.val),
-               "label": None if backbone.is_clip else PIPELINE_CHECK}
+               "label": None if backbone.is_clip else PIPELINE_CHECK, "recipe": backbone.recipe.to_dict(),
+               "device": device_info}
     if not world.is_main:
         return summary
     write_json(out_dir / "summary.json", summary)

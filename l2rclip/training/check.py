@@ -24,7 +24,7 @@ import torch
 from l2rclip.config import Params
 from l2rclip.data.batch_transforms import crop_boxes, normalize, random_resized_crop
 from l2rclip.data.sources import load_source
-from l2rclip.data.store import ImageStore, model_spec, write_store
+from l2rclip.data.store import ImageStore, spec_for, write_store
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
 from l2rclip.models.factory import build_l2rclip, resolve_backbone
 from l2rclip.ranks import RankSpace
@@ -62,7 +62,7 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
     table = table.assign(rank=space.indices(table["label"]))
     batch = table.groupby("rank", sort=True).head(per_rank)
     with tempfile.TemporaryDirectory() as folder:
-        spec = model_spec(backbone.model, params.model.arch, params.preprocess.margin)
+        spec = spec_for(backbone.recipe, params.preprocess.margin)
         write_store(list(batch["path"]), root, spec, Path(folder))
         store = ImageStore(folder)
         pixels = store.gather(store.rows(list(batch["path"])))  # uint8 (B, 3, S, S)

@@ -3,8 +3,10 @@
 With the image tower frozen (two-stage stage 1, or `model.image_tower: frozen`) every epoch would
 encode the same images through the same weights again. Instead, all images of the prepared set
 are encoded once (evaluation transform, no augmentation) and stored as safetensors under a key
-made of the image tower's weights, the transform, and every file's path, size and modification
-time; any change to one of these gives a new key, so a stale cache is never read. All folds of
+made of the backbone recipe (architecture, activation and preprocessing: the weights alone do not
+say whether the tower runs GELU or QuickGELU), the image tower's weights, the transform, and every
+file's path, size and modification time; any change to one of these gives a new key, so a stale
+cache is never read. All folds of
 a run share one file.
 """
 
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from l2rclip.data.batch_transforms import store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore
+from l2rclip.models.recipe import recipe_of
 from l2rclip.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,8 @@ def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str
     """L2-normalised features of every image in `table`, in table order: (N, E), on the CPU.
 
     Args:
-        model: a model with `image_encoder` and `encode_images` (L2RCLIP or an ordinal head).
+        model: a model with `image_encoder` and `encode_images` (L2RCLIP or an ordinal head), built
+            by `build_model` (it carries its backbone recipe).
         table: rows with `path` (relative to `root`) and `rank`.
         root: image root.
         transform: the evaluation transform.
@@ -69,7 +73,7 @@ def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str
     source = (f"{store.spec}|{images_fingerprint(store.shard_files)}" if store is not None
               else f"{transform!r}|{images_fingerprint(paths)}")
     key = hashlib.blake2b(digest_size=16)
-    for part in (weights_fingerprint(model.image_encoder), source):
+    for part in (recipe_of(model).key(), weights_fingerprint(model.image_encoder), source):
         key.update(part.encode())
     file = Path(cache_dir) / f"features-{key.hexdigest()}.safetensors"
     if file.is_file():

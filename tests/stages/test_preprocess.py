@@ -4,20 +4,23 @@ import shutil
 import warnings
 
 import numpy as np
+import open_clip
 import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 from support.project import ROOT, copy_project, environment, run, stages_run
 
 from l2rclip.config import ModelConfig, Params, PromptConfig, from_dict
 from l2rclip.data.batch_transforms import crop_boxes, store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
-from l2rclip.data.store import ImageStore, StoreError, model_spec, open_store, spec_for
+from l2rclip.data.store import ImageStore, StoreError, geometric_transform, open_store, spec_for
 from l2rclip.evaluation.predictions import predict_probabilities
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.factory import build_l2rclip
+from l2rclip.models.recipe import resolve_recipe
 from l2rclip.ranks import RankSpace
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.preprocess import preprocess
@@ -48,19 +51,35 @@ def tiny_model():
 
 
 def test_spec_comes_from_open_clip_configs_without_loading_weights():
-    spec = spec_for(TINY_ARCH, "none", 0.0)
+    spec = spec_for(resolve_recipe(TINY_ARCH, "none"), 0.0)
     assert (spec.image_size, spec.side, spec.interpolation, spec.resize_mode) == (64, 64, "bicubic", "shortest")
-    assert spec_for("ViT-B-16", "openai", 0.14).side == 255 and spec_for("ViT-B-16", "none", 0).image_size == 224
+    assert spec_for(resolve_recipe("ViT-B-16", "openai"), 0.14).side == 255
+    assert spec_for(resolve_recipe("ViT-B-16", "none"), 0).image_size == 224
+    laion = spec_for(resolve_recipe("ViT-L-14", "laion2b_s32b_b82k"), 0)
+    assert laion.mean == (0.5, 0.5, 0.5) and laion.std == (0.5, 0.5, 0.5)  # the tag's, not OpenAI's
     backbone, _ = tiny_model()
-    assert model_spec(backbone.model, TINY_ARCH, 0.0) == spec  # what the loaded model's transforms do
+    model_cfg = open_clip.get_model_preprocess_cfg(backbone.model)  # what the loaded model itself says
+    assert (model_cfg["mean"], model_cfg["std"], model_cfg["interpolation"]) == (spec.mean, spec.std,
+                                                                                 spec.interpolation)
     with pytest.raises(StoreError, match="preprocess.margin"):
-        spec_for(TINY_ARCH, "none", -0.1)
+        spec_for(resolve_recipe(TINY_ARCH, "none"), -0.1)
+
+
+@pytest.mark.parametrize(("arch", "tag"), [("ViT-L-14-CLIPA", "datacomp1b"), ("ViT-H-14", "dfn5b")])
+def test_squash_resizing_tags_can_be_stored(arch, tag, tmp_path):
+    """Tags that squash instead of cropping (CLIPA, DFN): the store keeps every geometric step."""
+    spec = spec_for(resolve_recipe(arch, tag), 0.0)
+    assert spec.resize_mode == "squash"
+    steps = geometric_transform(spec).transforms
+    assert len(steps) == 1 and list(steps[0].size) == [spec.image_size] * 2
+    image = Image.new("RGB", (300, 120), (10, 200, 30))
+    assert geometric_transform(spec)(image).size == (spec.image_size, spec.image_size)
 
 
 def test_evaluation_from_the_store_equals_evaluation_from_the_files(demo_store):
     params, tmp = demo_store
     backbone, model = tiny_model()
-    store = open_store(tmp / "store", backbone.model, TINY_ARCH, 0.0)
+    store = open_store(tmp / "store", backbone.recipe, 0.0)
     table = pd_images(tmp)
     assert len(store.shard_files) == 4  # 60 images in shards of 16
     files = make_loader(RankImageDataset(table, tmp / "demo", backbone.preprocess_eval), 8, shuffle=False)
@@ -100,7 +119,7 @@ def test_a_store_for_another_geometry_is_refused_and_names_the_fix(demo_store):
         warnings.simplefilter("ignore")
         big = load_backbone("ViT-B-32", "none")  # 224 px input
     with pytest.raises(StoreError, match="dvc repro preprocess"):
-        open_store(tmp / "store", big.model, "ViT-B-32", 0.0)
+        open_store(tmp / "store", big.recipe, 0.0)
     with pytest.raises(StoreError, match="not in the store"):
         ImageStore(tmp / "store").rows(["images/none.png"])
 
