@@ -14,10 +14,11 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean ui serve flows
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact tested versions (pyproject.toml has lower bounds; .ci/freeze-constraints writes it)
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

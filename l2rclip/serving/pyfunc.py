@@ -8,12 +8,15 @@ infer them); an image service wants files in and a table out, so we log a pyfunc
 is inferred from a real request and its real answer, stored with it as the example request.
 
 The pyfunc is logged as MLflow "models from code": the logged model holds the source file
-`l2rclip/serving/served_model.py` (three lines that import `L2RCLIPModel` from the installed package),
-not a cloudpickle of the object. Loading a pickle runs whatever code it holds, so anyone who can
-write the artifact store could run code on the server; loading this model runs only the readable
-file and the installed l2rclip (the weights are safetensors, the config JSON). No other code is
-copied into the model, so serve it where l2rclip is installed:
-`mlflow models serve -m models:/<name>@champion --env-manager local`.
+`l2rclip/serving/served_model.py` (three lines that import `L2RCLIPModel`), not a cloudpickle of the
+object. Loading a pickle runs whatever code it holds, so anyone who can write the artifact store
+could run code on the server; loading this model runs only readable source (the weights are
+safetensors, the config JSON). That source is carried by the model itself: the l2rclip package
+goes in as MLflow `code_paths`, and its requirements are the distributions the served code
+imports, pinned to the versions that logged it (`l2rclip.serving.environment`), so the model
+installs wherever MLflow deploys: `mlflow models serve -m models:/<name>@champion` with
+`--env-manager virtualenv` (MLflow's default), `uv` or `local`, or `mlflow models
+generate-dockerfile` (docs/deployment.md).
 
 Request limits (`RequestLimits`: rows, bytes of base64 image text, pixels per image) are the
 logged model's `model_config`, so the server applies the limits the model was registered with.
@@ -29,7 +32,6 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from PIL import Image
 
 from l2rclip.config import DataConfig, ServingConfig
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb
+from l2rclip.serving.environment import PACKAGE_DIR, requirements
 from l2rclip.serving.predictor import Predictor, mlflow_store
 from l2rclip.tracking.runs import default_tracking_uri
 
@@ -51,8 +54,6 @@ log = logging.getLogger(__name__)
 INPUT_COLUMN = "image"
 MODEL_ARTIFACT = "model"
 MODEL_CODE = Path(__file__).with_name("served_model.py")  # the models-from-code file MLflow logs
-# Installed distributions the pyfunc needs at load time, pinned to the versions that logged it.
-_REQUIRED = ("l2rclip", "mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "pandas", "pillow")
 
 
 def encode_image(image: Image.Image) -> str:
@@ -147,11 +148,6 @@ class L2RCLIPModel(PythonModel):
         return predict_frame(self.predictor, model_input, self.limits)
 
 
-def requirements() -> list[str]:
-    """Pip requirements of the logged model: the distributions it imports, at the versions here."""
-    return [f"{name}=={version(name).split('+')[0]}" for name in _REQUIRED]
-
-
 def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = None,
                artifact_path: str = "model", limits: RequestLimits | None = None,
                calibration: dict[str, Any] | None = None) -> str:
@@ -190,7 +186,7 @@ def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = No
             info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(MODEL_CODE),
                                            artifacts={MODEL_ARTIFACT: str(folder)}, model_config=asdict(limits),
                                            signature=signature, input_example=example,
-                                           pip_requirements=requirements(), code_paths=None)
+                                           pip_requirements=requirements(), code_paths=[str(PACKAGE_DIR)])
     if before.end_time:  # the run had ended: put its status and end back (reopening it changed them)
         MlflowClient(uri).set_terminated(run_id, before.status, end_time=before.end_time)
     log.info("logged %s as pyfunc model %s under run %s", model_dir, info.model_uri, run_id)

@@ -25,6 +25,7 @@ from l2rclip.data.batch_transforms import store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore
 from l2rclip.models.recipe import recipe_of
+from l2rclip.progress import progress
 from l2rclip.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str
     chunks = []
     model.eval()
     with torch.no_grad():
-        for images in batches:
+        for images in progress(batches, "encoding image features", -(-len(paths) // batch_size), "batch", log):
             with autocast(device, amp):
                 chunks.append(model.encode_images(images).float().cpu())  # (B, E)
     features = torch.cat(chunks)  # (N, E)

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from l2rclip.config import EvalConfig, LossConfig, ModelConfig, TrainConfig
 from l2rclip.data.batch_transforms import crop_boxes, normalize, random_resized_crop, store_eval_batches
@@ -35,6 +34,7 @@ from l2rclip.metrics import HIGHER_IS_BETTER, ordinal_metrics, prefix_metrics
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.heads import HeadLoss, OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
+from l2rclip.progress import progress
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import autocast
 from l2rclip.training.distributed import (
@@ -319,10 +319,9 @@ def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | Hea
     model.train()
     sums: dict[str, float] = {}
     count = 0
-    # A bar on a terminal only (disable=None); logs get the one line per epoch instead.
-    progress = tqdm(batches, desc=description, total=total, leave=False, mininterval=1.0, unit="batch",
-                    disable=True if quiet else None)
-    for inputs, labels in progress:
+    # A bar on a terminal; elsewhere log lines with an ETA every 30 s (l2rclip.progress).
+    bar = progress(batches, description, total, "batch", log, quiet=quiet)
+    for inputs, labels in bar:
         inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
         labels = labels.to(device)
         with autocast(device, train.amp):
@@ -335,7 +334,8 @@ def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | Hea
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(labels)
         count += len(labels)
-        progress.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}")
     return {name: total / max(count, 1) for name, total in sums.items()}
 
 

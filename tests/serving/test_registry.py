@@ -153,7 +153,10 @@ def test_register_stage_picks_the_best_validation_fold(store, tmp_path):
         "l2rclip.holdout_spec": holdout_spec(params.split.holdout_fraction, params.split.holdout_salt),
         "l2rclip.is_clip": "false",
         "l2rclip.backbone": "L2RCLIP-Tiny", "l2rclip.decision": "promoted",
-        "l2rclip.decision_reason": "first version of l2rclip-faces: there was no champion yet"}
+        "l2rclip.decision_reason": "first version of l2rclip-faces: there was no champion yet",
+        "l2rclip.ranks": json.dumps({"labels": list(range(1, 11)), "names": ["one", "two", "three", "four", "five",
+                                    "six", "seven", "eight", "nine", "ten"],
+                                    "values": [float(v) for v in range(1, 11)]}, separators=(",", ":"))}
     assert not MlflowClient(uri).get_run(parent).outputs.model_outputs  # the parent run logged no model
 
     off = dataclasses.replace(params, tracking=TrackingConfig(enabled=False))
