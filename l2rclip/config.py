@@ -127,7 +127,7 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Rank prompts `[SOT] c_1..c_N r_k^1..r_k^T . [EOT]` (METHOD.md section 2).
+    """Rank prompts `[SOT] c_1..c_N r_k^1..r_k^T . [EOT]` (docs/method.md, section 2).
 
     `context_init` is a phrase whose token embeddings initialise the context (then N is the
     phrase's token count) or `random` (N = `n_context`, drawn from N(0, 0.02^2)).
@@ -322,7 +322,7 @@ class ServingConfig:
     """Limits of one request to the served model, stored in the registered model's config.
 
     `mlflow models serve` reads a whole request body before the model sees it and has no size
-    limit of its own: put a proxy with a body cap in front of it (README). The model refuses
+    limit of its own: put a proxy with a body cap in front of it (docs/serving.md). The model refuses
     more than `max_rows` rows, or more than `max_request_bytes` of base64 image text in all.
     """
 
