@@ -5,14 +5,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# Quiet settings for the embedded tools (see DESIGN.md) in the l2rclip commands and DVC stages; the
+# Quiet settings for the embedded tools (see docs/design.md) in the l2rclip commands and DVC stages; the
 # Prefect flows set these and Prefect's own by themselves (pipelines/settings.py). Tests force
 # HF_HUB_OFFLINE=1 themselves; `make demo` may download CLIP weights where a network is available.
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean ui serve flows
+.PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean ui serve flows docs
 
 # constraints.txt: the exact tested versions (pyproject.toml has lower bounds; .ci/freeze-constraints writes it)
 $(STAMP): pyproject.toml constraints.txt
@@ -41,7 +41,7 @@ fgnet-reference: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-5fold-reference $(FGNET_SET) \
 	  $$($(BIN)/l2rclip parity reference)
 
-## fgnet-methods: every method on FG-NET with the same backbone, budget and seed, then the README table
+## fgnet-methods: every method on FG-NET with the same backbone, budget and seed, then the results table (docs/results.md)
 METHODS = l2rclip ordinalclip coop zero_shot linear_probe coral corn
 FGNET_EPOCHS ?= 15
 fgnet-methods: $(STAMP)
@@ -49,7 +49,7 @@ fgnet-methods: $(STAMP)
 	  PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --name fgnet-m-$$method $(FGNET_SET) \
 	    -S model.method=$$method -S train.epochs=$(FGNET_EPOCHS) -S model.fallback.epochs=$(FGNET_EPOCHS) || exit 1; \
 	done
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip results --prefix fgnet-m- --readme README.md --marker fgnet
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip results --prefix fgnet-m- --readme docs/results.md --marker fgnet
 
 ## reproduce: a published protocol as a DVC experiment, e.g. `make reproduce PROTOCOL=morph-a DATA=/data/morph`
 ## (presets in protocols/; LISTS: the authors' split lists; reduced budget: EPOCHS=1 FOLDS=0,1,2)
@@ -88,7 +88,7 @@ serve: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip serve $(MODEL) --port $(PORT)
 
 ## flows: a local Prefect server with its UI at http://127.0.0.1:4200 (Ctrl+C stops it), for the flows in
-## pipelines/ to report to and for schedules; start them from another terminal (README: Commands)
+## pipelines/ to report to and for schedules; start them from another terminal (docs/mlops.md)
 flows: $(STAMP)
 	@echo "then, in another terminal: export PREFECT_API_URL=http://127.0.0.1:4200/api and run e.g."
 	@echo "  .venv/bin/python -m pipelines.pipeline   or   .venv/bin/python -m pipelines.deploy --cron '0 3 * * *'"
@@ -102,10 +102,19 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+## docs: the documentation site (mkdocs.yml, pages in docs/) into site/, offline; any warning fails it
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 ## lint: ruff, and the layers contract of pyproject.toml (no module imports a higher layer)
 lint: $(STAMP)
 	$(BIN)/ruff check l2rclip tests benchmarks pipelines
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site

@@ -64,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
         pushed = subprocess.run([dvc, "push"], check=False, env=env)
         if pushed.returncode:
             print(f"dvc push failed (exit {pushed.returncode}): the results are here but not on the DVC "
-                  "remote; see `dvc remote list`, fix the remote (README, Team set-up) and run `dvc push`",
+                  "remote; see `dvc remote list`, fix the remote (docs/mlops.md, Team set-up) and run `dvc push`",
                   file=sys.stderr)
             return pushed.returncode
     report = Path("outputs/report/report.md")
@@ -153,7 +153,7 @@ def _prepare(args: argparse.Namespace) -> int:
     return prepare.main(["--params", args.params, "--out", args.out])
 
 
-# Exit statuses of `l2rclip predict` (documented in its --help and the README).
+# Exit statuses of `l2rclip predict` (documented in its --help and docs/serving.md).
 EXIT_BAD_REQUEST = 2      # bad arguments, inputs, model or --out: nothing was predicted or written
 EXIT_SOME_FAILED = 3      # the CSV was written, but some inputs could not be read (its `error` column)
 EXIT_NONE_PREDICTED = 4   # the CSV was written, but no input could be read
@@ -393,8 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run `mlflow models serve --env-manager local` on MODEL (default: the champion of the model "
                     f"the register stage recorded in {REGISTERED_FILE}), with this interpreter's folder first on "
                     "PATH so that MLflow finds uvicorn without an activated .venv. The store is "
-                    "MLFLOW_TRACKING_URI, else ./mlflow.db. POST images to /invocations (README: Using a trained "
-                    "model).")
+                    "MLFLOW_TRACKING_URI, else ./mlflow.db. POST images to /invocations (docs/serving.md).")
     serve.add_argument("model", nargs="?", help="models:/<name>@champion, models:/<name>/<version> or "
                                                 "runs:/<run_id>/model (default: the registered champion)")
     serve.add_argument("--host", default="127.0.0.1",

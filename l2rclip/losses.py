@@ -1,4 +1,4 @@
-"""Loss terms of L2RCLIP (METHOD.md section 3) and their weighted sum.
+"""Loss terms of L2RCLIP (docs/method.md, section 3) and their weighted sum.
 
 Notation: B images with rank indices ``labels`` (B,) in 0..M-1, L2-normalised image features
 ``v`` (B, E), L2-normalised rank prototypes ``t`` (M, E), logits ``z = scale * v @ t.T`` (B, M) and

@@ -1,4 +1,4 @@
-"""Prediction rules and evaluation metrics for ordinal classification (METHOD.md section 5).
+"""Prediction rules and evaluation metrics for ordinal classification (docs/method.md, section 5).
 
 Everything here works on numpy arrays of probabilities ``p = softmax(z)`` (N, M), so the same
 code scores L2RCLIP, the baselines and saved predictions. Two prediction rules are reported:
@@ -226,7 +226,7 @@ def ordinal_metrics(
     ece_bins: int = 15,
     point: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """All evaluation metrics of METHOD.md section 5 for one split.
+    """All evaluation metrics of docs/method.md, section 5, for one split.
 
     Value-unit metrics (``mae``, ``rmse``, ``cs``, ``spearman``) use the expectation rule unless
     named ``_argmax``; class metrics (``accuracy``, ``off_by_one_accuracy``, ``qwk``, ``ece``)

@@ -1,6 +1,6 @@
 """The `reference` bundle: the params that make each definition match the authors' code.
 
-Every definition that our implementation chose differently from the authors' code (METHOD.md
+Every definition that our implementation chose differently from the authors' code (docs/method.md,
 section 7b) is its own params key, defaulting to our choice. `REFERENCE` lists, for exactly those
 definitions, the value that reproduces the reference code, and nothing else; it is applied as
 ordinary `-S key=value` overrides (`l2rclip parity reference` prints them), so the resolved

@@ -1,7 +1,7 @@
 """Flow `folds`: one experiment's folds on N machines, then its cross-validated summary.
 
 `dvc exp run -n NAME -S ...` trains every fold of `folds` in one process after another. With a
-Prefect work pool (see `pipelines.fanout` and the README's "Team set-up / fan-out"), this flow
+Prefect work pool (see `pipelines.fanout` and docs/mlops.md, "Team set-up"), this flow
 runs each fold `k` as its own experiment `NAME-fold<k>` (the same settings plus `folds=[k]`) on
 whichever worker is free, pulls them back, and summarises the folds exactly as the report stage
 does (`l2rclip.stages.report.summarise`: mean, std with ddof=1, per-fold values):

@@ -1,4 +1,4 @@
-"""Reference-parity definitions (METHOD.md 7b) and index-unit metrics, against hand derivations.
+"""Reference-parity definitions (docs/method.md, section 7b) and index-unit metrics, against hand derivations.
 
 Every expected number below is derived in the comment above it from the definition, on inputs
 small enough to do by hand (2-3 images, 3-4 ranks, unit vectors on a circle); the code under

@@ -1,7 +1,7 @@
 """The formats of a user's own data, in words: the help of `l2rclip prepare` and its DVC stage.
 
 Kept apart from the sources (`l2rclip/data/sources/generic.py` reads them) so that building the
-`l2rclip` command line imports nothing heavy. README "Your own data" has the worked example.
+`l2rclip` command line imports nothing heavy. docs/data.md ("Your own data") has the worked example.
 """
 
 PREPARE_DESCRIPTION = """\

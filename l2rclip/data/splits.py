@@ -1,4 +1,4 @@
-"""Per-fold train / val / test assignment for the protocols of METHOD.md section 6.
+"""Per-fold train / val / test assignment for the protocols of docs/method.md, section 6.
 
 The result is one long table with a row per (image, fold): `fold`, `split`, then the image's
 `path`, `group`, `label`, `rank`, `value`. One table for all folds makes the guarantees easy to

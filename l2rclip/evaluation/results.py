@@ -3,8 +3,9 @@
 `dvc exp show --json` holds, for every experiment, the params it ran with and the metrics files
 it produced (here `outputs/report/metrics.json`: mean, std and per-fold values). This module
 collects the experiments whose name starts with a prefix, renders one markdown row per
-experiment, and can write the table into the README between two marker comments, so that
-`l2rclip results --prefix fgnet- --readme README.md` regenerates the published table.
+experiment, and can write the table into a markdown page between two marker comments, so that
+`l2rclip results --prefix fgnet-m- --readme docs/results.md --marker fgnet` regenerates the
+published table.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     it in MLflow (`train_seconds` on each run).
     """
     if not rows:
-        raise ValueError("no experiments with a report to tabulate: run them first (see README)")
+        raise ValueError("no experiments with a report to tabulate: run them first (see docs/results.md)")
     lines = ["| experiment | method | backbone (weights) | folds | MAE | MAE unit | accuracy |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -69,7 +69,7 @@ class RequestLimits:
 
     `mlflow models serve` reads the whole body before the model sees it and has no body cap of
     its own; these limits bound the work and memory a request can cause once it is read (the
-    proxy in front bounds the body itself, README). Stored as the logged model's `model_config`.
+    proxy in front bounds the body itself, docs/serving.md). Stored as the logged model's `model_config`.
     """
 
     max_rows: int = ServingConfig.max_rows

@@ -6,7 +6,7 @@ ids to `tracking.json` in its output folder so later stages log into the same ru
 what happened but is not needed for it to happen: any MLflow error (an unreachable server, a deleted
 run) logs one warning and makes the tracker a no-op; it never owns local files, so nothing is lost.
 
-Conventions a user of MLflow expects (README, "MLflow"): runs carry MLflow's standard source tags
+Conventions a user of MLflow expects (docs/mlops.md, "MLflow: what ran"): runs carry MLflow's standard source tags
 (`source_tags`) and are named after the DVC experiment they belong to (`pipeline_run_name`); the
 experiment is a model-training one with a description (`EXPERIMENT_TAGS`); datasets are run
 inputs whose digest is the DVC data version (`Tracker.log_datasets`); system metrics come from

@@ -1,4 +1,4 @@
-"""Training loops and schedules (METHOD.md section 4), with validation-based model selection.
+"""Training loops and schedules (docs/method.md, section 4), with validation-based model selection.
 
 - one-stage: prompts, RankFormer and (unless frozen) the image tower together, `ce + kl_t2i + cop`.
 - two-stage: stage 1 freezes the image tower and trains prompts + RankFormer on cached image

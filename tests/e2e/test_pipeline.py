@@ -182,7 +182,7 @@ def test_results_table_written_between_markers(tmp_path):
 
 @pytest.mark.slow
 def test_every_method_runs_as_a_dvc_experiment(scratch_repo):
-    """`dvc exp run -S model.method=<each>` on the demo set, as the README documents it."""
+    """`dvc exp run -S model.method=<each>` on the demo set, as docs/pipeline.md documents it."""
     repo, env = scratch_repo
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
