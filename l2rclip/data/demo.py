@@ -162,7 +162,7 @@ def _radius(rng: np.random.Generator, largest: float) -> float:
 
 def _place_one(rng: np.random.Generator, objects: list[list[Any]], size: int, largest: float,
                radius: float | None, kinds: Sequence[str]) -> list[Any] | None:
-    """Draw one shape clear of `objects` (of `radius`, or a random one), or None after `_PLACEMENT_TRIES` misses."""
+    """One shape clear of `objects` (of `radius`, else a random one); None after `_PLACEMENT_TRIES` misses."""
     for _ in range(_PLACEMENT_TRIES):
         r = _radius(rng, largest) if radius is None else radius
         cx, cy = (round(float(v), 2) for v in rng.uniform(r + 1, size - 1 - r, size=2))
