@@ -164,15 +164,18 @@ class RankFormerConfig:
 
 @dataclass(frozen=True)
 class FallbackConfig:
-    """What training uses when the CLIP weights cannot be had (offline): a pipeline check.
+    """What training uses when the CLIP weights cannot be had (offline).
 
-    The fallback backbone is randomly initialised, so its image tower learns from scratch: it
-    needs a larger learning rate (`lr_image`) and more `epochs` than a pretrained tower
-    fine-tuned gently.
+    `pretrained: auto` takes the demo CLIP shipped for `arch` (`L2RCLIP-Demo`: pretrained on drawn
+    shapes, labelled as such) and random weights for an arch without one (`L2RCLIP-Tiny`: a
+    pipeline check); `demo`, `none` or a file choose explicitly. A random backbone's image tower
+    learns from scratch: it trains with `lr_image` and `epochs` instead of train.lr_image and
+    train.epochs (a pretrained one, the demo CLIP included, keeps the train settings).
     """
 
     enabled: bool = True
     arch: str = "L2RCLIP-Tiny"
+    pretrained: str = "auto"
     lr_image: float = 1e-3
     epochs: int = 40
 
@@ -347,6 +350,35 @@ class ConformalConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """The `pretrain` stage: the demo CLIP, trained from scratch on drawn, captioned shapes.
+
+    Its own `seed` (the corpus and the initialisation; the corpus's seed space is apart from the
+    demo set's whatever the seeds) so that the project's `seed` does not retrain the shipped
+    weights. `eval_seed` / `eval_per_count`: the demo-generator images of the zero-shot check run
+    every `eval_every` steps; `eval_template`: its prompt. `threads`: torch threads (null: torch's
+    default); `workers`: processes drawing the corpus. `experiment`: MLflow experiment, null: none.
+    """
+
+    arch: str = "L2RCLIP-Demo"
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 150
+    image_size: int = 96
+    workers: int = 1
+    threads: int | None = None
+    log_every: int = 10
+    eval_every: int = 500
+    eval_seed: int = 0
+    eval_per_count: int = 100
+    eval_template: str = "a photo of {} shapes."
+    experiment: str | None = "l2rclip-pretrain"
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole of params.yaml."""
 
@@ -363,6 +395,7 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     conformal: ConformalConfig = field(default_factory=ConformalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 @dataclass(frozen=True)
@@ -442,6 +475,11 @@ RANGES: dict[str, Range] = {
     "eval.cs_theta": NON_NEGATIVE,
     "eval.ece_bins": COUNT,
     "tracking.system_metrics_interval": POSITIVE,
+    **{f"pretrain.{key}": COUNT for key in ("steps", "batch_size", "image_size", "threads", "log_every",
+                                            "eval_every", "eval_per_count")},
+    **{f"pretrain.{key}": NON_NEGATIVE for key in ("seed", "warmup_steps", "workers", "eval_seed",
+                                                   "weight_decay")},
+    "pretrain.lr": POSITIVE,
 }
 
 

@@ -5,7 +5,14 @@
   downloaded on a connected machine. Offline and not cached, loading fails within seconds with a
   message that says how to supply the weights, instead of hanging in retries;
 - a path to a local weights file (`.bin`, `.pt`, `.safetensors`);
+- `demo`: the demo CLIP shipped with the package (`L2RCLIP-Demo` only): a tiny CLIP pretrained
+  here on drawn shapes with captions (`python -m l2rclip.stages.pretrain`). It has a real but narrow
+  language prior (number words, shapes, colours), so the method can be seen offline; its numbers
+  are *not* CLIP results and are labelled so (l2rclip.models.kinds);
 - `none`: random initialisation. Useful for pipeline checks and tests, and loudly *not CLIP*.
+
+Every number must say which of the three it came from: `l2rclip.models.kinds.backbone_kind` tells
+real CLIP, the demo CLIP and random weights apart, `backbone_label` is the caveat printed with it.
 
 The text tower and the logit scale are always frozen (L2RCLIP tunes prompts, not the text encoder).
 """
@@ -26,6 +33,8 @@ import open_clip
 import torch
 from open_clip.factory import load_state_dict
 from torch import nn
+
+from l2rclip.models.kinds import DEMO_ARCH, DEMO_TAG, BackboneKind, backbone_kind, demo_weights_file, is_none
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +61,8 @@ class Backbone:
         preprocess_eval: evaluation transform (resize + centre crop).
         tokenizer: the architecture's tokenizer.
         arch: architecture name; pretrained: the weights source as given.
-        is_clip: False when the weights are random (`pretrained: none`).
+        is_clip: True only for real CLIP weights (not the demo CLIP, not random).
+        kind: `clip`, `demo` or `random` (see `backbone_kind`).
     """
 
     model: nn.Module
@@ -62,11 +72,12 @@ class Backbone:
     arch: str
     pretrained: str
     is_clip: bool
+    kind: BackboneKind = "clip"
 
 
 def register_builtin_configs() -> None:
-    """Make the package's own architecture configs (the tiny test model) known to open_clip."""
-    if TINY_ARCH not in open_clip.list_models():
+    """Make the package's own architecture configs (the tiny test model, the demo CLIP) known to open_clip."""
+    if not {TINY_ARCH, DEMO_ARCH} <= set(open_clip.list_models()):
         config_dir = resources.files("l2rclip.models") / "configs"
         open_clip.add_model_config(Path(str(config_dir)))
 
@@ -99,9 +110,10 @@ def load_backbone(arch: str, pretrained: str | None, device: str | torch.device 
         warnings.warn(f"model.pretrained is 'none': {arch} is randomly initialised. This is NOT CLIP; "
                       "results measure the pipeline, not the method.", UserWarning, stacklevel=2)
     freeze_text_tower(model)
+    kind = backbone_kind(arch, pretrained)
     return Backbone(model=model, preprocess_train=preprocess_train, preprocess_eval=preprocess_eval,
                     tokenizer=open_clip.get_tokenizer(arch), arch=arch, pretrained=str(pretrained),
-                    is_clip=source["path"] is not None)
+                    is_clip=kind == "clip", kind=kind)
 
 
 def weights_unavailable_reason(arch: str, pretrained: str | None) -> str | None:
@@ -134,8 +146,17 @@ def freeze_text_tower(model: nn.Module) -> None:
 
 def _resolve_weights(arch: str, pretrained: str | None) -> dict[str, Any]:
     """Turn `pretrained` into {'path': tag-or-file-or-None, 'quick_gelu': bool}, failing fast offline."""
-    if pretrained is None or str(pretrained).lower() in ("", "none", "null"):
+    if is_none(pretrained):
         return {"path": None}
+    if pretrained == DEMO_TAG:
+        path = demo_weights_file(arch)
+        if path.is_file():
+            return {"path": str(path), "file": True}
+        if arch != DEMO_ARCH:
+            raise ValueError(f"model.pretrained: 'demo' weights ship for model.arch {DEMO_ARCH} only; found "
+                             f"model.arch {arch!r} (no file {path})")
+        raise WeightsUnavailableError(f"model.pretrained: 'demo': expected the demo CLIP weights at {path}, "
+                                      "found no file; rebuild them with `dvc repro pretrain`")
     if os.path.isfile(pretrained):
         return {"path": str(pretrained), "file": True}
     tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)

@@ -55,10 +55,10 @@ from l2rclip.distributed import (
 )
 from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.models.factory import build_model, resolve_backbone
+from l2rclip.models.kinds import backbone_label
 from l2rclip.ranks import RankSpace
 from l2rclip.resume import TrainState, find_state, identity_fingerprint, run_identity
 from l2rclip.stages.common import (
-    PIPELINE_CHECK,
     data_version,
     pick_device,
     read_prepared,
@@ -149,13 +149,14 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
     meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
-            "is_clip": backbone.is_clip, "fold": fold, "data_version": version}
+            "is_clip": backbone.is_clip, "backbone_kind": backbone.kind, "fold": fold, "data_version": version}
     tags = {**source_tags("l2rclip.stages.train"), "l2rclip.data_version": version,
-            "l2rclip.backbone": model_config.arch, "l2rclip.pipeline_check": str(not backbone.is_clip).lower()}
-    if not backbone.is_clip:
-        tags["mlflow.note.content"] = PIPELINE_CHECK
+            "l2rclip.backbone": model_config.arch, "l2rclip.backbone_kind": backbone.kind,
+            "l2rclip.pipeline_check": str(backbone.kind == "random").lower()}
+    if backbone.kind != "clip":
+        tags["mlflow.note.content"] = backbone_label(backbone.kind)
     used = params
-    if model_config != params.model:  # the random fallback learns from scratch: its own rate and length
+    if model_config != params.model and backbone.kind == "random":  # learns from scratch: own rate and length
         fallback = params.model.fallback
         used = dataclasses.replace(params, train=dataclasses.replace(
             params.train, lr_image=fallback.lr_image, epochs=fallback.epochs))
@@ -199,7 +200,7 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
                "train_images": len(data.train), "val_images": len(data.val),
-               "label": None if backbone.is_clip else PIPELINE_CHECK}
+               "label": backbone_label(backbone.kind) or None}
     if not world.is_main:
         return summary
     write_json(out_dir / "summary.json", summary)
