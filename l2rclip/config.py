@@ -362,7 +362,7 @@ class PretrainConfig:
 
     arch: str = "L2RCLIP-Demo"
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2400
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -371,7 +371,7 @@ class PretrainConfig:
     workers: int = 1
     threads: int | None = None
     log_every: int = 10
-    eval_every: int = 500
+    eval_every: int = 400
     eval_seed: int = 0
     eval_per_count: int = 100
     eval_template: str = "a photo of {} shapes."
