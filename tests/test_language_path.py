@@ -35,12 +35,16 @@ pytestmark = pytest.mark.skipif(not demo_weights_file().is_file(),
 
 SPACE = RankSpace(list(COUNTS))  # names "one".."ten"
 TEST_SEED, PER_COUNT = 7, 20  # 200 demo-generator images; seed 7 is neither the corpus nor the pretraining check
-# Zero-shot accuracy of the shipped weights on this set: see docs/demo-clip.md (chance: 0.10).
-MIN_ACCURACY = 0.45
-# Ordinality (l2rclip.metrics.prototype_ordinality; 1.0 = similarity falls with every rank step):
-# number-word prompts measure 0.9 and above; 50 draws of random-word prompts at most about 0.7.
-MIN_WORD_ORDINALITY, MAX_RANDOM_ORDINALITY = 0.8, 0.75
-
+# Measured with the shipped weights on this set (docs/demo-clip.md): zero-shot accuracy 0.77-0.78 with
+# any of the project's templates; random-word prompts 0.11 on average, 0.31 at most (50 draws); chance 0.10.
+MIN_ACCURACY = 0.5
+# Ordinality (l2rclip.metrics.prototype_ordinality, 1.0: similarity falls with every rank step):
+# number words 0.708 (digits 0.736; the prior bends into a loop, "one" is closer to "ten" than to
+# "five"), random words 0.51 on average and 0.60 at most over 50 draws. One threshold between them.
+ORDINALITY = 0.65
+# Share of ranks whose most similar other prototype is an adjacent rank: number words 1.0,
+# random words 0.17 on average and 0.5 at most over 50 draws.
+MIN_WORD_NEIGHBOURS, MAX_RANDOM_NEIGHBOURS = 0.9, 0.6
 
 @pytest.fixture(scope="module")
 def demo():
@@ -105,20 +109,27 @@ def test_rank_prompts_are_the_sentences_clip_encodes(demo, test_set, context):
         assert accuracy(*test_set, prompts) >= MIN_ACCURACY
 
 
+def adjacent_neighbours(prototypes: torch.Tensor) -> float:
+    """Share of ranks whose most similar other prototype is rank k-1 or k+1."""
+    similarity = (prototypes @ prototypes.T).fill_diagonal_(-2.0).numpy()  # (M, M)
+    return float(np.mean(np.abs(similarity.argmax(axis=1) - np.arange(len(similarity))) == 1))
+
+
 def test_number_words_give_ordered_prototypes_and_random_words_do_not(demo):
     backbone, _ = demo
     model = prompt_model(backbone, "the number of shapes is")
     with torch.no_grad():
-        words = prototype_ordinality(model.compute_prototypes().numpy())
-        assert words >= MIN_WORD_ORDINALITY
+        words = model.compute_prototypes()  # (M, E)
+        assert prototype_ordinality(words.numpy()) >= ORDINALITY
+        assert adjacent_neighbours(words) >= MIN_WORD_NEIGHBOURS
         rng = torch.Generator().manual_seed(0)
         embedding = backbone.model.token_embedding.weight  # (V, D)
-        random = []
         for _ in range(5):
             ids = torch.randint(1000, 40000, (len(SPACE),), generator=rng)  # ordinary BPE tokens
             model.prompt_learner.rank_embeddings.copy_(embedding[ids].unsqueeze(1))  # (M, 1, D)
-            random.append(prototype_ordinality(model.compute_prototypes().numpy()))
-    assert max(random) <= MAX_RANDOM_ORDINALITY < MIN_WORD_ORDINALITY <= words, (random, words)
+            random = model.compute_prototypes()
+            assert prototype_ordinality(random.numpy()) < ORDINALITY, ids.tolist()
+            assert adjacent_neighbours(random) <= MAX_RANDOM_NEIGHBOURS, ids.tolist()
 
 
 def test_rankformer_identity_start_reproduces_ordinalclip(demo):

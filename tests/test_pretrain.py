@@ -31,6 +31,7 @@ from l2rclip.pretraining.corpus import (
     corpus_rng,
     draw_scene,
 )
+from l2rclip.pretraining.pretrain import save_demo_weights
 from l2rclip.ranks import number_words
 from l2rclip.stages.pretrain import run_pretrain
 
@@ -150,13 +151,17 @@ def test_stage_writes_fp16_weights_that_load_as_the_demo_clip(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(weights), framework="pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict == {torch.float16}
-        assert f.metadata()["l2rclip.kind"] == "demo"
-        assert json.loads(f.metadata()["pretrain"])["steps"] == 3
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118 - not a dict
+        recorded = json.loads(f.metadata()["l2rclip"])
+        assert (recorded["kind"], recorded["arch"], recorded["pretrain"]["steps"]) == ("demo", "L2RCLIP-Demo", 3)
     loaded = load_backbone("L2RCLIP-Demo", str(weights))
     assert loaded.kind == "demo" and not loaded.is_clip
     assert metrics["file_bytes"] == weights.stat().st_size < 8e6
-
+    # the same weights give the same bytes (git keeps every version of the shipped file)
+    copies = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for copy in copies:
+        save_demo_weights(loaded.model, copy, {"arch": "L2RCLIP-Demo", "note": "x", "corpus_version": 1})
+    assert copies[0].read_bytes() == copies[1].read_bytes()
 
 def test_backbone_kinds_and_labels(tmp_path):
     assert backbone_kind("L2RCLIP-Tiny", "none") == "random" and backbone_kind("ViT-B-16", "openai") == "clip"

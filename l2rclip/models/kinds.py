@@ -5,13 +5,14 @@ its numbers alike. The module is light (no torch, no open_clip): report stages i
 
 - `clip`: an open_clip tag or a weights file that is not the demo CLIP: no caveat;
 - `demo`: the demo CLIP shipped with the package (`model.pretrained: demo`), or any file the
-  pretrain stage wrote (safetensors metadata `l2rclip.kind: demo`): a tiny CLIP pretrained on
+  pretrain stage wrote (safetensors metadata `l2rclip` holding `"kind": "demo"`): a tiny CLIP pretrained on
   drawn shapes only. Its language prior is real but narrow; its numbers are not CLIP results;
 - `random`: `model.pretrained: none`: a pipeline check.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -22,7 +23,8 @@ from safetensors import SafetensorError, safe_open
 
 DEMO_ARCH = "L2RCLIP-Demo"
 DEMO_TAG = "demo"  # model.pretrained value selecting the shipped demo CLIP weights
-DEMO_KIND = "demo"  # safetensors metadata `l2rclip.kind` of the weights the pretrain stage writes
+DEMO_KIND = "demo"  # `kind` in the safetensors metadata of the weights the pretrain stage writes
+METADATA_KEY = "l2rclip"  # safetensors metadata key of that JSON (kind, arch, recipe)
 BackboneKind = Literal["clip", "demo", "random"]
 BACKBONE_LABELS: dict[str, str] = {
     "clip": "",
@@ -45,7 +47,7 @@ def demo_weights_file(arch: str = DEMO_ARCH) -> Path:
 def backbone_kind(arch: str, pretrained: str | None) -> BackboneKind:
     """Which weights `arch` / `pretrained` give: real CLIP, the demo CLIP, or random.
 
-    `none` is random; `demo`, or a safetensors file whose metadata says `l2rclip.kind: demo`
+    `none` is random; `demo`, or a safetensors file whose metadata `l2rclip` says `"kind": "demo"`
     (wherever it was copied), is the demo CLIP; every other tag or file is taken as real CLIP.
     Cheap: reads at most a safetensors header. `arch` does not change the answer; it keeps the
     call sites explicit about what they label.
@@ -58,10 +60,10 @@ def backbone_kind(arch: str, pretrained: str | None) -> BackboneKind:
     if str(pretrained).endswith(".safetensors") and os.path.isfile(str(pretrained)):
         try:
             with safe_open(str(pretrained), framework="pt") as weights:
-                metadata = weights.metadata() or {}
-        except (OSError, SafetensorError):
-            return "clip"  # not readable as safetensors: loading it will say why
-        if metadata.get("l2rclip.kind") == DEMO_KIND:
+                recorded = json.loads((weights.metadata() or {}).get(METADATA_KEY, "{}"))
+        except (OSError, SafetensorError, json.JSONDecodeError):
+            return "clip"  # not readable as safetensors or not our metadata: loading it will say why
+        if isinstance(recorded, dict) and recorded.get("kind") == DEMO_KIND:
             return "demo"
     return "clip"
 

@@ -41,7 +41,7 @@ from l2rclip.config import PretrainConfig
 from l2rclip.data.demo import COUNTS, demo_image
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
 from l2rclip.models.backbone import register_builtin_configs
-from l2rclip.models.kinds import DEMO_KIND
+from l2rclip.models.kinds import DEMO_KIND, METADATA_KEY
 from l2rclip.pretraining.corpus import CORPUS_VERSION, CaptionedShapes
 from l2rclip.ranks import RankSpace
 
@@ -125,12 +125,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def save_demo_weights(model: nn.Module, path: Path, metadata: dict[str, Any]) -> int:
-    """Write the state dict in fp16 safetensors with l2rclip metadata; returns the file size in bytes."""
+    """Write the state dict in fp16 safetensors with l2rclip metadata; returns the file size in bytes.
+
+    The metadata is one key, `l2rclip` (JSON with sorted keys, `kind: demo` among them): safetensors
+    writes several metadata keys in a random order, which would make the same weights differ in
+    bytes from run to run, and git keeps every version of the file.
+    """
     tensors = {name: value.detach().to(torch.float16).contiguous() for name, value in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
-    save_file(tensors, str(staging), metadata={"l2rclip.kind": DEMO_KIND,
-                                               **{k: json.dumps(v) for k, v in metadata.items()}})
+    save_file(tensors, str(staging), metadata={METADATA_KEY: json.dumps({"kind": DEMO_KIND, **metadata},
+                                                                        sort_keys=True)})
     staging.replace(path)
     return path.stat().st_size
 
