@@ -28,7 +28,9 @@ def _check(args: argparse.Namespace) -> int:
         print(f"l2rclip check: error: {error}", file=sys.stderr)
         return 2
     first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
-    kind = "CLIP weights" if result.is_clip else "RANDOM weights: a pipeline check, NOT CLIP results"
+    from l2rclip.models.kinds import backbone_label
+
+    kind = backbone_label(result.kind) or "CLIP weights"
     print(f"l2rclip library check passed in {result.seconds:.1f}s")
     print(f"  backbone: {result.arch} ({kind})")
     print(f"  loss over {len(result.losses)} steps: {first:.4f} -> {last:.4f}; terms: "
@@ -50,9 +52,14 @@ def _demo(args: argparse.Namespace) -> int:
     params = load_params("params.yaml")  # what dvc.yaml reads
     reason = weights_unavailable_reason(params.model.arch, params.model.pretrained)
     if reason and params.model.fallback.enabled:
-        print(f"{reason}\n\n==> CLIP weights are not available here: the pipeline runs on the small randomly "
-              f"initialised backbone {params.model.fallback.arch}. Every output and MLflow run is labelled "
-              "a PIPELINE CHECK: its numbers are NOT CLIP results.\n", flush=True)
+        from l2rclip.models.factory import fallback_config
+        from l2rclip.models.kinds import backbone_kind, backbone_label
+
+        used = fallback_config(params.model)
+        label = backbone_label(backbone_kind(used.arch, used.pretrained))
+        print(f"{reason}\n\n==> CLIP weights are not available here: the pipeline runs on the offline fallback "
+              f"{used.arch} (pretrained={used.pretrained}). Every output and MLflow run is labelled {label}.\n",
+              flush=True)
     dvc = Path(sys.executable).with_name("dvc")
     dvc = str(dvc) if dvc.exists() else "dvc"
     env = interpreter_first_on_path(os.environ)  # the stages' `python` is this one, activated or not
@@ -281,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run `dvc repro` on params.yaml (by default the embedded demo set), `dvc push` the outputs "
                     "to the default DVC remote (.dvc/config) and print the "
                     "cross-validated report. Offline, without CLIP weights, says so and runs on the "
-                    "small random fallback backbone (model.fallback), labelled a pipeline check.")
+                    "offline fallback (model.fallback: the demo CLIP shipped with l2rclip, pretrained on "
+                    "drawn shapes only), every number labelled so.")
     demo.add_argument("--no-push", dest="push", action="store_false",
                       help="do not `dvc push` the outputs to the default DVC remote afterwards")
     demo.set_defaults(func=_demo)

@@ -33,10 +33,12 @@ from l2rclip.config.model import (
     TrainConfig,
 )
 from l2rclip.config.params import Params, model_name
+from l2rclip.config.pretraining import PretrainConfig
 
 __all__ = [
     "METHODS", "MODEL_NAME", "ConfigError", "ConformalConfig", "DataConfig", "DemoConfig", "EvalConfig",
-    "FallbackConfig", "LossConfig", "ModelConfig", "Params", "ParamsLoader", "PreprocessConfig", "PromptConfig",
+    "FallbackConfig", "LossConfig", "ModelConfig", "Params", "ParamsLoader", "PreprocessConfig", "PretrainConfig",
+    "PromptConfig",
     "RankFormerConfig", "RanksConfig", "ServingConfig", "SplitConfig", "TrackingConfig", "TrainConfig",
     "from_dict", "json_schema", "load_params", "model_name", "read_yaml", "section_problems", "to_dict",
     "to_flat_dict",

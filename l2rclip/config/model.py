@@ -71,22 +71,27 @@ class RankFormerConfig:
 
 @dataclass(frozen=True)
 class FallbackConfig:
-    """What training uses when the CLIP weights cannot be had (offline): a pipeline check, NOT CLIP.
+    """What training uses when the CLIP weights cannot be had (offline): NOT CLIP results, labelled so.
 
-    The fallback backbone is randomly initialised, so its image tower learns from scratch: it
-    needs a larger learning rate and more epochs than a pretrained tower fine-tuned gently.
+    `pretrained: auto` takes the demo CLIP shipped for `arch` (`L2RCLIP-Demo`: pretrained on drawn
+    shapes, labelled as such) and random weights for an arch without one (`L2RCLIP-Tiny`: a pipeline
+    check); `demo`, `none` or a file choose explicitly. A random backbone's image tower learns from
+    scratch: it trains with `lr_image` and `epochs` instead of train.lr_image and train.epochs (a
+    pretrained one, the demo CLIP included, keeps the train settings).
     """
 
     __pydantic_config__ = SECTION
 
     enabled: Bool = True
     """false: fail instead."""
-    arch: Str = "L2RCLIP-Tiny"
-    """Small randomly initialised backbone shipped with l2rclip."""
+    arch: Str = "L2RCLIP-Demo"
+    """The demo CLIP shipped with l2rclip (pretrained on drawn shapes); L2RCLIP-Tiny: random."""
+    pretrained: Str = "auto"
+    """auto: the arch's shipped demo weights, else none | demo | none (random) | a weights file."""
     lr_image: Positive = 1e-3
-    """Replaces train.lr_image."""
+    """Replaces train.lr_image for random weights only."""
     epochs: Count = 40
-    """Replaces train.epochs."""
+    """Replaces train.epochs for random weights only."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from l2rclip.config.data import DataConfig, PreprocessConfig, RanksConfig, Split
 from l2rclip.config.evaluation import ConformalConfig, EvalConfig, ServingConfig, TrackingConfig
 from l2rclip.config.fields import SECTION, NonNegativeInt
 from l2rclip.config.model import LossConfig, ModelConfig, TrainConfig
+from l2rclip.config.pretraining import PretrainConfig
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Params:
     """Request limits of the served model."""
     conformal: ConformalConfig = field(default_factory=ConformalConfig)
     """Conformal prediction intervals."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """The demo CLIP's pretraining stage."""
 
     @model_validator(mode="after")
     def _folds_exist(self) -> Params:

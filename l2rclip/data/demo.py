@@ -20,6 +20,7 @@ import colorsys
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +68,14 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96,
     if previous is not None and previous["settings"] == settings and _complete(root, previous):
         log.info("demo set in %s is up to date (%s)", root, settings)
         return demo_table(previous)
-    backgrounds = [_background(np.random.default_rng([seed, group])) for group in range(n_per_rank)]
+    backgrounds = [group_background(seed, group) for group in range(n_per_rank)]
     images = []
     for count in COUNTS:
         for group, background in enumerate(backgrounds):
-            rng = np.random.default_rng([seed, group, count])
-            objects = place_objects(rng, count, image_size)
+            image, objects = demo_image(seed, group, count, image_size, background)
             path = f"images/{count:02d}/{group:04d}.png"
             (root / path).parent.mkdir(parents=True, exist_ok=True)
-            _draw(rng, objects, image_size, background).save(root / path, format="PNG")
+            image.save(root / path, format="PNG")
             images.append({"path": path, "label": count, "group": f"g{group:04d}", "objects": objects})
     manifest = {"settings": settings, "images": images}
     _remove_stale(root, previous, {image["path"] for image in images})
@@ -140,18 +140,56 @@ def demo_table(manifest: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def place_objects(rng: np.random.Generator, count: int, size: int) -> list[list[Any]]:
+def demo_image(seed: int, group: int, count: int, image_size: int,
+               background: tuple[float, float, float] | None = None) -> tuple[Image.Image, list[list[Any]]]:
+    """Draw one demo image in memory: the picture `generate_demo` writes for (seed, group, count).
+
+    The image depends only on its key (numpy's generator seeded with `[seed, group, count]`, the
+    group's background with `[seed, group]`), so a caller can draw any single demo image, e.g. an
+    evaluation set that is never written to disk, and get the same pixels as the files.
+
+    Args:
+        seed: the demo set's seed.
+        group: pseudo-subject index (shares the background).
+        count: number of shapes, 1..10.
+        image_size: side in pixels.
+        background: the group's HSV background when the caller has it already (else drawn).
+
+    Returns:
+        The RGB image and its objects `[shape, cx, cy, r]`.
+    """
+    if background is None:
+        background = group_background(seed, group)
+    rng = np.random.default_rng([seed, group, count])
+    objects = place_objects(rng, count, image_size)
+    return draw_shapes(objects, shape_colours(rng, objects, background), image_size, background), objects
+
+
+def group_background(seed: int, group: int) -> tuple[float, float, float]:
+    """The HSV background shared by every image of a demo group."""
+    return _background(np.random.default_rng([seed, group]))
+
+
+def place_objects(rng: np.random.Generator, count: int, size: int, scale: float = 1.0,
+                  same_size: bool = False, kinds: Sequence[str] = SHAPES) -> list[list[Any]]:
     """Non-overlapping shapes for one image: `[shape, cx, cy, r]`, each inside its circle of radius r.
 
     Enclosing circles keep at least `GAP` px apart and inside the image, which makes the count
     unambiguous whatever the shape's rotation. Radii shrink with the count so ten shapes still fit;
     if random placement jams, the whole image is retried smaller (still deterministic).
+
+    The demo set uses the defaults. The captioned pretraining corpus (l2rclip.pretraining.corpus)
+    varies them so that size stops predicting the count: `scale` shrinks the largest radius,
+    `same_size` gives every shape one radius, `kinds` restricts the shape kinds drawn from.
     """
+    if not kinds or set(kinds) - set(SHAPES):
+        raise ValueError(f"kinds: expected a non-empty subset of {SHAPES}, found {tuple(kinds)}")
     for attempt in range(_PLACEMENT_ATTEMPTS):
-        largest = max(MIN_RADIUS, 0.3 * size / math.sqrt(count) * 0.85**attempt)
+        largest = max(MIN_RADIUS, scale * 0.3 * size / math.sqrt(count) * 0.85**attempt)
+        radius = _radius(rng, largest) if same_size else None
         objects: list[list[Any]] = []
         while len(objects) < count:
-            placed = _place_one(rng, objects, size, largest)
+            placed = _place_one(rng, objects, size, largest, radius, kinds)
             if placed is None:
                 break
             objects.append(placed)
@@ -160,14 +198,18 @@ def place_objects(rng: np.random.Generator, count: int, size: int) -> list[list[
     raise RuntimeError(f"cannot place {count} shapes of radius >= {MIN_RADIUS} px in {size} px")
 
 
-def _place_one(rng: np.random.Generator, objects: list[list[Any]], size: int,
-               largest: float) -> list[Any] | None:
-    """Draw one shape clear of `objects`, or None after `_PLACEMENT_TRIES` misses."""
+def _radius(rng: np.random.Generator, largest: float) -> float:
+    return round(float(rng.uniform(max(MIN_RADIUS, 0.55 * largest), largest)), 2)
+
+
+def _place_one(rng: np.random.Generator, objects: list[list[Any]], size: int, largest: float,
+               radius: float | None, kinds: Sequence[str]) -> list[Any] | None:
+    """One shape clear of `objects` (of `radius`, else a random one); None after `_PLACEMENT_TRIES` misses."""
     for _ in range(_PLACEMENT_TRIES):
-        r = round(float(rng.uniform(max(MIN_RADIUS, 0.55 * largest), largest)), 2)
+        r = _radius(rng, largest) if radius is None else radius
         cx, cy = (round(float(v), 2) for v in rng.uniform(r + 1, size - 1 - r, size=2))
         if all(math.hypot(cx - x, cy - y) >= r + s + GAP for _, x, y, s in objects):
-            return [SHAPES[int(rng.integers(len(SHAPES)))], cx, cy, r]
+            return [kinds[int(rng.integers(len(kinds)))], cx, cy, r]
     return None
 
 
@@ -183,19 +225,39 @@ def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
     return round(red * 255), round(green * 255), round(blue * 255)
 
 
-def _draw(rng: np.random.Generator, objects: list[list[Any]], size: int,
-          background: tuple[float, float, float]) -> Image.Image:
-    """Render the shapes in vivid colours whose brightness is far from the background's."""
+def shape_colours(rng: np.random.Generator, objects: list[list[Any]], background: tuple[float, float, float],
+                  hues: Sequence[float] | None = None) -> list[tuple[tuple[int, int, int], float]]:
+    """Colour and rotation of every shape: vivid, with a brightness far from the background's.
+
+    Args:
+        rng: drawn from in the demo set's order (per shape: brightness, hue, saturation, rotation).
+        objects: `[shape, cx, cy, r]` per shape.
+        background: HSV of the background (light or dark decides the shapes' brightness).
+        hues: a fixed hue in [0, 1) per shape (the captioned corpus names colours), or None for
+            random hues as in the demo set.
+
+    Returns:
+        `(rgb, turn)` per shape, `turn` the rotation in radians (unused for circles).
+    """
+    light_background = background[2] > 0.5
+    styles = []
+    for index, (shape, *_) in enumerate(objects):
+        value = rng.uniform(0.15, 0.4) if light_background else rng.uniform(0.8, 1.0)
+        hue = float(rng.random()) if hues is None else float(hues[index])
+        colour = _rgb(hue, float(rng.uniform(0.6, 1.0)), float(value))
+        styles.append((colour, 0.0 if shape == "circle" else float(rng.uniform(0.0, 2 * math.pi))))
+    return styles
+
+
+def draw_shapes(objects: list[list[Any]], styles: Sequence[tuple[tuple[int, int, int], float]], size: int,
+                background: tuple[float, float, float]) -> Image.Image:
+    """Render shapes (`[shape, cx, cy, r]`, styled by `shape_colours`) on an HSV background."""
     image = Image.new("RGB", (size, size), _rgb(*background))
     draw = ImageDraw.Draw(image)
-    light_background = background[2] > 0.5
-    for shape, cx, cy, r in objects:
-        value = rng.uniform(0.15, 0.4) if light_background else rng.uniform(0.8, 1.0)
-        colour = _rgb(float(rng.random()), float(rng.uniform(0.6, 1.0)), float(value))
+    for (shape, cx, cy, r), (colour, turn) in zip(objects, styles, strict=True):
         if shape == "circle":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
             continue
-        turn = rng.uniform(0.0, 2 * math.pi)
         corners = _CORNERS[shape]
         draw.polygon([(cx + r * math.cos(turn + 2 * math.pi * k / corners),
                        cy + r * math.sin(turn + 2 * math.pi * k / corners)) for k in range(corners)],

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from l2rclip.metrics import lower_is_better
-from l2rclip.models.labels import PIPELINE_CHECK
+from l2rclip.models.kinds import backbone_label, kind_of, least_clip
 
 CONFIDENCE = 0.95
 # the median baseline in the metric's units (rank values or rank indices)
@@ -126,9 +126,10 @@ def _reference_index(results: Sequence[dict[str, Any]], reference: str | None) -
     return names.index(reference)
 
 
-def _pipeline_check(results: Sequence[dict[str, Any]]) -> bool:
-    """Whether any variant ran on the random fallback backbone (its numbers are not CLIP results)."""
-    return any(result["summary"] and result["summary"].get("is_clip") is False for result in results)
+def _backbone_caveat(results: Sequence[dict[str, Any]]) -> str:
+    """The label of the least CLIP-like backbone any variant ran on ('' when all ran on real CLIP)."""
+    kinds = [kind_of(result["summary"]) for result in results if result["summary"]]
+    return backbone_label(least_clip(kinds)) if kinds else ""
 
 
 def _baseline_mean(result: dict[str, Any], metric: str) -> float | None:
@@ -191,8 +192,8 @@ def comparison_table(results: Sequence[dict[str, Any]], metric: str, reference: 
                       *_comparison_cells(comparison, position == index, ref_name)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *_findings(results, metric, index, confidence)]
-    if _pipeline_check(results):
-        lines += ["", f"> **{PIPELINE_CHECK}**"]
+    if caveat := _backbone_caveat(results):
+        lines += ["", f"> **{caveat}**"]
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +286,7 @@ def comparison_figure(results: Sequence[dict[str, Any]], metric: str, reference:
     labels = [label for a in axes for label in a.get_legend_handles_labels()[1]]
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize="small")
-    suffix = "\n" + PIPELINE_CHECK if _pipeline_check(results) else ""
+    suffix = "\n" + caveat if (caveat := _backbone_caveat(results)) else ""
     fig.suptitle(f"Ablation: {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better){suffix}",
                  fontsize="medium")
     return fig

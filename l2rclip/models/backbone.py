@@ -5,11 +5,17 @@
   downloaded on a connected machine. Offline and not cached, loading fails within seconds with a
   message that says how to supply the weights, instead of hanging in retries;
 - a path to a local weights file (`.bin`, `.pt`, `.safetensors`);
+- `demo`: the demo CLIP shipped with the package (`L2RCLIP-Demo` only): a tiny CLIP pretrained
+  here on drawn shapes with captions (`python -m l2rclip.stages.pretrain`). It has a real but narrow
+  language prior (number words, shapes, colours), so the method can be seen offline; its numbers
+  are *not* CLIP results and are labelled so (l2rclip.models.kinds);
 - `none`: random initialisation. Useful for pipeline checks and tests, and loudly *not CLIP*.
 
 What network and preprocessing that gives is the backbone's recipe (`l2rclip.models.recipe`):
 `load_backbone` resolves it and builds it with the weights; a saved model stores it, and
 `build_backbone(recipe, load_weights=False)` rebuilds exactly it for the saved weights.
+Every number must say which of the three it came from: `l2rclip.models.kinds.backbone_kind` tells
+real CLIP, the demo CLIP and random weights apart, `backbone_label` is the caveat printed with it.
 
 The text tower and the logit scale are always frozen (L2RCLIP tunes prompts, not the text encoder).
 """
@@ -30,6 +36,7 @@ import torch
 from open_clip.factory import load_state_dict
 from torch import nn
 
+from l2rclip.models.kinds import BackboneKind
 from l2rclip.models.recipe import TINY_ARCH, BackboneRecipe, register_builtin_configs, resolve_recipe, tag_config
 
 __all__ = ["TINY_ARCH", "Backbone", "WeightsFileError", "WeightsUnavailableError", "build_backbone",
@@ -78,6 +85,11 @@ class Backbone:
         """False when the weights are random (`pretrained: none`)."""
         return self.recipe.is_clip
 
+    @property
+    def kind(self) -> BackboneKind:
+        """`clip`, `demo` or `random` (`l2rclip.models.kinds`)."""
+        return self.recipe.kind
+
 
 def load_backbone(arch: str, pretrained: str | None, device: str | torch.device = "cpu") -> Backbone:
     """Create the CLIP model and transforms for `arch` with weights from `pretrained`.
@@ -92,7 +104,7 @@ def load_backbone(arch: str, pretrained: str | None, device: str | torch.device 
     if reason := weights_unavailable_reason(recipe):
         raise WeightsUnavailableError(reason)
     backbone = build_backbone(recipe, device, load_weights=True)
-    if not recipe.is_clip:
+    if recipe.source == "none":
         warnings.warn(f"model.pretrained is 'none': {arch} is randomly initialised. This is NOT CLIP; "
                       "results measure the pipeline, not the method.", UserWarning, stacklevel=2)
     return backbone

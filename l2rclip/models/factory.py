@@ -11,6 +11,7 @@ from l2rclip.config import ModelConfig
 from l2rclip.methods import HEAD_KINDS
 from l2rclip.models.backbone import Backbone, WeightsUnavailableError, load_backbone, weights_unavailable_reason
 from l2rclip.models.heads import OrdinalHeadModel
+from l2rclip.models.kinds import DEMO_TAG, backbone_kind, backbone_label, demo_weights_file
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.models.prompts import RankPromptLearner
 from l2rclip.models.rankformer import RankFormer
@@ -60,34 +61,50 @@ def similarity_scale(model: L2RCLIP) -> float:
     return math.exp(float(model.logit_scale))
 
 
+def fallback_config(config: ModelConfig) -> ModelConfig:
+    """The model config of the offline fallback: `model.fallback.arch` with its weights.
+
+    `model.fallback.pretrained: auto` takes the demo CLIP shipped for the arch when there is one
+    (`L2RCLIP-Demo`: a real, narrow language prior learnt from drawn shapes), else random weights
+    (`none`, e.g. `L2RCLIP-Tiny`: a pipeline check).
+    """
+    fallback = config.fallback
+    pretrained = fallback.pretrained
+    if pretrained == "auto":
+        pretrained = DEMO_TAG if demo_weights_file(fallback.arch).is_file() else "none"
+    return dataclasses.replace(config, arch=fallback.arch, pretrained=pretrained)
+
+
 def planned_recipe(config: ModelConfig) -> BackboneRecipe:
     """The recipe of the backbone `resolve_backbone` will load, decided without loading any weights.
 
     The preprocess stage needs the backbone's preprocessing before training loads it. It reads
-    only `model.arch`, `model.pretrained` and `model.fallback.{enabled,arch}` (the params the stage
+    only `model.arch`, `model.pretrained` and `model.fallback.{enabled,arch,pretrained}` (the params the stage
     declares in dvc.yaml), and whether the weights can be had here.
     """
     recipe = resolve_recipe(config.arch, config.pretrained, hash_file=False)
     if config.fallback.enabled and weights_unavailable_reason(recipe):
-        return resolve_recipe(config.fallback.arch, "none")
+        used = fallback_config(config)
+        return resolve_recipe(used.arch, used.pretrained, hash_file=False)
     return recipe
 
 
 def resolve_backbone(config: ModelConfig, device: str = "cpu") -> tuple[Backbone, ModelConfig]:
-    """The configured backbone, or the small random fallback when its weights cannot be had.
+    """The configured backbone, or the offline fallback when its weights cannot be had.
 
-    The fallback applies only with `model.fallback.enabled`, and is announced as a warning.
-    Returns the backbone and the model config actually used (arch and pretrained replaced on
-    fallback), so every output can say what produced it; `backbone.is_clip` tells which.
+    The fallback (the demo CLIP by default, or a small random backbone; `fallback_config`) applies
+    only with `model.fallback.enabled`, and is announced as a warning. Returns the backbone and the
+    model config actually used (arch and pretrained replaced on fallback), so every output can say
+    what produced it; `backbone.kind` tells which (`clip`, `demo`, `random`).
     """
     try:
         return load_backbone(config.arch, config.pretrained, device), config
     except WeightsUnavailableError as error:
         if not config.fallback.enabled:
             raise
-        log.warning("%s\nFalling back to a small randomly initialised backbone (%s): this run checks the "
-                    "pipeline; its numbers are NOT CLIP results.", error, config.fallback.arch)
-    used = dataclasses.replace(config, arch=config.fallback.arch, pretrained="none")
+        used = fallback_config(config)
+        what = backbone_label(backbone_kind(used.arch, used.pretrained))
+        log.warning("%s\nFalling back to %s with pretrained=%s: %s", error, used.arch, used.pretrained, what)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback has just been announced
-        return load_backbone(used.arch, "none", device), used
+        return load_backbone(used.arch, used.pretrained, device), used

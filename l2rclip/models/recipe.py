@@ -14,7 +14,8 @@ A recipe's weights `source` is one of:
 - `tag`: an open_clip pretrained tag. Its config names where open_clip finds the weights (a
   Hugging Face repo, a URL, or, for a tag registered with a `file` entry such as a weights file
   shipped with a package, a local file, whose sha256 is then recorded too);
-- `file`: a local weights file, recorded with its sha256;
+- `file`: a local weights file, recorded with its sha256 (`demo`, the demo CLIP shipped with the
+  package, is such a file: `pretrained` keeps the name `demo`, `origin` the file);
 - `none`: random initialisation (a pipeline check, not CLIP).
 """
 
@@ -31,6 +32,8 @@ from typing import Any, Literal
 import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.utils import to_2tuple
+
+from l2rclip.models.kinds import DEMO_ARCH, DEMO_TAG, BackboneKind, backbone_kind, demo_weights_file, is_none
 
 RECIPE_VERSION = 1
 TINY_ARCH = "L2RCLIP-Tiny"
@@ -92,13 +95,20 @@ class BackboneRecipe:
     open_clip_version: str
 
     @property
+    def kind(self) -> BackboneKind:
+        """Which weights these are: real CLIP, the demo CLIP or random (`l2rclip.models.kinds`)."""
+        return "demo" if self.pretrained == DEMO_TAG else backbone_kind(self.arch, self.origin or self.pretrained)
+
+    @property
     def is_clip(self) -> bool:
-        """Whether the weights are trained CLIP weights (False: random initialisation)."""
-        return self.source != "none"
+        """Whether the weights are real CLIP weights (not the demo CLIP, not random)."""
+        return self.kind == "clip"
 
     def weights_argument(self) -> str | None:
         """The `pretrained` argument of `open_clip.create_model` that loads these weights."""
-        return self.pretrained if self.is_clip else None
+        if self.source == "none":
+            return None
+        return self.origin if self.source == "file" else self.pretrained
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (stored in model.json as `recipe`)."""
@@ -144,15 +154,10 @@ class BackboneRecipe:
 
 
 def register_builtin_configs() -> None:
-    """Make the package's own architecture configs (the tiny test model) known to open_clip."""
-    if TINY_ARCH not in open_clip.list_models():
+    """Make the package's own architecture configs (the tiny test model, the demo CLIP) known to open_clip."""
+    if not {TINY_ARCH, DEMO_ARCH} <= set(open_clip.list_models()):
         config_dir = resources.files("l2rclip.models") / "configs"
         open_clip.add_model_config(Path(str(config_dir)))
-
-
-def is_none(pretrained: str | None) -> bool:
-    """Whether `pretrained` asks for random initialisation."""
-    return pretrained is None or str(pretrained).lower() in ("", "none", "null")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -191,6 +196,13 @@ def resolve_recipe(arch: str, pretrained: str | None, hash_file: bool = True) ->
     sha256 = origin = None
     if is_none(pretrained):
         source, pretrained = "none", None
+    elif pretrained == DEMO_TAG:
+        path = demo_weights_file(arch)
+        if not path.is_file():
+            raise RecipeError(f"model.pretrained: 'demo' weights ship for model.arch {DEMO_ARCH} only, as {path}; "
+                              f"found no such file for model.arch {arch!r} (rebuild it with `dvc repro pretrain`)")
+        source, origin = "file", str(path)
+        sha256 = file_sha256(path) if hash_file else None
     elif (tag_cfg := tag_config(arch, str(pretrained))):
         source = "tag"
         local = tag_cfg.get("file")

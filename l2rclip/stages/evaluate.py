@@ -32,7 +32,7 @@ from l2rclip.evaluation.plots import conformal_plot, evaluation_plots
 from l2rclip.evaluation.predictions import predictions_table, split_outputs
 from l2rclip.metrics import clap_epsilon_error, ordinal_metrics, prefix_metrics, prototype_ordinality_metrics
 from l2rclip.models.checkpoint import load_model
-from l2rclip.models.labels import PIPELINE_CHECK
+from l2rclip.models.kinds import backbone_label, kind_of
 from l2rclip.runtime import pick_device, seed_everything
 from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
@@ -90,12 +90,13 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
                                                        rank_space.value_array)
         metrics.update(interval_metrics, n_calib=float(calibration.n))
     result = {**prefix_metrics(metrics, "test"), "fold": fold, "method": meta.get("method", "l2rclip"),
-              "backbone": meta["backbone"], "is_clip": meta["is_clip"], "best_epoch": meta["epoch"],
+              "backbone": meta["backbone"], "is_clip": meta["is_clip"], "backbone_kind": kind_of(meta),
+              "best_epoch": meta["epoch"],
               "prediction_rule": "threshold" if point is not None else "argmax+expectation"}
     if by_rank:
         result["conformal_by_rank"] = by_rank
     write_json(metrics_file, result)
-    suffix = "" if meta["is_clip"] else PIPELINE_CHECK
+    suffix = backbone_label(meta)
     figures = evaluation_plots(predictions, prototypes, rank_space,
                                out_dir / "figures", title_suffix=suffix, unit=params.ranks.unit)
     for alpha in calibration.alpha if calibration is not None else ():

@@ -25,7 +25,7 @@ import numpy as np
 
 from l2rclip.config import Params, load_params, model_name
 from l2rclip.evaluation.plots import cv_summary_plot
-from l2rclip.models.labels import PIPELINE_CHECK
+from l2rclip.models.kinds import backbone_label, kind_of, least_clip
 from l2rclip.stages.common import run_main, stage_parser, write_json
 from l2rclip.tracking.runs import Tracker
 from l2rclip.training.timings import read_seconds
@@ -122,8 +122,8 @@ def conformal_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
 def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> str:
     """The report as markdown."""
     lines = [f"# Cross-validated results: {header['source']}", ""]
-    if not header["is_clip"]:
-        lines += [f"> **{PIPELINE_CHECK}**", ""]
+    if label := backbone_label(header):
+        lines += [f"> **{label}**", ""]
     lines += [f"Method `{header['method']}`, backbone `{header['backbone']}`, {header['n_folds']} folds; "
               "mean +- std (ddof=1) over folds.",
               "", f"The papers of this protocol report MAE in {header['paper_mae_unit']} units: "
@@ -172,6 +172,7 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     summary = summarise(per_fold)
     header = {"source": params.data.source, "method": per_fold[0].get("method", "l2rclip"),
               "backbone": per_fold[0]["backbone"], "is_clip": all(m["is_clip"] for m in per_fold),
+              "backbone_kind": least_clip(kind_of(m) for m in per_fold),
               "n_folds": len(per_fold),
               "paper_mae": PAPER_MAE_KEYS[params.eval.paper_mae],
               "paper_mae_unit": "rank-index" if params.eval.paper_mae == "index" else "rank-value",
@@ -185,7 +186,7 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
                              metric_names=["test/mae", "test/accuracy"], folds=params.folds,
                              baselines={"test/mae": summary["test/mae_median_baseline"]["folds"]},
                              units={"test/mae": params.ranks.unit},
-                             title_suffix="" if header["is_clip"] else PIPELINE_CHECK)
+                             title_suffix=backbone_label(header))
 
     tracker, ids = Tracker.from_handle(train_root / str(params.folds[0]) / "train")
     parent = ids.get("parent_run_id")

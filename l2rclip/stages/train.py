@@ -49,7 +49,7 @@ from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
 from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.models.factory import build_model, resolve_backbone
-from l2rclip.models.labels import PIPELINE_CHECK
+from l2rclip.models.kinds import backbone_label
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import describe_device, device_report, pick_device, seed_everything
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
@@ -148,16 +148,17 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
     meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
-            "is_clip": backbone.is_clip, "fold": fold, "data_version": version}
+            "is_clip": backbone.is_clip, "backbone_kind": backbone.kind, "fold": fold, "data_version": version}
     device_info = device_report(device, params.train.amp)
     if world.is_main:
         print(f"train fold {fold}: {describe_device(device_info)}", flush=True)
     tags = {**source_tags("l2rclip.stages.train"), "l2rclip.data_version": version,
-            "l2rclip.backbone": model_config.arch, "l2rclip.pipeline_check": str(not backbone.is_clip).lower()}
-    if not backbone.is_clip:
-        tags["mlflow.note.content"] = PIPELINE_CHECK
+            "l2rclip.backbone": model_config.arch, "l2rclip.backbone_kind": backbone.kind,
+            "l2rclip.pipeline_check": str(backbone.kind == "random").lower()}
+    if backbone.kind != "clip":
+        tags["mlflow.note.content"] = backbone_label(backbone.kind)
     used = params
-    if model_config != params.model:  # the random fallback learns from scratch: its own rate and length
+    if model_config != params.model and backbone.kind == "random":  # learns from scratch: own rate and length
         fallback = params.model.fallback
         used = dataclasses.replace(params, train=dataclasses.replace(
             params.train, lr_image=fallback.lr_image, epochs=fallback.epochs))
@@ -203,7 +204,7 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
                "train_images": len(data.train), "val_images": len(data.val),
-               "label": None if backbone.is_clip else PIPELINE_CHECK, "recipe": backbone.recipe.to_dict(),
+               "label": backbone_label(backbone.kind) or None, "recipe": backbone.recipe.to_dict(),
                "device": device_info}
     if not world.is_main:
         return summary

@@ -39,6 +39,7 @@ class CheckResult:
 
     arch: str
     is_clip: bool
+    kind: str  # clip | demo | random (l2rclip.models.kinds)
     losses: list[dict[str, float]]
     metrics: dict[str, float]
     ordinality: float
@@ -97,6 +98,7 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
         probs = model(images)["logits"].softmax(dim=1).numpy()
     metrics = ordinal_metrics(probs, labels.numpy(), space.value_array, params.eval.cs_theta,
                               params.eval.ece_bins)
-    return CheckResult(arch=params.model.arch, is_clip=backbone.is_clip, losses=losses, metrics=metrics,
+    return CheckResult(arch=params.model.arch, is_clip=backbone.is_clip, kind=backbone.kind,
+                       losses=losses, metrics=metrics,
                        ordinality=prototype_ordinality(prototypes.numpy()), truncation_error=error,
                        seconds=time.perf_counter() - start)

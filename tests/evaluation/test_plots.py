@@ -16,7 +16,7 @@ from l2rclip.evaluation.plots import (
     predicted_vs_true_plot,
     prototype_similarity_plot,
 )
-from l2rclip.models.labels import PIPELINE_CHECK
+from l2rclip.models.kinds import BACKBONE_LABELS
 from l2rclip.ranks import RankSpace
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -186,7 +186,8 @@ def test_cv_summary_labels_folds_draws_the_baseline_and_the_check_label(tmp_path
     mae, baseline, accuracy = [2.0, 2.5, 3.0], [4.0, 5.0, 6.0], [0.3, 0.35, 0.4]
     cv_summary_plot({"test/mae": mae, "test/accuracy": accuracy, "test/mae_median_baseline": baseline},
                     tmp_path / "cv.png", metric_names=["test/mae", "test/accuracy"], folds=[0, 3, 7],
-                    baselines={"test/mae": baseline}, units={"test/mae": "years"}, title_suffix=PIPELINE_CHECK)
+                    baselines={"test/mae": baseline}, units={"test/mae": "years"},
+                    title_suffix=BACKBONE_LABELS["random"])
     fig = saved_figures[0]
     mae_ax, accuracy_ax = fig.axes
     for ax in (mae_ax, accuracy_ax):
@@ -197,11 +198,11 @@ def test_cv_summary_labels_folds_draws_the_baseline_and_the_check_label(tmp_path
     assert [list(line.get_ydata()) for line in mae_ax.lines if line.get_marker() == "_"] == [baseline]  # per fold
     assert not [line for line in accuracy_ax.lines if line.get_linestyle() == "--"]
     assert mae_ax.get_ylabel() == "test/mae (years)" and mae_ax.get_title().startswith("test/mae\n2.5 ± 0.5")
-    assert PIPELINE_CHECK in fig.get_suptitle()
+    assert BACKBONE_LABELS["random"] in fig.get_suptitle()
     cv_summary_plot({"test/mae": [2.0]}, tmp_path / "one.png", folds=[4])
     one = saved_figures[1].axes[0]
     assert tick_texts(one) == ["4"] and "one fold: no std" in one.get_title()
-    assert PIPELINE_CHECK not in saved_figures[1].get_suptitle()
+    assert BACKBONE_LABELS["random"] not in saved_figures[1].get_suptitle()
 
 
 def test_small_heatmap_is_annotated(tmp_path, small, saved_figures):

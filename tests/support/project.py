@@ -65,8 +65,13 @@ def copy_project(repo: Path, override: dict) -> Path:
     `override` as its params.yaml."""
     repo.mkdir(parents=True)
     shutil.copytree(ROOT / "l2rclip", repo / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # .gitignore: files stages write beside outputs
+    for name in (".dvcignore", ".gitignore"):  # .gitignore: files stages write beside outputs
         shutil.copy(ROOT / name, repo / name)
+    # The demo CLIP ships with the package (the `pretrain` stage's git-tracked output): a copy without
+    # the repository's dvc.lock would retrain it (minutes) before any stage that reads l2rclip/models.
+    pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    pipeline["stages"].pop("pretrain", None)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
     (repo / "params.yaml").write_text(yaml.safe_dump(project_params(override), sort_keys=False))
     return repo
 
