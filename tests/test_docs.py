@@ -51,6 +51,9 @@ class Covered:
 
 
 COVERED = [
+    # --- the demo CLIP (docs/demo-clip.md)
+    Covered(r"dvc repro (-f )?pretrain", ("test_stage_writes_fp16_weights_that_load_as_the_demo_clip",),
+            "the stage's function on a 3-step budget; the full 2,400-step run is what the page measures"),
     # --- configuration (docs/configuration.md)
     Covered(r"l2rclip config validate( --params params\.yaml)?",
             ("test_config_validate_says_valid_or_names_the_problem",)),
