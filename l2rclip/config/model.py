@@ -37,6 +37,10 @@ class PromptConfig:
     """Rank embeddings mixed from `n_base` learnable base embeddings, or plain (CoOp: one free one per rank)."""
     n_base: Annotated[int, Strict(), Interval(ge=2)] = 2
     """B base embeddings interpolated into the M rank embeddings."""
+    rank_offsets: Bool = False
+    """Interpolate learnable offsets added to each rank's own name embedding, which start at zero, so training
+    starts at the rank-name prompts [ours]; false: interpolate the base embeddings themselves (OrdinalCLIP: the
+    start mixes the first and last rank names only)."""
     gaussian_sigma: Positive = 1.0
     """Width of the gaussian weights, in units of `gaussian_unit`."""
     inverse_distance_eps: Float = 1e-3

@@ -89,13 +89,18 @@ class RankPromptLearner(nn.Module):
         gaussian_sigma: width of the gaussian weights, in units of `gaussian_unit`.
         inverse_distance_eps: eps of the inverse-distance weights 1 / (d + eps).
         gaussian_unit: "base_spacing" or "rank", the unit of `gaussian_sigma`.
+        rank_offsets: interpolate offsets (zero at the start) added to every rank's own initial
+            embedding, instead of the embeddings themselves. OrdinalCLIP's bases start at the first
+            and last rank names, so every rank in between starts as a mix of those two words and the
+            language prior of the others is lost; with offsets each rank starts at its own name
+            while learnt changes stay tied between neighbouring ranks [ours].
     """
 
     def __init__(self, token_embedding: nn.Embedding, tokenizer: Any, rank_names: Sequence[str],
                  context_init: str = "random", n_context: int = 8, context_shared: bool = True,
                  rank_tokens: int = 1, rank_init: str = "names", interpolation: str = "linear",
                  n_base: int = 2, gaussian_sigma: float = 1.0, inverse_distance_eps: float = 1e-3,
-                 gaussian_unit: str = "base_spacing"):
+                 gaussian_unit: str = "base_spacing", rank_offsets: bool = False):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"model.prompt.interpolation: expected one of {INTERPOLATIONS}, "
@@ -104,6 +109,7 @@ class RankPromptLearner(nn.Module):
             raise ValueError(f"model.prompt.rank_tokens: expected >= 1, found {rank_tokens}")
         n_ranks, width = len(rank_names), token_embedding.weight.shape[1]
         self.n_ranks, self.rank_tokens, self.interpolation = n_ranks, rank_tokens, interpolation
+        self.rank_offsets = rank_offsets and interpolation != "plain"
 
         if context_init == "random":
             if n_context < 1:
@@ -130,8 +136,12 @@ class RankPromptLearner(nn.Module):
         else:
             self.register_buffer("weights", interpolation_weights(
                 n_ranks, n_base, interpolation, gaussian_sigma, inverse_distance_eps, gaussian_unit))  # (M, B)
-            anchors = torch.linspace(0, n_ranks - 1, n_base).round().long()  # nearest rank to each base
-            self.base_embeddings = nn.Parameter(names[anchors].clone())  # (B, T, D)
+            if self.rank_offsets:
+                self.register_buffer("rank_starts", names.clone())  # (M, T, D), fixed
+                self.base_embeddings = nn.Parameter(torch.zeros(n_base, rank_tokens, width))  # (B, T, D)
+            else:
+                anchors = torch.linspace(0, n_ranks - 1, n_base).round().long()  # nearest rank to each base
+                self.base_embeddings = nn.Parameter(names[anchors].clone())  # (B, T, D)
 
     @property
     def length(self) -> int:
@@ -142,7 +152,8 @@ class RankPromptLearner(nn.Module):
         """The rank embeddings r_k, shape (M, T, D)."""
         if self.interpolation == "plain":
             return self.rank_embeddings
-        return torch.einsum("mb,btd->mtd", self.weights, self.base_embeddings)  # (M, T, D)
+        mixed = torch.einsum("mb,btd->mtd", self.weights, self.base_embeddings)  # (M, T, D)
+        return self.rank_starts + mixed if self.rank_offsets else mixed
 
     def forward(self) -> torch.Tensor:
         """The learnable prompt block R, shape (M, N + T, D)."""

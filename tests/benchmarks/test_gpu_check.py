@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402  (a script folder, not a package)
 
 
+@pytest.mark.slow  # end to end: the slow tier (make test-all)
 def test_cpu_smoke_run_writes_every_part(tmp_path):
     results = gpu_check.main(["--device", "cpu", "--out", str(tmp_path)])
     assert "errors" not in results, results.get("errors")

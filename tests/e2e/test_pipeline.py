@@ -67,6 +67,7 @@ def scratch_repo(tmp_path):
     return repo, env
 
 
+@pytest.mark.slow  # end to end: the slow tier (make test-all)
 def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_repo, tmp_path):
     repo, env = scratch_repo
     first = run(["dvc", "repro"], repo, env)
@@ -126,6 +127,7 @@ def train_command(params: Path, prepared: Path, out: Path) -> list[str]:
             "--prepared", str(prepared), "--out", str(out)]
 
 
+@pytest.mark.slow  # end to end: the slow tier (make test-all)
 def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
     env = environment(tmp_path)
     params = tmp_path / "params.yaml"

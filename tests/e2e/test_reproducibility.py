@@ -38,6 +38,7 @@ def repro_and_commit(repo: Path, env: dict, message: str) -> None:
     run(["git", "commit", "-qm", message], repo, env)
 
 
+@pytest.mark.slow  # end to end: the slow tier (make test-all)
 def test_code_edit_retrains_and_an_unchanged_rerun_changes_nothing(tmp_path):
     env = environment(tmp_path)
     repo = git_repo(tmp_path / "repo", env)
@@ -71,6 +72,7 @@ def test_code_edit_retrains_and_an_unchanged_rerun_changes_nothing(tmp_path):
     assert any(not before[k].equal(after[k]) for k in before), "retrained weights must differ"
 
 
+@pytest.mark.slow  # end to end: the slow tier (make test-all)
 def test_a_second_clone_pulls_the_results_and_has_nothing_to_run(tmp_path):
     env = environment(tmp_path)
     first = git_repo(tmp_path / "first", env)

@@ -74,9 +74,11 @@ def clip_prototypes(backbone, sentences: list[str]) -> torch.Tensor:
         return backbone.model.encode_text(backbone.tokenizer(sentences), normalize=True)  # (M, E)
 
 
-def prompt_model(backbone, context: str, interpolation: str = "plain", rankformer: bool = False):
+def prompt_model(backbone, context: str, interpolation: str = "plain", rankformer: bool = False,
+                 rank_offsets: bool = False):
     config = ModelConfig(arch="L2RCLIP-Demo", pretrained="demo",
-                         prompt=PromptConfig(context_init=context, rank_init="names", interpolation=interpolation),
+                         prompt=PromptConfig(context_init=context, rank_init="names", interpolation=interpolation,
+                                             rank_offsets=rank_offsets),
                          rankformer=RankFormerConfig(enabled=rankformer))
     return build_l2rclip(backbone, SPACE, config).eval()
 
@@ -148,3 +150,19 @@ def test_rankformer_identity_start_reproduces_ordinalclip(demo):
         projection = l2rclip.rankformer.blocks[0].mlp[-1].weight  # (D, 4D)
         projection.copy_(torch.randn(projection.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
         assert not torch.allclose(l2rclip.compute_prototypes(), reference, atol=1e-3)
+
+
+def test_interpolated_offsets_start_at_the_rank_names_and_keep_their_prior(demo, test_set):
+    """OrdinalCLIP's start mixes "one" and "ten" for every rank between them and counts near chance;
+    interpolated offsets (model.prompt.rank_offsets) start at each rank's own name and count as they do."""
+    backbone, _ = demo
+    words = prompt_model(backbone, "the number of shapes is")
+    ordinalclip = prompt_model(backbone, "the number of shapes is", interpolation="linear")
+    offsets = prompt_model(backbone, "the number of shapes is", interpolation="linear", rank_offsets=True)
+    with torch.no_grad():
+        start = offsets.compute_prototypes()  # (M, E)
+        assert torch.allclose(start, words.compute_prototypes(), atol=1e-6)
+        assert accuracy(*test_set, start) >= MIN_ACCURACY
+        assert accuracy(*test_set, ordinalclip.compute_prototypes()) < 0.3  # measured 0.07 (docs/demo-clip.md)
+        offsets.prompt_learner.base_embeddings.normal_(0, 0.02)  # the learnt part moves every rank
+        assert not torch.allclose(offsets.compute_prototypes(), start, atol=1e-4)

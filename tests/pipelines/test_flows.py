@@ -658,6 +658,7 @@ def test_retrain_served_on_a_cron_schedule_by_a_real_prefect_server(tmp_path):
                 stop(runner)
 
 
+@pytest.mark.slow  # end to end: the slow tier (make test-all)
 @pytest.mark.timeout(900)
 def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_nightly_retrain(tmp_path, retrain_repo, env):
     """`prefect deploy --all` of the repo's prefect.yaml; `prefect worker start --run-once` runs the retrain.

@@ -176,6 +176,7 @@ def test_two_processes_on_the_image_store_follow_one_process(ddp_run):
         torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)
 
 
+@pytest.mark.slow  # end to end: the slow tier (make test-all)
 def test_ddp_training_killed_after_an_epoch_resumes_to_the_same_weights(ddp_run):
     tmp_path, params_file, env, _ = ddp_run
     resumed = tmp_path / "resumed"
