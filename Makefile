@@ -111,9 +111,10 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-## lint: ruff, and the layers contract of pyproject.toml (no module imports a higher layer)
+## lint: ruff (checks and formatting), and the layers contract of pyproject.toml (no module imports a higher layer)
 lint: $(STAMP)
 	$(BIN)/ruff check l2rclip tests benchmarks pipelines
+	$(BIN)/ruff format --check l2rclip tests benchmarks pipelines
 	$(BIN)/lint-imports
 
 clean:

@@ -29,12 +29,16 @@ def machine_line(device=None, torch_threads: bool = True) -> str:
     """CPU (or GPU), cores, torch threads, torch and Python versions, date, current load average."""
     if device is not None and device.type == "cuda":
         import torch
+
         where = torch.cuda.get_device_name(device)
     else:
         where = f"{cpu_model()}, {os.cpu_count()} cores"
         if torch_threads:
             import torch
+
             where += f", {torch.get_num_threads()} torch threads"
     load = f"load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "load average n/a"
-    return (f"{where}; torch {metadata.version('torch')}, Python {platform.python_version()}, "
-            f"{datetime.date.today().isoformat()}, {load} at the end")
+    return (
+        f"{where}; torch {metadata.version('torch')}, Python {platform.python_version()}, "
+        f"{datetime.date.today().isoformat()}, {load} at the end"
+    )

@@ -91,8 +91,9 @@ def store_cpu_pass(table: pd.DataFrame, store: ImageStore, batch: int, workers: 
     return time.perf_counter() - tick
 
 
-def epoch_seconds(table: pd.DataFrame, root: Path, store: ImageStore | None, space: RankSpace,
-                  workers: int, folder: Path) -> float:
+def epoch_seconds(
+    table: pd.DataFrame, root: Path, store: ImageStore | None, space: RankSpace, workers: int, folder: Path
+) -> float:
     """Wall time of one `fit` epoch of L2RCLIP-Tiny (no validation split), from files or store."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -100,13 +101,26 @@ def epoch_seconds(table: pd.DataFrame, root: Path, store: ImageStore | None, spa
         backbone = load_backbone(TINY_ARCH, "none")
     config = ModelConfig(arch=TINY_ARCH, pretrained="none", prompt=PromptConfig(context_init="a photo of a"))
     model = build_l2rclip(backbone, space, config)
-    params = from_dict(Params, {"train": {"epochs": 1, "warmup_epochs": 0, "num_workers": workers,
-                                          "device": "cpu"}})
+    params = from_dict(
+        Params, {"train": {"epochs": 1, "warmup_epochs": 0, "num_workers": workers, "device": "cpu"}}
+    )
     data = FoldData(images=table, train=table, val=table.iloc[:0], root=root, store=store)
     times: list[float] = []
-    fit(model, space, data, config, params.train, params.loss, params.eval,
-        (backbone.preprocess_train, backbone.preprocess_eval), folder, 0, torch.device("cpu"),
-        TrainState("bench"), on_epoch=lambda metrics, epoch: times.append(metrics["epoch_seconds"]))
+    fit(
+        model,
+        space,
+        data,
+        config,
+        params.train,
+        params.loss,
+        params.eval,
+        (backbone.preprocess_train, backbone.preprocess_eval),
+        folder,
+        0,
+        torch.device("cpu"),
+        TrainState("bench"),
+        on_epoch=lambda metrics, epoch: times.append(metrics["epoch_seconds"]),
+    )
     return times[0]
 
 
@@ -132,26 +146,40 @@ def main() -> None:
             loader["store"].append(store_pass(table, store_224, args.batch, args.workers))
             loader["store_cpu"].append(store_cpu_pass(table, store_224, args.batch, args.workers))
             epoch["files"].append(epoch_seconds(table, args.fgnet, None, space, args.workers, tmp / f"f{repeat}"))
-            epoch["store"].append(epoch_seconds(table, args.fgnet, store_64, space, args.workers,
-                                                tmp / f"s{repeat}"))
-    med = {k: {side: statistics.median(v) for side, v in d.items()} for k, d in (("loader", loader),
-                                                                                ("epoch", epoch))}
-    print(f"\n{machine_line()}; {n} FG-NET images, batch {args.batch}, {args.workers} loader worker(s), "
-          f"median of {args.repeats}\n")
-    print(f"store built once: 224 px {build_224:.1f} s ({n / build_224:.0f} images/s), "
-          f"64 px {build_64:.1f} s\n")
+            epoch["store"].append(
+                epoch_seconds(table, args.fgnet, store_64, space, args.workers, tmp / f"s{repeat}")
+            )
+    med = {
+        k: {side: statistics.median(v) for side, v in d.items()} for k, d in (("loader", loader), ("epoch", epoch))
+    }
+    print(
+        f"\n{machine_line()}; {n} FG-NET images, batch {args.batch}, {args.workers} loader worker(s), "
+        f"median of {args.repeats}\n"
+    )
+    print(f"store built once: 224 px {build_224:.1f} s ({n / build_224:.0f} images/s), 64 px {build_64:.1f} s\n")
     print("| measurement | from JPEG files | from the store | ratio | target |")
     print("|---|---|---|---|---|")
-    print(f"| loader, 224 px, training mode (images/s) | {n / med['loader']['files']:.0f} | "
-          f"{n / med['loader']['store']:.0f} | {med['loader']['files'] / med['loader']['store']:.1f}x | >= 10x |")
+    print(
+        f"| loader, 224 px, training mode (images/s) | {n / med['loader']['files']:.0f} | "
+        f"{n / med['loader']['store']:.0f} | {med['loader']['files'] / med['loader']['store']:.1f}x | >= 10x |"
+    )
     cpu = med["loader"]["store_cpu"]
-    print(f"| the same, crops + normalisation on this CPU (images/s) | {n / med['loader']['files']:.0f} | "
-          f"{n / cpu:.0f} | {med['loader']['files'] / cpu:.1f}x | - |")
-    print(f"| one L2RCLIP-Tiny epoch, 64 px (s) | {med['epoch']['files']:.2f} | {med['epoch']['store']:.2f} | "
-          f"{med['epoch']['files'] / med['epoch']['store']:.1f}x | >= 3x |")
-    print("\nall runs (s): " + "; ".join(f"{k} {side}: " + ", ".join(f"{x:.2f}" for x in v)
-                                         for k, d in (("loader", loader), ("epoch", epoch))
-                                         for side, v in d.items()))
+    print(
+        f"| the same, crops + normalisation on this CPU (images/s) | {n / med['loader']['files']:.0f} | "
+        f"{n / cpu:.0f} | {med['loader']['files'] / cpu:.1f}x | - |"
+    )
+    print(
+        f"| one L2RCLIP-Tiny epoch, 64 px (s) | {med['epoch']['files']:.2f} | {med['epoch']['store']:.2f} | "
+        f"{med['epoch']['files'] / med['epoch']['store']:.1f}x | >= 3x |"
+    )
+    print(
+        "\nall runs (s): "
+        + "; ".join(
+            f"{k} {side}: " + ", ".join(f"{x:.2f}" for x in v)
+            for k, d in (("loader", loader), ("epoch", epoch))
+            for side, v in d.items()
+        )
+    )
 
 
 if __name__ == "__main__":

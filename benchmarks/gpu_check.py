@@ -60,16 +60,33 @@ from l2rclip.training.optim import build_optimizer
 
 # Per mode: the full check on a GPU, and a smoke run that exercises every part on the CPU in seconds.
 MODES = {
-    "cuda": {"arch": "ViT-B-16", "batch": 64, "steps": 10, "warmup": 3, "images": 640, "image_size": 256,
-             "fp32_batch": 16, "loader_batches": 10},
-    "cpu": {"arch": "L2RCLIP-Tiny", "batch": 8, "steps": 2, "warmup": 1, "images": 40, "image_size": 64,
-            "fp32_batch": 4, "loader_batches": 3},
+    "cuda": {
+        "arch": "ViT-B-16",
+        "batch": 64,
+        "steps": 10,
+        "warmup": 3,
+        "images": 640,
+        "image_size": 256,
+        "fp32_batch": 16,
+        "loader_batches": 10,
+    },
+    "cpu": {
+        "arch": "L2RCLIP-Tiny",
+        "batch": 8,
+        "steps": 2,
+        "warmup": 1,
+        "images": 40,
+        "image_size": 64,
+        "fp32_batch": 4,
+        "loader_batches": 3,
+    },
 }
 RANK_COUNTS = (10, 62, 101)
 
 
-def training_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
-                     seed: int) -> Iterable[tuple[dict, torch.Tensor]]:
+def training_batches(
+    table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig, seed: int
+) -> Iterable[tuple[dict, torch.Tensor]]:
     """The batches training draws: the JPEG/PNG data path today; switch here to the preprocess store."""
     return _image_batches(table, root, transform, train, seed)
 
@@ -79,12 +96,15 @@ class Check:
 
     def __init__(self, args: argparse.Namespace, tmp: Path):
         self.args, self.device = args, torch.device(args.device)
-        self.settings = {**MODES[self.device.type], **{k: v for k, v in vars(args).items()
-                                                         if k in MODES["cuda"] and v is not None}}
+        self.settings = {
+            **MODES[self.device.type],
+            **{k: v for k, v in vars(args).items() if k in MODES["cuda"] and v is not None},
+        }
         self.amp = TrainConfig().amp
         self.root = tmp / "demo"
-        table = generate_demo(self.root, n_per_rank=-(-self.settings["images"] // 10),
-                              image_size=self.settings["image_size"])
+        table = generate_demo(
+            self.root, n_per_rank=-(-self.settings["images"] // 10), image_size=self.settings["image_size"]
+        )
         self.table = table.assign(rank=table["label"] - 1).head(self.settings["images"])
         self.weights = tmp / f"{self.settings['arch']}-random.pt"
         register_builtin_configs()
@@ -95,8 +115,11 @@ class Check:
     def l2rclip(self, n_ranks: int, device: torch.device | None = None):
         """Backbone, model config, ranks and L2RCLIP over M ranks, from the weights file (`model.pretrained`)."""
         backbone = load_backbone(self.settings["arch"], str(self.weights), device or self.device)
-        config = ModelConfig(arch=self.settings["arch"], pretrained=str(self.weights),
-                             prompt=PromptConfig(context_init="random", n_context=8))
+        config = ModelConfig(
+            arch=self.settings["arch"],
+            pretrained=str(self.weights),
+            prompt=PromptConfig(context_init="random", n_context=8),
+        )
         space = RankSpace(list(range(16, 16 + n_ranks)))  # ages 16.. (MORPH: 62 ranks)
         model = build_l2rclip(backbone, space, config).to(device or self.device)
         return backbone, config, space, model
@@ -155,20 +178,27 @@ def part_a_train_step(check: Check) -> None:
         optimisation_step(bare_optimizer, loss, train.grad_clip)
         return float(loss.detach())
 
-    steps = {"l2rclip": lambda: l2rclip_step(model, criterion, optimizer, images, labels, device, check.amp,
-                                             train.grad_clip),
-             "bare": bare_step}
+    steps = {
+        "l2rclip": lambda: l2rclip_step(
+            model, criterion, optimizer, images, labels, device, check.amp, train.grad_clip
+        ),
+        "bare": bare_step,
+    }
     for _ in range(settings["warmup"]):
         for run in steps.values():
             run()
     seconds = {name: [] for name in steps}
     for repeat in range(settings["steps"]):
-        for name in (list(steps) if repeat % 2 == 0 else list(reversed(steps))):
+        for name in list(steps) if repeat % 2 == 0 else list(reversed(steps)):
             seconds[name].append(timed(device, steps[name]))
     rates = {name: settings["batch"] / statistics.median(values) for name, values in seconds.items()}
-    check.results["a_train_step"] = {"l2rclip_images_per_s": rates["l2rclip"], "bare_images_per_s": rates["bare"],
-                                     "ratio": rates["l2rclip"] / rates["bare"], "ranks": len(space),
-                                     "amp": check.amp and device.type == "cuda"}
+    check.results["a_train_step"] = {
+        "l2rclip_images_per_s": rates["l2rclip"],
+        "bare_images_per_s": rates["bare"],
+        "ratio": rates["l2rclip"] / rates["bare"],
+        "ranks": len(space),
+        "amp": check.amp and device.type == "cuda",
+    }
 
 
 def part_b_loader(check: Check) -> None:
@@ -184,8 +214,12 @@ def part_b_loader(check: Check) -> None:
         count += len(labels)
     rate = count / (time.perf_counter() - tick)
     step = check.results.get("a_train_step", {}).get("l2rclip_images_per_s")
-    check.results["b_loader"] = {"images_per_s": rate, "workers": train.num_workers, "source": "image files",
-                                 "loader_over_step": rate / step if step else None}
+    check.results["b_loader"] = {
+        "images_per_s": rate,
+        "workers": train.num_workers,
+        "source": "image files",
+        "loader_over_step": rate / step if step else None,
+    }
 
 
 def part_c_memory(check: Check) -> None:
@@ -202,8 +236,9 @@ def part_c_memory(check: Check) -> None:
         if check.device.type == "cuda":  # the second step: optimiser state exists, as in training
             torch.cuda.reset_peak_memory_stats(check.device)
         l2rclip_step(model, criterion, optimizer, images, labels, check.device, check.amp, train.grad_clip)
-        rows[str(n_ranks)] = (torch.cuda.max_memory_allocated(check.device) / 2**30
-                              if check.device.type == "cuda" else None)
+        rows[str(n_ranks)] = (
+            torch.cuda.max_memory_allocated(check.device) / 2**30 if check.device.type == "cuda" else None
+        )
         del model, optimizer, backbone
         if check.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -218,12 +253,16 @@ def part_d_predict(check: Check) -> None:
     predictor = Predictor.load(folder, device=str(device))
     bare = open_clip.create_model(settings["arch"], pretrained=str(check.weights), device=device).eval()
     paths = [check.root / p for p in check.table["path"]]
-    loader = DataLoader(Files(paths, backbone.preprocess_eval), batch_size=settings["batch"],
-                        num_workers=resolve_workers(check.args.workers))
+    loader = DataLoader(
+        Files(paths, backbone.preprocess_eval),
+        batch_size=settings["batch"],
+        num_workers=resolve_workers(check.args.workers),
+    )
 
     def ours() -> None:
-        predictor.predict_paths(paths, batch_size=settings["batch"], num_workers=check.args.workers,
-                                progress=False)
+        predictor.predict_paths(
+            paths, batch_size=settings["batch"], num_workers=check.args.workers, progress=False
+        )
 
     def plain() -> None:
         with torch.no_grad(), autocast(device, check.amp):
@@ -235,11 +274,15 @@ def part_d_predict(check: Check) -> None:
         run()  # warm-up
     seconds = {name: [] for name in runs}
     for repeat in range(max(2, settings["steps"] // 3)):
-        for name in (list(runs) if repeat % 2 == 0 else list(reversed(runs))):
+        for name in list(runs) if repeat % 2 == 0 else list(reversed(runs)):
             seconds[name].append(timed(device, runs[name]))
     rates = {name: len(paths) / statistics.median(values) for name, values in seconds.items()}
-    check.results["d_predict"] = {"predict_images_per_s": rates["predict"], "bare_images_per_s": rates["bare"],
-                                  "ratio": rates["predict"] / rates["bare"], "images": len(paths)}
+    check.results["d_predict"] = {
+        "predict_images_per_s": rates["predict"],
+        "bare_images_per_s": rates["bare"],
+        "ratio": rates["predict"] / rates["bare"],
+        "images": len(paths),
+    }
 
 
 def part_e_fp32(check: Check) -> None:
@@ -260,46 +303,64 @@ def part_e_fp32(check: Check) -> None:
     difference = torch.cat([(grads[k] - cpu_grads[k]).flatten() for k in cpu_grads])
     norm = torch.cat([g.flatten() for g in cpu_grads.values()]).norm()
     check.results["e_fp32_device_vs_cpu"] = {
-        "loss_cpu": cpu_loss, "loss_device": loss, "loss_abs_diff": abs(loss - cpu_loss),
+        "loss_cpu": cpu_loss,
+        "loss_device": loss,
+        "loss_abs_diff": abs(loss - cpu_loss),
         "grad_max_abs_diff": float(difference.abs().max()),
-        "grad_diff_norm_over_grad_norm": float(difference.norm() / norm.clamp(min=1e-30))}
+        "grad_diff_norm_over_grad_norm": float(difference.norm() / norm.clamp(min=1e-30)),
+    }
 
 
 def markdown(results: dict) -> str:
     """The measurements as one markdown table (rows for the parts done so far)."""
+
     def number(value, digits=1):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     s = results["settings"]
-    lines = [f"GPU check: {s['arch']} (random init loaded from a local file: NOT CLIP weights), "
-             f"batch {s['batch']}, {s['images']} demo images at {s['image_size']} px; {results['machine']}", "",
-             "| part | measurement | value |", "|---|---|---|"]
+    lines = [
+        f"GPU check: {s['arch']} (random init loaded from a local file: NOT CLIP weights), "
+        f"batch {s['batch']}, {s['images']} demo images at {s['image_size']} px; {results['machine']}",
+        "",
+        "| part | measurement | value |",
+        "|---|---|---|",
+    ]
     if "a_train_step" in results:
         a = results["a_train_step"]
-        lines += [f"| (a) train step, M={a['ranks']}, amp {a['amp']} | L2RCLIP one-stage images/s | "
-                  f"{number(a['l2rclip_images_per_s'])} |",
-                  f"| | bare open_clip fine-tune images/s | {number(a['bare_images_per_s'])} |",
-                  f"| | ratio L2RCLIP / bare | {number(a['ratio'], 2)} |"]
+        lines += [
+            f"| (a) train step, M={a['ranks']}, amp {a['amp']} | L2RCLIP one-stage images/s | "
+            f"{number(a['l2rclip_images_per_s'])} |",
+            f"| | bare open_clip fine-tune images/s | {number(a['bare_images_per_s'])} |",
+            f"| | ratio L2RCLIP / bare | {number(a['ratio'], 2)} |",
+        ]
     if "b_loader" in results:
         b = results["b_loader"]
-        lines += [f"| (b) loader, {b['workers']} workers, {b['source']} | images/s | "
-                  f"{number(b['images_per_s'])} |",
-                  f"| | loader / L2RCLIP step | {number(b['loader_over_step'], 2)} |"]
+        lines += [
+            f"| (b) loader, {b['workers']} workers, {b['source']} | images/s | {number(b['images_per_s'])} |",
+            f"| | loader / L2RCLIP step | {number(b['loader_over_step'], 2)} |",
+        ]
     for ranks, gib in results.get("c_peak_memory_gib", {}).items():
         lines.append(f"| (c) peak memory, M={ranks} | GiB (max_memory_allocated) | {number(gib, 2)} |")
     if "d_predict" in results:
         d = results["d_predict"]
-        lines += [f"| (d) prediction, {d['images']} files | Predictor.predict_paths images/s | "
-                  f"{number(d['predict_images_per_s'])} |",
-                  f"| | bare encode_image images/s | {number(d['bare_images_per_s'])} |",
-                  f"| | ratio predict / bare | {number(d['ratio'], 2)} |"]
+        lines += [
+            f"| (d) prediction, {d['images']} files | Predictor.predict_paths images/s | "
+            f"{number(d['predict_images_per_s'])} |",
+            f"| | bare encode_image images/s | {number(d['bare_images_per_s'])} |",
+            f"| | ratio predict / bare | {number(d['ratio'], 2)} |",
+        ]
     if "e_fp32_device_vs_cpu" in results:
         e = results["e_fp32_device_vs_cpu"]
-        lines += [f"| (e) fp32 step, device vs CPU | loss difference | {e['loss_abs_diff']:.2e} |",
-                  f"| | max gradient difference | {e['grad_max_abs_diff']:.2e} |",
-                  f"| | gradient difference norm / gradient norm | {e['grad_diff_norm_over_grad_norm']:.2e} |"]
-    lines += ["", f"Total {number(results.get('seconds'), 0)} s. Parts not listed did not run (time limit or "
-              "error: see `errors` in gpu_check.json)."]
+        lines += [
+            f"| (e) fp32 step, device vs CPU | loss difference | {e['loss_abs_diff']:.2e} |",
+            f"| | max gradient difference | {e['grad_max_abs_diff']:.2e} |",
+            f"| | gradient difference norm / gradient norm | {e['grad_diff_norm_over_grad_norm']:.2e} |",
+        ]
+    lines += [
+        "",
+        f"Total {number(results.get('seconds'), 0)} s. Parts not listed did not run (time limit or "
+        "error: see `errors` in gpu_check.json).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -318,8 +379,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arch", help="open_clip architecture (default: ViT-B-16 on cuda, L2RCLIP-Tiny on cpu)")
     parser.add_argument("--batch", type=int, help="images per step (default: 64 on cuda, 8 on cpu)")
     parser.add_argument("--steps", type=int, help="timed steps per variant (default: 10 on cuda, 2 on cpu)")
-    parser.add_argument("--workers", type=workers, default=TrainConfig().num_workers,
-                        help="loader processes, as train.num_workers (default: %(default)s)")
+    parser.add_argument(
+        "--workers",
+        type=workers,
+        default=TrainConfig().num_workers,
+        help="loader processes, as train.num_workers (default: %(default)s)",
+    )
     parser.add_argument("--parts", default="abcde", help="which parts to run (default: abcde)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -66,8 +66,9 @@ def main() -> None:
     parser.add_argument("--repo", type=Path, default=ROOT, help="repository to clone (default: this one)")
     parser.add_argument("--folds", help="comma-separated folds to run (default: `folds` of params.yaml)")
     parser.add_argument("--n-per-rank", type=int, help="override data.demo.n_per_rank (default: params.yaml)")
-    parser.add_argument("--epochs", type=int,
-                        help="override model.fallback.epochs, the epochs of the offline fallback backbone")
+    parser.add_argument(
+        "--epochs", type=int, help="override model.fallback.epochs, the epochs of the offline fallback backbone"
+    )
     parser.add_argument("--dvc", action="store_true", help="run each stage as `dvc repro --single-item`")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed) for inspection")
     args = parser.parse_args()
@@ -75,14 +76,23 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="l2rclip-pipeline-"))
     repo = tmp / "repo"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "DVC_NO_ANALYTICS": "1",
-           "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "bench@localhost",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "bench@localhost",
+    }
     try:
         subprocess.run(["git", "clone", "-q", str(args.repo), str(repo)], check=True, env=env)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True, env=env,
-                                capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=repo, check=True, env=env, capture_output=True, text=True
+        ).stdout.strip()
         params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
         overrides = {}
         if args.folds is not None:
@@ -97,8 +107,9 @@ def main() -> None:
         logs.mkdir()
         rows = []
         python = shutil.which("python", path=env["PATH"]) or sys.executable
-        _, wall, peak = run_measured([python, "-c", "import torch, open_clip, mlflow"], repo, env,
-                                     logs / "imports.log")
+        _, wall, peak = run_measured(
+            [python, "-c", "import torch, open_clip, mlflow"], repo, env, logs / "imports.log"
+        )
         reference = ("(reference: python -c 'import torch, open_clip, mlflow')", wall, peak, 0)
         for name, command in stage_commands(repo, list(params["folds"])):
             argv = ["dvc", "repro", "--single-item", name] if args.dvc else shlex.split(command)
@@ -106,12 +117,15 @@ def main() -> None:
             code, wall, peak = run_measured(argv, repo, env, logs / f"{name.replace('@', '_')}.log")
             rows.append((name, wall, peak, code))
             if code != 0:
-                print(f"stage {name} failed with exit code {code}; log: {logs / name.replace('@', '_')}.log",
-                      file=sys.stderr)
+                print(
+                    f"stage {name} failed with exit code {code}; log: {logs / name.replace('@', '_')}.log",
+                    file=sys.stderr,
+                )
                 args.keep = True
                 break
-        fallback = "NOT CLIP" in "".join(p.read_text(encoding="utf-8", errors="replace")
-                                         for p in logs.glob("train_*.log"))
+        fallback = "NOT CLIP" in "".join(
+            p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("train_*.log")
+        )
     finally:
         if args.keep:
             print(f"# kept {tmp}", file=sys.stderr)
@@ -119,13 +133,17 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     mode = "dvc repro --single-item <stage>" if args.dvc else "the stage commands of dvc.yaml"
-    print(f"# clone of {args.repo} at {commit}; params.yaml of the clone"
-          + (f" with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "")
-          + f"; run as {mode}; HF_HUB_OFFLINE=1"
-          + ("; training used the offline random fallback backbone (NOT CLIP)" if fallback else ""))
+    print(
+        f"# clone of {args.repo} at {commit}; params.yaml of the clone"
+        + (f" with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "")
+        + f"; run as {mode}; HF_HUB_OFFLINE=1"
+        + ("; training used the offline random fallback backbone (NOT CLIP)" if fallback else "")
+    )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"# {machine_line(torch_threads=False)}; {time.perf_counter() - start:.0f} s in all; "
-          f"this script's own peak {own:.0f} MB (a floor under every child's peak)")
+    print(
+        f"# {machine_line(torch_threads=False)}; {time.perf_counter() - start:.0f} s in all; "
+        f"this script's own peak {own:.0f} MB (a floor under every child's peak)"
+    )
     print("| stage | wall s | peak MB |")
     print("|---|---|---|")
     for name, wall, peak, code in rows:

@@ -69,12 +69,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="l2rclip-bench-") as tmp:
         generate_demo(Path(tmp) / "demo", n_per_rank=-(-args.images // 10), image_size=96)
-        paths = sorted((Path(tmp) / "demo" / "images").rglob("*.png"))[:args.images]
+        paths = sorted((Path(tmp) / "demo" / "images").rglob("*.png"))[: args.images]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             backbone = load_backbone(args.arch, "none")
-            config = ModelConfig(arch=args.arch, pretrained="none",
-                                 prompt=PromptConfig(context_init="the number of shapes is"))
+            config = ModelConfig(
+                arch=args.arch, pretrained="none", prompt=PromptConfig(context_init="the number of shapes is")
+            )
             space = RankSpace(list(range(1, 11)))
             folder = save_model(build_l2rclip(backbone, space, config), Path(tmp) / "model", config, space)
             predictor = Predictor.load(folder, device=str(device))
@@ -84,8 +85,9 @@ def main() -> None:
         loader = DataLoader(Files(paths, transform), batch_size=args.batch_size, num_workers=args.num_workers)
 
         def ours() -> None:
-            predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
-                                    progress=False)
+            predictor.predict_paths(
+                paths, batch_size=args.batch_size, num_workers=args.num_workers, progress=False
+            )
 
         def plain() -> None:
             with torch.no_grad():
@@ -102,17 +104,24 @@ def main() -> None:
                     rates[name].append(len(paths) / (time.perf_counter() - start))
                     cpu_rates[name].append(len(paths) / (time.process_time() - cpu_start))
 
-    print(f"{args.arch}, {len(paths)} images, batch {args.batch_size}, workers {args.num_workers}, "
-          f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"{args.repeats} alternating rounds")
+    print(
+        f"{args.arch}, {len(paths)} images, batch {args.batch_size}, workers {args.num_workers}, "
+        f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+        f"{args.repeats} alternating rounds"
+    )
     print("| variant | images/s (median) | images/s (best) | images per CPU-second (median) |")
     print("|---|---|---|---|")
     labels = {"ours": "Predictor.predict_paths (ours)", "bare": "bare open_clip encode_image"}
     for name, label in labels.items():
-        print(f"| {label} | {statistics.median(rates[name]):.1f} | {max(rates[name]):.1f} | "
-              f"{statistics.median(cpu_rates[name]):.1f} |")
-    ratios = {"median": [statistics.median(rates[n]) for n in labels], "best": [max(rates[n]) for n in labels],
-              "per CPU-second": [statistics.median(cpu_rates[n]) for n in labels]}
+        print(
+            f"| {label} | {statistics.median(rates[name]):.1f} | {max(rates[name]):.1f} | "
+            f"{statistics.median(cpu_rates[name]):.1f} |"
+        )
+    ratios = {
+        "median": [statistics.median(rates[n]) for n in labels],
+        "best": [max(rates[n]) for n in labels],
+        "per CPU-second": [statistics.median(cpu_rates[n]) for n in labels],
+    }
     print("ratio ours/bare: " + ", ".join(f"{k} {o / b:.3f}" for k, (o, b) in ratios.items()) + " (goal >= 0.9)")
 
 

@@ -47,8 +47,9 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(args.arch, "none")
-    config = ModelConfig(arch=args.arch, pretrained="none",
-                         prompt=PromptConfig(context_init="random", n_context=args.context))
+    config = ModelConfig(
+        arch=args.arch, pretrained="none", prompt=PromptConfig(context_init="random", n_context=args.context)
+    )
     model = build_l2rclip(backbone, RankSpace(range(16, 16 + args.ranks)), config)
 
     def forward(truncate: bool):
@@ -70,10 +71,14 @@ def main() -> None:
         rows.append((name, statistics.median(ours), statistics.median(full)))
 
     length = model.prompt_learner.length + 3
-    print(f"# {args.arch} text tower, M={args.ranks} ranks, N={args.context} context tokens; "
-          f"sequence {length} (truncated) vs {model.text_encoder.context_length} (full)")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"# {args.arch} text tower, M={args.ranks} ranks, N={args.context} context tokens; "
+        f"sequence {length} (truncated) vs {model.text_encoder.context_length} (full)"
+    )
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print(f"max |truncated - full| over prototypes: {difference:.2e}")
     print("| pass | truncated (s) | full length (s) | speed-up |")
     print("|---|---|---|---|")

@@ -45,17 +45,30 @@ from l2rclip.training.resume import TrainState
 
 
 def make_params(args: argparse.Namespace, variant: str, cache: Path) -> Params:
-    train = {"epochs": args.epochs, "batch_size": args.batch, "device": "cpu", "num_workers": 0,
-             "feature_cache": str(cache), "warmup_epochs": 0}
+    train = {
+        "epochs": args.epochs,
+        "batch_size": args.batch,
+        "device": "cpu",
+        "num_workers": 0,
+        "feature_cache": str(cache),
+        "warmup_epochs": 0,
+    }
     if variant == "stage1":
         train.update(schedule="two_stage", stage1_epochs=args.epochs, epochs=0)
-    return from_dict(Params, {
-        "model": {"arch": args.arch, "pretrained": "none", "image_tower": "train",
-                  "prompt": {"context_init": "random", "n_context": args.context}},
-        "loss": {"ce": 1.0, "kl_t2i": 1.0, "cop": 1.0, "cop_batch": 1.0, "supcon": 1.0},
-        "train": train,
-        "tracking": {"enabled": False},
-    })
+    return from_dict(
+        Params,
+        {
+            "model": {
+                "arch": args.arch,
+                "pretrained": "none",
+                "image_tower": "train",
+                "prompt": {"context_init": "random", "n_context": args.context},
+            },
+            "loss": {"ce": 1.0, "kl_t2i": 1.0, "cop": 1.0, "cop_batch": 1.0, "supcon": 1.0},
+            "train": train,
+            "tracking": {"enabled": False},
+        },
+    )
 
 
 def demo_fold(root: Path, n_images: int, image_size: int, val_fraction: float) -> FoldData:
@@ -65,9 +78,13 @@ def demo_fold(root: Path, n_images: int, image_size: int, val_fraction: float) -
     table["rank"] = RankSpace(range(1, 11)).indices(table["label"])
     groups = sorted(table["group"].unique())
     n_val = math.ceil(val_fraction * len(groups)) if val_fraction > 0 and len(groups) > 1 else 0
-    is_val = table["group"].isin(groups[len(groups) - n_val:])
-    return FoldData(images=table, train=table[~is_val].reset_index(drop=True),
-                    val=table[is_val].reset_index(drop=True), root=root)
+    is_val = table["group"].isin(groups[len(groups) - n_val :])
+    return FoldData(
+        images=table,
+        train=table[~is_val].reset_index(drop=True),
+        val=table[is_val].reset_index(drop=True),
+        root=root,
+    )
 
 
 def main() -> None:
@@ -107,8 +124,15 @@ def main() -> None:
         def cache(repeat: int) -> None:
             model.load_state_dict(initial)
             tick = time.perf_counter()
-            cached_image_features(model, data.images, data.root, transforms[1], tmp / f"cache-timed-{repeat}",
-                                  device, params["stage1"].train.eval_batch_size)
+            cached_image_features(
+                model,
+                data.images,
+                data.root,
+                transforms[1],
+                tmp / f"cache-timed-{repeat}",
+                device,
+                params["stage1"].train.eval_batch_size,
+            )
             cache_s.append(time.perf_counter() - tick)
 
         def run(variant: str, repeat: int) -> None:
@@ -116,36 +140,68 @@ def main() -> None:
             model.load_state_dict(initial)
             tick = time.perf_counter()
             seconds: list[float] = []
-            fit(model, rank_space, data, p.model, p.train, p.loss, p.eval, transforms,
-                tmp / "runs" / f"{variant}-{repeat}", p.seed, device, TrainState(f"bench-{variant}-{repeat}"),
-                on_epoch=lambda metrics, epoch: seconds.append(metrics["epoch_seconds"]))
+            fit(
+                model,
+                rank_space,
+                data,
+                p.model,
+                p.train,
+                p.loss,
+                p.eval,
+                transforms,
+                tmp / "runs" / f"{variant}-{repeat}",
+                p.seed,
+                device,
+                TrainState(f"bench-{variant}-{repeat}"),
+                on_epoch=lambda metrics, epoch: seconds.append(metrics["epoch_seconds"]),
+            )
             fits[variant].append(time.perf_counter() - tick)
             epochs[variant] += seconds
 
         # The run's shared cache, filled once up front (untimed), as the first fold of a pipeline does.
-        cached_image_features(model, data.images, data.root, transforms[1], tmp / "cache", device,
-                              params["stage1"].train.eval_batch_size)
+        cached_image_features(
+            model,
+            data.images,
+            data.root,
+            transforms[1],
+            tmp / "cache",
+            device,
+            params["stage1"].train.eval_batch_size,
+        )
         for repeat in range(args.repeats):
-            steps = [lambda r=repeat: cache(r), lambda r=repeat: run("stage1", r),
-                     lambda r=repeat: run("one_stage", r)]
+            steps = [
+                lambda r=repeat: cache(r),
+                lambda r=repeat: run("stage1", r),
+                lambda r=repeat: run("one_stage", r),
+            ]
             for step in steps if repeat % 2 == 0 else reversed(steps):  # alternate the order
                 step()
 
     stage1, one = statistics.median(epochs["stage1"]), statistics.median(epochs["one_stage"])
     caching = statistics.median(cache_s)
-    print(f"# {args.arch}, demo set: {len(data.images)} images ({len(data.train)} train, {len(data.val)} val), "
-          f"{args.image_size} px -> {backbone.model.visual.image_size[0]} px, batch {args.batch}, "
-          f"{args.epochs} epoch(s) per fit")
-    print(f"# {machine_line()}; median over {args.repeats} alternated fits per variant; "
-          f"{time.perf_counter() - start:.0f} s in all")
+    print(
+        f"# {args.arch}, demo set: {len(data.images)} images ({len(data.train)} train, {len(data.val)} val), "
+        f"{args.image_size} px -> {backbone.model.visual.image_size[0]} px, batch {args.batch}, "
+        f"{args.epochs} epoch(s) per fit"
+    )
+    print(
+        f"# {machine_line()}; median over {args.repeats} alternated fits per variant; "
+        f"{time.perf_counter() - start:.0f} s in all"
+    )
     print("| variant | epoch (s) | epoch speed-up | fit (s) | one-time feature caching (s) |")
     print("|---|---|---|---|---|")
-    print(f"| one-stage (image tower trained, images every step) | {one:.2f} | 1.00x "
-          f"| {statistics.median(fits['one_stage']):.1f} | - |")
-    print(f"| two-stage stage 1 (tower frozen, cached features) | {stage1:.3f} | {one / stage1:.1f}x "
-          f"| {statistics.median(fits['stage1']):.1f} | {caching:.2f} ({len(data.images)} images) |")
-    print(f"caching costs {caching / one:.2f} one-stage epochs; stage 1 with caching breaks even after "
-          f"{caching / max(one - stage1, 1e-9):.2f} epochs")
+    print(
+        f"| one-stage (image tower trained, images every step) | {one:.2f} | 1.00x "
+        f"| {statistics.median(fits['one_stage']):.1f} | - |"
+    )
+    print(
+        f"| two-stage stage 1 (tower frozen, cached features) | {stage1:.3f} | {one / stage1:.1f}x "
+        f"| {statistics.median(fits['stage1']):.1f} | {caching:.2f} ({len(data.images)} images) |"
+    )
+    print(
+        f"caching costs {caching / one:.2f} one-stage epochs; stage 1 with caching breaks even after "
+        f"{caching / max(one - stage1, 1e-9):.2f} epochs"
+    )
 
 
 if __name__ == "__main__":

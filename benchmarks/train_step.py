@@ -59,9 +59,12 @@ class Setup:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             backbone = load_backbone(args.arch, "none")
-        config = ModelConfig(arch=args.arch, pretrained="none",
-                             image_tower="train" if args.train_image_tower else "frozen",
-                             prompt=PromptConfig(context_init="random", n_context=args.context))
+        config = ModelConfig(
+            arch=args.arch,
+            pretrained="none",
+            image_tower="train" if args.train_image_tower else "frozen",
+            prompt=PromptConfig(context_init="random", n_context=args.context),
+        )
         self.rank_space = RankSpace(range(16, 16 + n_ranks))  # ages 16.. (MORPH: 62 ranks)
         self.model = build_l2rclip(backbone, self.rank_space, config).to(device)
         self.model.train()
@@ -81,9 +84,10 @@ class Setup:
         """Back to the initial weights, with a fresh optimiser (as at the start of training)."""
         self.model.load_state_dict(self.initial)
         train = self.train_config
-        self.optimizer = build_optimizer(self.model.param_groups(train.lr_prompt, train.lr_rankformer,
-                                                                 train.lr_image, train.weight_decay),
-                                         train.optimizer)
+        self.optimizer = build_optimizer(
+            self.model.param_groups(train.lr_prompt, train.lr_rankformer, train.lr_image, train.weight_decay),
+            train.optimizer,
+        )
 
     def step(self, truncate: bool) -> float:
         """One optimisation step; returns the loss."""
@@ -146,9 +150,20 @@ def memory_child(args: argparse.Namespace) -> None:
 
 
 def cpu_peak_memory(args: argparse.Namespace, n_ranks: int, variant: str) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--memory-child", f"{n_ranks}:{variant}",
-               "--arch", args.arch, "--batch", str(args.batch), "--context", str(args.context),
-               "--threads", str(args.threads)]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--memory-child",
+        f"{n_ranks}:{variant}",
+        "--arch",
+        args.arch,
+        "--batch",
+        str(args.batch),
+        "--context",
+        str(args.context),
+        "--threads",
+        str(args.threads),
+    ]
     if args.train_image_tower:
         command.append("--train-image-tower")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -160,16 +175,24 @@ def cpu_peak_memory(args: argparse.Namespace, n_ranks: int, variant: str) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture (default ViT-B-16)")
-    parser.add_argument("--ranks", default="10,62,101",
-                        help="comma-separated numbers of ranks M (default 10,62,101)")
+    parser.add_argument(
+        "--ranks", default="10,62,101", help="comma-separated numbers of ranks M (default 10,62,101)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="images per step B (default 8)")
     parser.add_argument("--context", type=int, default=8, help="context tokens N (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant and M (default 3)")
-    parser.add_argument("--train-image-tower", action="store_true",
-                        help="image tower trainable (one-stage); default frozen under no_grad (prompt tuning)")
+    parser.add_argument(
+        "--train-image-tower",
+        action="store_true",
+        help="image tower trainable (one-stage); default frozen under no_grad (prompt tuning)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                        help="mixed precision on CUDA, as train.amp (default on; ignored on CPU)")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mixed precision on CUDA, as train.amp (default on; ignored on CPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -213,34 +236,56 @@ def main() -> None:
                     cuda_peak[name].append((torch.cuda.max_memory_allocated(device) - baseline) / 2**20)
         if device.type == "cuda":
             for name in VARIANTS:
-                memory[n_ranks, name] = {"peak_mb": statistics.median(cuda_peak[name]),
-                                         "method": "max_memory_allocated"}
+                memory[n_ranks, name] = {
+                    "peak_mb": statistics.median(cuda_peak[name]),
+                    "method": "max_memory_allocated",
+                }
         loss_diff = max(abs(a - b) for a, b in zip(losses["ours"], losses["reference"], strict=True))
-        rows.append((n_ranks, statistics.median(times["ours"]), statistics.median(times["reference"]),
-                     memory.get((n_ranks, "ours")), memory.get((n_ranks, "reference")), loss_diff,
-                     losses["ours"][0], setup.model.prompt_learner.length + 3))
+        rows.append(
+            (
+                n_ranks,
+                statistics.median(times["ours"]),
+                statistics.median(times["reference"]),
+                memory.get((n_ranks, "ours")),
+                memory.get((n_ranks, "reference")),
+                loss_diff,
+                losses["ours"][0],
+                setup.model.prompt_learner.length + 3,
+            )
+        )
         del setup
         gc.collect()
 
     context_length = 77
     tower = "trainable image tower" if args.train_image_tower else "frozen image tower (no_grad)"
-    print(f"# {args.arch}, batch {args.batch}, N={args.context} context tokens, {tower}; "
-          f"loss ce + kl_t2i + cop; Adam; device {device}")
-    print(f"# {machine_line(device)}; median of {args.repeats} alternated steps; "
-          f"{time.perf_counter() - start:.0f} s in all")
+    print(
+        f"# {args.arch}, batch {args.batch}, N={args.context} context tokens, {tower}; "
+        f"loss ce + kl_t2i + cop; Adam; device {device}"
+    )
+    print(
+        f"# {machine_line(device)}; median of {args.repeats} alternated steps; "
+        f"{time.perf_counter() - start:.0f} s in all"
+    )
     methods = {m["method"] for m in memory.values()}
     if methods:
         print(f"# peak MB: extra memory over one step above the state after construction ({', '.join(methods)})")
-    print("| ranks | ours step (s) | reference step (s) | speed-up | ours peak MB | reference peak MB "
-          "| loss diff |")
+    print(
+        "| ranks | ours step (s) | reference step (s) | speed-up | ours peak MB | reference peak MB | loss diff |"
+    )
     print("|---|---|---|---|---|---|---|")
     for n_ranks, ours, ref, mem_ours, mem_ref, diff, _, length in rows:
+
         def fmt(m):
             return "n/a" if m is None else f"{m['peak_mb']:.0f}"
-        print(f"| {n_ranks} (seq {length} vs {context_length}) | {ours:.2f} | {ref:.2f} | {ref / ours:.2f}x "
-              f"| {fmt(mem_ours)} | {fmt(mem_ref)} | {diff:.1e} |")
-    print("loss diff: max |loss(ours) - loss(reference)| over the first steps from the identical state; "
-          "first-step losses: " + ", ".join(f"M={r[0]}: {r[6]:.4f}" for r in rows))
+
+        print(
+            f"| {n_ranks} (seq {length} vs {context_length}) | {ours:.2f} | {ref:.2f} | {ref / ours:.2f}x "
+            f"| {fmt(mem_ours)} | {fmt(mem_ref)} | {diff:.1e} |"
+        )
+    print(
+        "loss diff: max |loss(ours) - loss(reference)| over the first steps from the identical state; "
+        "first-step losses: " + ", ".join(f"M={r[0]}: {r[6]:.4f}" for r in rows)
+    )
 
 
 if __name__ == "__main__":

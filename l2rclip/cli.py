@@ -33,11 +33,15 @@ def _check(args: argparse.Namespace) -> int:
     kind = backbone_label(result.kind) or "CLIP weights"
     print(f"l2rclip library check passed in {result.seconds:.1f}s")
     print(f"  backbone: {result.arch} ({kind})")
-    print(f"  loss over {len(result.losses)} steps: {first:.4f} -> {last:.4f}; terms: "
-          + ", ".join(k for k in result.losses[-1] if k != "loss"))
+    print(
+        f"  loss over {len(result.losses)} steps: {first:.4f} -> {last:.4f}; terms: "
+        + ", ".join(k for k in result.losses[-1] if k != "loss")
+    )
     print(f"  truncated vs full-length prototypes: max difference {result.truncation_error:.1e}")
-    print(f"  on the training batch (a smoke test, not a result): MAE {result.metrics['mae']:.2f}, "
-          f"accuracy {result.metrics['accuracy']:.2f}; prototype ordinality {result.ordinality:.2f}")
+    print(
+        f"  on the training batch (a smoke test, not a result): MAE {result.metrics['mae']:.2f}, "
+        f"accuracy {result.metrics['accuracy']:.2f}; prototype ordinality {result.ordinality:.2f}"
+    )
     if Path(".dvc").is_dir():  # a checkout of the project: can it fetch the committed results?
         from l2rclip.dvc_remote import remote_status
 
@@ -57,9 +61,11 @@ def _demo(args: argparse.Namespace) -> int:
 
         used = fallback_config(params.model)
         label = backbone_label(backbone_kind(used.arch, used.pretrained))
-        print(f"{reason}\n\n==> CLIP weights are not available here: the pipeline runs on the offline fallback "
-              f"{used.arch} (pretrained={used.pretrained}). Every output and MLflow run is labelled {label}.\n",
-              flush=True)
+        print(
+            f"{reason}\n\n==> CLIP weights are not available here: the pipeline runs on the offline fallback "
+            f"{used.arch} (pretrained={used.pretrained}). Every output and MLflow run is labelled {label}.\n",
+            flush=True,
+        )
     dvc = Path(sys.executable).with_name("dvc")
     dvc = str(dvc) if dvc.exists() else "dvc"
     env = interpreter_first_on_path(os.environ)  # the stages' `python` is this one, activated or not
@@ -70,18 +76,22 @@ def _demo(args: argparse.Namespace) -> int:
     if args.push:  # so that any clone can `dvc pull` these results instead of recomputing them
         pushed = subprocess.run([dvc, "push"], check=False, env=env)
         if pushed.returncode:
-            print(f"dvc push failed (exit {pushed.returncode}): the results are here but not on the DVC "
-                  "remote; see `dvc remote list`, fix the remote (docs/mlops.md, Team set-up) and run `dvc push`",
-                  file=sys.stderr)
+            print(
+                f"dvc push failed (exit {pushed.returncode}): the results are here but not on the DVC "
+                "remote; see `dvc remote list`, fix the remote (docs/mlops.md, Team set-up) and run `dvc push`",
+                file=sys.stderr,
+            )
             return pushed.returncode
     report = Path("outputs/report/report.md")
     print("\n" + report.read_text(encoding="utf-8"))
-    print("Results:\n"
-          f"  report:   {report}  (figures in outputs/report/figures, per fold in outputs/folds/<k>/evaluate)\n"
-          "  metrics:  dvc metrics show   |   dvc metrics diff (against the last commit)\n"
-          "  models:   outputs/folds/<k>/train/best (safetensors + model.json)"
-          f"{_registered_line()}\n"
-          "  MLflow:   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   then open http://127.0.0.1:5000")
+    print(
+        "Results:\n"
+        f"  report:   {report}  (figures in outputs/report/figures, per fold in outputs/folds/<k>/evaluate)\n"
+        "  metrics:  dvc metrics show   |   dvc metrics diff (against the last commit)\n"
+        "  models:   outputs/folds/<k>/train/best (safetensors + model.json)"
+        f"{_registered_line()}\n"
+        "  MLflow:   .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   then open http://127.0.0.1:5000"
+    )
     return 0
 
 
@@ -91,8 +101,10 @@ def _registered_line() -> str:
     info = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     if not info.get("registered"):
         return ""
-    return (f"\n  registry: {info['name']} version {info['version']}; predict with:\n"
-            f"            l2rclip predict models:/{info['name']}@champion data/demo --out predictions.csv")
+    return (
+        f"\n  registry: {info['name']} version {info['version']}; predict with:\n"
+        f"            l2rclip predict models:/{info['name']}@champion data/demo --out predictions.csv"
+    )
 
 
 def _results(args: argparse.Namespace) -> int:
@@ -161,17 +173,18 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 # Exit statuses of `l2rclip predict` (documented in its --help and docs/serving.md).
-EXIT_BAD_REQUEST = 2      # bad arguments, inputs, model or --out: nothing was predicted or written
-EXIT_SOME_FAILED = 3      # the CSV was written, but some inputs could not be read (its `error` column)
-EXIT_NONE_PREDICTED = 4   # the CSV was written, but no input could be read
-EXIT_INTERRUPTED = 130    # Ctrl+C (128 + SIGINT, as shells report it): nothing was written
+EXIT_BAD_REQUEST = 2  # bad arguments, inputs, model or --out: nothing was predicted or written
+EXIT_SOME_FAILED = 3  # the CSV was written, but some inputs could not be read (its `error` column)
+EXIT_NONE_PREDICTED = 4  # the CSV was written, but no input could be read
+EXIT_INTERRUPTED = 130  # Ctrl+C (128 + SIGINT, as shells report it): nothing was written
 
 
 REGISTERED_FILE = Path("outputs/register/registered.json")  # written by the register stage
 
 
-def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str],
-                     executable: str = sys.executable) -> tuple[list[str], dict[str, str]]:
+def serve_invocation(
+    model: str, host: str, port: int, environ: Mapping[str, str], executable: str = sys.executable
+) -> tuple[list[str], dict[str, str]]:
     """The `mlflow models serve` command line for `model` and the environment to run it in.
 
     MLflow's scoring server starts `uvicorn` by name, so it fails with "uvicorn: not found" unless
@@ -182,8 +195,21 @@ def serve_invocation(model: str, host: str, port: int, environ: Mapping[str, str
 
     env = interpreter_first_on_path(environ, executable)
     env["MLFLOW_TRACKING_URI"] = environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    command = [executable, "-m", "mlflow", "models", "serve", "-m", model, "--env-manager", "local",
-               "-h", host, "-p", str(port)]
+    command = [
+        executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model,
+        "--env-manager",
+        "local",
+        "-h",
+        host,
+        "-p",
+        str(port),
+    ]
     return command, env
 
 
@@ -199,10 +225,12 @@ def exposure_warning(host: str, port: int) -> str:
     """
     if host.startswith(LOOPBACK_HOSTS) or host == "[::1]":
         return ""
-    return (f"warning: --host {host} exposes an UNAUTHENTICATED endpoint: anyone who can reach port {port} "
-            "can use the model. Prefer the default 127.0.0.1 behind a reverse proxy that authenticates "
-            f"(e.g. nginx with auth_basic or an OAuth proxy, forwarding to http://127.0.0.1:{port}), or an SSH "
-            f"tunnel (ssh -L {port}:127.0.0.1:{port} this-host); see docs/operations.md")
+    return (
+        f"warning: --host {host} exposes an UNAUTHENTICATED endpoint: anyone who can reach port {port} "
+        "can use the model. Prefer the default 127.0.0.1 behind a reverse proxy that authenticates "
+        f"(e.g. nginx with auth_basic or an OAuth proxy, forwarding to http://127.0.0.1:{port}), or an SSH "
+        f"tunnel (ssh -L {port}:127.0.0.1:{port} this-host); see docs/operations.md"
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -210,9 +238,12 @@ def _serve(args: argparse.Namespace) -> int:
     if model is None:
         info = json.loads(REGISTERED_FILE.read_text(encoding="utf-8")) if REGISTERED_FILE.is_file() else {}
         if not info.get("registered"):
-            print(f"l2rclip serve: error: no model given and no registered model in {REGISTERED_FILE} "
-                  "(run `dvc repro`, whose register stage writes it, or name one: models:/<name>@champion, "
-                  "models:/<name>/<version>, runs:/<run_id>/model)", file=sys.stderr)
+            print(
+                f"l2rclip serve: error: no model given and no registered model in {REGISTERED_FILE} "
+                "(run `dvc repro`, whose register stage writes it, or name one: models:/<name>@champion, "
+                "models:/<name>/<version>, runs:/<run_id>/model)",
+                file=sys.stderr,
+            )
             return 2
         model = f"models:/{info['name']}@champion"
     command, env = serve_invocation(model, args.host, args.port, os.environ)
@@ -227,8 +258,12 @@ def _serve(args: argparse.Namespace) -> int:
     exposure = exposure_warning(args.host, args.port)
     if exposure:
         print(exposure, file=sys.stderr, flush=True)
-    print(f"serving {model} at http://{args.host}:{args.port}/invocations (store {env['MLFLOW_TRACKING_URI']}); "
-          "Ctrl+C stops it", file=sys.stderr, flush=True)
+    print(
+        f"serving {model} at http://{args.host}:{args.port}/invocations (store {env['MLFLOW_TRACKING_URI']}); "
+        "Ctrl+C stops it",
+        file=sys.stderr,
+        flush=True,
+    )
     os.execve(command[0], command, env)  # the server takes over this process (and its Ctrl+C)
 
 
@@ -240,14 +275,20 @@ def _predict(args: argparse.Namespace) -> int:
         if not paths:
             raise ValueError(f"no images found in {', '.join(args.inputs)}")
         out = check_output_file(args.out, [*args.inputs, *paths])
-        predictor = Predictor.load(args.model, device=args.device, max_pixels=args.max_image_pixels,
-                                   alpha=args.alpha, calibration=args.calibration)
+        predictor = Predictor.load(
+            args.model,
+            device=args.device,
+            max_pixels=args.max_image_pixels,
+            alpha=args.alpha,
+            calibration=args.calibration,
+        )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
     try:
-        table = predictor.predict_paths(paths, batch_size=args.batch_size, num_workers=args.num_workers,
-                                        with_probabilities=args.probabilities)
+        table = predictor.predict_paths(
+            paths, batch_size=args.batch_size, num_workers=args.num_workers, with_probabilities=args.probabilities
+        )
         write_table(table, out)  # a temporary file that replaces --out only when complete
     except KeyboardInterrupt:  # Ctrl+C: the old --out (if any) is intact; no traceback
         print(f"interrupted, nothing written ({out} unchanged)", file=sys.stderr)
@@ -275,54 +316,72 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser(
-        "check", help="run the method end to end on a demo batch (a few training steps, then evaluation)",
+        "check",
+        help="run the method end to end on a demo batch (a few training steps, then evaluation)",
         description="Load params.yaml and the configured backbone (falling back to a small random one, "
-                    "said plainly, when CLIP weights cannot be had offline), generate the demo set if "
-                    "needed, train a few steps on one batch with every configured loss and evaluate it.")
+        "said plainly, when CLIP weights cannot be had offline), generate the demo set if "
+        "needed, train a few steps on one batch with every configured loss and evaluate it.",
+    )
     check.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     check.add_argument("--steps", type=int, default=3, help="optimisation steps (default: 3)")
     check.set_defaults(func=_check)
 
     demo = commands.add_parser(
-        "demo", help="run the whole DVC pipeline (dvc repro), push the outputs (dvc push), say where results are",
+        "demo",
+        help="run the whole DVC pipeline (dvc repro), push the outputs (dvc push), say where results are",
         description="Run `dvc repro` on params.yaml (by default the embedded demo set), `dvc push` the outputs "
-                    "to the default DVC remote (.dvc/config) and print the "
-                    "cross-validated report. Offline, without CLIP weights, says so and runs on the "
-                    "offline fallback (model.fallback: the demo CLIP shipped with l2rclip, pretrained on "
-                    "drawn shapes only), every number labelled so.")
-    demo.add_argument("--no-push", dest="push", action="store_false",
-                      help="do not `dvc push` the outputs to the default DVC remote afterwards")
+        "to the default DVC remote (.dvc/config) and print the "
+        "cross-validated report. Offline, without CLIP weights, says so and runs on the "
+        "offline fallback (model.fallback: the demo CLIP shipped with l2rclip, pretrained on "
+        "drawn shapes only), every number labelled so.",
+    )
+    demo.add_argument(
+        "--no-push",
+        dest="push",
+        action="store_false",
+        help="do not `dvc push` the outputs to the default DVC remote afterwards",
+    )
     demo.set_defaults(func=_demo)
 
     results = commands.add_parser(
-        "results", help="tabulate DVC experiments (mean +- std of MAE and accuracy)",
+        "results",
+        help="tabulate DVC experiments (mean +- std of MAE and accuracy)",
         description="Read `dvc exp show --json`, keep the experiments whose name starts with --prefix and "
-                    "print a markdown table from their outputs/report/metrics.json, or write it into a file "
-                    "between the markers <!-- MARKER:start --> and <!-- MARKER:end -->.")
+        "print a markdown table from their outputs/report/metrics.json, or write it into a file "
+        "between the markers <!-- MARKER:start --> and <!-- MARKER:end -->.",
+    )
     results.add_argument("--prefix", default="", help="experiment name prefix (default: all experiments)")
     results.add_argument("--readme", help="file to write the table into (default: print it)")
     results.add_argument("--marker", default="results", help="marker name in that file (default: results)")
     results.set_defaults(func=_results)
 
     tag_commits = commands.add_parser(
-        "tag-commits", help="tag MLflow runs with the commit of the DVC experiment that made them",
+        "tag-commits",
+        help="tag MLflow runs with the commit of the DVC experiment that made them",
         description="A stage inside `dvc exp run` knows its experiment's name and baseline, not the commit "
-                    "DVC makes when the run ends. This reads `dvc exp show --json` and sets "
-                    "`l2rclip.dvc_exp_commit` on the runs of each finished experiment (the ablation and "
-                    "fold flows do it themselves; run it after a plain `dvc exp run`).")
-    tag_commits.add_argument("--tracking-uri",
-                             help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+        "DVC makes when the run ends. This reads `dvc exp show --json` and sets "
+        "`l2rclip.dvc_exp_commit` on the runs of each finished experiment (the ablation and "
+        "fold flows do it themselves; run it after a plain `dvc exp run`).",
+    )
+    tag_commits.add_argument(
+        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     tag_commits.set_defaults(func=_tag_commits)
 
     reproduce = commands.add_parser(
-        "reproduce", help="run a published protocol (protocols/<name>.yaml) as a DVC experiment",
+        "reproduce",
+        help="run a published protocol (protocols/<name>.yaml) as a DVC experiment",
         description="Turn the protocol preset into `dvc exp run --name <protocol> -S ...` on your copy of the "
-                    "images, run it, and print the paper's table row (mean +- std over the protocol's folds "
-                    "or repeats) beside the published numbers. --epochs and --folds give a reduced budget.")
+        "images, run it, and print the paper's table row (mean +- std over the protocol's folds "
+        "or repeats) beside the published numbers. --epochs and --folds give a reduced budget.",
+    )
     reproduce.add_argument("protocol", help="preset name, e.g. morph-a, adience, hci, fgnet-lopo")
     reproduce.add_argument("--data", required=True, help="your image folder (data.root)")
-    reproduce.add_argument("--lists", default="../shared/data/l2rclip-datalists",
-                           help="folder of the authors' split lists (default: %(default)s)")
+    reproduce.add_argument(
+        "--lists",
+        default="../shared/data/l2rclip-datalists",
+        help="folder of the authors' split lists (default: %(default)s)",
+    )
     reproduce.add_argument("--epochs", type=int, help="reduced budget: train.epochs and model.fallback.epochs")
     reproduce.add_argument("--folds", help="comma-separated subset of the protocol's folds, e.g. 0,1,2")
     reproduce.add_argument("--name", help="experiment name (default: the protocol's name)")
@@ -331,83 +390,127 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.set_defaults(func=_reproduce)
 
     config = commands.add_parser(
-        "config", help="print the JSON Schema or key reference of params.yaml, or validate a params file",
+        "config",
+        help="print the JSON Schema or key reference of params.yaml, or validate a params file",
         description="`schema` prints the JSON Schema of params.yaml written from l2rclip.config (committed as "
-                    "params.schema.json, which params.yaml names for editors); `reference` prints its keys as "
-                    "markdown tables (docs/configuration.md); `validate` loads a params file as every stage does "
-                    "and says what is wrong, in one line.")
+        "params.schema.json, which params.yaml names for editors); `reference` prints its keys as "
+        "markdown tables (docs/configuration.md); `validate` loads a params file as every stage does "
+        "and says what is wrong, in one line.",
+    )
     config_actions = config.add_subparsers(dest="action", required=True)
     config_actions.add_parser("schema", help="print the JSON Schema of params.yaml")
     reference = config_actions.add_parser("reference", help="print the key reference of params.yaml (markdown)")
-    reference.add_argument("--write", metavar="FILE", help="write it between the <!-- params-reference:start/end "
-                                                           "--> markers of FILE instead of printing it")
+    reference.add_argument(
+        "--write",
+        metavar="FILE",
+        help="write it between the <!-- params-reference:start/end --> markers of FILE instead of printing it",
+    )
     validate = config_actions.add_parser("validate", help="check a params file against the schema")
     validate.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     config.set_defaults(func=_config)
 
     parity = commands.add_parser(
-        "parity", help="print the -S overrides of a parity bundle (reference: the authors' definitions)",
+        "parity",
+        help="print the -S overrides of a parity bundle (reference: the authors' definitions)",
         description="Print, as `dvc exp run` arguments, the params that switch every definition our code "
-                    "chose differently to the authors' code (l2rclip/parity.py lists them), e.g. "
-                    "`dvc exp run $(l2rclip parity reference)`; a later -S on any key still wins.")
+        "chose differently to the authors' code (l2rclip/parity.py lists them), e.g. "
+        "`dvc exp run $(l2rclip parity reference)`; a later -S on any key still wins.",
+    )
     parity.add_argument("bundle", choices=["reference"], help="the bundle to print")
     parity.set_defaults(func=_parity)
 
-    prepare = commands.add_parser("prepare", help="read, validate and split the dataset (the DVC prepare stage)",
-                                  description=PREPARE_DESCRIPTION, epilog=DATA_FORMATS,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare = commands.add_parser(
+        "prepare",
+        help="read, validate and split the dataset (the DVC prepare stage)",
+        description=PREPARE_DESCRIPTION,
+        epilog=DATA_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     prepare.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     prepare.add_argument("--out", default="outputs/prepare", help="output folder (default: outputs/prepare)")
     prepare.set_defaults(func=_prepare)
 
     predict = commands.add_parser(
-        "predict", help="predict the rank of images with a saved or registered model, into a CSV",
+        "predict",
+        help="predict the rank of images with a saved or registered model, into a CSV",
         description="Predict images, folders (searched recursively for image files) and CSV lists (a `path` "
-                    "column; relative paths start from the CSV's folder) with a model folder or an MLflow "
-                    "URI (runs:/<run_id>/model, models:/<name>@champion, models:/<name>/<version>; the store "
-                    "is MLFLOW_TRACKING_URI, else ./mlflow.db). Writes one row per image in input order; an "
-                    "unreadable image gets its error in the `error` column and the others go on. A model with a "
-                    "conformal calibration adds interval_low, interval_high (labels), interval_low_value, "
-                    "interval_high_value and interval_level. --out is checked before any work and replaced "
-                    "only by a complete file.",
+        "column; relative paths start from the CSV's folder) with a model folder or an MLflow "
+        "URI (runs:/<run_id>/model, models:/<name>@champion, models:/<name>/<version>; the store "
+        "is MLFLOW_TRACKING_URI, else ./mlflow.db). Writes one row per image in input order; an "
+        "unreadable image gets its error in the `error` column and the others go on. A model with a "
+        "conformal calibration adds interval_low, interval_high (labels), interval_low_value, "
+        "interval_high_value and interval_level. --out is checked before any work and replaced "
+        "only by a complete file.",
         epilog=f"exit status: 0 every input predicted; {EXIT_SOME_FAILED} the CSV was written but some inputs "
-               f"could not be read (see its error column); {EXIT_NONE_PREDICTED} the CSV was written but no "
-               f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written); "
-               f"{EXIT_INTERRUPTED} interrupted by Ctrl+C (nothing written).")
+        f"could not be read (see its error column); {EXIT_NONE_PREDICTED} the CSV was written but no "
+        f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written); "
+        f"{EXIT_INTERRUPTED} interrupted by Ctrl+C (nothing written).",
+    )
     predict.add_argument("model", help="model folder or MLflow model URI")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT",
-                         help="image file, folder, or CSV with a path column")
+    predict.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image file, folder, or CSV with a path column"
+    )
     predict.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-    predict.add_argument("--probabilities", action="store_true",
-                         help="add one probability column per rank, named by its label: p_<label> (p_20: age 20)")
+    predict.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="add one probability column per rank, named by its label: p_<label> (p_20: age 20)",
+    )
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    predict.add_argument("--num-workers", type=int, default=0,
-                         help="loader processes reading images (default: 0, in the main process)")
-    predict.add_argument("--alpha", type=float, default=None,
-                         help="miscoverage of the interval columns (default: the calibration's first level); "
-                              "the model's calibration must support it (alpha >= 1/(n+1))")
-    predict.add_argument("--calibration", default=None,
-                         help="a calibrate stage's calibration.json, for a model folder without its own "
-                              "(registered models carry theirs)")
-    predict.add_argument("--device", default="auto",
-                         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
-    predict.add_argument("--max-image-pixels", type=int, default=DataConfig.max_image_pixels,
-                         help="refuse images with more pixels (decompression bombs), as data.max_image_pixels "
-                              "does in prepare and serving (default: %(default)s)")
+    predict.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="loader processes reading images (default: 0, in the main process)",
+    )
+    predict.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="miscoverage of the interval columns (default: the calibration's first level); "
+        "the model's calibration must support it (alpha >= 1/(n+1))",
+    )
+    predict.add_argument(
+        "--calibration",
+        default=None,
+        help="a calibrate stage's calibration.json, for a model folder without its own "
+        "(registered models carry theirs)",
+    )
+    predict.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)",
+    )
+    predict.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DataConfig.max_image_pixels,
+        help="refuse images with more pixels (decompression bombs), as data.max_image_pixels "
+        "does in prepare and serving (default: %(default)s)",
+    )
     predict.set_defaults(func=_predict)
 
     serve = commands.add_parser(
-        "serve", help="serve a registered model over REST (mlflow models serve, with .venv/bin on PATH)",
+        "serve",
+        help="serve a registered model over REST (mlflow models serve, with .venv/bin on PATH)",
         description="Run `mlflow models serve --env-manager local` on MODEL (default: the champion of the model "
-                    f"the register stage recorded in {REGISTERED_FILE}), with this interpreter's folder first on "
-                    "PATH so that MLflow finds uvicorn without an activated .venv. The store is "
-                    "MLFLOW_TRACKING_URI, else ./mlflow.db. POST images to /invocations (docs/serving.md).")
-    serve.add_argument("model", nargs="?", help="models:/<name>@champion, models:/<name>/<version> or "
-                                                "runs:/<run_id>/model (default: the registered champion)")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default: %(default)s); another address, e.g. 0.0.0.0, exposes "
-                            "an unauthenticated endpoint: put an authenticating proxy in front "
-                            "(docs/operations.md)")
+        f"the register stage recorded in {REGISTERED_FILE}), with this interpreter's folder first on "
+        "PATH so that MLflow finds uvicorn without an activated .venv. The store is "
+        "MLFLOW_TRACKING_URI, else ./mlflow.db. POST images to /invocations (docs/serving.md).",
+    )
+    serve.add_argument(
+        "model",
+        nargs="?",
+        help="models:/<name>@champion, models:/<name>/<version> or "
+        "runs:/<run_id>/model (default: the registered champion)",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s); another address, e.g. 0.0.0.0, exposes "
+        "an unauthenticated endpoint: put an authenticating proxy in front "
+        "(docs/operations.md)",
+    )
     serve.add_argument("--port", type=int, default=5001, help="port (default: %(default)s)")
     serve.set_defaults(func=_serve)
     return parser
@@ -417,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `l2rclip` console script."""
     args = build_parser().parse_args(argv)
     # Our own progress at INFO; dependencies (open_clip logs on the root logger) only when verbose.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("l2rclip").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)

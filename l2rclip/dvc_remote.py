@@ -15,10 +15,12 @@ from dvc.config import ConfigError
 from dvc.exceptions import NotDvcRepoError
 from dvc.repo import Repo
 
-SET_REMOTE = ("set a remote a clone can reach: `dvc remote add -d store s3://bucket/l2rclip` (or gs://, "
-              "azure://, ssh://host/path, a shared folder; install the matching extra, e.g. pip install "
-              "'dvc[s3]'), or `dvc remote modify --local local url <url>`; then `dvc push` where the "
-              "results are and `dvc pull` here")
+SET_REMOTE = (
+    "set a remote a clone can reach: `dvc remote add -d store s3://bucket/l2rclip` (or gs://, "
+    "azure://, ssh://host/path, a shared folder; install the matching extra, e.g. pip install "
+    "'dvc[s3]'), or `dvc remote modify --local local url <url>`; then `dvc push` where the "
+    "results are and `dvc pull` here"
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,12 @@ def remote_status(root: str | Path = ".") -> RemoteStatus:
         return RemoteStatus(name, url, None, f"default DVC remote {name!r} is {url} (not probed here)")
     folder = Path(url) if Path(url).is_absolute() else (dvc_dir / url).resolve()  # DVC resolves it already
     if not folder.is_dir():
-        return RemoteStatus(name, url, False,
-                            f"default DVC remote {name!r} is the folder {folder}, which does not exist here, "
-                            f"so `dvc pull` cannot fetch the committed results (it exists only where "
-                            f"`make demo` pushed to it); {SET_REMOTE}")
+        return RemoteStatus(
+            name,
+            url,
+            False,
+            f"default DVC remote {name!r} is the folder {folder}, which does not exist here, "
+            f"so `dvc pull` cannot fetch the committed results (it exists only where "
+            f"`make demo` pushed to it); {SET_REMOTE}",
+        )
     return RemoteStatus(name, url, True, f"default DVC remote {name!r} is the folder {folder}")
-

@@ -43,7 +43,8 @@ def exclusive_output(folder: Path) -> Iterator[Path]:
             holder = handle.read().strip() or "unknown"
             raise OutputLockedError(
                 f"{folder} is being written by another process (PID {holder}, lock {path}); wait for it "
-                f"to finish or stop it (kill {holder}) before running this stage again") from None
+                f"to finish or stop it (kill {holder}) before running this stage again"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

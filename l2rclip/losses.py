@@ -141,7 +141,9 @@ def cross_modal_ordinal_pairwise_loss(
 
 
 def cop_batch_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
     weights: str = "matrix",
 ) -> torch.Tensor:
     """In-batch variant of ``cop``, used in two-stage training with cached image features.
@@ -291,9 +293,11 @@ class OrdinalLoss(torch.nn.Module):
         self.cop_tightness = cop_tightness
         self.cop_diversity = cop_diversity
         self.supcon_temperature = supcon_temperature
-        choices = {"loss.supcon_form": (supcon_form, ("ours", "reference")),
-                   "loss.cop_batch_weights": (cop_batch_weights, ("matrix", "pairs")),
-                   "loss.kl_t2i_target": (kl_t2i_target, ("uniform", "softmax10"))}
+        choices = {
+            "loss.supcon_form": (supcon_form, ("ours", "reference")),
+            "loss.cop_batch_weights": (cop_batch_weights, ("matrix", "pairs")),
+            "loss.kl_t2i_target": (kl_t2i_target, ("uniform", "softmax10")),
+        }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{key}: expected one of {allowed}, found {value!r}")

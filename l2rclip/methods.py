@@ -24,13 +24,20 @@ def resolve_method(params: Params) -> Params:
     """
     model, loss = params.model, params.loss
     if model.method == "ordinalclip":
-        prompt = model.prompt if model.prompt.interpolation != "plain" else dataclasses.replace(
-            model.prompt, interpolation="linear")
-        model = dataclasses.replace(model, prompt=prompt,
-                                    rankformer=dataclasses.replace(model.rankformer, enabled=False))
+        prompt = (
+            model.prompt
+            if model.prompt.interpolation != "plain"
+            else dataclasses.replace(model.prompt, interpolation="linear")
+        )
+        model = dataclasses.replace(
+            model, prompt=prompt, rankformer=dataclasses.replace(model.rankformer, enabled=False)
+        )
         loss = dataclasses.replace(loss, cop=0.0, cop_batch=0.0)
     elif model.method == "coop":
-        model = dataclasses.replace(model, prompt=dataclasses.replace(model.prompt, interpolation="plain"),
-                                    rankformer=dataclasses.replace(model.rankformer, enabled=False))
+        model = dataclasses.replace(
+            model,
+            prompt=dataclasses.replace(model.prompt, interpolation="plain"),
+            rankformer=dataclasses.replace(model.rankformer, enabled=False),
+        )
         loss = dataclasses.replace(loss, kl_t2i=0.0, cop=0.0, cop_batch=0.0)
     return dataclasses.replace(params, model=model, loss=loss)

@@ -184,9 +184,7 @@ def _validate(probs: np.ndarray, labels: np.ndarray, rank_values: np.ndarray) ->
     if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
         raise ValueError(f"expected probs of shape (N, M) with N, M > 0, found shape {probs.shape}")
     if labels.shape != (probs.shape[0],):
-        raise ValueError(
-            f"labels shape {labels.shape} does not match probs shape {probs.shape}: expected (N,)"
-        )
+        raise ValueError(f"labels shape {labels.shape} does not match probs shape {probs.shape}: expected (N,)")
     if rank_values.shape != (probs.shape[1],):
         raise ValueError(
             f"rank_values shape {rank_values.shape} does not match probs shape {probs.shape}: expected (M,)"
@@ -273,8 +271,9 @@ def ordinal_metrics(
         "rmse": float(root_mean_squared_error(true_values, expected)),
         "qwk": _quadratic_weighted_kappa(labels, predicted, probs.shape[1]),
         "spearman": _spearman(expected, true_values),
-        "ece": expected_calibration_error(probs[np.arange(len(predicted)), predicted], predicted == labels,
-                                          ece_bins),
+        "ece": expected_calibration_error(
+            probs[np.arange(len(predicted)), predicted], predicted == labels, ece_bins
+        ),
         "mean_std": float(summary["std"].mean()),
         "mean_entropy": float(summary["entropy"].mean()),
     }
@@ -284,8 +283,10 @@ def _validate_point(point: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Rank indices (N,) of a model's hard predictions, checked against probs of shape (N, M)."""
     point = np.asarray(point)
     if point.shape != (shape[0],) or (point.size and (point.min() < 0 or point.max() >= shape[1])):
-        raise ValueError(f"point: expected {shape[0]} rank indices in 0..{shape[1] - 1}, found shape "
-                         f"{point.shape}" + (f", values {point.min()}..{point.max()}" if point.size else ""))
+        raise ValueError(
+            f"point: expected {shape[0]} rank indices in 0..{shape[1] - 1}, found shape "
+            f"{point.shape}" + (f", values {point.min()}..{point.max()}" if point.size else "")
+        )
     return point.astype(np.int64)
 
 

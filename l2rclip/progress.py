@@ -23,8 +23,16 @@ LOG_INTERVAL = 30.0  # seconds between log lines outside a terminal
 class LoggedProgress(Generic[T]):
     """Iterate `items`, logging `desc: done/total unit (pct), elapsed, ETA` every `interval` seconds."""
 
-    def __init__(self, items: Iterable[T], desc: str, total: int | None, unit: str, logger: logging.Logger,
-                 interval: float = LOG_INTERVAL, clock=time.monotonic):
+    def __init__(
+        self,
+        items: Iterable[T],
+        desc: str,
+        total: int | None,
+        unit: str,
+        logger: logging.Logger,
+        interval: float = LOG_INTERVAL,
+        clock=time.monotonic,
+    ):
         self.items, self.desc, self.total, self.unit = items, desc, total, unit
         self.logger, self.interval, self.clock = logger, interval, clock
         self.postfix = ""
@@ -37,8 +45,10 @@ class LoggedProgress(Generic[T]):
         """One progress line; the ETA assumes the mean rate so far holds."""
         if self.total:
             eta = elapsed / done * (self.total - done) if done else float("nan")
-            text = (f"{self.desc}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%), "
-                    f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+            text = (
+                f"{self.desc}: {done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%), "
+                f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s"
+            )
         else:
             text = f"{self.desc}: {done} {self.unit}, {elapsed:.0f} s elapsed"
         return f"{text}; {self.postfix}" if self.postfix else text
@@ -53,8 +63,15 @@ class LoggedProgress(Generic[T]):
                 last = now
 
 
-def progress(items: Iterable[T], desc: str, total: int | None, unit: str, logger: logging.Logger,
-             quiet: bool = False, interval: float = LOG_INTERVAL) -> Iterable[T]:
+def progress(
+    items: Iterable[T],
+    desc: str,
+    total: int | None,
+    unit: str,
+    logger: logging.Logger,
+    quiet: bool = False,
+    interval: float = LOG_INTERVAL,
+) -> Iterable[T]:
     """A tqdm bar on a terminal (stderr), log lines with an ETA elsewhere, nothing when `quiet`."""
     if quiet:
         return items

@@ -42,8 +42,9 @@ class RankSpace:
     values: tuple[float, ...]
     names: tuple[str, ...]
 
-    def __init__(self, labels: Sequence[Any], values: Sequence[float] | None = None,
-                 names: Sequence[str] | None = None):
+    def __init__(
+        self, labels: Sequence[Any], values: Sequence[float] | None = None, names: Sequence[str] | None = None
+    ):
         labels = tuple(labels)
         if len(labels) < 2:
             raise RankError(f"a rank space needs at least 2 ranks, found {len(labels)}: {labels!r}")
@@ -174,13 +175,17 @@ class RankSpace:
         cleaned = [re.sub(r"[^0-9A-Za-z.+-]+", "_", str(RankSpace._key(label))).strip("_") for label in labels]
         empty = [label for label, name in zip(labels, cleaned, strict=True) if not name]
         if empty:
-            raise RankError(f"labels {empty!r} have no letter or digit: expected labels that can name "
-                            "a probability column p_<label>")
+            raise RankError(
+                f"labels {empty!r} have no letter or digit: expected labels that can name "
+                "a probability column p_<label>"
+            )
         first: dict[str, Any] = {}
         for label, name in zip(labels, cleaned, strict=True):
             if first.setdefault(name, label) != label:
-                raise RankError(f"labels {first[name]!r} and {label!r} both name the probability column "
-                                f"p_{name}: rename one of them")
+                raise RankError(
+                    f"labels {first[name]!r} and {label!r} both name the probability column "
+                    f"p_{name}: rename one of them"
+                )
         return tuple(f"p_{name}" for name in cleaned)
 
     def describe(self) -> str:

@@ -62,13 +62,22 @@ def device_report(device: torch.device, amp: bool) -> dict[str, Any]:
         gpu = torch.cuda.get_device_name(index)
     dtype = autocast_dtype(device, amp)
     autocast_name = str(dtype).removeprefix("torch.") if dtype else "off"
-    return {"device": str(device), "dtype": "float32", "autocast": autocast_name, "torch": torch.__version__,
-            "cuda": torch.version.cuda or "none", "gpu": gpu, "cpu_threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    return {
+        "device": str(device),
+        "dtype": "float32",
+        "autocast": autocast_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "gpu": gpu,
+        "cpu_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
 
 
 def describe_device(report: dict[str, Any]) -> str:
     """One line of a `device_report` for logs and stdout."""
-    return (f"device {report['device']} ({report['gpu'] if report['gpu'] != 'none' else 'no GPU'}), "
-            f"{report['dtype']} weights, autocast {report['autocast']}, torch {report['torch']}, "
-            f"CUDA {report['cuda']}, {report['cpu_threads']} CPU threads")
+    return (
+        f"device {report['device']} ({report['gpu'] if report['gpu'] != 'none' else 'no GPU'}), "
+        f"{report['dtype']} weights, autocast {report['autocast']}, torch {report['torch']}, "
+        f"CUDA {report['cuda']}, {report['cpu_threads']} CPU threads"
+    )

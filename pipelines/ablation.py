@@ -85,8 +85,11 @@ def _label(key: str, value: Any) -> str:
     """`model.rankformer.enabled`, False -> `rankformer-off`; `loss.cop`, 0.0 -> `cop-0`."""
     parts = key.split(".")
     field = parts[-2] if parts[-1] == "enabled" and len(parts) > 1 else parts[-1]
-    shown = {True: "on", False: "off"}.get(value) if isinstance(value, bool) else (
-        f"{value:g}" if isinstance(value, float) else str(value))
+    shown = (
+        {True: "on", False: "off"}.get(value)
+        if isinstance(value, bool)
+        else (f"{value:g}" if isinstance(value, float) else str(value))
+    )
     return re.sub(r"[^\w.-]", "_", f"{field}-{shown}")  # a valid git ref (DVC names experiments by refs)
 
 
@@ -94,8 +97,12 @@ def expand(grid: dict[str, list[Any]]) -> list[Variant]:
     """Every combination of the grid's values, in the order given (the first is the reference)."""
     if not grid or any(not values for values in grid.values()):
         raise ValueError(f"ablation grid: expected params keys with at least one value each, found {grid!r}")
-    variants = [Variant("_".join(_label(k, v) for k, v in zip(grid, values, strict=True)),
-                        dict(zip(grid, values, strict=True))) for values in itertools.product(*grid.values())]
+    variants = [
+        Variant(
+            "_".join(_label(k, v) for k, v in zip(grid, values, strict=True)), dict(zip(grid, values, strict=True))
+        )
+        for values in itertools.product(*grid.values())
+    ]
     names = [variant.name for variant in variants]
     if len(set(names)) != len(names):
         raise ValueError(f"ablation grid: variant names collide ({', '.join(names)}); use distinct values")
@@ -158,8 +165,9 @@ def collect(repo: Path) -> dict[str, dict[str, Any]]:
 
 def _committed_json(repo: Path, rev: str, path: Path) -> dict[str, Any] | None:
     """The JSON file `path` as committed in `rev`, or None when it is not there."""
-    done = subprocess.run(["git", "show", f"{rev}:{path.as_posix()}"], cwd=repo, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        ["git", "show", f"{rev}:{path.as_posix()}"], cwd=repo, capture_output=True, text=True, check=False
+    )
     return json.loads(done.stdout) if done.returncode == 0 else None
 
 
@@ -174,20 +182,36 @@ def tag_variant_runs(uri: str, name: str, raw_params: dict[str, Any]) -> int:
     if experiment is None:
         return 0
     flat = to_flat_dict(params)
-    parents = [run for run in client.search_runs([experiment.experiment_id],
-                                                 filter_string=f"tags.`{PIPELINE_KEY_TAG}` LIKE '%'")
-               if run.data.tags[PIPELINE_KEY_TAG] == pipeline_key(flat, run.data.tags.get("l2rclip.data_version"))]
-    runs = parents + [child for parent in parents for child in client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")]
+    parents = [
+        run
+        for run in client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` LIKE '%'"
+        )
+        if run.data.tags[PIPELINE_KEY_TAG] == pipeline_key(flat, run.data.tags.get("l2rclip.data_version"))
+    ]
+    runs = parents + [
+        child
+        for parent in parents
+        for child in client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+        )
+    ]
     for run in runs:
         client.set_tag(run.info.run_id, VARIANT_TAG, name)
     return len(runs)
 
 
 @flow(name="ablation")
-def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: list[str] | None = None,
-             jobs: int = 1, metric: str = "test/mae", work_pool: str | None = None,
-             git_remote: str = "origin", reference: str | None = None) -> dict[str, Any]:
+def ablation(
+    repo: str = ".",
+    grid: dict[str, list[Any]] | None = None,
+    extra: list[str] | None = None,
+    jobs: int = 1,
+    metric: str = "test/mae",
+    work_pool: str | None = None,
+    git_remote: str = "origin",
+    reference: str | None = None,
+) -> dict[str, Any]:
     """Run every variant of `grid` as a DVC experiment and compare `metric` across folds.
 
     Args:
@@ -218,8 +242,9 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
     root = project(repo)
     variants = expand(grid or DEFAULT_GRID)
     if reference is not None and reference not in {v.name for v in variants}:
-        raise ValueError(f"ablation --reference: expected one of {', '.join(v.name for v in variants)}, "
-                         f"found {reference!r}")
+        raise ValueError(
+            f"ablation --reference: expected one of {', '.join(v.name for v in variants)}, found {reference!r}"
+        )
     tag_flow_run([*checkout_tags(root), *(f"dvc-exp:{v.name}" for v in variants)])
     uri = tracking_uri(root)
     runs = None
@@ -232,26 +257,45 @@ def ablation(repo: str = ".", grid: dict[str, list[Any]] | None = None, extra: l
             run_queue(root, jobs)
         found = collect(root)
         tag_experiment_commits(root, uri)  # the experiments' commits exist now: l2rclip.dvc_exp_commit
-    results = [{"name": v.name, "overrides": v.overrides, "summary": found.get(v.name, {}).get("summary"),
-                "folds": found.get(v.name, {}).get("params", {}).get("folds")} for v in variants]
+    results = [
+        {
+            "name": v.name,
+            "overrides": v.overrides,
+            "summary": found.get(v.name, {}).get("summary"),
+            "folds": found.get(v.name, {}).get("params", {}).get("folds"),
+        }
+        for v in variants
+    ]
     tagged = sum(tag_variant_runs(uri, v.name, found[v.name]["params"]) for v in variants if v.name in found)
     table = comparison_table(results, metric, reference)
     (root / OUT_DIR).mkdir(parents=True, exist_ok=True)
     (root / OUT_DIR / "ablation.md").write_text(table, encoding="utf-8")
     plot = comparison_plot(results, metric, root / OUT_DIR / "ablation.png", reference)
     publish_comparison(results, metric, table)
-    logger.info("ablation of %d variants (%d MLflow runs tagged %s):\n%s", len(variants), tagged, VARIANT_TAG,
-                table)
+    logger.info(
+        "ablation of %d variants (%d MLflow runs tagged %s):\n%s", len(variants), tagged, VARIANT_TAG, table
+    )
     failed = [result["name"] for result in results if not (result["summary"] or {}).get(metric)]
     if failed:
-        where = ("`dvc queue status` and `dvc queue logs <name>`" if runs is None else
-                 "; ".join(f"{r['name']}: {r['state']} {r['message']}" for r in runs if not r["completed"])
-                 or "the flow runs' logs")
-        raise RuntimeError(f"ablation: no {metric} for {', '.join(failed)} (failed experiments; see {where}); "
-                           f"the others are in {OUT_DIR}")
-    return {"table": table, "plot": str(plot), "tagged": tagged,
-            "variants": [{"name": r["name"], "overrides": r["overrides"], metric: r["summary"][metric]}
-                         for r in results], **({"runs": runs} if runs is not None else {})}
+        where = (
+            "`dvc queue status` and `dvc queue logs <name>`"
+            if runs is None
+            else "; ".join(f"{r['name']}: {r['state']} {r['message']}" for r in runs if not r["completed"])
+            or "the flow runs' logs"
+        )
+        raise RuntimeError(
+            f"ablation: no {metric} for {', '.join(failed)} (failed experiments; see {where}); "
+            f"the others are in {OUT_DIR}"
+        )
+    return {
+        "table": table,
+        "plot": str(plot),
+        "tagged": tagged,
+        "variants": [
+            {"name": r["name"], "overrides": r["overrides"], metric: r["summary"][metric]} for r in results
+        ],
+        **({"runs": runs} if runs is not None else {}),
+    }
 
 
 def variant_rows(results: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -261,17 +305,27 @@ def variant_rows(results: Sequence[dict[str, Any]], metric: str) -> list[dict[st
     for result in results:
         entry = (result["summary"] or {}).get(metric)
         entry = entry if isinstance(entry, dict) else {}
-        rows.append({"variant": result["name"], **{key: result["overrides"].get(key) for key in keys},
-                     "mean": entry.get("mean"), "std": entry.get("std"), "folds": entry.get("folds"),
-                     "status": "ok" if entry else "failed"})
+        rows.append(
+            {
+                "variant": result["name"],
+                **{key: result["overrides"].get(key) for key in keys},
+                "mean": entry.get("mean"),
+                "std": entry.get("std"),
+                "folds": entry.get("folds"),
+                "status": "ok" if entry else "failed",
+            }
+        )
     return rows
 
 
 def publish_comparison(results: Sequence[dict[str, Any]], metric: str, table: str) -> None:
     """The comparison as the flow run's artifacts: the markdown table and one table row per variant."""
     create_markdown_artifact(table, key="ablation-comparison", description=f"ablation of {metric}")
-    create_table_artifact(variant_rows(results, metric), key="ablation-variants",
-                          description=f"{metric} of each variant across folds")
+    create_table_artifact(
+        variant_rows(results, metric),
+        key="ablation-variants",
+        description=f"{metric} of each variant across folds",
+    )
 
 
 def _grid(args: argparse.Namespace) -> dict[str, list[Any]] | None:
@@ -291,22 +345,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: run the ablation once, print its result as JSON."""
     parser = argparse.ArgumentParser(prog="python -m pipelines.ablation", description=__doc__.split("\n")[0])
     parser.add_argument("--repo", default=".", help="project folder (default: %(default)s)")
-    parser.add_argument("--axis", action="append", dest="axes", choices=sorted(AXES),
-                        help="a named axis of the grid (repeatable; default: rankformer and cop)")
+    parser.add_argument(
+        "--axis",
+        action="append",
+        dest="axes",
+        choices=sorted(AXES),
+        help="a named axis of the grid (repeatable; default: rankformer and cop)",
+    )
     parser.add_argument("--grid", action="append", help="an axis as key=value1,value2 (repeatable)")
-    parser.add_argument("--set", action="append", dest="extra",
-                        help="key=value for every variant (repeatable); variants register no model unless "
-                             "--set tracking.register=true")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="experiments at a time in the local DVC queue (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        dest="extra",
+        help="key=value for every variant (repeatable); variants register no model unless "
+        "--set tracking.register=true",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="experiments at a time in the local DVC queue (default: %(default)s)"
+    )
     parser.add_argument("--metric", default="test/mae", help="report metric compared (default: %(default)s)")
-    parser.add_argument("--work-pool", help="run each variant on a worker of this Prefect work pool instead "
-                        "of the local queue (deployment experiment/<pool>, see pipelines.fanout)")
-    parser.add_argument("--git-remote", default="origin",
-                        help="git remote the workers fetch from and push to (default: %(default)s)")
+    parser.add_argument(
+        "--work-pool",
+        help="run each variant on a worker of this Prefect work pool instead "
+        "of the local queue (deployment experiment/<pool>, see pipelines.fanout)",
+    )
+    parser.add_argument(
+        "--git-remote",
+        default="origin",
+        help="git remote the workers fetch from and push to (default: %(default)s)",
+    )
     parser.add_argument("--reference", help="variant the others are compared with (default: the grid's first)")
-    return run_cli(parser, lambda a: ablation(a.repo, _grid(a), a.extra, a.jobs, a.metric, a.work_pool,
-                                              a.git_remote, a.reference), argv)
+    return run_cli(
+        parser,
+        lambda a: ablation(a.repo, _grid(a), a.extra, a.jobs, a.metric, a.work_pool, a.git_remote, a.reference),
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,12 @@ def checkout_limit_name(repo: Path) -> str:
 
 
 @contextmanager
-def checkout_lock(repo: Path, timeout_s: float | None = None, poll_s: float = 1.0,
-                  log: logging.Logger | logging.LoggerAdapter | None = None) -> Iterator[None]:
+def checkout_lock(
+    repo: Path,
+    timeout_s: float | None = None,
+    poll_s: float = 1.0,
+    log: logging.Logger | logging.LoggerAdapter | None = None,
+) -> Iterator[None]:
     """Hold the checkout `repo` for DVC while the block runs (see the module's docstring).
 
     Args:
@@ -103,8 +107,13 @@ def lease_file(repo: Path) -> Path:
 
 
 @contextmanager
-def _server_slot(repo: Path, deadline: float | None, timeout_s: float | None, poll_s: float,
-                 log: logging.Logger | logging.LoggerAdapter | None) -> Iterator[None]:
+def _server_slot(
+    repo: Path,
+    deadline: float | None,
+    timeout_s: float | None,
+    poll_s: float,
+    log: logging.Logger | logging.LoggerAdapter | None,
+) -> Iterator[None]:
     """The slot of the checkout's global concurrency limit on the Prefect server (see the module)."""
     name = checkout_limit_name(repo)
     record = lease_file(repo)
@@ -114,7 +123,8 @@ def _server_slot(repo: Path, deadline: float | None, timeout_s: float | None, po
         while True:
             try:
                 response = client.increment_concurrency_slots_with_lease(
-                    names=[name], slots=1, mode="concurrency", lease_duration=LEASE_S)
+                    names=[name], slots=1, mode="concurrency", lease_duration=LEASE_S
+                )
                 break
             except httpx.HTTPStatusError as error:
                 if error.response.status_code != _LOCKED:
@@ -125,15 +135,19 @@ def _server_slot(repo: Path, deadline: float | None, timeout_s: float | None, po
                 raise CheckoutBusyError(
                     f"{repo}: another flow holds the Prefect concurrency limit {name!r} (one flow running DVC per "
                     f"checkout) and did not release it within {timeout_s:g} s; see Concurrency in the Prefect UI "
-                    f"for the holder, {record} for its PID") from None
+                    f"for the holder, {record} for its PID"
+                ) from None
             if log is not None and not said:
                 log.info("waiting for the Prefect concurrency limit %r (another flow runs DVC in %s)", name, repo)
                 said = True
             time.sleep(poll_s)
         lease_id = response.json()["lease_id"]
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"lease_id": lease_id, "pid": os.getpid(), "host": socket.gethostname(),
-                                      "limit": name}) + "\n", encoding="utf-8")
+        record.write_text(
+            json.dumps({"lease_id": lease_id, "pid": os.getpid(), "host": socket.gethostname(), "limit": name})
+            + "\n",
+            encoding="utf-8",
+        )
         stop = threading.Event()
         renewer = threading.Thread(target=_renew, args=(lease_id, stop), name=f"lease {name}", daemon=True)
         renewer.start()
@@ -147,8 +161,9 @@ def _server_slot(repo: Path, deadline: float | None, timeout_s: float | None, po
             try:
                 client.release_concurrency_slots_with_lease(lease_id)
             except httpx.HTTPError as error:  # the work is done; the lease runs out by itself within LEASE_S
-                logging.getLogger(__name__).warning("cannot release the checkout's concurrency lease %s: %s",
-                                                    lease_id, error)
+                logging.getLogger(__name__).warning(
+                    "cannot release the checkout's concurrency lease %s: %s", lease_id, error
+                )
 
 
 def _renew(lease_id: str, stop: threading.Event) -> None:
@@ -158,8 +173,9 @@ def _renew(lease_id: str, stop: threading.Event) -> None:
             try:
                 client.renew_concurrency_lease(lease_id=lease_id, lease_duration=LEASE_S)
             except (httpx.HTTPError, OSError) as error:  # the server away for a moment; the file lock still holds
-                logging.getLogger(__name__).warning("cannot renew the checkout's concurrency lease %s: %s",
-                                                    lease_id, error)
+                logging.getLogger(__name__).warning(
+                    "cannot renew the checkout's concurrency lease %s: %s", lease_id, error
+                )
 
 
 def _read_record(record: Path) -> dict[str, Any]:
@@ -181,8 +197,9 @@ def _release_orphan(client: Any, record: Path, log: logging.Logger | logging.Log
         client.release_concurrency_slots_with_lease(lease_id)
     record.unlink(missing_ok=True)
     if log is not None:
-        log.info("released the checkout's concurrency slot held by PID %d, which is gone (lease %s)",
-                 pid, lease_id)
+        log.info(
+            "released the checkout's concurrency slot held by PID %d, which is gone (lease %s)", pid, lease_id
+        )
     return True
 
 
@@ -198,8 +215,13 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def _file_lock(repo: Path, deadline: float | None, timeout_s: float | None, poll_s: float,
-               log: logging.Logger | logging.LoggerAdapter | None) -> Iterator[None]:
+def _file_lock(
+    repo: Path,
+    deadline: float | None,
+    timeout_s: float | None,
+    poll_s: float,
+    log: logging.Logger | logging.LoggerAdapter | None,
+) -> Iterator[None]:
     """The OS lock of the checkout, retried every `poll_s` until `deadline` (`time.monotonic`)."""
     folder = lock_folder(repo)
     said = False

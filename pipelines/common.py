@@ -34,9 +34,11 @@ PREPARED = Path("outputs/prepare")
 # lock held by another DVC process, a flaky network on a remote. Anything else (a stage's own
 # `error: ...` line for bad params or missing inputs, a traceback, a broken dvc.yaml) fails the
 # same way every time, so retrying it only delays the message.
-_TRANSIENT = re.compile(r"exited with (-\d+|137|143)\b|Unable to acquire lock|lock .* is (held|busy)"
-                        r"|Connection (reset|refused|aborted)|timed out|Temporary failure in name resolution",
-                        re.IGNORECASE)
+_TRANSIENT = re.compile(
+    r"exited with (-\d+|137|143)\b|Unable to acquire lock|lock .* is (held|busy)"
+    r"|Connection (reset|refused|aborted)|timed out|Temporary failure in name resolution",
+    re.IGNORECASE,
+)
 
 
 class DvcError(RuntimeError):
@@ -55,8 +57,9 @@ class DvcError(RuntimeError):
         self.transient = is_transient(returncode, output)
         tail = "\n".join(output.strip().splitlines()[-25:])
         kind = "transient" if self.transient else "not transient"
-        super().__init__(f"`dvc {' '.join(command)}` in {repo} failed with exit status {returncode} "
-                         f"({kind}):\n{tail}")
+        super().__init__(
+            f"`dvc {' '.join(command)}` in {repo} failed with exit status {returncode} ({kind}):\n{tail}"
+        )
 
 
 def is_transient(returncode: int, output: str) -> bool:
@@ -82,14 +85,24 @@ def dvc_env(repo: Path, extra: Mapping[str, str] | None = None) -> dict[str, str
 
     `extra` wins over both (a fan-out run passes the tracking server its caller chose).
     """
-    return {**interpreter_first_on_path(os.environ), "MLFLOW_TRACKING_URI": tracking_uri(repo),
-            "DVC_NO_ANALYTICS": "1", **(extra or {})}
+    return {
+        **interpreter_first_on_path(os.environ),
+        "MLFLOW_TRACKING_URI": tracking_uri(repo),
+        "DVC_NO_ANALYTICS": "1",
+        **(extra or {}),
+    }
 
 
 def dvc_output(repo: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
     """Run a quick DVC query and return its stdout (stderr only goes into a `DvcError`)."""
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(repo, env),
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        env=dvc_env(repo, env),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise DvcError(args, repo, done.returncode, done.stdout + done.stderr)
     return done.stdout
@@ -101,8 +114,15 @@ def dvc_stream(repo: Path, *args: str, echo: Callable[[str], None], env: Mapping
     Stages can run for hours: streaming lets the flow's log (and the Prefect UI) show progress.
     """
     lines: list[str] = []
-    with subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(repo, env), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1) as process:
+    with subprocess.Popen(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=repo,
+        env=dvc_env(repo, env),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        bufsize=1,
+    ) as process:
         for line in process.stdout:
             lines.append(line)
             if line.strip():
@@ -125,13 +145,17 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def describe(summary: Mapping[str, Any], metrics: Sequence[str] = ("test/mae", "test/accuracy")) -> str:
     """One line of a report summary: `test/mae 1.040 +- 0.110 (5 folds), ...`."""
-    parts = [f"{key} {entry['mean']:.3f} +- {entry['std']:.3f} ({len(entry['folds'])} folds)"
-             for key in metrics if isinstance(entry := summary.get(key), dict)]
+    parts = [
+        f"{key} {entry['mean']:.3f} +- {entry['std']:.3f} ({len(entry['folds'])} folds)"
+        for key in metrics
+        if isinstance(entry := summary.get(key), dict)
+    ]
     return ", ".join(parts) or "no metrics in the report"
 
 
-def run_cli(parser: argparse.ArgumentParser, call: Callable[[argparse.Namespace], Any],
-            argv: Sequence[str] | None) -> int:
+def run_cli(
+    parser: argparse.ArgumentParser, call: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None
+) -> int:
     """Parse `argv`, run the flow with the parsed arguments, write its result as JSON to stdout.
 
     A flow that fails raises here with its own message (and a non-zero exit), as Prefect reports it.

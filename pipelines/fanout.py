@@ -57,8 +57,10 @@ def git(repo: Path, *args: str) -> str:
 
 def _modified(repo: Path) -> list[str]:
     """Tracked files with uncommitted changes (untracked files are no part of a commit anyway)."""
-    return [line.split(maxsplit=1)[-1] for line in
-            git(repo, "status", "--porcelain", "--untracked-files=no").splitlines()]
+    return [
+        line.split(maxsplit=1)[-1]
+        for line in git(repo, "status", "--porcelain", "--untracked-files=no").splitlines()
+    ]
 
 
 def published_commit(repo: Path, remote: str) -> str:
@@ -68,44 +70,56 @@ def published_commit(repo: Path, remote: str) -> str:
     queue would carry) and unpushed commits would silently not be part of the experiment.
     """
     if changed := _modified(repo):
-        raise RuntimeError(f"fan-out: {repo} has uncommitted changes to tracked files ({', '.join(changed[:5])}); "
-                           "runs on other machines check out a commit: commit them and `git push` first")
+        raise RuntimeError(
+            f"fan-out: {repo} has uncommitted changes to tracked files ({', '.join(changed[:5])}); "
+            "runs on other machines check out a commit: commit them and `git push` first"
+        )
     commit = git(repo, "rev-parse", "HEAD")
     git(repo, "fetch", "--quiet", remote)
     if not git(repo, "branch", "--remotes", "--contains", commit, "--list", f"{remote}/*"):
-        raise RuntimeError(f"fan-out: commit {commit[:12]} is not on the git remote {remote!r} "
-                           f"({git(repo, 'remote', 'get-url', remote)}); run `git push {remote} HEAD` first")
+        raise RuntimeError(
+            f"fan-out: commit {commit[:12]} is not on the git remote {remote!r} "
+            f"({git(repo, 'remote', 'get-url', remote)}); run `git push {remote} HEAD` first"
+        )
     return commit
 
 
 def require_server(tracking: str) -> None:
     """Refuse a tracking URI that only this machine can write to (a SQLite file, a folder)."""
     if tracking.startswith(("sqlite:", "file:")) or "://" not in tracking:
-        raise ValueError(f"fan-out: expected MLFLOW_TRACKING_URI to name an MLflow server every worker reaches "
-                         f"(e.g. http://mlflow-host:5000), found {tracking!r}")
+        raise ValueError(
+            f"fan-out: expected MLFLOW_TRACKING_URI to name an MLflow server every worker reaches "
+            f"(e.g. http://mlflow-host:5000), found {tracking!r}"
+        )
 
 
 def worker_clone(clone: str | None) -> Path:
     """The clone this run works in: `clone`, else `$L2RCLIP_CLONE` of the worker's environment."""
     folder = clone or os.environ.get(CLONE_ENV)
     if not folder:
-        raise RuntimeError(f"experiment: no clone to run in; start the worker with {CLONE_ENV}=/path/to/its/clone "
-                           "(a `git clone` of the shared remote, one per worker)")
+        raise RuntimeError(
+            f"experiment: no clone to run in; start the worker with {CLONE_ENV}=/path/to/its/clone "
+            "(a `git clone` of the shared remote, one per worker)"
+        )
     return project(folder)
 
 
 def checkout(repo: Path, remote: str, commit: str) -> None:
     """Check out `commit` (detached) after fetching `remote`; refuse to overwrite local changes."""
     if changed := _modified(repo):
-        raise RuntimeError(f"experiment: the worker clone {repo} has uncommitted changes to tracked files "
-                           f"({', '.join(changed[:5])}); checking out {commit[:12]} would lose them: commit or "
-                           "discard them, or give the worker a clone of its own")
+        raise RuntimeError(
+            f"experiment: the worker clone {repo} has uncommitted changes to tracked files "
+            f"({', '.join(changed[:5])}); checking out {commit[:12]} would lose them: commit or "
+            "discard them, or give the worker a clone of its own"
+        )
     git(repo, "fetch", "--quiet", remote)
     try:
         git(repo, "cat-file", "-e", f"{commit}^{{commit}}")
     except RuntimeError:
-        raise RuntimeError(f"experiment: commit {commit[:12]} is not on the git remote {remote!r} of {repo}; "
-                           "push it from the machine that submitted the run") from None
+        raise RuntimeError(
+            f"experiment: commit {commit[:12]} is not on the git remote {remote!r} of {repo}; "
+            "push it from the machine that submitted the run"
+        ) from None
     git(repo, "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit)
 
 
@@ -115,8 +129,14 @@ def experiment_names(repo: Path, remote: str | None = None) -> set[str]:
 
 
 @flow(name=FLOW_NAME)
-def experiment(commit: str, name: str, settings: list[str], git_remote: str = "origin",
-               tracking_uri: str | None = None, clone: str | None = None) -> dict[str, Any]:
+def experiment(
+    commit: str,
+    name: str,
+    settings: list[str],
+    git_remote: str = "origin",
+    tracking_uri: str | None = None,
+    clone: str | None = None,
+) -> dict[str, Any]:
     """Run one DVC experiment of `commit` in this worker's clone and push it back.
 
     Args:
@@ -158,8 +178,10 @@ def experiment_deployment(pool: str) -> RunnerDeployment:
     stages from the experiment's own commit (`python -m` puts the stage's folder first).
     """
     return experiment.to_deployment(
-        name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
-        description="One DVC experiment: check out the commit, dvc pull, dvc exp run, dvc exp push.")
+        name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        description="One DVC experiment: check out the commit, dvc pull, dvc exp run, dvc exp push.",
+    )
 
 
 def wait_for_runs(ids: dict[str, UUID], poll_s: float) -> list[dict[str, Any]]:
@@ -182,8 +204,13 @@ def wait_for_runs(ids: dict[str, UUID], poll_s: float) -> list[dict[str, Any]]:
                 seen[name] = state.name
                 logger.info("%s: %s%s", name, state.name, f" ({state.message})" if state.message else "")
                 if state.is_final() or state.is_cancelling():
-                    ended[name] = {"name": name, "completed": state.is_completed(), "state": state.name,
-                                   "message": state.message or "", "flow_run_id": str(run_id)}
+                    ended[name] = {
+                        "name": name,
+                        "completed": state.is_completed(),
+                        "state": state.name,
+                        "message": state.message or "",
+                        "flow_run_id": str(run_id),
+                    }
             if len(ended) < len(ids):
                 time.sleep(poll_s)
     return [ended[name] for name in ids]
@@ -195,8 +222,14 @@ def _online_workers(pool: str) -> int:
         return len(client.read_workers_for_work_pool(pool, worker_filter=online))
 
 
-def fan_out(root: Path, runs: Sequence[tuple[str, list[str]]], pool: str, tracking: str,
-            git_remote: str = "origin", poll_s: float = 5.0) -> list[dict[str, Any]]:
+def fan_out(
+    root: Path,
+    runs: Sequence[tuple[str, list[str]]],
+    pool: str,
+    tracking: str,
+    git_remote: str = "origin",
+    poll_s: float = 5.0,
+) -> list[dict[str, Any]]:
     """Run each `(name, settings)` as a DVC experiment on the workers of `pool`; pull the results.
 
     Earlier experiments of the same names on this commit are replaced, here and on the remote.
@@ -215,15 +248,28 @@ def fan_out(root: Path, runs: Sequence[tuple[str, list[str]]], pool: str, tracki
     if again := sorted(experiment_names(root) & set(names)):
         dvc_output(root, "exp", "remove", *again)
     if not _online_workers(pool):
-        logger.warning("no worker is online in the work pool %r: the runs wait until one starts "
-                       "(`prefect worker start --pool %s --limit 1` in a clone, with %s set)",
-                       pool, pool, CLONE_ENV)
+        logger.warning(
+            "no worker is online in the work pool %r: the runs wait until one starts "
+            "(`prefect worker start --pool %s --limit 1` in a clone, with %s set)",
+            pool,
+            pool,
+            CLONE_ENV,
+        )
     ids = {}
     for name, settings in runs:  # all submitted at once: every idle worker takes one
         ids[name] = run_deployment(
-            f"{FLOW_NAME}/{pool}", flow_run_name=name, tags=[f"dvc-exp:{name}"], timeout=0,
-            parameters={"commit": commit, "name": name, "settings": settings, "git_remote": git_remote,
-                        "tracking_uri": tracking}).id
+            f"{FLOW_NAME}/{pool}",
+            flow_run_name=name,
+            tags=[f"dvc-exp:{name}"],
+            timeout=0,
+            parameters={
+                "commit": commit,
+                "name": name,
+                "settings": settings,
+                "git_remote": git_remote,
+                "tracking_uri": tracking,
+            },
+        ).id
         logger.info("submitted %s to the work pool %r: %s", name, pool, " ".join(settings) or "no overrides")
     results = wait_for_runs(ids, poll_s)
     if done := [result["name"] for result in results if result["completed"]]:

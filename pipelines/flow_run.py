@@ -20,8 +20,10 @@ from prefect.settings import PREFECT_API_URL
 from l2rclip.tracking.provenance import data_version, git_commit
 from pipelines.common import PREPARED
 
-TEMPORARY_SERVER = ("a temporary local server (PREFECT_API_URL not set): this run will not appear in your UI; "
-                    "run `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+TEMPORARY_SERVER = (
+    "a temporary local server (PREFECT_API_URL not set): this run will not appear in your UI; "
+    "run `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+)
 
 
 def api_target() -> str:

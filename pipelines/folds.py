@@ -75,8 +75,9 @@ def combine(summaries: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 @flow(name="folds")
-def folds(work_pool: str, name: str, settings: list[str] | None = None, repo: str = ".",
-          git_remote: str = "origin") -> dict[str, Any]:
+def folds(
+    work_pool: str, name: str, settings: list[str] | None = None, repo: str = ".", git_remote: str = "origin"
+) -> dict[str, Any]:
     """Run each fold of one experiment as its own experiment on the workers of `work_pool`.
 
     Args:
@@ -100,17 +101,20 @@ def folds(work_pool: str, name: str, settings: list[str] | None = None, repo: st
     with checkout_lock(root, log=logger):  # removes, pulls and reads experiments in this checkout
         results = fan_out(root, runs, work_pool, tracking_uri(root), git_remote)
         if failed := [f"{r['name']}: {r['state']} {r['message']}" for r in results if not r["completed"]]:
-            raise RuntimeError(f"folds: {len(failed)} of {len(runs)} fold runs did not finish: "
-                               f"{'; '.join(failed)}")
+            raise RuntimeError(
+                f"folds: {len(failed)} of {len(runs)} fold runs did not finish: {'; '.join(failed)}"
+            )
         found = {run_name: (entry or {}).get("summary") for run_name, entry in collect(root).items()}
         tag_experiment_commits(root, tracking_uri(root))  # the fold experiments' commits: l2rclip.dvc_exp_commit
     if missing := [run_name for run_name, _ in runs if not found.get(run_name)]:
         raise RuntimeError(f"folds: no report in the experiments {', '.join(missing)} (see `dvc exp show`)")
     summary = combine({run_name: found[run_name] for run_name, _ in runs})
     logger.info("%s over %d folds on %s: %s", name, len(runs), work_pool, describe(summary))
-    create_markdown_artifact(summary_markdown(name, summary, [run_name for run_name, _ in runs]),
-                             key="folds-summary",
-                             description=f"{name} over {len(runs)} folds: {describe(summary)}")
+    create_markdown_artifact(
+        summary_markdown(name, summary, [run_name for run_name, _ in runs]),
+        key="folds-summary",
+        description=f"{name} over {len(runs)} folds: {describe(summary)}",
+    )
     return {"summary": summary, "experiments": [run_name for run_name, _ in runs], "runs": results}
 
 
@@ -118,12 +122,19 @@ def summary_markdown(name: str, summary: dict[str, Any], experiments: Sequence[s
     """The cross-validated summary as a markdown table: metric, mean +- std, one column per fold."""
     metrics = sorted(key for key, entry in summary.items() if isinstance(entry, dict) and "folds" in entry)
     header = ["metric", "mean +- std", *experiments]
-    lines = [f"# {name}: {len(experiments)} folds", "", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
+    lines = [
+        f"# {name}: {len(experiments)} folds",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for metric in metrics:
         entry = summary[metric]
-        lines.append(f"| {metric} | {entry['mean']:.4f} +- {entry['std']:.4f} | "
-                     + " | ".join(f"{value:.4f}" for value in entry["folds"]) + " |")
+        lines.append(
+            f"| {metric} | {entry['mean']:.4f} +- {entry['std']:.4f} | "
+            + " | ".join(f"{value:.4f}" for value in entry["folds"])
+            + " |"
+        )
     if "is_clip" in summary:
         lines += ["", f"CLIP weights: {summary['is_clip']}"]
     return "\n".join(lines) + "\n"
@@ -134,8 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.folds", description=__doc__.split("\n")[0])
     parser.add_argument("--work-pool", required=True, help="Prefect process work pool the workers serve")
     parser.add_argument("--name", required=True, help="experiment name; fold k runs as NAME-fold<k>")
-    parser.add_argument("-S", "--set-param", action="append", dest="settings", default=[],
-                        help="key=value params override for every fold (repeatable, as dvc exp run -S)")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        dest="settings",
+        default=[],
+        help="key=value params override for every fold (repeatable, as dvc exp run -S)",
+    )
     parser.add_argument("--repo", default=".", help="project folder (default: %(default)s)")
     parser.add_argument("--git-remote", default="origin", help="git remote of the workers (default: %(default)s)")
     return run_cli(parser, lambda a: folds(a.work_pool, a.name, a.settings, a.repo, a.git_remote), argv)

@@ -46,8 +46,9 @@ def repro(repo: str, targets: list[str]) -> list[str]:
 
 
 @flow(name="pipeline")
-def pipeline(repo: str = ".", targets: list[str] | None = None, retries: int = 2,
-             retry_delay_s: float = 30.0) -> dict[str, Any] | None:
+def pipeline(
+    repo: str = ".", targets: list[str] | None = None, retries: int = 2, retry_delay_s: float = 30.0
+) -> dict[str, Any] | None:
     """Bring the DVC pipeline of `repo` up to date and return its cross-validated report.
 
     Args:
@@ -76,8 +77,11 @@ def pipeline(repo: str = ".", targets: list[str] | None = None, retries: int = 2
         return None
     logger.info("report: %s", describe(summary))
     if (root / REPORT_MARKDOWN).is_file():
-        create_markdown_artifact((root / REPORT_MARKDOWN).read_text(encoding="utf-8"), key="pipeline-report",
-                                 description=f"{REPORT_MARKDOWN} of {root}: {describe(summary)}")
+        create_markdown_artifact(
+            (root / REPORT_MARKDOWN).read_text(encoding="utf-8"),
+            key="pipeline-report",
+            description=f"{REPORT_MARKDOWN} of {root}: {describe(summary)}",
+        )
     return summary
 
 

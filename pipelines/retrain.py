@@ -114,25 +114,46 @@ def decide(new: float, current: float, margin: float = 0.0, metric: str = "test/
     scores = f"{metric} {new:.4f} vs champion {current:.4f} on the same holdout images"
     if math.isfinite(gain) and gain > margin:
         return Decision(True, f"{scores}: better by {gain:.4f} (> margin {margin:g})")
-    what = "not a number" if not math.isfinite(gain) else f"better by only {gain:.4f}" if gain > 0 else (
-        "no better" if gain == 0 else f"worse by {-gain:.4f}")
+    what = (
+        "not a number"
+        if not math.isfinite(gain)
+        else f"better by only {gain:.4f}"
+        if gain > 0
+        else ("no better" if gain == 0 else f"worse by {-gain:.4f}")
+    )
     return Decision(False, f"{scores}: {what} (promotion needs > margin {margin:g})")
 
 
 @task
-def score(model_uri: str, store: str, paths: list[str], labels: list[Any], device: str, amp: bool,
-          settings: EvalConfig, metric: str) -> float:
+def score(
+    model_uri: str,
+    store: str,
+    paths: list[str],
+    labels: list[Any],
+    device: str,
+    amp: bool,
+    settings: EvalConfig,
+    metric: str,
+) -> float:
     """`metric` of the registered model `model_uri` on the images `paths` with true `labels`."""
     predictor = Predictor.load(model_uri, device=device, tracking_uri=store, amp=amp)
     table = predictor.predict_paths(paths, with_probabilities=True, progress=False)
     unread = table.loc[table["error"] != "", ["path", "error"]]
     if not unread.empty:
-        raise ValueError(f"cannot score {model_uri}: {len(unread)} test images unreadable, e.g. "
-                         f"{unread.iloc[0]['path']}: {unread.iloc[0]['error']}")
+        raise ValueError(
+            f"cannot score {model_uri}: {len(unread)} test images unreadable, e.g. "
+            f"{unread.iloc[0]['path']}: {unread.iloc[0]['error']}"
+        )
     space = predictor.rank_space
     point = table["pred_rank"].to_numpy(dtype=int) if predictor.model.has_point_rule else None  # CORAL/CORN rule
-    metrics = ordinal_metrics(probabilities_of(table, space), space.indices(labels), space.value_array,
-                              settings.cs_theta, settings.ece_bins, point)
+    metrics = ordinal_metrics(
+        probabilities_of(table, space),
+        space.indices(labels),
+        space.value_array,
+        settings.cs_theta,
+        settings.ece_bins,
+        point,
+    )
     name = metric.rsplit("/", 1)[-1]
     if name not in metrics:
         raise ValueError(f"metric {metric!r}: expected test/<name> with name one of {', '.join(sorted(metrics))}")
@@ -141,8 +162,11 @@ def score(model_uri: str, store: str, paths: list[str], labels: list[Any], devic
 
 def _lineage(champion_tags: dict[str, str], new_tags: dict[str, str]) -> dict[str, dict[str, str | None]]:
     """What differs between the champion's training and the new version's: data version, params."""
-    return {tag: {"champion": champion_tags.get(tag), "new": new_tags.get(tag)} for tag in LINEAGE_TAGS
-            if champion_tags.get(tag) != new_tags.get(tag)}
+    return {
+        tag: {"champion": champion_tags.get(tag), "new": new_tags.get(tag)}
+        for tag in LINEAGE_TAGS
+        if champion_tags.get(tag) != new_tags.get(tag)
+    }
 
 
 def version_ranks(name: str, version: Any, store: str) -> RankSpace:
@@ -151,8 +175,11 @@ def version_ranks(name: str, version: Any, store: str) -> RankSpace:
         return RankSpace.from_dict(json.loads(text))
     folder = tempfile.mkdtemp(prefix="l2rclip-ranks-")
     try:
-        return RankSpace.from_dict(read_model_meta(
-            resolve_model_dir(f"models:/{name}/{version.version}", store, download_to=folder))["ranks"])
+        return RankSpace.from_dict(
+            read_model_meta(resolve_model_dir(f"models:/{name}/{version.version}", store, download_to=folder))[
+                "ranks"
+            ]
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -164,12 +191,18 @@ def rank_change(held: RankSpace, new: RankSpace) -> str | None:
     dropped = [label for label in held.labels if not new.contains(label)]
     added = [label for label in new.labels if not held.contains(label)]
     shared = [label for label in held.labels if new.contains(label)]
-    revalued = [label for label in shared
-                if held.values[held.index_of(label)] != new.values[new.index_of(label)]]
+    revalued = [label for label in shared if held.values[held.index_of(label)] != new.values[new.index_of(label)]]
     renamed = [label for label in shared if held.names[held.index_of(label)] != new.names[new.index_of(label)]]
-    parts = [f"{what} {', '.join(map(str, labels[:10]))}{' ...' if len(labels) > 10 else ''}"
-             for what, labels in (("dropped", dropped), ("added", added), ("other values for", revalued),
-                                  ("other names for", renamed)) if labels]
+    parts = [
+        f"{what} {', '.join(map(str, labels[:10]))}{' ...' if len(labels) > 10 else ''}"
+        for what, labels in (
+            ("dropped", dropped),
+            ("added", added),
+            ("other values for", revalued),
+            ("other names for", renamed),
+        )
+        if labels
+    ]
     if not parts:  # the same labels, values and names in another order
         parts = ["the same ranks in another order"]
     return f"the rank set changed from {held.describe()} to {new.describe()} ({'; '.join(parts)})"
@@ -187,8 +220,9 @@ def _reopened(tags: dict[str, str], accept_rank_change: bool) -> bool:
 
 
 @flow(name="retrain")
-def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae",
-            accept_rank_change: bool = False) -> dict[str, Any]:
+def retrain(
+    repo: str = ".", margin: float = 0.0, metric: str = "test/mae", accept_rank_change: bool = False
+) -> dict[str, Any]:
     """Retrain when data, params or code changed; promote the new version only if it is better.
 
     Args:
@@ -218,8 +252,11 @@ def retrain(repo: str = ".", margin: float = 0.0, metric: str = "test/mae",
     with checkout_lock(root, log=logger):
         result = _retrain(root, margin, metric, accept_rank_change)
     tag_flow_run(checkout_tags(root))
-    create_markdown_artifact(decision_markdown(result, margin, metric), key="retrain-decision",
-                             description=f"{result['name']} version {result['version']}: {result['decision']}")
+    create_markdown_artifact(
+        decision_markdown(result, margin, metric),
+        key="retrain-decision",
+        description=f"{result['name']} version {result['version']}: {result['decision']}",
+    )
     return result
 
 
@@ -241,37 +278,69 @@ def _retrain(root: Path, margin: float, metric: str, accept_rank_change: bool = 
     new = MlflowClient(store).get_model_version(name, version)
     current = champion(name, store)
     held = str(current.version) if current is not None else None  # MLflow gives int or str versions
-    result: dict[str, Any] = {"name": name, "version": version, "stale": stale, "up_to_date": not stale,
-                              "previous_champion": held,
-                              "changes": _lineage(current.tags if current else {}, new.tags)}
+    result: dict[str, Any] = {
+        "name": name,
+        "version": version,
+        "stale": stale,
+        "up_to_date": not stale,
+        "previous_champion": held,
+        "changes": _lineage(current.tags if current else {}, new.tags),
+    }
     if (new.tags.get(DECISION_TAG) and not _reopened(new.tags, accept_rank_change)) or held == version:
         decision = new.tags.get(DECISION_TAG, PROMOTED)
-        logger.info("%s version %s was already decided on (%s)%s", name, version, decision,
-                    "; up to date" if not stale else "")
-        return {**result, "decision": decision, "reason": new.tags.get(REASON_TAG, ""),
-                "champion": held, "decided_earlier": True}
+        logger.info(
+            "%s version %s was already decided on (%s)%s",
+            name,
+            version,
+            decision,
+            "; up to date" if not stale else "",
+        )
+        return {
+            **result,
+            "decision": decision,
+            "reason": new.tags.get(REASON_TAG, ""),
+            "champion": held,
+            "decided_earlier": True,
+        }
     gate = read_holdout(root)
     if current is None:
         decision = Decision(True, "there was no champion")
     elif (mismatch := gate_mismatch(current.tags, new.tags, gate)) is not None:
         decision = Decision(False, mismatch)
     else:
-        decision = _gate_ranks_then_decide(root, params, gate, result, (current, new), store, metric, margin,
-                                           accept_rank_change)
-    result["gate"] = {"images": len(gate), "version": holdout_version(gate),
-                      "spec": new.tags.get(HOLDOUT_SPEC_TAG)}
+        decision = _gate_ranks_then_decide(
+            root, params, gate, result, (current, new), store, metric, margin, accept_rank_change
+        )
+    result["gate"] = {
+        "images": len(gate),
+        "version": holdout_version(gate),
+        "spec": new.tags.get(HOLDOUT_SPEC_TAG),
+    }
     MlflowClient(store).set_model_version_tag(name, version, "l2rclip.gate_images", str(len(gate)))
     MlflowClient(store).set_model_version_tag(name, version, "l2rclip.gate_version", result["gate"]["version"])
     (promote if decision.promote else keep)(name, version, decision.reason, store)
     after = str(champion(name, store).version)
     logger.info("%s version %s: %s; champion is version %s", name, version, decision.reason, after)
-    return {**result, "decision": PROMOTED if decision.promote else KEPT, "reason": decision.reason,
-            "champion": after, "decided_earlier": False}
+    return {
+        **result,
+        "decision": PROMOTED if decision.promote else KEPT,
+        "reason": decision.reason,
+        "champion": after,
+        "decided_earlier": False,
+    }
 
 
-def _gate_ranks_then_decide(root: Path, params: Params, gate: pd.DataFrame, result: dict[str, Any],
-                            versions: tuple[Any, Any], store: str, metric: str, margin: float,
-                            accept_rank_change: bool) -> Decision:
+def _gate_ranks_then_decide(
+    root: Path,
+    params: Params,
+    gate: pd.DataFrame,
+    result: dict[str, Any],
+    versions: tuple[Any, Any],
+    store: str,
+    metric: str,
+    margin: float,
+    accept_rank_change: bool,
+) -> Decision:
     """Check the rank contract of (champion, new) `versions`, then score both on the gate and decide.
 
     A change of ranks is recorded on the new version and in `result["rank_change"]`; without
@@ -286,28 +355,39 @@ def _gate_ranks_then_decide(root: Path, params: Params, gate: pd.DataFrame, resu
         outcome = ACCEPTED if accept_rank_change else NOT_COMPARED
         MlflowClient(store).set_model_version_tag(name, version, RANK_CHANGE_TAG, f"{change}: {outcome}")
         if not accept_rank_change:
-            return Decision(False, f"{change}: a change of the model's contract (the labels it answers, the "
-                                   "p_<label> columns it serves), so the versions are not compared automatically; "
-                                   "to compare them on the ranks both share and promote the better, run the "
-                                   "retrain flow with --accept-rank-change")
+            return Decision(
+                False,
+                f"{change}: a change of the model's contract (the labels it answers, the "
+                "p_<label> columns it serves), so the versions are not compared automatically; "
+                "to compare them on the ranks both share and promote the better, run the "
+                "retrain flow with --accept-rank-change",
+            )
         gate = shared_gate(gate, spaces)
     decision = _compare_and_decide(root, params, gate, result, store, metric, margin)
     if change is None:
         return decision
-    return Decision(decision.promote, f"{decision.reason}; {change}, {ACCEPTED}: compared on the {len(gate)} "
-                                      f"holdout images of the {len(result['rank_change']['shared_ranks'])} ranks "
-                                      "both share")
+    return Decision(
+        decision.promote,
+        f"{decision.reason}; {change}, {ACCEPTED}: compared on the {len(gate)} "
+        f"holdout images of the {len(result['rank_change']['shared_ranks'])} ranks "
+        "both share",
+    )
 
 
-def _compare_and_decide(root: Path, params: Params, gate: pd.DataFrame, result: dict[str, Any], store: str,
-                        metric: str, margin: float) -> Decision:
+def _compare_and_decide(
+    root: Path, params: Params, gate: pd.DataFrame, result: dict[str, Any], store: str, metric: str, margin: float
+) -> Decision:
     """Score the new version and the champion on `gate` (into `result["scores"]`) and decide."""
     if gate.empty:
         return Decision(False, "no promotion-holdout image has a rank both versions share: nothing to compare on")
     get_run_logger().info(
         "new version %s vs champion %s on the promotion holdout (%d images, version %s); lineage differences: %s",
-        result["version"], result["previous_champion"], len(gate), holdout_version(gate),
-        result["changes"] or "none (same data and params: code or training changed)")
+        result["version"],
+        result["previous_champion"],
+        len(gate),
+        holdout_version(gate),
+        result["changes"] or "none (same data and params: code or training changed)",
+    )
     versions = {"new": result["version"], "champion": result["previous_champion"]}
     result["scores"] = compare(root, params, gate, versions, result["name"], store, metric)
     return decide(result["scores"]["new"], result["scores"]["champion"], margin, metric)
@@ -318,26 +398,38 @@ def decision_markdown(result: dict[str, Any], margin: float, metric: str) -> str
     outcome = "promoted to champion" if result["decision"] == PROMOTED else "not promoted: the champion stays"
     if result["decided_earlier"]:
         outcome = f"already decided by an earlier run ({result['decision']}); nothing compared"
-    lines = [f"# Retrain: {result['name']} version {result['version']} {outcome}", "",
-             f"**Decision:** `{result['decision']}`: {result['reason'] or 'no reason recorded'}", ""]
+    lines = [
+        f"# Retrain: {result['name']} version {result['version']} {outcome}",
+        "",
+        f"**Decision:** `{result['decision']}`: {result['reason'] or 'no reason recorded'}",
+        "",
+    ]
     if scores := result.get("scores"):
         new, held = scores["new"], scores["champion"]
         gain = held - new if lower_is_better(metric) else new - held
-        lines += [f"| model | version | {metric} on the promotion holdout |", "|---|---|---|",
-                  f"| new | {result['version']} | {scores['new']:.4f} |",
-                  f"| champion | {result['previous_champion']} | {scores['champion']:.4f} |", "",
-                  f"Gain {gain:+.4f} ({'lower' if lower_is_better(metric) else 'higher'} is better); "
-                  f"promotion needs more than the margin {margin:g}.", ""]
+        lines += [
+            f"| model | version | {metric} on the promotion holdout |",
+            "|---|---|---|",
+            f"| new | {result['version']} | {scores['new']:.4f} |",
+            f"| champion | {result['previous_champion']} | {scores['champion']:.4f} |",
+            "",
+            f"Gain {gain:+.4f} ({'lower' if lower_is_better(metric) else 'higher'} is better); "
+            f"promotion needs more than the margin {margin:g}.",
+            "",
+        ]
     if gate := result.get("gate"):
-        lines.append(f"- gate: {gate['images']} promotion-holdout images, version `{gate['version']}`, "
-                     f"holdout `{gate['spec']}`")
+        lines.append(
+            f"- gate: {gate['images']} promotion-holdout images, version `{gate['version']}`, "
+            f"holdout `{gate['spec']}`"
+        )
     if ranks := result.get("rank_change"):
         lines.append(f"- rank set: {ranks['change']}; {ACCEPTED if ranks['accepted'] else NOT_COMPARED}")
     changes = ", ".join(f"{tag} {pair['champion']} -> {pair['new']}" for tag, pair in result["changes"].items())
-    lines += [f"- stages rebuilt: {', '.join(result['stale']) or 'none (up to date)'}",
-              f"- lineage changes from the champion: {changes or 'none'}",
-              f"- champion before: version {result['previous_champion'] or 'none'}; "
-              f"now: version {result['champion']}"]
+    lines += [
+        f"- stages rebuilt: {', '.join(result['stale']) or 'none (up to date)'}",
+        f"- lineage changes from the champion: {changes or 'none'}",
+        f"- champion before: version {result['previous_champion'] or 'none'}; now: version {result['champion']}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -353,21 +445,37 @@ def gate_mismatch(champion_tags: dict[str, str], new_tags: dict[str, str], gate:
     """Why the two versions cannot be compared fairly on `gate`, or None when they can."""
     held, now = champion_tags.get(HOLDOUT_SPEC_TAG), new_tags.get(HOLDOUT_SPEC_TAG)
     if gate.empty:
-        return ("no promotion holdout (split.holdout_fraction is 0): no image is kept from both models' "
-                "training, so there is no fair comparison; set split.holdout_fraction > 0 and retrain")
+        return (
+            "no promotion holdout (split.holdout_fraction is 0): no image is kept from both models' "
+            "training, so there is no fair comparison; set split.holdout_fraction > 0 and retrain"
+        )
     if held is None or held != now:
-        return (f"the champion was trained under another promotion holdout ({held or 'none recorded'}, "
-                f"now {now}): it may have trained on today's gate images, so the versions are not "
-                "compared; set the champion alias by hand (MLflow UI or client) if intended")
+        return (
+            f"the champion was trained under another promotion holdout ({held or 'none recorded'}, "
+            f"now {now}): it may have trained on today's gate images, so the versions are not "
+            "compared; set the champion alias by hand (MLflow UI or client) if intended"
+        )
     return None
 
 
-def compare(root: Path, params: Params, gate: pd.DataFrame, versions: dict[str, str], name: str, store: str,
-            metric: str) -> dict[str, float]:
+def compare(
+    root: Path, params: Params, gate: pd.DataFrame, versions: dict[str, str], name: str, store: str, metric: str
+) -> dict[str, float]:
     """Score each of `versions` (role -> version of `name`) on the promotion holdout `gate`."""
     paths = [str(root / params.data.root / path) for path in gate["path"]]
-    return {role: score(f"models:/{name}/{version}", store, paths, gate["label"].tolist(), params.train.device,
-                        params.train.amp, params.eval, metric) for role, version in versions.items()}
+    return {
+        role: score(
+            f"models:/{name}/{version}",
+            store,
+            paths,
+            gate["label"].tolist(),
+            params.train.device,
+            params.train.amp,
+            params.eval,
+            metric,
+        )
+        for role, version in versions.items()
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,12 +483,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.retrain", description=__doc__.split("\n")[0])
     parser.add_argument("--repo", default=".", help="project folder (default: %(default)s)")
     parser.add_argument("--margin", type=float, default=0.0, help="smallest improvement that promotes")
-    parser.add_argument("--metric", default="test/mae",
-                        help="metric compared on the promotion holdout (default: %(default)s)")
-    parser.add_argument("--accept-rank-change", action="store_true",
-                        help="compare a new version whose rank set (labels, values, names) differs from the "
-                             "champion's on the ranks both share, and let it be promoted (a change of the "
-                             "served contract; recorded in the decision)")
+    parser.add_argument(
+        "--metric", default="test/mae", help="metric compared on the promotion holdout (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--accept-rank-change",
+        action="store_true",
+        help="compare a new version whose rank set (labels, values, names) differs from the "
+        "champion's on the ranks both share, and let it be promoted (a change of the "
+        "served contract; recorded in the decision)",
+    )
     return run_cli(parser, lambda a: retrain(a.repo, a.margin, a.metric, a.accept_rank_change), argv)
 
 

@@ -14,8 +14,9 @@ STEPS = (slice(0, 12), slice(0, 5), slice(5, 6))  # global batches: even, uneven
 
 def fixed_batch():
     """12 inputs (12, 6) and their rank labels (12,), fixed."""
-    return torch.randn(12, 6, generator=torch.Generator().manual_seed(1)), \
-        torch.tensor([0, 1, 4, 2, 2, 3, 0, 4, 1, 1, 3, 2])
+    return torch.randn(12, 6, generator=torch.Generator().manual_seed(1)), torch.tensor(
+        [0, 1, 4, 2, 2, 3, 0, 4, 1, 1, 3, 2]
+    )
 
 
 class TinyRanker(nn.Module):

@@ -23,12 +23,15 @@ def test_unknown_key_is_named(tmp_path):
         load_params(path)
 
 
-@pytest.mark.parametrize(("raw", "match"), [
-    ({"train": {"epochs": "ten"}}, r"'train.epochs': expected int, found 'ten'"),
-    ({"data": {"on_bad": "ignore"}}, r"'data.on_bad': expected one of 'skip', 'fail'"),
-    ({"model": "ViT-B-16"}, r"model: expected a mapping"),
-    ({"train": {"grad_clip": "x"}}, r"train.grad_clip"),
-])
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"train": {"epochs": "ten"}}, r"'train.epochs': expected int, found 'ten'"),
+        ({"data": {"on_bad": "ignore"}}, r"'data.on_bad': expected one of 'skip', 'fail'"),
+        ({"model": "ViT-B-16"}, r"model: expected a mapping"),
+        ({"train": {"grad_clip": "x"}}, r"train.grad_clip"),
+    ],
+)
 def test_wrong_values_are_named(raw, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(Params, raw)
@@ -52,6 +55,7 @@ def test_params_are_frozen_and_flatten_to_dotted_keys():
 
 # --- YAML that YAML itself lets through, and values deep code would trip on: one line, exit 2 -------------
 
+
 def billion_laughs() -> str:
     """Nine levels of nine aliases: 9^9 strings once expanded, from a file of 1 KB."""
     lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
@@ -60,17 +64,27 @@ def billion_laughs() -> str:
 
 
 BAD_FILES = {  # name -> (params file text, what the one-line error must say)
-    "syntax": ("seed: 0\nfolds: [0, 1\nranks:\n  start: 1\n",
-               "bad.yaml:3:6: YAML error: expected ',' or ']', but got ':'"),
-    "duplicate_key": ("seed: 0\nranks:\n  start: 1\n  stop: 5\n  start: 2\n",
-                      "bad.yaml:5:3: duplicate key 'ranks.start' (first at line 3, again at line 5)"),
-    "unsafe_tag": ("seed: !!python/object/apply:os.system ['touch {marker}']\n",
-                   "bad.yaml:1:7: 'seed' has the tag !!python/object/apply:os.system, which a params file cannot"),
+    "syntax": (
+        "seed: 0\nfolds: [0, 1\nranks:\n  start: 1\n",
+        "bad.yaml:3:6: YAML error: expected ',' or ']', but got ':'",
+    ),
+    "duplicate_key": (
+        "seed: 0\nranks:\n  start: 1\n  stop: 5\n  start: 2\n",
+        "bad.yaml:5:3: duplicate key 'ranks.start' (first at line 3, again at line 5)",
+    ),
+    "unsafe_tag": (
+        "seed: !!python/object/apply:os.system ['touch {marker}']\n",
+        "bad.yaml:1:7: 'seed' has the tag !!python/object/apply:os.system, which a params file cannot",
+    ),
     "yaml_bomb": (billion_laughs(), "values through YAML aliases (*name); expected at most 10000"),
-    "list_in_labels": ("ranks:\n  labels: [[1, 2], 3]\n",
-                       "bad.yaml: 'ranks.labels[0]': expected int, float or str, found [1, 2]"),
-    "negative_max_image_pixels": ("data:\n  max_image_pixels: -5\n",
-                                  "bad.yaml: 'data.max_image_pixels': expected a value >= 1, found -5"),
+    "list_in_labels": (
+        "ranks:\n  labels: [[1, 2], 3]\n",
+        "bad.yaml: 'ranks.labels[0]': expected int, float or str, found [1, 2]",
+    ),
+    "negative_max_image_pixels": (
+        "data:\n  max_image_pixels: -5\n",
+        "bad.yaml: 'data.max_image_pixels': expected a value >= 1, found -5",
+    ),
 }
 
 
@@ -100,8 +114,9 @@ def exit_status(entry) -> int:
 
 @pytest.mark.parametrize("case", BAD_FILES)
 @pytest.mark.parametrize("command", ["l2rclip prepare", "l2rclip check", "stages.demo_data", "stages.train"])
-def test_bad_yaml_through_the_cli_and_stage_mains_exits_2_with_one_line(tmp_path, capsys, monkeypatch, case,
-                                                                       command):
+def test_bad_yaml_through_the_cli_and_stage_mains_exits_2_with_one_line(
+    tmp_path, capsys, monkeypatch, case, command
+):
     from l2rclip import cli
     from l2rclip.stages import demo_data, train
 
@@ -112,8 +127,9 @@ def test_bad_yaml_through_the_cli_and_stage_mains_exits_2_with_one_line(tmp_path
         "l2rclip prepare": lambda: cli.main(["prepare", "--params", str(path), "--out", str(out)]),
         "l2rclip check": lambda: cli.main(["check", "--params", str(path), "--steps", "0"]),
         "stages.demo_data": lambda: demo_data.main(["--params", str(path), "--out", str(out)]),
-        "stages.train": lambda: train.main(["--params", str(path), "--fold", "0", "--prepared",
-                                            str(tmp_path / "prepared"), "--out", str(out)]),
+        "stages.train": lambda: train.main(
+            ["--params", str(path), "--fold", "0", "--prepared", str(tmp_path / "prepared"), "--out", str(out)]
+        ),
     }
     assert exit_status(entries[command]) == 2
     err = capsys.readouterr().err.strip()
@@ -123,8 +139,10 @@ def test_bad_yaml_through_the_cli_and_stage_mains_exits_2_with_one_line(tmp_path
 
 def test_aliases_and_merge_keys_within_the_limit_still_load(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("train: &common\n  epochs: 3\nmodel:\n  fallback:\n    <<: {epochs: 7}\n    lr_image: 0.01\n"
-                    "eval: {cs_theta: 2}\nconformal:\n  alpha: &levels [0.1, 0.2]\n")
+    path.write_text(
+        "train: &common\n  epochs: 3\nmodel:\n  fallback:\n    <<: {epochs: 7}\n    lr_image: 0.01\n"
+        "eval: {cs_theta: 2}\nconformal:\n  alpha: &levels [0.1, 0.2]\n"
+    )
     params = load_params(path)
     assert params.train.epochs == 3 and params.model.fallback.epochs == 7 and params.conformal.alpha == (0.1, 0.2)
 
@@ -177,8 +195,13 @@ def test_editors_schema_admits_the_shipped_params_and_refuses_what_loading_refus
     presets = sorted((ROOT / "protocols").glob("*.yaml"))
     documents = [read_yaml(f) for f in files] + [read_yaml(f)["params"] for f in presets]
     assert len(documents) > 3 and all(not list(validator.iter_errors(doc)) for doc in documents)
-    bad = [{"model": {"rankformer": {"enable": False}}}, {"data": {"max_image_pixels": -5}},
-           {"ranks": {"labels": [[1, 2]]}}, {"data": {"on_bad": "ignore"}}, {"train": {"epochs": "ten"}}]
+    bad = [
+        {"model": {"rankformer": {"enable": False}}},
+        {"data": {"max_image_pixels": -5}},
+        {"ranks": {"labels": [[1, 2]]}},
+        {"data": {"on_bad": "ignore"}},
+        {"train": {"epochs": "ten"}},
+    ]
     for document in bad:
         assert list(validator.iter_errors(document)), document
         with pytest.raises(ConfigError):
@@ -189,6 +212,8 @@ def test_a_section_built_in_code_is_checked_like_a_loaded_one():
     from l2rclip.config import SplitConfig, section_problems
 
     assert section_problems(SplitConfig(val_fraction=0.9), "split") == [
-        "'split.val_fraction': expected a value in [0, 0.5], found 0.9"]
+        "'split.val_fraction': expected a value in [0, 0.5], found 0.9"
+    ]
     assert section_problems(SplitConfig(few_shot=2, shift_keep=0.5), "split") == [
-        "'split': few_shot and shift_keep are both set; choose one"]
+        "'split': few_shot and shift_keep are both set; choose one"
+    ]

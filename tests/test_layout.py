@@ -18,10 +18,18 @@ def test_no_test_file_imports_another_test_file():
     offenders = []
     for path in TESTS.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
-                          for name in names if name.split(".")[-1] in test_modules]
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+                for name in names
+                if name.split(".")[-1] in test_modules
+            ]
     assert not offenders, "shared helpers belong in tests/support: " + "; ".join(offenders)
 
 
@@ -39,8 +47,10 @@ def test_models_registered_before_the_move_still_load(tmp_path):
     import mlflow.models.model as mlflow_model
 
     old_code = tmp_path / "served_model.py"
-    old_code.write_text("from mlflow.models import set_model\n\nfrom l2rclip.serving import L2RCLIPModel\n\n"
-                        "set_model(L2RCLIPModel())\n")
+    old_code.write_text(
+        "from mlflow.models import set_model\n\nfrom l2rclip.serving import L2RCLIPModel\n\n"
+        "set_model(L2RCLIPModel())\n"
+    )
     runpy.run_path(str(old_code))
     from l2rclip.serving.pyfunc import L2RCLIPModel
 

@@ -181,9 +181,7 @@ def test_ordinal_loss_default_terms_and_total():
     expected_keys = {"ce_loss", "kl_t2i_loss", "cop_loss", "cop_tightness_loss", "cop_diversity_loss", "loss"}
     assert set(out) == expected_keys
     torch.testing.assert_close(out["ce_loss"], cross_entropy_loss(outputs["logits"], y))
-    torch.testing.assert_close(
-        out["cop_loss"], 0.5 * out["cop_tightness_loss"] + 3.0 * out["cop_diversity_loss"]
-    )
+    torch.testing.assert_close(out["cop_loss"], 0.5 * out["cop_tightness_loss"] + 3.0 * out["cop_diversity_loss"])
     torch.testing.assert_close(out["loss"], out["ce_loss"] + out["kl_t2i_loss"] + 2.0 * out["cop_loss"])
 
 

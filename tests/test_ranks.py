@@ -23,22 +23,28 @@ def test_decades_and_custom_names():
     assert RankSpace.from_dict(groups.to_dict()) == groups
 
 
-@pytest.mark.parametrize(("call", "match"), [
-    (lambda s: s.index_of(99), r"label 99 is not a rank: expected one of 1 \.\. 10"),
-    (lambda s: s.indices([1, "x"]), r"row 1: label 'x' is not a rank"),
-])
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda s: s.index_of(99), r"label 99 is not a rank: expected one of 1 \.\. 10"),
+        (lambda s: s.indices([1, "x"]), r"row 1: label 'x' is not a rank"),
+    ],
+)
 def test_out_of_range_labels(call, match):
     with pytest.raises(RankError, match=match):
         call(RankSpace.from_config(RanksConfig()))
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"labels": [1]}, "at least 2"),
-    ({"labels": [1, 1, 2]}, "unique"),
-    ({"labels": ["a", "b"]}, "not numeric"),
-    ({"labels": [1, 2], "values": [2, 1]}, "increase strictly"),
-    ({"labels": [1, 2], "names": ["one"]}, "expected 2 names"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"labels": [1]}, "at least 2"),
+        ({"labels": [1, 1, 2]}, "unique"),
+        ({"labels": ["a", "b"]}, "not numeric"),
+        ({"labels": [1, 2], "values": [2, 1]}, "increase strictly"),
+        ({"labels": [1, 2], "names": ["one"]}, "expected 2 names"),
+    ],
+)
 def test_bad_definitions(kwargs, match):
     with pytest.raises(RankError, match=match):
         RankSpace(**kwargs)
@@ -52,10 +58,13 @@ def test_probability_columns_are_named_by_label():
     assert RankSpace([-1, 2.5], names=["a", "b"]).probability_columns() == ("p_-1", "p_2.5")
 
 
-@pytest.mark.parametrize(("labels", "match"), [
-    (["a b", "a_b"], r"'a b' and 'a_b' both name the probability column p_a_b"),
-    (["()", "x"], r"\['\(\)'\] have no letter or digit"),
-])
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (["a b", "a_b"], r"'a b' and 'a_b' both name the probability column p_a_b"),
+        (["()", "x"], r"\['\(\)'\] have no letter or digit"),
+    ],
+)
 def test_labels_that_cannot_name_distinct_columns_are_refused(labels, match):
     with pytest.raises(RankError, match=match):
         RankSpace(labels, values=[1, 2])

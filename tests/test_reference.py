@@ -44,6 +44,7 @@ PROTOS = unit(0.0, math.pi / 2, math.pi)
 
 # --- supcon -------------------------------------------------------------------------------------
 
+
 def test_reference_supcon_two_images_by_hand():
     # labels [0, 2], v0 = (1, 0), v1 = (0, 1), logit_scale = ln 2 -> s = 2.
     # Batch-label prototypes u0 = t0 = (1, 0), u1 = t2 = (-1, 0); logits s <v_i, u_j> = [[2, -2], [0, 0]].
@@ -78,14 +79,19 @@ def test_reference_supcon_repeated_label_by_hand():
 def test_ordinal_loss_reference_supcon_reads_the_models_logit_scale():
     v = unit(0.0, math.pi / 2)
     labels = torch.tensor([0, 2])
-    outputs = {"logits": 2 * v @ PROTOS.T, "image_features": v, "text_features": PROTOS,
-               "logit_scale": torch.tensor(LN2)}
+    outputs = {
+        "logits": 2 * v @ PROTOS.T,
+        "image_features": v,
+        "text_features": PROTOS,
+        "logit_scale": torch.tensor(LN2),
+    }
     loss = OrdinalLoss([0.0, 1.0, 2.0], ce=0.0, kl_t2i=0.0, cop=0.0, supcon=1.0, supcon_form="reference")
     expected = (math.log(1 + math.exp(-4)) + LN2) / 2 + math.log(1 + math.exp(-2))
     assert loss(outputs, labels)["supcon_loss"].item() == pytest.approx(expected)
 
 
 # --- cop_batch ----------------------------------------------------------------------------------
+
 
 def test_cop_batch_pair_normalisation_by_hand():
     # labels [0, 1, 2], v_i = t_{y_i} (tightness 0). Pairs (0,1), (0,2), (1,2): gaps 1, 2, 1;
@@ -113,6 +119,7 @@ def test_cop_batch_pairs_guards_single_pair_single_label_and_single_image():
 
 
 # --- kl_t2i -------------------------------------------------------------------------------------
+
 
 def test_kl_t2i_softmax10_target_by_hand():
     # 2 images, labels [0, 1], zero logits: every column softmax over images is [1/2, 1/2].
@@ -142,6 +149,7 @@ def test_kl_t2i_softmax10_repeated_label_by_hand():
 
 # --- interpolation ------------------------------------------------------------------------------
 
+
 def test_inverse_distance_eps_by_hand():
     # M = 3, B = 2: bases at ranks 0 and 2. Rank 0: d = [0, 2], w ~ [1/eps, 1/(2 + eps)],
     # normalised w00 = (2 + eps) / (2 + 2 eps). Rank 1: d = [1, 1] -> [1/2, 1/2].
@@ -164,13 +172,20 @@ def test_gaussian_width_in_rank_units_by_hand():
 
 
 def test_prompt_learner_uses_the_interpolation_switches():
-    learner = RankPromptLearner(nn.Embedding(5, 4), tokenizer=None, rank_names=["a", "b", "c"],
-                                context_init="random", rank_init="random", interpolation="inverse_distance",
-                                inverse_distance_eps=1e-5)
+    learner = RankPromptLearner(
+        nn.Embedding(5, 4),
+        tokenizer=None,
+        rank_names=["a", "b", "c"],
+        context_init="random",
+        rank_init="random",
+        interpolation="inverse_distance",
+        inverse_distance_eps=1e-5,
+    )
     assert learner.weights[0, 0].item() == pytest.approx((2 + 1e-5) / (2 + 2e-5), rel=1e-6)
 
 
 # --- ordinality ---------------------------------------------------------------------------------
+
 
 def test_ordinalclip_ordinality_beside_ours_by_hand():
     # Prototypes at angles 0, 0.5, 0.2: S01 = cos .5 = .878, S02 = cos .2 = .980, S12 = cos .3 = .955.
@@ -182,8 +197,14 @@ def test_ordinalclip_ordinality_beside_ours_by_hand():
     assert ordinalclip_ordinality(features) == pytest.approx({1: 1.0, 2: 2 / 3})
     assert prototype_ordinality(features) == 0.0
     metrics = prototype_ordinality_metrics(features)
-    assert metrics == pytest.approx({"ordinality": 0.0, "ordinality_ordinalclip": 2 / 3,
-                                     "ordinality_ordinalclip_span1": 1.0, "ordinality_ordinalclip_span2": 2 / 3})
+    assert metrics == pytest.approx(
+        {
+            "ordinality": 0.0,
+            "ordinality_ordinalclip": 2 / 3,
+            "ordinality_ordinalclip_span1": 1.0,
+            "ordinality_ordinalclip_span2": 2 / 3,
+        }
+    )
 
 
 def test_ordinalclip_ordinality_spans_and_small_cases():
@@ -195,6 +216,7 @@ def test_ordinalclip_ordinality_spans_and_small_cases():
 
 
 # --- CORAL / CORN published rule -----------------------------------------------------------------
+
 
 def test_coral_threshold_rule_differs_from_mode_by_hand():
     # CORAL, M = 4, logits [-1, 1, 1]: P(y > k) = sigmoid = [.269, .731, .731] (not monotone).
@@ -242,6 +264,7 @@ def test_heads_are_scored_with_their_published_rule():
 
 # --- units --------------------------------------------------------------------------------------
 
+
 def test_mae_in_value_and_index_units_by_hand():
     # Values [0, 2, 4] (spacing 2). Expected index sum_k p_k k: [0, 0.4, 0.25 + 1.5 = 1.75];
     # labels [0, 2, 1] -> |0| + |0.4 - 2| + |1.75 - 1| = 2.35 -> mae_index 2.35/3; value MAE is twice that.
@@ -253,12 +276,22 @@ def test_mae_in_value_and_index_units_by_hand():
 
 
 def test_report_states_units_and_results_use_the_papers_unit():
-    summary = {"test/mae": {"mean": 10.0, "std": 1.0, "folds": [9.0, 11.0]},
-               "test/mae_index": {"mean": 1.0, "std": 0.1, "folds": [0.9, 1.1]},
-               "test/accuracy": {"mean": 0.5, "std": 0.0, "folds": [0.5, 0.5]}}
-    header = {"source": "hci", "method": "l2rclip", "backbone": "L2RCLIP-Tiny", "is_clip": False, "n_folds": 2,
-              "train_seconds": 1.0, "paper_mae": "test/mae_index", "paper_mae_unit": "rank-index",
-              "prediction_rule": "argmax+expectation"}
+    summary = {
+        "test/mae": {"mean": 10.0, "std": 1.0, "folds": [9.0, 11.0]},
+        "test/mae_index": {"mean": 1.0, "std": 0.1, "folds": [0.9, 1.1]},
+        "test/accuracy": {"mean": 0.5, "std": 0.0, "folds": [0.5, 0.5]},
+    }
+    header = {
+        "source": "hci",
+        "method": "l2rclip",
+        "backbone": "L2RCLIP-Tiny",
+        "is_clip": False,
+        "n_folds": 2,
+        "train_seconds": 1.0,
+        "paper_mae": "test/mae_index",
+        "paper_mae_unit": "rank-index",
+        "prediction_rule": "argmax+expectation",
+    }
     text = markdown(summary, None, header)
     assert "rank-index units: `test/mae_index`" in text and "rank-VALUE units" in text
     assert "| mae_index | 1.0000 |" in text and "`ordinality_ordinalclip` is OrdinalCLIP's" in text
@@ -269,6 +302,7 @@ def test_report_states_units_and_results_use_the_papers_unit():
 
 
 # --- the reference bundle -------------------------------------------------------------------------
+
 
 def test_reference_bundle_changes_exactly_the_listed_definitions():
     default = Params()
@@ -321,5 +355,7 @@ def test_reference_loss_config_changes_only_the_listed_terms():
         assert a[same].item() == pytest.approx(b[same].item())
     for different in ("kl_t2i_loss", "cop_batch_loss", "supcon_loss"):
         assert a[different].item() != pytest.approx(b[different].item())
-    assert dataclasses.replace(reference, supcon_form="ours", cop_batch_weights="matrix",
-                               kl_t2i_target="uniform") == ours
+    assert (
+        dataclasses.replace(reference, supcon_form="ours", cop_batch_weights="matrix", kl_t2i_target="uniform")
+        == ours
+    )

@@ -22,8 +22,21 @@ def test_the_interpreters_folder_goes_first_on_path_once():
     environ = {"PATH": "/usr/bin:/home/me/l2rclip/.venv/bin:/bin", "HOME": "/home/me"}
     command, env = serve_invocation("models:/faces@champion", "127.0.0.1", 5001, environ, VENV_PYTHON)
     assert env["PATH"] == "/home/me/l2rclip/.venv/bin:/usr/bin:/bin"  # uvicorn, mlflow of this venv first
-    assert command == [VENV_PYTHON, "-m", "mlflow", "models", "serve", "-m", "models:/faces@champion",
-                       "--env-manager", "local", "-h", "127.0.0.1", "-p", "5001"]
+    assert command == [
+        VENV_PYTHON,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        "models:/faces@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "5001",
+    ]
     assert env["HOME"] == "/home/me" and environ["PATH"] == "/usr/bin:/home/me/l2rclip/.venv/bin:/bin"
 
 
@@ -38,9 +51,11 @@ def test_the_store_is_the_pipelines_unless_given(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _, env = serve_invocation("models:/m/1", "127.0.0.1", 5001, {}, VENV_PYTHON)
     assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mlflow.db'}" and env["PATH"] == str(
-        Path(VENV_PYTHON).parent)
-    _, env = serve_invocation("models:/m/1", "127.0.0.1", 5001, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
-                              VENV_PYTHON)
+        Path(VENV_PYTHON).parent
+    )
+    _, env = serve_invocation(
+        "models:/m/1", "127.0.0.1", 5001, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, VENV_PYTHON
+    )
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
 
@@ -55,18 +70,25 @@ def test_without_a_model_or_a_registered_one_it_says_what_to_do(tmp_path, monkey
 def test_l2rclip_serve_answers_without_the_venv_on_path(logged, tmp_path):  # noqa: F811 - the fixture
     """The reported failure: `mlflow models serve` from an unactivated .venv cannot find uvicorn."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"], "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     log = tmp_path / "server.log"
     with log.open("w") as output:
-        server = subprocess.Popen([sys.executable, "-m", "l2rclip.cli", "serve", logged["model_uri"], "--port",
-                                   str(port)], env=env, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "l2rclip.cli", "serve", logged["model_uri"], "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_ping(f"http://127.0.0.1:{port}", server, log)
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[encoded(logged["paths"][0])]]}})
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())["predictions"]
     finally:

@@ -18,9 +18,18 @@ from pydantic import ValidationError
 
 from l2rclip.config.fields import describe_interval
 
-TYPE_NAMES = {"int_type": "int", "int_parsing": "int", "int_from_float": "int", "float_type": "float",
-              "float_parsing": "float", "string_type": "str", "bool_type": "bool", "bool_parsing": "bool",
-              "tuple_type": "a list", "list_type": "a list"}
+TYPE_NAMES = {
+    "int_type": "int",
+    "int_parsing": "int",
+    "int_from_float": "int",
+    "float_type": "float",
+    "float_parsing": "float",
+    "string_type": "str",
+    "bool_type": "bool",
+    "bool_parsing": "bool",
+    "tuple_type": "a list",
+    "list_type": "a list",
+}
 RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 MAPPING_ERRORS = ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type")
 UNKNOWN_KEY_ERRORS = ("unexpected_keyword_argument", "extra_forbidden")
@@ -53,8 +62,9 @@ def describe(error: ValidationError, cls: type, prefix: str = "") -> str:
             continue
         problems.setdefault(place.key, []).append(expected)
         found[place.key] = _show(_found(item["input"], place, item["type"]))
-    lines = whole + [f"'{key}': expected {_either(options)}, found {found[key]}"
-                     for key, options in problems.items()]
+    lines = whole + [
+        f"'{key}': expected {_either(options)}, found {found[key]}" for key, options in problems.items()
+    ]
     more = f" (and {len(lines) - SHOWN} more problems)" if len(lines) > SHOWN else ""
     return "; ".join(lines[:SHOWN]) + more
 
@@ -150,4 +160,4 @@ def _join(key: str, part: str) -> str:
 
 def _show(value: Any, limit: int = 80) -> str:
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

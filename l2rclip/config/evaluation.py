@@ -50,8 +50,10 @@ class TrackingConfig:
     @classmethod
     def _usable_in_uris(cls, name: str | None) -> str | None:
         if name and not MODEL_NAME.fullmatch(name):
-            raise ValueError("expected letters, digits, '_', '.' and '-', starting with a letter or digit (it is "
-                             f"part of models:/<name>@champion URIs), or null for the default; found {name!r}")
+            raise ValueError(
+                "expected letters, digits, '_', '.' and '-', starting with a letter or digit (it is "
+                f"part of models:/<name>@champion URIs), or null for the default; found {name!r}"
+            )
         return name
 
 

@@ -35,8 +35,9 @@ class ParamsLoader(yaml.SafeLoader):
     """
 
 
-ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
-                                   list("-+0123456789"))
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -61,8 +62,9 @@ def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: expected UTF-8 text, found byte 0x{error.object[error.start]:02x} at "
-                          f"offset {error.start}") from None
+        raise ConfigError(
+            f"{path}: expected UTF-8 text, found byte 0x{error.object[error.start]:02x} at offset {error.start}"
+        ) from None
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the params file: {error.strerror or error}") from None
     loader = ParamsLoader(text)
@@ -95,9 +97,11 @@ def _check_nodes(root: yaml.Node, path: Path) -> None:
         if id(node) in open_nodes:
             raise ConfigError(f"{_at(path, node.start_mark)}: {where} contains itself through a YAML alias")
         if node.tag not in ParamsLoader.yaml_constructors:
-            raise ConfigError(f"{_at(path, node.start_mark)}: {where} has the tag "
-                              f"{node.tag.replace('tag:yaml.org,2002:', '!!')}, which a params file cannot use: "
-                              "expected plain values (read safely: nothing was constructed or run)")
+            raise ConfigError(
+                f"{_at(path, node.start_mark)}: {where} has the tag "
+                f"{node.tag.replace('tag:yaml.org,2002:', '!!')}, which a params file cannot use: "
+                "expected plain values (read safely: nothing was constructed or run)"
+            )
         open_nodes.add(id(node))
         size = 1
         if isinstance(node, yaml.SequenceNode):
@@ -108,18 +112,22 @@ def _check_nodes(root: yaml.Node, path: Path) -> None:
                 name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
                 line = key_node.start_mark.line + 1
                 if name is not None and key_node.tag != MERGE_TAG and name in first:
-                    raise ConfigError(f"{_at(path, key_node.start_mark)}: duplicate key '{_join(key, name)}' "
-                                      f"(first at line {first[name]}, again at line {line}); expected each key "
-                                      "once (YAML would keep only the last): remove one")
+                    raise ConfigError(
+                        f"{_at(path, key_node.start_mark)}: duplicate key '{_join(key, name)}' "
+                        f"(first at line {first[name]}, again at line {line}); expected each key "
+                        "once (YAML would keep only the last): remove one"
+                    )
                 if name is not None:
                     first.setdefault(name, line)
                 inner = key if key_node.tag == MERGE_TAG else _join(key, name or "?")  # `<<: *x` merges
                 size += walk(value_node, inner, open_nodes)
         open_nodes.discard(id(node))
         if size > MAX_VALUES:
-            raise ConfigError(f"{_at(path, node.start_mark)}: {where} expands to {size} values through YAML "
-                              f"aliases (*name); expected at most {MAX_VALUES} (a YAML bomb?): write the values "
-                              "out")
+            raise ConfigError(
+                f"{_at(path, node.start_mark)}: {where} expands to {size} values through YAML "
+                f"aliases (*name); expected at most {MAX_VALUES} (a YAML bomb?): write the values "
+                "out"
+            )
         sizes[id(node)] = size
         return size
 
@@ -158,8 +166,12 @@ def _empty_sections_as_defaults(cls: type, raw: Any) -> Any:
         return raw
     hints = get_type_hints(cls)
     sections = {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
-    return {name: ({} if value is None else _empty_sections_as_defaults(sections[name], value))
-            if name in sections else value for name, value in raw.items()}
+    return {
+        name: ({} if value is None else _empty_sections_as_defaults(sections[name], value))
+        if name in sections
+        else value
+        for name, value in raw.items()
+    }
 
 
 def section_problems(section: Any, prefix: str = "") -> list[str]:
@@ -174,8 +186,7 @@ def section_problems(section: Any, prefix: str = "") -> list[str]:
 def json_schema() -> dict[str, Any]:
     """The JSON Schema of params.yaml, for editors (`l2rclip config schema > params.schema.json`)."""
     schema = _adapter(Params).json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            **schema, "title": "params.yaml of l2rclip"}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "params.yaml of l2rclip"}
 
 
 def to_flat_dict(params: Any, prefix: str = "") -> dict[str, Any]:
@@ -193,8 +204,10 @@ def to_flat_dict(params: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_dict(params: Any) -> dict[str, Any]:
     """Nested plain-dict form of a config dataclass (tuples become lists), for JSON/YAML."""
+
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
             return to_dict(value)
         return [plain(v) for v in value] if isinstance(value, tuple) else value
+
     return {f.name: plain(getattr(params, f.name)) for f in dataclasses.fields(params)}

@@ -56,12 +56,16 @@ class Params:
         """The folds the pipeline runs must exist where the protocol fixes their number."""
         if len(set(self.folds)) != len(self.folds):
             raise ValueError(f"'folds': expected distinct fold numbers, found {list(self.folds)}")
-        count = {"kfold": ("split.n_folds", self.split.n_folds),
-                 "repeats": ("split.n_repeats", self.split.n_repeats)}.get(self.split.protocol)
+        count = {
+            "kfold": ("split.n_folds", self.split.n_folds),
+            "repeats": ("split.n_repeats", self.split.n_repeats),
+        }.get(self.split.protocol)
         absent = [fold for fold in self.folds if count is not None and fold >= count[1]]
         if count is not None and absent:  # given / logo: the folds come from the data (train checks)
-            raise ValueError(f"'folds': expected fold numbers in 0..{count[1] - 1} ({count[0]} is {count[1]} "
-                             f"for protocol {self.split.protocol}), found {absent}")
+            raise ValueError(
+                f"'folds': expected fold numbers in 0..{count[1] - 1} ({count[0]} is {count[1]} "
+                f"for protocol {self.split.protocol}), found {absent}"
+            )
         return self
 
 

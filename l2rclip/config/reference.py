@@ -34,8 +34,11 @@ def markdown_reference() -> str:
             rows.append(f"| `{key}` | {_value(prop)} | `{default}` | {_cell(prop.get('description', ''))} |")
         title = f"`{name}`" if name else "top level"
         intro = " ".join(node.get("description", "").split("\n\n")[0].split())  # the first paragraph
-        parts.append(f"### {title}\n\n{intro}\n\n| key | value | default | what it sets |\n|---|---|---|---|\n"
-                     + "\n".join(rows) + "\n")
+        parts.append(
+            f"### {title}\n\n{intro}\n\n| key | value | default | what it sets |\n|---|---|---|---|\n"
+            + "\n".join(rows)
+            + "\n"
+        )
         for child, definition in nested:
             section(child, definition)
 
@@ -57,9 +60,16 @@ def _value(prop: dict[str, Any]) -> str:
     kind = prop.get("type", "any")
     if kind == "array":
         return f"list of {_value(prop.get('items', {}))}"
-    bounds = [f"{symbol} {prop[key]}" for key, symbol in (("minimum", ">="), ("exclusiveMinimum", ">"),
-                                                          ("maximum", "<="), ("exclusiveMaximum", "<"))
-              if key in prop]
+    bounds = [
+        f"{symbol} {prop[key]}"
+        for key, symbol in (
+            ("minimum", ">="),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "<="),
+            ("exclusiveMaximum", "<"),
+        )
+        if key in prop
+    ]
     return f"{kind} {' and '.join(bounds)}".strip() if kind != "null" else "`null`"
 
 

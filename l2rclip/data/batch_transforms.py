@@ -34,8 +34,13 @@ def normalize(images: torch.Tensor, spec: StoreSpec) -> torch.Tensor:
     return (images - mean) / std
 
 
-def crop_boxes(n: int, side: int, generator: torch.Generator, scale: tuple[float, float] = (0.9, 1.0),
-               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+def crop_boxes(
+    n: int,
+    side: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.9, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
     """(n, 4) boxes x1, y1, x2, y2 in pixels: random area share `scale` and aspect ratio `ratio`."""
     area = torch.empty(n).uniform_(*scale, generator=generator) * side * side
     log_ratio = torch.empty(n).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -66,16 +71,22 @@ def resize_to_input(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> (B, 3, size, size): unchanged when S == size, else bicubic + antialias."""
     if images.shape[-1] == size:
         return images
-    resized = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True,
-                            align_corners=False)
+    resized = F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return resized.clamp_(0, 255).round_()  # as PIL would store it
 
 
-def store_eval_batches(table: pd.DataFrame, store: ImageStore, batch_size: int, num_workers: int | str,
-                       device: torch.device) -> Iterator[torch.Tensor]:
+def store_eval_batches(
+    table: pd.DataFrame, store: ImageStore, batch_size: int, num_workers: int | str, device: torch.device
+) -> Iterator[torch.Tensor]:
     """Evaluation inputs from the store, in table order: normalised (B, 3, H, W) on `device`."""
-    loader = make_loader(StoreDataset(table, store), batch_size, shuffle=False, num_workers=num_workers,
-                         device=device, collate_fn=collate_batch)
+    loader = make_loader(
+        StoreDataset(table, store),
+        batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        device=device,
+        collate_fn=collate_batch,
+    )
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
         yield normalize(resize_to_input(images, store.spec.image_size), store.spec)

@@ -31,8 +31,7 @@ class RankImageDataset(Dataset):
         transform: PIL RGB image -> tensor, e.g. an open_clip preprocess.
     """
 
-    def __init__(self, table: pd.DataFrame, root: str | Path,
-                 transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(self, table: pd.DataFrame, root: str | Path, transform: Callable[[Image.Image], torch.Tensor]):
         root = Path(root)
         self.paths = [root / path for path in table["path"]]
         self.ranks = table["rank"].to_numpy(dtype=np.int64)
@@ -63,10 +62,18 @@ def resolve_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int | str = 0,
-                seed: int = 0, drop_last: bool = False, device: torch.device | str | None = None,
-                batch_sampler: Sampler | None = None, collate_fn: Callable | None = None,
-                persistent: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int | str = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    device: torch.device | str | None = None,
+    batch_sampler: Sampler | None = None,
+    collate_fn: Callable | None = None,
+    persistent: bool = False,
+) -> DataLoader:
     """Build a DataLoader whose order and worker randomness follow `seed` alone.
 
     Args:
@@ -88,8 +95,14 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     workers = resolve_workers(num_workers)
     cuda = device is not None and torch.device(device).type == "cuda"
     generator = torch.Generator().manual_seed(seed)
-    options = {"num_workers": workers, "worker_init_fn": seed_worker, "generator": generator, "pin_memory": cuda,
-               "collate_fn": collate_fn, "persistent_workers": persistent and cuda and workers > 0}
+    options = {
+        "num_workers": workers,
+        "worker_init_fn": seed_worker,
+        "generator": generator,
+        "pin_memory": cuda,
+        "collate_fn": collate_fn,
+        "persistent_workers": persistent and cuda and workers > 0,
+    }
     if batch_sampler is not None:
         return DataLoader(dataset, batch_sampler=batch_sampler, **options)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **options)

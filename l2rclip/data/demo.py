@@ -41,8 +41,7 @@ _PLACEMENT_TRIES = 200
 _CORNERS = {"square": 4, "triangle": 3}
 
 
-def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96,
-                  seed: int = 0) -> pd.DataFrame:
+def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96, seed: int = 0) -> pd.DataFrame:
     """Write the demo set under `root` (unless it is already there) and return its table.
 
     Args:
@@ -113,13 +112,20 @@ def read_demo(root: str | Path, n_per_rank: int, image_size: int, seed: int) -> 
         return demo_table(manifest)
     if manifest is None and not (root.is_dir() and any(root.iterdir())):
         return None
-    found = "no readable manifest.json" if manifest is None else (
-        f"settings {_describe(manifest['settings'])}" if manifest["settings"] != wanted
-        else "missing files (an interrupted generation?)")
+    found = (
+        "no readable manifest.json"
+        if manifest is None
+        else (
+            f"settings {_describe(manifest['settings'])}"
+            if manifest["settings"] != wanted
+            else "missing files (an interrupted generation?)"
+        )
+    )
     raise DemoMismatchError(
         f"{root} does not hold the demo set these params ask for ({_describe(wanted)}; found {found}). "
         f"Only the `demo` stage writes it: run `dvc repro demo` (or `python -m l2rclip.stages.demo_data "
-        f"--params <params file> --out {root}`), or set data.root to another folder")
+        f"--params <params file> --out {root}`), or set data.root to another folder"
+    )
 
 
 def _describe(settings: Any) -> str:
@@ -140,8 +146,9 @@ def demo_table(manifest: dict[str, Any]) -> pd.DataFrame:
     return frame
 
 
-def demo_image(seed: int, group: int, count: int, image_size: int,
-               background: tuple[float, float, float] | None = None) -> tuple[Image.Image, list[list[Any]]]:
+def demo_image(
+    seed: int, group: int, count: int, image_size: int, background: tuple[float, float, float] | None = None
+) -> tuple[Image.Image, list[list[Any]]]:
     """Draw one demo image in memory: the picture `generate_demo` writes for (seed, group, count).
 
     The image depends only on its key (numpy's generator seeded with `[seed, group, count]`, the
@@ -170,8 +177,14 @@ def group_background(seed: int, group: int) -> tuple[float, float, float]:
     return _background(np.random.default_rng([seed, group]))
 
 
-def place_objects(rng: np.random.Generator, count: int, size: int, scale: float = 1.0,
-                  same_size: bool = False, kinds: Sequence[str] = SHAPES) -> list[list[Any]]:
+def place_objects(
+    rng: np.random.Generator,
+    count: int,
+    size: int,
+    scale: float = 1.0,
+    same_size: bool = False,
+    kinds: Sequence[str] = SHAPES,
+) -> list[list[Any]]:
     """Non-overlapping shapes for one image: `[shape, cx, cy, r]`, each inside its circle of radius r.
 
     Enclosing circles keep at least `GAP` px apart and inside the image, which makes the count
@@ -202,8 +215,14 @@ def _radius(rng: np.random.Generator, largest: float) -> float:
     return round(float(rng.uniform(max(MIN_RADIUS, 0.55 * largest), largest)), 2)
 
 
-def _place_one(rng: np.random.Generator, objects: list[list[Any]], size: int, largest: float,
-               radius: float | None, kinds: Sequence[str]) -> list[Any] | None:
+def _place_one(
+    rng: np.random.Generator,
+    objects: list[list[Any]],
+    size: int,
+    largest: float,
+    radius: float | None,
+    kinds: Sequence[str],
+) -> list[Any] | None:
     """One shape clear of `objects` (of `radius`, else a random one); None after `_PLACEMENT_TRIES` misses."""
     for _ in range(_PLACEMENT_TRIES):
         r = _radius(rng, largest) if radius is None else radius
@@ -216,8 +235,11 @@ def _place_one(rng: np.random.Generator, objects: list[list[Any]], size: int, la
 def _background(rng: np.random.Generator) -> tuple[float, float, float]:
     """Draw a group's background as HSV: any hue, muted, either dark or light."""
     dark = bool(rng.integers(2))
-    return (float(rng.random()), float(rng.uniform(0.1, 0.5)),
-            float(rng.uniform(0.1, 0.3) if dark else rng.uniform(0.75, 0.95)))
+    return (
+        float(rng.random()),
+        float(rng.uniform(0.1, 0.5)),
+        float(rng.uniform(0.1, 0.3) if dark else rng.uniform(0.75, 0.95)),
+    )
 
 
 def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
@@ -225,8 +247,12 @@ def _rgb(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
     return round(red * 255), round(green * 255), round(blue * 255)
 
 
-def shape_colours(rng: np.random.Generator, objects: list[list[Any]], background: tuple[float, float, float],
-                  hues: Sequence[float] | None = None) -> list[tuple[tuple[int, int, int], float]]:
+def shape_colours(
+    rng: np.random.Generator,
+    objects: list[list[Any]],
+    background: tuple[float, float, float],
+    hues: Sequence[float] | None = None,
+) -> list[tuple[tuple[int, int, int], float]]:
     """Colour and rotation of every shape: vivid, with a brightness far from the background's.
 
     Args:
@@ -249,8 +275,12 @@ def shape_colours(rng: np.random.Generator, objects: list[list[Any]], background
     return styles
 
 
-def draw_shapes(objects: list[list[Any]], styles: Sequence[tuple[tuple[int, int, int], float]], size: int,
-                background: tuple[float, float, float]) -> Image.Image:
+def draw_shapes(
+    objects: list[list[Any]],
+    styles: Sequence[tuple[tuple[int, int, int], float]],
+    size: int,
+    background: tuple[float, float, float],
+) -> Image.Image:
     """Render shapes (`[shape, cx, cy, r]`, styled by `shape_colours`) on an HSV background."""
     image = Image.new("RGB", (size, size), _rgb(*background))
     draw = ImageDraw.Draw(image)
@@ -259,9 +289,16 @@ def draw_shapes(objects: list[list[Any]], styles: Sequence[tuple[tuple[int, int,
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
             continue
         corners = _CORNERS[shape]
-        draw.polygon([(cx + r * math.cos(turn + 2 * math.pi * k / corners),
-                       cy + r * math.sin(turn + 2 * math.pi * k / corners)) for k in range(corners)],
-                     fill=colour)
+        draw.polygon(
+            [
+                (
+                    cx + r * math.cos(turn + 2 * math.pi * k / corners),
+                    cy + r * math.sin(turn + 2 * math.pi * k / corners),
+                )
+                for k in range(corners)
+            ],
+            fill=colour,
+        )
     return image
 
 

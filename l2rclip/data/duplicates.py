@@ -44,14 +44,20 @@ class ContentIndex:
             self.first[key] = (row, record, rank)
             return None
         first, first_record, first_rank = self.first[key]
-        same = (f"same path as row {first}" if record["path"] == first_record["path"]
-                else f"same content (sha256 {key[0][:12]}) as row {first} ({first_record['path']})")
+        same = (
+            f"same path as row {first}"
+            if record["path"] == first_record["path"]
+            else f"same content (sha256 {key[0][:12]}) as row {first} ({first_record['path']})"
+        )
         if first_rank == rank:
             return Duplicate("duplicate_content", f"{same}, same label; the first is kept")
         there = f"{same}, labelled {first_record['label']!r} there, {record['label']!r} here"
         if self.policy == "fail":
-            return Duplicate("conflicting_labels", f"{there} (data.duplicates: fail; drop_conflicts or "
-                                                   "keep_first go on)", fatal=True)
+            return Duplicate(
+                "conflicting_labels",
+                f"{there} (data.duplicates: fail; drop_conflicts or keep_first go on)",
+                fatal=True,
+            )
         self.conflicted.setdefault(first, []).append(row)
         kept = "none is kept" if self.policy == "drop_conflicts" else "the first is kept"
         return Duplicate("conflicting_labels", f"{there}; {kept} (data.duplicates: {self.policy})")
@@ -60,9 +66,17 @@ class ContentIndex:
         """With `drop_conflicts`, move the first row of each conflict from good to bad (row order kept)."""
         if self.policy != "drop_conflicts" or not self.conflicted:
             return good_rows, bad_rows
-        moved = [{"row": r["row"], "path": r["path"], "label": r["label"], "reason": "conflicting_labels",
-                  "detail": f"same content as row(s) {', '.join(map(str, self.conflicted[r['row']]))} with "
-                            "other labels; none is kept (data.duplicates: drop_conflicts)"}
-                 for r in good_rows if r["row"] in self.conflicted]
+        moved = [
+            {
+                "row": r["row"],
+                "path": r["path"],
+                "label": r["label"],
+                "reason": "conflicting_labels",
+                "detail": f"same content as row(s) {', '.join(map(str, self.conflicted[r['row']]))} with "
+                "other labels; none is kept (data.duplicates: drop_conflicts)",
+            }
+            for r in good_rows
+            if r["row"] in self.conflicted
+        ]
         kept = [r for r in good_rows if r["row"] not in self.conflicted]
         return kept, sorted(bad_rows + moved, key=lambda r: r["row"])

@@ -37,8 +37,11 @@ def outside_root(root: Path, file: str) -> Problem | None:
     real_base, real_path = os.path.realpath(root), os.path.realpath(file)
     if os.path.commonpath([real_base, real_path]) == real_base:
         return None
-    return ("outside_root", f"{file} is outside data.root {base}; move it under the root, or set "
-                            "data.allow_outside_root: true (DVC does not track files outside the root)")
+    return (
+        "outside_root",
+        f"{file} is outside data.root {base}; move it under the root, or set "
+        "data.allow_outside_root: true (DVC does not track files outside the root)",
+    )
 
 
 def extension_problem(file: str) -> Problem | None:
@@ -46,8 +49,10 @@ def extension_problem(file: str) -> Problem | None:
     suffix = os.path.splitext(file)[1].lower()
     if suffix in IMAGE_EXTENSIONS:
         return None
-    return ("unsupported_extension", f"{file} has extension {suffix or '(none)'!r}; expected one of "
-                                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+    return (
+        "unsupported_extension",
+        f"{file} has extension {suffix or '(none)'!r}; expected one of {', '.join(sorted(IMAGE_EXTENSIONS))}",
+    )
 
 
 def stat_problem(file: str) -> Problem | None:

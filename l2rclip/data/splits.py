@@ -44,8 +44,7 @@ class _Fold(NamedTuple):
     val: np.ndarray | None = None
 
 
-def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
-                rank_space: RankSpace) -> pd.DataFrame:
+def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int, rank_space: RankSpace) -> pd.DataFrame:
     """Assign every row of a validated table to train / val / test in each fold.
 
     Protocols: `kfold` (label-stratified, group-disjoint k-fold; a row without a group is its own
@@ -74,8 +73,10 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
     """
     _check_options(config)
     if config.protocol != "given" and not table["path"].is_unique:
-        raise SplitError(f"protocol {config.protocol} needs each image once, but the table lists some "
-                         "more than once (per-fold lists); use protocol given")
+        raise SplitError(
+            f"protocol {config.protocol} needs each image once, but the table lists some "
+            "more than once (per-fold lists); use protocol given"
+        )
     ranks = table["rank"].to_numpy(dtype=np.int64)
     groups = _group_ids(table)
     folds = _PROTOCOLS[config.protocol](table, ranks, groups, config, seed, rank_space)
@@ -86,13 +87,22 @@ def make_splits(table: pd.DataFrame, config: SplitConfig, seed: int,
         train, val = fold.train, fold.val
         if val is None:
             train, val = _carve_val(train, ranks, groups, config.val_fraction, rng, number, rank_space)
-        train, calib = _carve_calib(train, ranks, groups, config.calib_fraction, number,
-                                    np.random.default_rng([seed, number, 2]), rank_space)
+        train, calib = _carve_calib(
+            train,
+            ranks,
+            groups,
+            config.calib_fraction,
+            number,
+            np.random.default_rng([seed, number, 2]),
+            rank_space,
+        )
         train = _thin_train(train, ranks, config, rng)
         for name, rows in (("train", train), ("test", fold.test)):
             if len(rows) == 0:
-                raise SplitError(f"fold {number}: the {name} split is empty "
-                                 f"(protocol {config.protocol}, {len(table)} images in all)")
+                raise SplitError(
+                    f"fold {number}: the {name} split is empty "
+                    f"(protocol {config.protocol}, {len(table)} images in all)"
+                )
         _check_ranks(number, ranks[train], rank_space, config.missing_ranks)
         for name, rows in zip(FOLD_SPLITS, (train, val, calib, fold.test), strict=True):
             part = table.iloc[np.sort(rows)][columns]
@@ -107,8 +117,9 @@ def select(splits: pd.DataFrame, fold: int, split: str) -> pd.DataFrame:
     rows = splits[(splits["fold"] == fold) & (splits["split"] == split)]
     if rows.empty:
         folds = sorted(splits["fold"].unique().tolist())
-        raise SplitError(f"no rows for fold {fold}, split {split!r}; folds present: {folds}, "
-                         f"splits: {', '.join(FOLD_SPLITS)}")
+        raise SplitError(
+            f"no rows for fold {fold}, split {split!r}; folds present: {folds}, splits: {', '.join(FOLD_SPLITS)}"
+        )
     return rows.reset_index(drop=True)
 
 
@@ -144,8 +155,9 @@ def _has_groups(table: pd.DataFrame) -> bool:
     return "group" in table.columns and bool(table["group"].notna().any())
 
 
-def _stratified_group_parts(n_parts: int, ranks: np.ndarray, groups: np.ndarray,
-                            rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+def _stratified_group_parts(
+    n_parts: int, ranks: np.ndarray, groups: np.ndarray, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Label-stratified, group-disjoint parts; rare ranks (fewer images than parts) are expected.
 
     Without real groups (one row each) `StratifiedKFold` gives the same guarantees far faster:
@@ -161,25 +173,42 @@ def _stratified_group_parts(n_parts: int, ranks: np.ndarray, groups: np.ndarray,
         return list(splitter.split(rows, ranks, groups))
 
 
-def _kfold(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-           seed: int, rank_space: RankSpace) -> list[_Fold]:
+def _kfold(
+    table: pd.DataFrame,
+    ranks: np.ndarray,
+    groups: np.ndarray,
+    config: SplitConfig,
+    seed: int,
+    rank_space: RankSpace,
+) -> list[_Fold]:
     n_groups = len(np.unique(groups))
     if n_groups < config.n_folds:
         kind = "groups (subjects)" if _has_groups(table) else "images"
-        raise SplitError(f"kfold: {config.n_folds} folds need at least {config.n_folds} {kind}, "
-                         f"found {n_groups}")
-    _check_stratifiable(config.n_folds, ranks, rank_space, f"kfold: split.n_folds {config.n_folds}",
-                        "set split.n_folds to at most {largest}")
+        raise SplitError(f"kfold: {config.n_folds} folds need at least {config.n_folds} {kind}, found {n_groups}")
+    _check_stratifiable(
+        config.n_folds,
+        ranks,
+        rank_space,
+        f"kfold: split.n_folds {config.n_folds}",
+        "set split.n_folds to at most {largest}",
+    )
     parts = _stratified_group_parts(config.n_folds, ranks, groups, np.random.default_rng(seed))
     return [_Fold(train, test) for train, test in parts]
 
 
-def _logo(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-          seed: int, rank_space: RankSpace) -> list[_Fold]:
+def _logo(
+    table: pd.DataFrame,
+    ranks: np.ndarray,
+    groups: np.ndarray,
+    config: SplitConfig,
+    seed: int,
+    rank_space: RankSpace,
+) -> list[_Fold]:
     if "group" not in table.columns or table["group"].isna().any():
         missing = len(table) if "group" not in table.columns else int(table["group"].isna().sum())
-        raise SplitError(f"logo (leave one group out) needs a group on every row; {missing} of "
-                         f"{len(table)} rows have none")
+        raise SplitError(
+            f"logo (leave one group out) needs a group on every row; {missing} of {len(table)} rows have none"
+        )
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise SplitError(f"logo needs at least 2 groups, found {n_groups}")
@@ -187,12 +216,20 @@ def _logo(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: Sp
     return [_Fold(rows[groups != g], rows[groups == g]) for g in range(n_groups)]
 
 
-def _given(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-           seed: int, rank_space: RankSpace) -> list[_Fold]:
+def _given(
+    table: pd.DataFrame,
+    ranks: np.ndarray,
+    groups: np.ndarray,
+    config: SplitConfig,
+    seed: int,
+    rank_space: RankSpace,
+) -> list[_Fold]:
     has_fold, has_split = "fold" in table.columns, "split" in table.columns
     if not (has_fold or has_split):
-        raise SplitError("protocol given needs a fold or split column from the source; found neither "
-                         f"(columns: {', '.join(map(str, table.columns))})")
+        raise SplitError(
+            "protocol given needs a fold or split column from the source; found neither "
+            f"(columns: {', '.join(map(str, table.columns))})"
+        )
     rows = np.arange(len(table))
     if has_split:
         unknown = sorted(set(table["split"].astype(str)) - set(SPLITS))
@@ -214,16 +251,28 @@ def _given(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: S
     for number, fold in enumerate(folds):
         shared = np.intersect1d(groups[fold.train], groups[fold.test])
         if len(shared):
-            log.warning("given fold %d: %d groups have images in both train and test (the source's "
-                        "protocol is not subject-exclusive)", number, len(shared))
+            log.warning(
+                "given fold %d: %d groups have images in both train and test (the source's "
+                "protocol is not subject-exclusive)",
+                number,
+                len(shared),
+            )
     return folds
 
 
-def _repeats(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config: SplitConfig,
-             seed: int, rank_space: RankSpace) -> list[_Fold]:
+def _repeats(
+    table: pd.DataFrame,
+    ranks: np.ndarray,
+    groups: np.ndarray,
+    config: SplitConfig,
+    seed: int,
+    rank_space: RankSpace,
+) -> list[_Fold]:
     if _has_groups(table):
-        raise SplitError("repeats draws single images per rank, which would put one group (subject) "
-                         "on both sides; use kfold or logo for grouped data")
+        raise SplitError(
+            "repeats draws single images per rank, which would put one group (subject) "
+            "on both sides; use kfold or logo for grouped data"
+        )
     need = config.n_train + config.n_val + config.n_test
     counts = np.bincount(ranks)
     short = [(r, c) for r, c in enumerate(counts) if 0 < c < need]
@@ -243,15 +292,30 @@ def _repeats(table: pd.DataFrame, ranks: np.ndarray, groups: np.ndarray, config:
 _PROTOCOLS = {"kfold": _kfold, "logo": _logo, "given": _given, "repeats": _repeats}
 
 
-def _carve_val(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float,
-               rng: np.random.Generator, fold: int, rank_space: RankSpace) -> tuple[np.ndarray, np.ndarray]:
+def _carve_val(
+    train: np.ndarray,
+    ranks: np.ndarray,
+    groups: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    fold: int,
+    rank_space: RankSpace,
+) -> tuple[np.ndarray, np.ndarray]:
     """Move one stratified, group-disjoint part of `train` (about `fraction`) to validation."""
     return _carve_part(train, ranks, groups, fraction, rng, fold, rank_space, "val_fraction", "validation")
 
 
-def _carve_part(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float,
-                rng: np.random.Generator, fold: int, rank_space: RankSpace, key: str,
-                purpose: str) -> tuple[np.ndarray, np.ndarray]:
+def _carve_part(
+    train: np.ndarray,
+    ranks: np.ndarray,
+    groups: np.ndarray,
+    fraction: float,
+    rng: np.random.Generator,
+    fold: int,
+    rank_space: RankSpace,
+    key: str,
+    purpose: str,
+) -> tuple[np.ndarray, np.ndarray]:
     """(rest of `train`, one stratified group-disjoint part of about `fraction`), for `split.<key>`.
 
     Every way the part cannot be drawn is an error naming the fold, `split.<key>` and what to set.
@@ -261,21 +325,26 @@ def _carve_part(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fracti
     n_parts = max(2, round(1 / fraction))
     n_groups = len(np.unique(groups[train]))
     if n_groups < n_parts:
-        raise SplitError(f"fold {fold}: the training part has {n_groups} groups/images, too few to "
-                         f"carve {key} {fraction} (1 of {n_parts} group-disjoint parts); "
-                         f"lower split.{key} or set it to 0")
-    _check_stratifiable(n_parts, ranks[train], rank_space,
-                        f"fold {fold}: split.{key} {fraction} (1 of {n_parts} parts of the training part)",
-                        f"set split.{key} to at least {{fraction}} (1/{{largest}}; or 0: no {purpose}), "
-                        "or lower split.n_folds so that each fold trains on more images")
+        raise SplitError(
+            f"fold {fold}: the training part has {n_groups} groups/images, too few to "
+            f"carve {key} {fraction} (1 of {n_parts} group-disjoint parts); "
+            f"lower split.{key} or set it to 0"
+        )
+    _check_stratifiable(
+        n_parts,
+        ranks[train],
+        rank_space,
+        f"fold {fold}: split.{key} {fraction} (1 of {n_parts} parts of the training part)",
+        f"set split.{key} to at least {{fraction}} (1/{{largest}}; or 0: no {purpose}), "
+        "or lower split.n_folds so that each fold trains on more images",
+    )
     keep, part = _stratified_group_parts(n_parts, ranks[train], groups[train], rng)[0]
     if len(part) == 0:
         raise SplitError(f"fold {fold}: the {purpose} split is empty after carving {key} {fraction}")
     return train[keep], train[part]
 
 
-def _check_stratifiable(n_parts: int, ranks: np.ndarray, rank_space: RankSpace, what: str,
-                        remedy: str) -> None:
+def _check_stratifiable(n_parts: int, ranks: np.ndarray, rank_space: RankSpace, what: str, remedy: str) -> None:
     """Fail, naming the ranks and the setting to change, where stratified parts cannot be drawn.
 
     Stratified (group) k-fold needs at least one rank with `n_parts` images (scikit-learn's
@@ -289,13 +358,22 @@ def _check_stratifiable(n_parts: int, ranks: np.ndarray, rank_space: RankSpace, 
         return
     fraction = math.ceil(1000 / max(largest, 1)) / 1000
     listed = ", ".join(f"{rank_space.label_of(r)}: {c}" for r, c in enumerate(counts) if c)
-    raise SplitError(f"{what} needs a rank with at least {n_parts} images, but every rank has fewer "
-                     f"(images per rank label: {listed}); {remedy.format(largest=largest, fraction=fraction)}"
-                     ", or add images")
+    raise SplitError(
+        f"{what} needs a rank with at least {n_parts} images, but every rank has fewer "
+        f"(images per rank label: {listed}); {remedy.format(largest=largest, fraction=fraction)}"
+        ", or add images"
+    )
 
 
-def _carve_calib(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fraction: float, fold: int,
-                 rng: np.random.Generator, rank_space: RankSpace) -> tuple[np.ndarray, np.ndarray]:
+def _carve_calib(
+    train: np.ndarray,
+    ranks: np.ndarray,
+    groups: np.ndarray,
+    fraction: float,
+    fold: int,
+    rng: np.random.Generator,
+    rank_space: RankSpace,
+) -> tuple[np.ndarray, np.ndarray]:
     """Move one stratified, group-disjoint part of `train` (about `fraction`) to the calibration split.
 
     Separate from validation on purpose: validation picks the best epoch, so its scores are not
@@ -306,8 +384,7 @@ def _carve_calib(train: np.ndarray, ranks: np.ndarray, groups: np.ndarray, fract
     return _carve_part(train, ranks, groups, fraction, rng, fold, rank_space, "calib_fraction", "calibration")
 
 
-def _thin_train(train: np.ndarray, ranks: np.ndarray, config: SplitConfig,
-                rng: np.random.Generator) -> np.ndarray:
+def _thin_train(train: np.ndarray, ranks: np.ndarray, config: SplitConfig, rng: np.random.Generator) -> np.ndarray:
     """Apply `shift_keep` or `few_shot` to the training rows; the dropped rows leave the fold.
 
     `shift_keep`: order the ranks present in train by their training count (most first, ties by
@@ -338,8 +415,7 @@ def _check_ranks(fold: int, train_ranks: np.ndarray, rank_space: RankSpace, miss
     if not absent:
         return
     labels = ", ".join(str(rank_space.label_of(r)) for r in absent)
-    message = (f"fold {fold}: no training image for {len(absent)} rank(s), labels {labels} "
-               f"(rank indices {absent})")
+    message = f"fold {fold}: no training image for {len(absent)} rank(s), labels {labels} (rank indices {absent})"
     if missing_ranks == "error":
         raise SplitError(f"{message}; set split.missing_ranks: warn to train without them")
     log.warning("%s", message)

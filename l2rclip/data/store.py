@@ -61,13 +61,13 @@ class StoreSpec:
     """What the stored pixels are: the backbone recipe's preprocessing and the stored side."""
 
     arch: str
-    image_size: int          # the model's input side
-    side: int                # the stored side, image_size * (1 + margin)
+    image_size: int  # the model's input side
+    side: int  # the stored side, image_size * (1 + margin)
     interpolation: str
     resize_mode: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    fill_color: int = 0      # padding of resize_mode `longest` (absent from stores made before it was kept)
+    fill_color: int = 0  # padding of resize_mode `longest` (absent from stores made before it was kept)
 
     def matches(self, other: StoreSpec) -> bool:
         """Same pixels: everything but the arch name (two archs may share a preprocessing)."""
@@ -79,20 +79,35 @@ def spec_for(recipe: BackboneRecipe, margin: float) -> StoreSpec:
     pre = recipe.preprocess
     height, width = pre.size
     if height != width:
-        raise StoreError(f"{recipe.arch}: non-square input {pre.size} is not supported by the image store; "
-                         "set preprocess.enabled: false")
+        raise StoreError(
+            f"{recipe.arch}: non-square input {pre.size} is not supported by the image store; "
+            "set preprocess.enabled: false"
+        )
     if margin < 0:
         raise StoreError(f"preprocess.margin: expected >= 0, found {margin}")
-    return StoreSpec(arch=recipe.arch, image_size=int(height), side=round(height * (1 + margin)),
-                     interpolation=pre.interpolation, resize_mode=pre.resize_mode,
-                     mean=tuple(pre.mean), std=tuple(pre.std), fill_color=pre.fill_color)
+    return StoreSpec(
+        arch=recipe.arch,
+        image_size=int(height),
+        side=round(height * (1 + margin)),
+        interpolation=pre.interpolation,
+        resize_mode=pre.resize_mode,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+        fill_color=pre.fill_color,
+    )
 
 
 def geometric_transform(spec: StoreSpec) -> Compose:
     """open_clip's evaluation transform at the stored side, up to (not including) the tensor conversion."""
-    full = open_clip.image_transform(spec.side, is_train=False, mean=spec.mean, std=spec.std,
-                                     resize_mode=spec.resize_mode, interpolation=spec.interpolation,
-                                     fill_color=spec.fill_color)
+    full = open_clip.image_transform(
+        spec.side,
+        is_train=False,
+        mean=spec.mean,
+        std=spec.std,
+        resize_mode=spec.resize_mode,
+        interpolation=spec.interpolation,
+        fill_color=spec.fill_color,
+    )
     steps = []
     for step in full.transforms:
         if isinstance(step, (MaybeConvertMode, MaybeToTensor)):
@@ -101,9 +116,15 @@ def geometric_transform(spec: StoreSpec) -> Compose:
     raise StoreError(f"open_clip's evaluation transform has no tensor conversion: {full}")
 
 
-def write_store(paths: Sequence[str], root: str | Path, spec: StoreSpec, out_dir: Path,
-                shard_size: int = 4096, workers: int | None = None,
-                recipe: BackboneRecipe | None = None) -> dict[str, Any]:
+def write_store(
+    paths: Sequence[str],
+    root: str | Path,
+    spec: StoreSpec,
+    out_dir: Path,
+    shard_size: int = 4096,
+    workers: int | None = None,
+    recipe: BackboneRecipe | None = None,
+) -> dict[str, Any]:
     """Decode `paths` (relative to `root`) once into a store at `out_dir`; returns store.json's content.
 
     `recipe`, the backbone recipe the spec came from, is recorded in store.json for the reader.
@@ -119,17 +140,20 @@ def write_store(paths: Sequence[str], root: str | Path, spec: StoreSpec, out_dir
     def pixels(path: str) -> np.ndarray:
         image = np.asarray(transform(load_rgb(root / path)), dtype=np.uint8)  # (S, S, 3)
         if image.shape != (spec.side, spec.side, 3):
-            raise StoreError(f"{root / path}: expected {spec.side}x{spec.side} RGB after the transform, "
-                             f"found shape {image.shape}")
+            raise StoreError(
+                f"{root / path}: expected {spec.side}x{spec.side} RGB after the transform, "
+                f"found shape {image.shape}"
+            )
         return image
 
     shards, index = [], []
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         for number, start in enumerate(range(0, len(paths), shard_size)):
-            chunk = list(paths[start:start + shard_size])
+            chunk = list(paths[start : start + shard_size])
             name = f"shard_{number:05d}.npy"
-            array = np.lib.format.open_memmap(out_dir / name, mode="w+", dtype=np.uint8,
-                                              shape=(len(chunk), spec.side, spec.side, 3))
+            array = np.lib.format.open_memmap(
+                out_dir / name, mode="w+", dtype=np.uint8, shape=(len(chunk), spec.side, spec.side, 3)
+            )
             for row, image in enumerate(pool.map(pixels, chunk)):
                 array[row] = image
             array.flush()
@@ -137,10 +161,15 @@ def write_store(paths: Sequence[str], root: str | Path, spec: StoreSpec, out_dir
             shards.append({"file": name, "images": len(chunk)})
             index += [(path, number, row) for row, path in enumerate(chunk)]
             log.info("preprocess: %d / %d images", start + len(chunk), len(paths))
-    pd.DataFrame(index, columns=["path", "shard", "row"]).to_csv(out_dir / INDEX_FILE, index=False,
-                                                                 lineterminator="\n")
-    content = {"spec": asdict(spec), "shards": shards, "images": len(paths),
-               **({"recipe": recipe.to_dict()} if recipe is not None else {})}
+    pd.DataFrame(index, columns=["path", "shard", "row"]).to_csv(
+        out_dir / INDEX_FILE, index=False, lineterminator="\n"
+    )
+    content = {
+        "spec": asdict(spec),
+        "shards": shards,
+        "images": len(paths),
+        **({"recipe": recipe.to_dict()} if recipe is not None else {}),
+    }
     (out_dir / SPEC_FILE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
     return content
 
@@ -152,8 +181,9 @@ class ImageStore:
         self.folder = Path(folder)
         spec_file = self.folder / SPEC_FILE
         if not spec_file.is_file():
-            raise StoreError(f"expected an image store at {self.folder} ({SPEC_FILE} missing); run "
-                             "`dvc repro preprocess`")
+            raise StoreError(
+                f"expected an image store at {self.folder} ({SPEC_FILE} missing); run `dvc repro preprocess`"
+            )
         content = json.loads(spec_file.read_text(encoding="utf-8"))
         spec = content["spec"]
         self.spec = StoreSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
@@ -166,16 +196,20 @@ class ImageStore:
     def check(self, expected: StoreSpec) -> None:
         """Fail unless the stored pixels are what a model with `expected` preprocessing needs."""
         if not self.spec.matches(expected):
-            raise StoreError(f"the image store {self.folder} was made for {asdict(self.spec)}, but the model "
-                             f"needs {asdict(expected)}; run `dvc repro preprocess` (with --force when params "
-                             "did not change, e.g. CLIP weights became available after a fallback run)")
+            raise StoreError(
+                f"the image store {self.folder} was made for {asdict(self.spec)}, but the model "
+                f"needs {asdict(expected)}; run `dvc repro preprocess` (with --force when params "
+                "did not change, e.g. CLIP weights became available after a fallback run)"
+            )
 
     def rows(self, paths: Sequence[str]) -> list[tuple[int, int]]:
         """(shard, row) of each path; a path the store lacks is an error naming it."""
         missing = [p for p in paths if p not in self.location]
         if missing:
-            raise StoreError(f"{len(missing)} images are not in the store {self.folder}, e.g. {missing[0]}; "
-                             "the store is older than the prepared data: run `dvc repro preprocess`")
+            raise StoreError(
+                f"{len(missing)} images are not in the store {self.folder}, e.g. {missing[0]}; "
+                "the store is older than the prepared data: run `dvc repro preprocess`"
+            )
         return [self.location[p] for p in paths]
 
     def gather(self, locations: Sequence[tuple[int, int]]) -> torch.Tensor:

@@ -108,8 +108,9 @@ def open_image(file: str | Path | io.BytesIO, max_pixels: int = DEFAULT_MAX_PIXE
         yield image
 
 
-def load_rgb(path: str | Path | io.BytesIO, background: tuple[int, int, int] = WHITE,
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_rgb(
+    path: str | Path | io.BytesIO, background: tuple[int, int, int] = WHITE, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """Open an image as upright 8-bit RGB, whatever its stored format.
 
     Models expect RGB in 0..255; stored images may be greyscale, 16-bit, CMYK, palette, carry an
@@ -159,11 +160,16 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return image.convert("RGB")
 
 
-def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
-                   on_bad: Literal["skip", "fail"] = "skip", workers: int | None = None,
-                   allow_outside_root: bool = False,
-                   duplicates: Literal["drop_conflicts", "keep_first", "fail"] = "drop_conflicts",
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[pd.DataFrame, pd.DataFrame]:
+def validate_table(
+    table: pd.DataFrame,
+    root: str | Path,
+    rank_space: RankSpace,
+    on_bad: Literal["skip", "fail"] = "skip",
+    workers: int | None = None,
+    allow_outside_root: bool = False,
+    duplicates: Literal["drop_conflicts", "keep_first", "fail"] = "drop_conflicts",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split a source table into good rows and a report of bad ones.
 
     Bad reasons, from the path alone: `missing_file` (blank path), `duplicate` (the same path
@@ -216,14 +222,17 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
     bad_rows: list[dict[str, Any]] = []
     # Filters are process-wide, so the pool's threads see this one; the pool is shut down (inner
     # context) before the filters are restored.
-    with warnings.catch_warnings(), \
-            ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool, \
-            tqdm(total=len(to_decode), desc="decoding images", unit="img", disable=None) as progress:
+    with (
+        warnings.catch_warnings(),
+        ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool,
+        tqdm(total=len(to_decode), desc="decoding images", unit="img", disable=None) as progress,
+    ):
         # PIL's own bomb warning only announces what `open_image` then refuses, so it is silenced.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         decoded = _in_order(pool.map(partial(_decode, max_pixels=max_pixels), to_decode), to_decode, progress)
-        for row, (record, file, fold, reason) in enumerate(zip(table.to_dict("records"), files, folds, early,
-                                                                   strict=True)):
+        for row, (record, file, fold, reason) in enumerate(
+            zip(table.to_dict("records"), files, folds, early, strict=True)
+        ):
             result = decoded(file) if reason is None else _Decoded(reason=reason[0], detail=reason[1])
             if result.reason is None:
                 index = rank_space.index_of(record["label"])
@@ -231,24 +240,44 @@ def validate_table(table: pd.DataFrame, root: str | Path, rank_space: RankSpace,
                 if duplicate is not None:
                     result = _Decoded(reason=duplicate.reason, detail=duplicate.detail, fatal=duplicate.fatal)
             if result.reason is None:
-                good_rows.append({"row": row, **record, "rank": index,
-                                  "value": float(rank_space.value_of(index)), "width": result.width,
-                                  "height": result.height, "mode": result.mode})
+                good_rows.append(
+                    {
+                        "row": row,
+                        **record,
+                        "rank": index,
+                        "value": float(rank_space.value_of(index)),
+                        "width": result.width,
+                        "height": result.height,
+                        "mode": result.mode,
+                    }
+                )
                 continue
             if on_bad == "fail" or result.fatal:
                 pool.shutdown(wait=False, cancel_futures=True)
                 hint = f"; {ranks_hint(table['label'])}" if result.reason == "label_not_in_ranks" else ""
-                raise DataValidationError(f"{_row_where(table, row, record['path'])}: "
-                                          f"{result.reason}: {result.detail}{hint}")
-            bad_rows.append({"row": row, "path": record["path"], "label": record["label"],
-                             "reason": result.reason, "detail": result.detail})
+                raise DataValidationError(
+                    f"{_row_where(table, row, record['path'])}: {result.reason}: {result.detail}{hint}"
+                )
+            bad_rows.append(
+                {
+                    "row": row,
+                    "path": record["path"],
+                    "label": record["label"],
+                    "reason": result.reason,
+                    "detail": result.detail,
+                }
+            )
     good_rows, bad_rows = contents.drop_conflicts(good_rows, bad_rows)
     good, report = _frames(table, good_rows, bad_rows)
     _log_counts(len(table), good, report)
     outside = int((report["reason"] == "label_not_in_ranks").sum())
     if outside:
-        log.warning("%d rows have labels outside the ranks %s; %s", outside, rank_space.describe(),
-                    ranks_hint(table["label"]))
+        log.warning(
+            "%d rows have labels outside the ranks %s; %s",
+            outside,
+            rank_space.describe(),
+            ranks_hint(table["label"]),
+        )
     return good, report
 
 
@@ -262,13 +291,17 @@ def ranks_hint(labels: Iterable[Any]) -> str:
     integers = [_as_integer(label) for label in present]
     if present and all(number is not None for number in integers):
         low, high = min(integers), max(integers)
-        return (f"the labels found run from {low} to {high} ({len(set(integers))} distinct): set ranks.start: "
-                f"{low} and ranks.stop: {high} in params.yaml to cover them (or list the ranks in "
-                "ranks.labels, with ranks.values for their numbers)")
+        return (
+            f"the labels found run from {low} to {high} ({len(set(integers))} distinct): set ranks.start: "
+            f"{low} and ranks.stop: {high} in params.yaml to cover them (or list the ranks in "
+            "ranks.labels, with ranks.values for their numbers)"
+        )
     distinct = sorted({str(label).strip() for label in present})
     shown = ", ".join(distinct[:12]) + (f", ... ({len(distinct)} in all)" if len(distinct) > 12 else "")
-    return (f"the labels found are {shown}: list them in rank order as ranks.labels in params.yaml "
-            "(with ranks.values for their numbers)")
+    return (
+        f"the labels found are {shown}: list them in rank order as ranks.labels in params.yaml "
+        "(with ranks.values for their numbers)"
+    )
 
 
 def _is_blank(label: Any) -> bool:
@@ -301,12 +334,12 @@ def _check_columns(table: pd.DataFrame) -> None:
     expected = ", ".join(ALLOWED_COLUMNS)
     for column in table.columns:
         if column not in ALLOWED_COLUMNS:
-            raise DataValidationError(f"source table has unknown column {column!r}; "
-                                      f"expected columns: {expected}")
+            raise DataValidationError(f"source table has unknown column {column!r}; expected columns: {expected}")
     for column in ("path", "label"):
         if column not in table.columns:
-            raise DataValidationError(f"source table lacks required column {column!r}; "
-                                      f"expected columns: {expected}")
+            raise DataValidationError(
+                f"source table lacks required column {column!r}; expected columns: {expected}"
+            )
 
 
 def _resolve(root: Path, path: Any) -> str:
@@ -316,8 +349,9 @@ def _resolve(root: Path, path: Any) -> str:
     return os.path.normpath(root / str(path).strip())
 
 
-def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank_space: RankSpace,
-                   root: Path | None) -> list[tuple[str, str] | None]:
+def _early_reasons(
+    table: pd.DataFrame, files: list[str], folds: list[Any], rank_space: RankSpace, root: Path | None
+) -> list[tuple[str, str] | None]:
     """Reasons that need no file access (path, duplicates, labels), one per row or None.
 
     `root` None accepts paths outside the root.
@@ -339,8 +373,9 @@ def _early_reasons(table: pd.DataFrame, files: list[str], folds: list[Any], rank
             first_seen[key] = row
             # A folder is reported as not_a_file (by the stat check), whatever its name.
             wrong_type = not os.path.isdir(file) and extension_problem(file)
-            reasons.append((root is not None and outside_root(root, file)) or wrong_type
-                           or _label_reason(label, rank_space))
+            reasons.append(
+                (root is not None and outside_root(root, file)) or wrong_type or _label_reason(label, rank_space)
+            )
     return reasons
 
 
@@ -391,8 +426,9 @@ def _decode(file: str, max_pixels: int) -> _Decoded:
     except ImageTooLargeError as error:
         return _Decoded(reason="decompression_bomb", detail=str(error))
     except UnidentifiedImageError:  # its own message names the in-memory buffer, not the file
-        return _Decoded(reason="corrupt_image",
-                        detail=f"UnidentifiedImageError: cannot identify image file {file!r}")
+        return _Decoded(
+            reason="corrupt_image", detail=f"UnidentifiedImageError: cannot identify image file {file!r}"
+        )
     except Exception as error:  # noqa: BLE001 - PIL's format plugins raise many types on bad bytes
         return _Decoded(reason="corrupt_image", detail=f"{type(error).__name__}: {error}")
     if orientation in _TRANSPOSED_ORIENTATIONS:
@@ -400,8 +436,7 @@ def _decode(file: str, max_pixels: int) -> _Decoded:
     return _Decoded(width, height, mode, digest=digest)
 
 
-def _in_order(results: Iterator[_Decoded], files: list[str],
-              progress: tqdm) -> Callable[[str], _Decoded]:
+def _in_order(results: Iterator[_Decoded], files: list[str], progress: tqdm) -> Callable[[str], _Decoded]:
     """Lookup `file -> result` that pulls results from the pool lazily, in submission order.
 
     Rows are visited in order and each file is first needed in the order it was submitted, so
@@ -416,18 +451,26 @@ def _in_order(results: Iterator[_Decoded], files: list[str],
             done[next(pending)] = next(results)
             progress.update()
         return done[file]
+
     return lookup
 
 
-def _frames(table: pd.DataFrame, good_rows: list[dict[str, Any]],
-            bad_rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _frames(
+    table: pd.DataFrame, good_rows: list[dict[str, Any]], bad_rows: list[dict[str, Any]]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Good and report tables with fixed columns, even when empty."""
-    columns = ["row", *[c for c in ALLOWED_COLUMNS if c in table.columns or c == "group"],
-               "rank", "value", "width", "height", "mode"]
+    columns = [
+        "row",
+        *[c for c in ALLOWED_COLUMNS if c in table.columns or c == "group"],
+        "rank",
+        "value",
+        "width",
+        "height",
+        "mode",
+    ]
     good = pd.DataFrame(good_rows, columns=columns)
     good["group"] = good["group"].astype(object).where(good["group"].notna(), None)
-    good = good.astype({"row": "int64", "rank": "int64", "value": "float64",
-                        "width": "int64", "height": "int64"})
+    good = good.astype({"row": "int64", "rank": "int64", "value": "float64", "width": "int64", "height": "int64"})
     return good, pd.DataFrame(bad_rows, columns=list(REPORT_COLUMNS))
 
 
@@ -435,8 +478,9 @@ def _log_counts(total: int, good: pd.DataFrame, report: pd.DataFrame) -> None:
     """Log how many rows passed and, for the rest, how many per reason."""
     reasons = report["reason"].value_counts().sort_index()
     detail = ", ".join(f"{reason}: {count}" for reason, count in reasons.items())
-    log.info("validated %d rows: %d good, %d bad%s", total, len(good), len(report),
-             f" ({detail})" if detail else "")
+    log.info(
+        "validated %d rows: %d good, %d bad%s", total, len(good), len(report), f" ({detail})" if detail else ""
+    )
     for bad in report.head(5).itertuples():
         log.warning("bad row %d (%s): %s: %s", bad.row, bad.path, bad.reason, bad.detail)
     if len(report) > 5:

@@ -37,9 +37,12 @@ from l2rclip.models.kinds import backbone_label, kind_of, least_clip
 
 CONFIDENCE = 0.95
 # the median baseline in the metric's units (rank values or rank indices)
-BASELINES = {"test/mae": "test/mae_median_baseline", "test/mae_argmax": "test/mae_median_baseline",
-             "test/mae_index": "test/mae_median_baseline_index",
-             "test/mae_argmax_index": "test/mae_median_baseline_index"}
+BASELINES = {
+    "test/mae": "test/mae_median_baseline",
+    "test/mae_argmax": "test/mae_median_baseline",
+    "test/mae_index": "test/mae_median_baseline_index",
+    "test/mae_argmax_index": "test/mae_median_baseline_index",
+}
 NOT_DISTINGUISHABLE = "not distinguishable"
 
 
@@ -77,8 +80,10 @@ def fold_values(result: dict[str, Any], metric: str) -> dict[int, float] | None:
     values = [float(value) for value in entry["folds"]]
     ids = result.get("folds") or list(range(len(values)))
     if len(ids) != len(values):
-        raise ValueError(f"ablation variant {result['name']!r}: {len(values)} values of {metric} in its report "
-                         f"but folds {list(ids)}; expected one value per fold")
+        raise ValueError(
+            f"ablation variant {result['name']!r}: {len(values)} values of {metric} in its report "
+            f"but folds {list(ids)}; expected one value per fold"
+        )
     return dict(zip((int(fold) for fold in ids), values, strict=True))
 
 
@@ -95,14 +100,21 @@ def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[f
     return mean - half, mean + half
 
 
-def paired(variant: dict[int, float], reference: dict[int, float], lower_better: bool,
-           confidence: float = CONFIDENCE) -> Paired:
+def paired(
+    variant: dict[int, float], reference: dict[int, float], lower_better: bool, confidence: float = CONFIDENCE
+) -> Paired:
     """The paired comparison over the folds both have: mean difference, t-interval, t-test, verdict."""
     common = sorted(set(variant) & set(reference))
     differences = tuple(variant[fold] - reference[fold] for fold in common)
     if len(common) < 2:
-        return Paired(len(common), float(differences[0]) if differences else None, None, None,
-                      _one_fold(len(common)), differences)
+        return Paired(
+            len(common),
+            float(differences[0]) if differences else None,
+            None,
+            None,
+            _one_fold(len(common)),
+            differences,
+        )
     mean = float(np.mean(differences))
     ci = interval(differences, confidence)
     if float(np.ptp(differences)) == 0.0:  # the same difference on every fold: the t statistic is 0/0 or inf
@@ -121,8 +133,9 @@ def _reference_index(results: Sequence[dict[str, Any]], reference: str | None) -
     if reference is None:
         return 0
     if reference not in names:
-        raise ValueError(f"ablation reference: expected one of the variants {', '.join(names)}, "
-                         f"found {reference!r}")
+        raise ValueError(
+            f"ablation reference: expected one of the variants {', '.join(names)}, found {reference!r}"
+        )
     return names.index(reference)
 
 
@@ -137,16 +150,20 @@ def _baseline_mean(result: dict[str, Any], metric: str) -> float | None:
     return float(entry["mean"]) if entry else None
 
 
-def comparisons(results: Sequence[dict[str, Any]], metric: str, reference: str | None = None,
-                confidence: float = CONFIDENCE) -> list[Paired | None]:
+def comparisons(
+    results: Sequence[dict[str, Any]], metric: str, reference: str | None = None, confidence: float = CONFIDENCE
+) -> list[Paired | None]:
     """Each variant against the reference (None for the reference itself and for failed variants)."""
     index = _reference_index(results, reference)
     ref = fold_values(results[index], metric)
     out: list[Paired | None] = []
     for position, result in enumerate(results):
         values = fold_values(result, metric)
-        out.append(None if position == index or values is None or ref is None else
-                   paired(values, ref, lower_is_better(metric), confidence))
+        out.append(
+            None
+            if position == index or values is None or ref is None
+            else paired(values, ref, lower_is_better(metric), confidence)
+        )
     return out
 
 
@@ -157,13 +174,17 @@ def _comparison_cells(comparison: Paired | None, is_reference: bool, ref_name: s
     if comparison is None:
         return ["", "", "", f"no comparison ({ref_name} failed)"]
     undefined = comparison.verdict  # "n/a (1 fold)" where there is no interval
-    return [f"{comparison.mean:+.4f}" if comparison.mean is not None else "",
-            f"[{comparison.ci[0]:+.4f}, {comparison.ci[1]:+.4f}]" if comparison.ci else undefined,
-            f"{comparison.p:.3g}" if comparison.p is not None else undefined, comparison.verdict]
+    return [
+        f"{comparison.mean:+.4f}" if comparison.mean is not None else "",
+        f"[{comparison.ci[0]:+.4f}, {comparison.ci[1]:+.4f}]" if comparison.ci else undefined,
+        f"{comparison.p:.3g}" if comparison.p is not None else undefined,
+        comparison.verdict,
+    ]
 
 
-def comparison_table(results: Sequence[dict[str, Any]], metric: str, reference: str | None = None,
-                     confidence: float = CONFIDENCE) -> str:
+def comparison_table(
+    results: Sequence[dict[str, Any]], metric: str, reference: str | None = None, confidence: float = CONFIDENCE
+) -> str:
     """Markdown: per variant its settings, mean, std and folds, and the paired difference to the reference.
 
     Variants without the metric (failed, or a report without it) are listed as failed.
@@ -173,10 +194,24 @@ def comparison_table(results: Sequence[dict[str, Any]], metric: str, reference: 
     keys = list(dict.fromkeys(key for result in results for key in result["overrides"]))
     with_baseline = any(_baseline_mean(result, metric) is not None for result in results)
     direction = "lower" if lower_is_better(metric) else "higher"
-    columns = ["variant", *keys, "mean", "std", "per fold", *(["median baseline"] if with_baseline else []),
-               f"difference to {ref_name}", f"{confidence:.0%} CI", "p (paired t)", "verdict"]
-    lines = [f"# Ablation: {metric} ({direction} is better)", "", "| " + " | ".join(columns) + " |",
-             "|---" * len(columns) + "|"]
+    columns = [
+        "variant",
+        *keys,
+        "mean",
+        "std",
+        "per fold",
+        *(["median baseline"] if with_baseline else []),
+        f"difference to {ref_name}",
+        f"{confidence:.0%} CI",
+        "p (paired t)",
+        "verdict",
+    ]
+    lines = [
+        f"# Ablation: {metric} ({direction} is better)",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
+    ]
     compared = comparisons(results, metric, reference, confidence)
     for position, (result, comparison) in enumerate(zip(results, compared, strict=True)):
         cells = [result["name"], *(_cell(result["overrides"].get(key, "")) for key in keys)]
@@ -186,10 +221,13 @@ def comparison_table(results: Sequence[dict[str, Any]], metric: str, reference: 
         else:
             folds = list(values.values())
             base = _baseline_mean(result, metric)
-            cells += [f"{np.mean(folds):.4f}", f"{np.std(folds, ddof=1):.4f}" if len(folds) > 1 else
-                      _one_fold(len(folds)), ", ".join(f"{value:.3f}" for value in folds),
-                      *([f"{base:.4f}" if base is not None else ""] if with_baseline else []),
-                      *_comparison_cells(comparison, position == index, ref_name)]
+            cells += [
+                f"{np.mean(folds):.4f}",
+                f"{np.std(folds, ddof=1):.4f}" if len(folds) > 1 else _one_fold(len(folds)),
+                ", ".join(f"{value:.3f}" for value in folds),
+                *([f"{base:.4f}" if base is not None else ""] if with_baseline else []),
+                *_comparison_cells(comparison, position == index, ref_name),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", *_findings(results, metric, index, confidence)]
     if caveat := _backbone_caveat(results):
@@ -200,31 +238,46 @@ def comparison_table(results: Sequence[dict[str, Any]], metric: str, reference: 
 def _findings(results: Sequence[dict[str, Any]], metric: str, index: int, confidence: float) -> list[str]:
     """The sentences under the table: what the comparisons show and what they cannot."""
     ref_name = results[index]["name"]
-    scored = [(result, comparison) for result, comparison in
-              zip(results, comparisons(results, metric, ref_name, confidence), strict=True) if comparison]
-    lines = [f"Differences are variant minus {ref_name}, paired over the folds both ran; the {confidence:.0%} "
-             "t-interval is over those folds (one per comparison, no multiplicity correction)."]
+    scored = [
+        (result, comparison)
+        for result, comparison in zip(results, comparisons(results, metric, ref_name, confidence), strict=True)
+        if comparison
+    ]
+    lines = [
+        f"Differences are variant minus {ref_name}, paired over the folds both ran; the {confidence:.0%} "
+        "t-interval is over those folds (one per comparison, no multiplicity correction)."
+    ]
     most = max((comparison.n for _, comparison in scored), default=None)
     if fold_values(results[index], metric) is None:
         lines.append(f"**The reference {ref_name} failed: no variant is compared.**")
     elif most is not None and most < 2:
-        lines.append(f"**With {most} fold{'s' if most != 1 else ''} no variant can be compared**: there is no "
-                     "fold-to-fold spread, so std, intervals and tests are not defined (never 0); run more "
-                     "folds, e.g. `--set 'folds=[0,1,2,3,4]'`.")
+        lines.append(
+            f"**With {most} fold{'s' if most != 1 else ''} no variant can be compared**: there is no "
+            "fold-to-fold spread, so std, intervals and tests are not defined (never 0); run more "
+            "folds, e.g. `--set 'folds=[0,1,2,3,4]'`."
+        )
     else:
-        for verdict, text in (("better", "Better than {}: {}."), ("worse", "Worse than {}: {}."),
-                              (NOT_DISTINGUISHABLE, "Not distinguishable from {} (the interval spans 0): {}.")):
+        for verdict, text in (
+            ("better", "Better than {}: {}."),
+            ("worse", "Worse than {}: {}."),
+            (NOT_DISTINGUISHABLE, "Not distinguishable from {} (the interval spans 0): {}."),
+        ):
             names = [result["name"] for result, comparison in scored if comparison.verdict == verdict]
             if names:
                 lines.append(text.format(ref_name, ", ".join(names)))
-    known = [(result["name"], base, np.mean(list(values.values()))) for result in results
-             if (base := _baseline_mean(result, metric)) is not None and (values := fold_values(result, metric))]
+    known = [
+        (result["name"], base, np.mean(list(values.values())))
+        for result in results
+        if (base := _baseline_mean(result, metric)) is not None and (values := fold_values(result, metric))
+    ]
     if known:
         bases = {round(base, 6) for _, base, _ in known}
         shown = f"{known[0][1]:.4f}" if len(bases) == 1 else "per variant in the table"
         above = [name for name, base, mean in known if mean >= base]
-        lines.append(f"Median baseline (`{BASELINES[metric]}`, always the training split's median rank): {shown}"
-                     + (f"; not better than it: {', '.join(above)}." if above else "; every variant is better."))
+        lines.append(
+            f"Median baseline (`{BASELINES[metric]}`, always the training split's median rank): {shown}"
+            + (f"; not better than it: {', '.join(above)}." if above else "; every variant is better.")
+        )
     return lines
 
 
@@ -234,14 +287,24 @@ def _draw_spread(ax: Axes, position: float, values: Sequence[float], confidence:
     ci = interval(values, confidence)
     yerr = None if ci is None else [[values.mean() - ci[0]], [ci[1] - values.mean()]]
     label = f"mean, {confidence:.0%} CI over folds" if ci else "mean (1 fold: no CI)"
-    ax.errorbar(position, values.mean(), yerr=yerr, fmt="o", color="C0", capsize=6, markersize=8, zorder=4,
-                label=label if first else None)
+    ax.errorbar(
+        position,
+        values.mean(),
+        yerr=yerr,
+        fmt="o",
+        color="C0",
+        capsize=6,
+        markersize=8,
+        zorder=4,
+        label=label if first else None,
+    )
     offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
     ax.scatter(position + 0.22 + offsets, values, color="C1", s=16, zorder=3, label="folds" if first else None)
 
 
-def comparison_figure(results: Sequence[dict[str, Any]], metric: str, reference: str | None = None,
-                      confidence: float = CONFIDENCE) -> Figure:
+def comparison_figure(
+    results: Sequence[dict[str, Any]], metric: str, reference: str | None = None, confidence: float = CONFIDENCE
+) -> Figure:
     """The comparison as a figure: the metric per variant, and the paired differences to the reference.
 
     Left: per-fold values, the mean with its CI, the median baseline as a line (the y range always
@@ -251,13 +314,22 @@ def comparison_figure(results: Sequence[dict[str, Any]], metric: str, reference:
     index = _reference_index(results, reference)
     ref_name = results[index]["name"]
     shown = [(result, values) for result in results if (values := fold_values(result, metric))]
-    versus = [(result["name"], comparison) for result, comparison in
-              zip(results, comparisons(results, metric, reference, confidence), strict=True) if comparison]
-    fig = Figure(figsize=(max(5.0, 1.3 * len(shown) + 1.5) + (max(3.0, 1.2 * len(versus) + 1.0) if versus else 0),
-                          4.8), layout="constrained")
+    versus = [
+        (result["name"], comparison)
+        for result, comparison in zip(results, comparisons(results, metric, reference, confidence), strict=True)
+        if comparison
+    ]
+    fig = Figure(
+        figsize=(max(5.0, 1.3 * len(shown) + 1.5) + (max(3.0, 1.2 * len(versus) + 1.0) if versus else 0), 4.8),
+        layout="constrained",
+    )
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2 if versus else 1, squeeze=False,
-                        width_ratios=[max(1, len(shown)), max(1, len(versus))] if versus else None)[0]
+    axes = fig.subplots(
+        1,
+        2 if versus else 1,
+        squeeze=False,
+        width_ratios=[max(1, len(shown)), max(1, len(versus))] if versus else None,
+    )[0]
     ax = axes[0]
     for position, (_, values) in enumerate(shown):
         _draw_spread(ax, position, list(values.values()), confidence, position == 0)
@@ -268,14 +340,24 @@ def comparison_figure(results: Sequence[dict[str, Any]], metric: str, reference:
     elif bases:
         for position, (result, _) in enumerate(shown):
             if (base := _baseline_mean(result, metric)) is not None:
-                ax.hlines(base, position - 0.4, position + 0.5, color="C3", linestyle="--",
-                          label="median baseline" if position == 0 else None)
+                ax.hlines(
+                    base,
+                    position - 0.4,
+                    position + 0.5,
+                    color="C3",
+                    linestyle="--",
+                    label="median baseline" if position == 0 else None,
+                )
     if plotted:
         low, high = min(plotted + bases), max(plotted + bases)
         margin = 0.08 * (high - low) or 0.05 * max(abs(high), 1e-3)
         ax.set_ylim(low - margin, high + margin)
-    ax.set_xticks(range(len(shown)), [r["name"] + (" (reference)" if r["name"] == ref_name else "")
-                                      for r, _ in shown], rotation=20, ha="right")
+    ax.set_xticks(
+        range(len(shown)),
+        [r["name"] + (" (reference)" if r["name"] == ref_name else "") for r, _ in shown],
+        rotation=20,
+        ha="right",
+    )
     ax.set_xlim(-0.6, len(shown) - 0.3)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per variant", fontsize="medium")
@@ -287,28 +369,55 @@ def comparison_figure(results: Sequence[dict[str, Any]], metric: str, reference:
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(4, len(labels)), fontsize="small")
     suffix = "\n" + caveat if (caveat := _backbone_caveat(results)) else ""
-    fig.suptitle(f"Ablation: {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better){suffix}",
-                 fontsize="medium")
+    fig.suptitle(
+        f"Ablation: {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better){suffix}",
+        fontsize="medium",
+    )
     return fig
 
 
-def _draw_differences(ax: Axes, versus: Sequence[tuple[str, Paired]], ref_name: str, metric: str,
-                      confidence: float) -> None:
+def _draw_differences(
+    ax: Axes, versus: Sequence[tuple[str, Paired]], ref_name: str, metric: str, confidence: float
+) -> None:
     """Per compared variant: the per-fold differences, their mean with its CI, and the verdict."""
     for position, (_, comparison) in enumerate(versus):
         diffs = np.asarray(comparison.differences, dtype=float)  # (common folds,)
         if diffs.size == 0:
             continue
-        yerr = None if comparison.ci is None else [[comparison.mean - comparison.ci[0]],
-                                                   [comparison.ci[1] - comparison.mean]]
+        yerr = (
+            None
+            if comparison.ci is None
+            else [[comparison.mean - comparison.ci[0]], [comparison.ci[1] - comparison.mean]]
+        )
         label = f"paired difference, {confidence:.0%} CI" if yerr else "paired difference (1 fold: no CI)"
-        ax.errorbar(position, comparison.mean, yerr=yerr, fmt="s", color="C2", capsize=6, markersize=7, zorder=4,
-                    label=label if position == 0 else None)
+        ax.errorbar(
+            position,
+            comparison.mean,
+            yerr=yerr,
+            fmt="s",
+            color="C2",
+            capsize=6,
+            markersize=7,
+            zorder=4,
+            label=label if position == 0 else None,
+        )
         offsets = np.linspace(-0.12, 0.12, diffs.size) if diffs.size > 1 else np.zeros(1)
-        ax.scatter(position + 0.22 + offsets, diffs, color="C7", s=14, zorder=3,
-                   label="per-fold differences" if position == 0 else None)
-        ax.annotate(comparison.verdict, (position, 1.0), xycoords=("data", "axes fraction"), ha="center",
-                    va="bottom", fontsize="x-small")
+        ax.scatter(
+            position + 0.22 + offsets,
+            diffs,
+            color="C7",
+            s=14,
+            zorder=3,
+            label="per-fold differences" if position == 0 else None,
+        )
+        ax.annotate(
+            comparison.verdict,
+            (position, 1.0),
+            xycoords=("data", "axes fraction"),
+            ha="center",
+            va="bottom",
+            fontsize="x-small",
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(versus)), [name for name, _ in versus], rotation=20, ha="right")
     ax.set_xlim(-0.6, len(versus) - 0.3)
@@ -317,8 +426,13 @@ def _draw_differences(ax: Axes, versus: Sequence[tuple[str, Paired]], ref_name: 
     ax.grid(axis="y", alpha=0.3)
 
 
-def comparison_plot(results: Sequence[dict[str, Any]], metric: str, path: Path, reference: str | None = None,
-                    confidence: float = CONFIDENCE) -> Path:
+def comparison_plot(
+    results: Sequence[dict[str, Any]],
+    metric: str,
+    path: Path,
+    reference: str | None = None,
+    confidence: float = CONFIDENCE,
+) -> Path:
     """`comparison_figure` written as a PNG (no metadata, so reruns write the same bytes); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     comparison_figure(results, metric, reference, confidence).savefig(path, dpi=120, metadata={"Software": None})

@@ -55,14 +55,22 @@ def check_alpha(alpha: float, n: int | None = None, where: str = "alpha") -> flo
     Raises:
         ConformalError: alpha is not a number in (0, 1), or below 1 / (n + 1).
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
-            or not 0 < alpha < 1:
-        raise ConformalError(f"{where}: expected a miscoverage level strictly between 0 and 1 "
-                             f"(e.g. 0.1 for 90 % intervals), found {alpha!r}")
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or not 0 < alpha < 1
+    ):
+        raise ConformalError(
+            f"{where}: expected a miscoverage level strictly between 0 and 1 "
+            f"(e.g. 0.1 for 90 % intervals), found {alpha!r}"
+        )
     if n is not None and _rank_of_quantile(n, float(alpha)) > n:
-        raise ConformalError(f"{where}: alpha {alpha} needs at least {math.ceil(1 / alpha - 1)} calibration "
-                             f"scores (alpha >= 1/(n+1)), but the calibration has n = {n}; the smallest "
-                             f"level it supports is {1 / (n + 1):.4g}")
+        raise ConformalError(
+            f"{where}: alpha {alpha} needs at least {math.ceil(1 / alpha - 1)} calibration "
+            f"scores (alpha >= 1/(n+1)), but the calibration has n = {n}; the smallest "
+            f"level it supports is {1 / (n + 1):.4g}"
+        )
     return float(alpha)
 
 
@@ -75,8 +83,10 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     """The split-conformal threshold q = s_(k), k = ceil((n + 1)(1 - alpha)), of (n,) scores."""
     scores = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))  # (n,)
     if scores.size == 0 or not np.isfinite(scores).all():
-        raise ConformalError(f"expected a non-empty array of finite calibration scores, found {scores.size} "
-                             f"scores ({int((~np.isfinite(scores)).sum())} not finite)")
+        raise ConformalError(
+            f"expected a non-empty array of finite calibration scores, found {scores.size} "
+            f"scores ({int((~np.isfinite(scores)).sum())} not finite)"
+        )
     check_alpha(alpha, scores.size)
     return float(scores[_rank_of_quantile(scores.size, alpha) - 1])
 
@@ -174,8 +184,9 @@ def residual_scores(probs: np.ndarray, rank_values: np.ndarray, true_values: np.
     return np.abs(np.asarray(true_values, dtype=np.float64) - expected_values(probs, rank_values))
 
 
-def residual_intervals(probs: np.ndarray, rank_values: np.ndarray,
-                       threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def residual_intervals(
+    probs: np.ndarray, rank_values: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(N,) low and high rank index of the ranks whose value is within `threshold` of E[v].
 
     A row whose band [E - q, E + q] holds no rank value gets the rank nearest E (a superset of
@@ -199,8 +210,9 @@ def scores(method: str, probs: np.ndarray, ranks: np.ndarray, rank_values: np.nd
     raise ConformalError(f"unknown conformal method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def intervals(method: str, probs: np.ndarray, threshold: float,
-              rank_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def intervals(
+    method: str, probs: np.ndarray, threshold: float, rank_values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(N,) low and high rank index of the `method` interval at `threshold`."""
     if method == "ordinal":
         return ordinal_intervals(probs, threshold)
@@ -209,17 +221,18 @@ def intervals(method: str, probs: np.ndarray, threshold: float,
     raise ConformalError(f"unknown conformal method {method!r}; expected one of {', '.join(METHODS)}")
 
 
-def coverage_by_rank(low: np.ndarray, high: np.ndarray, ranks: np.ndarray,
-                     n_ranks: int) -> dict[str, np.ndarray]:
+def coverage_by_rank(low: np.ndarray, high: np.ndarray, ranks: np.ndarray, n_ranks: int) -> dict[str, np.ndarray]:
     """Per true rank: `n` test rows, `coverage` and mean `width` in ranks (NaN where n = 0)."""
     ranks = np.asarray(ranks, dtype=np.int64)
     covered = ((low <= ranks) & (ranks <= high)).astype(np.float64)  # (N,)
     width = (high - low + 1).astype(np.float64)  # (N,)
     count = np.bincount(ranks, minlength=n_ranks).astype(np.float64)  # (M,)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"n": count,
-                "coverage": np.bincount(ranks, weights=covered, minlength=n_ranks) / count,
-                "width": np.bincount(ranks, weights=width, minlength=n_ranks) / count}
+        return {
+            "n": count,
+            "coverage": np.bincount(ranks, weights=covered, minlength=n_ranks) / count,
+            "width": np.bincount(ranks, weights=width, minlength=n_ranks) / count,
+        }
 
 
 def level_name(alpha: float) -> str:
@@ -227,8 +240,9 @@ def level_name(alpha: float) -> str:
     return f"{100 * (1 - alpha):.10g}"
 
 
-def evaluate_intervals(calibration: Calibration, probs: np.ndarray, ranks: np.ndarray,
-                       rank_values: np.ndarray) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
+def evaluate_intervals(
+    calibration: Calibration, probs: np.ndarray, ranks: np.ndarray, rank_values: np.ndarray
+) -> tuple[dict[str, float], dict[str, dict[str, list]]]:
     """Coverage and width of every calibrated method and level on (N, M) test probabilities.
 
     Returns:
@@ -247,8 +261,9 @@ def evaluate_intervals(calibration: Calibration, probs: np.ndarray, ranks: np.nd
             flat[f"coverage_{method}_{level}"] = float(((low <= ranks) & (ranks <= high)).mean())
             flat[f"width_{method}_{level}"] = float((high - low + 1).mean())
             per_rank = coverage_by_rank(low, high, ranks, probs.shape[1])
-            by_rank[f"{method}_{level}"] = {k: [None if np.isnan(x) else float(x) for x in v]
-                                            for k, v in per_rank.items()}
+            by_rank[f"{method}_{level}"] = {
+                k: [None if np.isnan(x) else float(x) for x in v] for k, v in per_rank.items()
+            }
     return flat, by_rank
 
 
@@ -267,8 +282,10 @@ class Calibration:
 
     def __post_init__(self) -> None:
         if self.method not in self.scores:
-            raise ConformalError(f"served method {self.method!r} has no calibration scores; "
-                                 f"found {', '.join(self.scores) or 'none'}")
+            raise ConformalError(
+                f"served method {self.method!r} has no calibration scores; "
+                f"found {', '.join(self.scores) or 'none'}"
+            )
         if not self.alpha:
             raise ConformalError("expected at least one alpha level, found none")
         for i, alpha in enumerate(self.alpha):
@@ -280,12 +297,23 @@ class Calibration:
         return int(len(self.scores[self.method]))
 
     @classmethod
-    def fit(cls, probs: np.ndarray, ranks: np.ndarray, rank_values: np.ndarray, method: str,
-            alpha: Sequence[float], temperature: float | None = None) -> Calibration:
+    def fit(
+        cls,
+        probs: np.ndarray,
+        ranks: np.ndarray,
+        rank_values: np.ndarray,
+        method: str,
+        alpha: Sequence[float],
+        temperature: float | None = None,
+    ) -> Calibration:
         """Calibrate every method on (N, M) calibration probabilities (tempered here) and true ranks."""
         tempered = temper(probs, temperature)
-        return cls({m: np.sort(scores(m, tempered, ranks, rank_values)) for m in METHODS}, method,
-                   tuple(float(a) for a in alpha), temperature)
+        return cls(
+            {m: np.sort(scores(m, tempered, ranks, rank_values)) for m in METHODS},
+            method,
+            tuple(float(a) for a in alpha),
+            temperature,
+        )
 
     def resolve_alpha(self, alpha: float | None) -> float:
         """The served alpha (the first level) when None, else `alpha` checked against n."""
@@ -297,8 +325,9 @@ class Calibration:
             raise ConformalError(f"no calibration scores for method {method!r}; found {', '.join(self.scores)}")
         return conformal_quantile(self.scores[method], alpha)
 
-    def intervals(self, probs: np.ndarray, rank_values: np.ndarray, alpha: float | None = None,
-                  method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def intervals(
+        self, probs: np.ndarray, rank_values: np.ndarray, alpha: float | None = None, method: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(N,) low and high rank index for raw (untempered) probabilities."""
         method = method or self.method
         alpha = self.resolve_alpha(alpha)
@@ -306,10 +335,16 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: format tag, scores, served method, levels, temperature and the thresholds."""
-        return {"format": FORMAT, "version": FORMAT_VERSION, "method": self.method, "alpha": list(self.alpha),
-                "temperature": self.temperature, "n": self.n,
-                "thresholds": {m: {level_name(a): self.threshold(m, a) for a in self.alpha} for m in self.scores},
-                "scores": {m: s.tolist() for m, s in self.scores.items()}}
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "alpha": list(self.alpha),
+            "temperature": self.temperature,
+            "n": self.n,
+            "thresholds": {m: {level_name(a): self.threshold(m, a) for a in self.alpha} for m in self.scores},
+            "scores": {m: s.tolist() for m, s in self.scores.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "calibration") -> Calibration:
@@ -318,13 +353,19 @@ class Calibration:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise ConformalError(f"{where}: expected a conformal calibration (format {FORMAT!r}), found {found!r}")
         if data.get("version", 0) > FORMAT_VERSION:
-            raise ConformalError(f"{where}: calibration format version {data['version']} is newer than this "
-                                 f"l2rclip understands ({FORMAT_VERSION})")
+            raise ConformalError(
+                f"{where}: calibration format version {data['version']} is newer than this "
+                f"l2rclip understands ({FORMAT_VERSION})"
+            )
         try:
             raw_scores, method, alpha = data["scores"], data["method"], data["alpha"]
             temperature = data.get("temperature")
             table = {str(m): np.sort(np.asarray(s, dtype=np.float64)) for m, s in raw_scores.items()}
-            return cls(table, str(method), tuple(float(a) for a in alpha),
-                       None if temperature is None else float(temperature))
+            return cls(
+                table,
+                str(method),
+                tuple(float(a) for a in alpha),
+                None if temperature is None else float(temperature),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ConformalError(f"{where}: calibration is invalid: {type(error).__name__}: {error}") from None

@@ -37,8 +37,11 @@ LOCK = Path("vega/vega-lock.json")
 TEMPLATE = Path("vega/offline.html")
 LICENSES = Path("vega/LICENSES.txt")
 REGISTRY = "https://registry.npmjs.org"
-_BLOCK = re.compile(r"<!-- (?P<name>[\w-]+)@(?P<version>[\w.-]+) (?P<file>\S+) sha256=[0-9a-f]{64} -->\n"
-                    r"<script>\n(?P<code>.*?)\n</script>", re.DOTALL)
+_BLOCK = re.compile(
+    r"<!-- (?P<name>[\w-]+)@(?P<version>[\w.-]+) (?P<file>\S+) sha256=[0-9a-f]{64} -->\n"
+    r"<script>\n(?P<code>.*?)\n</script>",
+    re.DOTALL,
+)
 # dvc_render fills these placeholders by plain string replacement; inlined code must not contain them
 _PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")
 _PAGE = """<!DOCTYPE html>
@@ -68,8 +71,11 @@ def read_lock(path: Path = LOCK) -> list[dict[str, str]]:
     lock = json.loads(path.read_text(encoding="utf-8"))
     packages = lock.get("packages") if isinstance(lock, dict) else None
     need = ("name", "version", "tarball", "integrity", "file")
-    if not isinstance(packages, list) or not packages or any(
-            not isinstance(p, dict) or any(not isinstance(p.get(k), str) for k in need) for p in packages):
+    if (
+        not isinstance(packages, list)
+        or not packages
+        or any(not isinstance(p, dict) or any(not isinstance(p.get(k), str) for k in need) for p in packages)
+    ):
         raise ValueError(f"{path}: expected {{'packages': [{{{', '.join(need)}, sha256}}, ...]}}, found {lock!r}")
     return packages
 
@@ -93,8 +99,9 @@ def fetch_package(package: dict[str, str], fetch: Fetch = _download) -> tuple[by
     where = f"{package['name']}@{package['version']}"
     meta = json.loads(fetch(f"{REGISTRY}/{package['name']}/{package['version']}"))
     if meta["dist"]["integrity"] != package["integrity"]:
-        raise ValueError(f"{where}: the registry's integrity is {meta['dist']['integrity']}, "
-                         f"the lock's {package['integrity']}")
+        raise ValueError(
+            f"{where}: the registry's integrity is {meta['dist']['integrity']}, the lock's {package['integrity']}"
+        )
     tarball = fetch(package["tarball"])
     if (found := _sri_sha512(tarball)) != package["integrity"]:
         raise ValueError(f"{where}: {package['tarball']} has integrity {found}, expected {package['integrity']}")
@@ -106,8 +113,10 @@ def fetch_package(package: dict[str, str], fetch: Fetch = _download) -> tuple[by
 
 def _block(package: dict[str, str], code: str) -> str:
     shown = package["file"].removeprefix("package/")
-    return (f"<!-- {package['name']}@{package['version']} {shown} sha256={package['sha256']} -->\n"
-            f"<script>\n{code}\n</script>")
+    return (
+        f"<!-- {package['name']}@{package['version']} {shown} sha256={package['sha256']} -->\n"
+        f"<script>\n{code}\n</script>"
+    )
 
 
 def render_template(packages: Sequence[dict[str, str]], codes: Sequence[str]) -> str:
@@ -115,13 +124,20 @@ def render_template(packages: Sequence[dict[str, str]], codes: Sequence[str]) ->
     for package, code in zip(packages, codes, strict=True):
         bad = [p for p in _PLACEHOLDERS if p in code] + (["</script"] if "</script" in code.lower() else [])
         if bad:
-            raise ValueError(f"{package['name']}@{package['version']}: the code contains {bad}, which would "
-                             "break the inlined page")
+            raise ValueError(
+                f"{package['name']}@{package['version']}: the code contains {bad}, which would "
+                "break the inlined page"
+            )
     return _PAGE.format(blocks="\n".join(_block(p, c) for p, c in zip(packages, codes, strict=True)))
 
 
-def build(lock: Path = LOCK, template: Path = TEMPLATE, licenses: Path = LICENSES, update: bool = False,
-          fetch: Fetch = _download) -> Path:
+def build(
+    lock: Path = LOCK,
+    template: Path = TEMPLATE,
+    licenses: Path = LICENSES,
+    update: bool = False,
+    fetch: Fetch = _download,
+) -> Path:
     """Download, verify and inline the pinned packages; returns the template's path.
 
     Args:
@@ -138,16 +154,20 @@ def build(lock: Path = LOCK, template: Path = TEMPLATE, licenses: Path = LICENSE
         code, license_text = fetch_package(package, fetch)
         digest = hashlib.sha256(code).hexdigest()
         if not update and digest != package.get("sha256"):
-            raise ValueError(f"{package['name']}@{package['version']} {package['file']}: sha256 {digest}, "
-                             f"the lock records {package.get('sha256')} (use --update after changing versions)")
+            raise ValueError(
+                f"{package['name']}@{package['version']} {package['file']}: sha256 {digest}, "
+                f"the lock records {package.get('sha256')} (use --update after changing versions)"
+            )
         package["sha256"] = digest
         codes.append(code.decode("utf-8"))
         notices.append(f"== {package['name']}@{package['version']} ==\n{license_text.decode('utf-8').strip()}\n")
     template.write_text(render_template(packages, codes), encoding="utf-8")
     licenses.write_text("\n".join(notices), encoding="utf-8")
     if update:
-        lock.write_text(json.dumps({**json.loads(lock.read_text(encoding="utf-8")), "packages": packages},
-                                   indent=2) + "\n", encoding="utf-8")
+        lock.write_text(
+            json.dumps({**json.loads(lock.read_text(encoding="utf-8")), "packages": packages}, indent=2) + "\n",
+            encoding="utf-8",
+        )
     return template
 
 
@@ -155,8 +175,11 @@ def check(lock: Path = LOCK, template: Path = TEMPLATE) -> list[str]:
     """Problems of the committed template against the lock (empty: it is what the lock pins)."""
     if not template.is_file():
         return [f"{template}: missing (run `python -m l2rclip.evaluation.offline_plots build`)"]
-    placeholder = [] if "{plot_divs}" in template.read_text(encoding="utf-8") else [
-        f"{template}: no {{plot_divs}} placeholder (DVC refuses the template)"]
+    placeholder = (
+        []
+        if "{plot_divs}" in template.read_text(encoding="utf-8")
+        else [f"{template}: no {{plot_divs}} placeholder (DVC refuses the template)"]
+    )
     return placeholder + inlined_problems(lock, template)
 
 
@@ -167,8 +190,11 @@ def inlined_problems(lock: Path, page: Path) -> list[str]:
     """
     text = page.read_text(encoding="utf-8")
     blocks = {m["name"]: m for m in _BLOCK.finditer(text)}
-    problems = [f"{page}: has a <script src=...> tag; the page must load nothing"
-                ] if re.search(r"<script[^>]*\bsrc=", text) else []
+    problems = (
+        [f"{page}: has a <script src=...> tag; the page must load nothing"]
+        if re.search(r"<script[^>]*\bsrc=", text)
+        else []
+    )
     for package in read_lock(lock):
         block = blocks.get(package["name"])
         if block is None:
@@ -176,20 +202,26 @@ def inlined_problems(lock: Path, page: Path) -> list[str]:
             continue
         digest = hashlib.sha256(block["code"].encode("utf-8")).hexdigest()
         if (block["version"], digest) != (package["version"], package.get("sha256")):
-            problems.append(f"{page}: {package['name']}@{block['version']} sha256 {digest}; the lock pins "
-                            f"{package['version']} sha256 {package.get('sha256')}")
+            problems.append(
+                f"{page}: {package['name']}@{block['version']} sha256 {digest}; the lock pins "
+                f"{package['version']} sha256 {package.get('sha256')}"
+            )
     return problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `check` the committed template, or `build` it from the npm registry."""
-    parser = argparse.ArgumentParser(prog="python -m l2rclip.evaluation.offline_plots",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m l2rclip.evaluation.offline_plots", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("action", choices=("check", "build"))
     parser.add_argument("--lock", type=Path, default=LOCK, help="pinned packages (default: %(default)s)")
     parser.add_argument("--template", type=Path, default=TEMPLATE, help="the page (default: %(default)s)")
-    parser.add_argument("--update", action="store_true",
-                        help="build: record the downloaded files' sha256 in the lock (after a version change)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="build: record the downloaded files' sha256 in the lock (after a version change)",
+    )
     args = parser.parse_args(argv)
     if args.action == "build":
         print(build(args.lock, args.template, args.template.with_name(LICENSES.name), args.update))

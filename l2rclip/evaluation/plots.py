@@ -69,11 +69,13 @@ def _save(fig: Figure, path: str | Path, title: str, title_suffix: str) -> Path:
 
 def _names_are_values(space: RankSpace) -> bool:
     """Whether every rank name spells its value (as words, possibly wrapped, or as the number itself)."""
+
     def spells(name: str, value: float) -> bool:
         try:
             return float(name) == value
         except ValueError:
             return number_words(value) in name
+
     return all(spells(name, value) for name, value in zip(space.names, space.values, strict=True))
 
 
@@ -81,8 +83,9 @@ def _value_text(value: float) -> str:
     return f"{value:g}"
 
 
-def _rank_axis(ax: Axes, space: RankSpace, axis: str, quantity: str, unit: str = "",
-               shown: np.ndarray | None = None) -> None:
+def _rank_axis(
+    ax: Axes, space: RankSpace, axis: str, quantity: str, unit: str = "", shown: np.ndarray | None = None
+) -> None:
     """Tick the x or y axis at rank indices and label it; positions on that axis are rank indices.
 
     Numeric ranks (`_names_are_values`) get their values as tick labels at round values and
@@ -105,7 +108,8 @@ def _rank_axis(ax: Axes, space: RankSpace, axis: str, quantity: str, unit: str =
         values = space.value_array
         integer = bool(np.all(values == np.round(values)))
         steps = MaxNLocator(nbins=NUMBER_TICKS, integer=integer, steps=[1, 2, 5, 10]).tick_values(
-            values[span[0]], values[span[-1]])
+            values[span[0]], values[span[-1]]
+        )
         round_ticks = span[np.isclose(values[span][:, None], steps[None, :]).any(axis=1)]  # ranks at round values
         keep = round_ticks if round_ticks.size >= 2 else keep  # uneven values: every k-th instead
         labels = [_value_text(values[i]) for i in keep]
@@ -115,16 +119,22 @@ def _rank_axis(ax: Axes, space: RankSpace, axis: str, quantity: str, unit: str =
         title = " ".join(filter(None, (quantity, "rank")))
     if axis == "x":
         slanted = max(map(len, labels)) > 3 and not numeric
-        ax.set_xticks(keep, labels, rotation=45 if slanted else 0, ha="right" if slanted else "center",
-                      rotation_mode="anchor")
+        ax.set_xticks(
+            keep,
+            labels,
+            rotation=45 if slanted else 0,
+            ha="right" if slanted else "center",
+            rotation_mode="anchor",
+        )
         ax.set_xlabel(title)
     else:
         ax.set_yticks(keep, labels)
         ax.set_ylabel(title)
 
 
-def _heatmap(matrix: np.ndarray, space: RankSpace, fmt: str, label: str, quantities: tuple[str, str],
-             unit: str) -> tuple[Figure, Axes]:
+def _heatmap(
+    matrix: np.ndarray, space: RankSpace, fmt: str, label: str, quantities: tuple[str, str], unit: str
+) -> tuple[Figure, Axes]:
     """Draw an (M, M) matrix with rank ticks and, for small M, the value in every cell.
 
     `quantities` names the columns' and the rows' axis (e.g. "predicted", "true").
@@ -142,8 +152,15 @@ def _heatmap(matrix: np.ndarray, space: RankSpace, fmt: str, label: str, quantit
     return fig, ax
 
 
-def confusion_matrix_plot(true_ranks: np.ndarray, pred_ranks: np.ndarray, rank_space: RankSpace, path: str | Path,
-                          normalize: bool = True, title_suffix: str = "", unit: str = "") -> Path:
+def confusion_matrix_plot(
+    true_ranks: np.ndarray,
+    pred_ranks: np.ndarray,
+    rank_space: RankSpace,
+    path: str | Path,
+    normalize: bool = True,
+    title_suffix: str = "",
+    unit: str = "",
+) -> Path:
     """Heat map of true rank (rows) against argmax rank (columns); an ordinal model hugs the diagonal.
 
     Args:
@@ -159,17 +176,36 @@ def confusion_matrix_plot(true_ranks: np.ndarray, pred_ranks: np.ndarray, rank_s
     n_ranks = len(rank_space)
     for name, ranks in (("true_ranks", true), ("pred_ranks", pred)):
         if ranks.min() < 0 or ranks.max() >= n_ranks:
-            raise ValueError(f"{name} must be rank indices in 0..{n_ranks - 1} (one per rank), "
-                             f"found {ranks.min():g}..{ranks.max():g}")
-    matrix = confusion_matrix(true.astype(np.int64), pred.astype(np.int64), labels=np.arange(n_ranks),
-                              normalize="true" if normalize else None)  # (M, M)
-    fig, _ = _heatmap(matrix, rank_space, ".2f" if normalize else ".0f",
-                      "share of the true rank" if normalize else "count", ("predicted (argmax)", "true"), unit)
+            raise ValueError(
+                f"{name} must be rank indices in 0..{n_ranks - 1} (one per rank), "
+                f"found {ranks.min():g}..{ranks.max():g}"
+            )
+    matrix = confusion_matrix(
+        true.astype(np.int64),
+        pred.astype(np.int64),
+        labels=np.arange(n_ranks),
+        normalize="true" if normalize else None,
+    )  # (M, M)
+    fig, _ = _heatmap(
+        matrix,
+        rank_space,
+        ".2f" if normalize else ".0f",
+        "share of the true rank" if normalize else "count",
+        ("predicted (argmax)", "true"),
+        unit,
+    )
     return _save(fig, path, f"Confusion matrix (N={true.size})", title_suffix)
 
 
-def error_by_rank_plot(true_values: np.ndarray, expected_values: np.ndarray, argmax_values: np.ndarray,
-                       rank_space: RankSpace, path: str | Path, title_suffix: str = "", unit: str = "") -> Path:
+def error_by_rank_plot(
+    true_values: np.ndarray,
+    expected_values: np.ndarray,
+    argmax_values: np.ndarray,
+    rank_space: RankSpace,
+    path: str | Path,
+    title_suffix: str = "",
+    unit: str = "",
+) -> Path:
     """Mean absolute error per true rank for both prediction rules, with the test count per rank.
 
     Shows where the error lives (often the rare extreme ranks) and whether expectation beats argmax
@@ -185,21 +221,24 @@ def error_by_rank_plot(true_values: np.ndarray, expected_values: np.ndarray, arg
         title_suffix: extra title line.
         unit: unit of the rank values ("" for none).
     """
-    true, expected, argmax = _vectors(true_values=true_values, expected_values=expected_values,
-                                      argmax_values=argmax_values)
+    true, expected, argmax = _vectors(
+        true_values=true_values, expected_values=expected_values, argmax_values=argmax_values
+    )
     values = rank_space.value_array  # (M,)
     rank = np.abs(true[:, None] - values[None, :]).argmin(axis=1)  # (N,) nearest rank index
     count = np.bincount(rank, minlength=values.size)  # (M,)
     present = np.flatnonzero(count)  # ranks with test images; bars stand at their rank index
     fig, (ax,) = _figure(max(6.0, 0.2 * (present[-1] - present[0] + 1) + 3.0), 4.5)
-    for offset, (rule, predicted) in zip((-0.2, 0.2), (("expectation", expected), ("argmax", argmax)),
-                                         strict=True):
+    for offset, (rule, predicted) in zip(
+        (-0.2, 0.2), (("expectation", expected), ("argmax", argmax)), strict=True
+    ):
         error = np.abs(predicted - true)  # (N,)
         mae = np.bincount(rank, weights=error, minlength=values.size)[present] / count[present]  # (R,)
         ax.bar(present + offset, mae, width=0.4, label=f"{rule} (MAE {error.mean():.2f})")
     _rank_axis(ax, rank_space, "x", "true", unit, shown=present)
-    ax.set(ylabel="mean absolute error" + (f" ({unit})" if unit else ""),
-           ylim=(0, 1.3 * ax.get_ylim()[1]))  # legend room
+    ax.set(
+        ylabel="mean absolute error" + (f" ({unit})" if unit else ""), ylim=(0, 1.3 * ax.get_ylim()[1])
+    )  # legend room
     counts_ax = ax.twinx()
     counts_ax.plot(present, count[present], color="grey", alpha=0.6, marker=".", label="test images")
     counts_ax.set(ylabel="test images", ylim=(0, 1.3 * count.max()))
@@ -207,8 +246,14 @@ def error_by_rank_plot(true_values: np.ndarray, expected_values: np.ndarray, arg
     return _save(fig, path, "Error by true rank", title_suffix)
 
 
-def predicted_vs_true_plot(true_values: np.ndarray, expected_values: np.ndarray, std: np.ndarray,
-                           path: str | Path, title_suffix: str = "", unit: str = "") -> Path:
+def predicted_vs_true_plot(
+    true_values: np.ndarray,
+    expected_values: np.ndarray,
+    std: np.ndarray,
+    path: str | Path,
+    title_suffix: str = "",
+    unit: str = "",
+) -> Path:
     """Expected value against true value, with the predicted spread as light error bars.
 
     Discrete true values are jittered (fixed seed, so the picture is reproducible) to keep the
@@ -229,8 +274,17 @@ def predicted_vs_true_plot(true_values: np.ndarray, expected_values: np.ndarray,
         step = np.diff(unique).min() if unique.size > 1 else 1.0
         x = true + np.random.default_rng(0).uniform(-0.2, 0.2, true.size) * step  # (N,)
     fig, (ax,) = _figure(5.5, 5.5)
-    ax.errorbar(x, expected, yerr=spread, fmt="o", markersize=3, alpha=0.6, elinewidth=0.6, ecolor="lightgrey",
-                label=f"expected value (MAE {np.abs(expected - true).mean():.2f})")
+    ax.errorbar(
+        x,
+        expected,
+        yerr=spread,
+        fmt="o",
+        markersize=3,
+        alpha=0.6,
+        elinewidth=0.6,
+        ecolor="lightgrey",
+        label=f"expected value (MAE {np.abs(expected - true).mean():.2f})",
+    )
     low, high = min(true.min(), expected.min()), max(true.max(), expected.max())
     ax.plot([low, high], [low, high], color="black", linestyle="--", linewidth=1, label="y = x")
     units = f" ({unit})" if unit else ""
@@ -239,8 +293,9 @@ def predicted_vs_true_plot(true_values: np.ndarray, expected_values: np.ndarray,
     return _save(fig, path, f"Predicted vs true (N={true.size})", title_suffix)
 
 
-def prototype_similarity_plot(text_features: np.ndarray, rank_space: RankSpace, path: str | Path,
-                              title_suffix: str = "", unit: str = "") -> Path:
+def prototype_similarity_plot(
+    text_features: np.ndarray, rank_space: RankSpace, path: str | Path, title_suffix: str = "", unit: str = ""
+) -> Path:
     """Cosine similarity of the M rank prototypes; ordered prototypes fade away from the diagonal.
 
     Args:
@@ -254,17 +309,20 @@ def prototype_similarity_plot(text_features: np.ndarray, rank_space: RankSpace, 
     if features.ndim != 2 or features.size == 0:
         raise ValueError(f"expected non-empty text_features of shape (M, E), found shape {features.shape}")
     if features.shape[0] != len(rank_space):
-        raise ValueError(f"text_features has length {features.shape[0]} but the rank space has "
-                         f"{len(rank_space)} ranks: expected one prototype per rank")
+        raise ValueError(
+            f"text_features has length {features.shape[0]} but the rank space has "
+            f"{len(rank_space)} ranks: expected one prototype per rank"
+        )
     normed = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # (M, E)
-    fig, _ = _heatmap(normed @ normed.T, rank_space, ".2f", "cosine similarity", ("", ""),
-                      unit)  # (M, M)
-    return _save(fig, path, f"Prototype similarity (ordinality {prototype_ordinality(features):.3f})",
-                 title_suffix)
+    fig, _ = _heatmap(normed @ normed.T, rank_space, ".2f", "cosine similarity", ("", ""), unit)  # (M, M)
+    return _save(
+        fig, path, f"Prototype similarity (ordinality {prototype_ordinality(features):.3f})", title_suffix
+    )
 
 
-def calibration_plot(confidence: np.ndarray, correct: np.ndarray, path: str | Path, n_bins: int = 15,
-                     title_suffix: str = "") -> Path:
+def calibration_plot(
+    confidence: np.ndarray, correct: np.ndarray, path: str | Path, n_bins: int = 15, title_suffix: str = ""
+) -> Path:
     """Reliability diagram: accuracy per confidence bin against the diagonal of perfect calibration.
 
     Bins match ``expected_calibration_error`` (equal width, right-closed), so bars and ECE agree.
@@ -287,17 +345,30 @@ def calibration_plot(confidence: np.ndarray, correct: np.ndarray, path: str | Pa
     ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfect calibration")
     for left, n, height in zip(edges[:-1], count, accuracy, strict=True):
         if n:
-            ax.text(left + 0.5 / n_bins, height + 0.01, str(n), ha="center", va="bottom", fontsize=6,
-                    color="grey", alpha=0.8)
+            ax.text(
+                left + 0.5 / n_bins,
+                height + 0.01,
+                str(n),
+                ha="center",
+                va="bottom",
+                fontsize=6,
+                color="grey",
+                alpha=0.8,
+            )
     ax.set(xlim=(0, 1), ylim=(0, 1.08), xlabel="confidence (max probability)", ylabel="accuracy")
     ax.legend(loc="upper left")
     return _save(fig, path, f"Calibration (ECE {ece:.3f}, N={conf.size})", title_suffix)
 
 
-def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
-                    metric_names: Sequence[str] | None = None, folds: Sequence[int] | None = None,
-                    baselines: Mapping[str, Sequence[float]] | None = None,
-                    units: Mapping[str, str] | None = None, title_suffix: str = "") -> Path:
+def cv_summary_plot(
+    per_fold: Mapping[str, Sequence[float]],
+    path: str | Path,
+    metric_names: Sequence[str] | None = None,
+    folds: Sequence[int] | None = None,
+    baselines: Mapping[str, Sequence[float]] | None = None,
+    units: Mapping[str, str] | None = None,
+    title_suffix: str = "",
+) -> Path:
     """One panel per metric: its value in each fold (labelled on the x axis), mean and sample std.
 
     Panels have their own y scale, because MAE in years and accuracy in [0, 1] share no axis.
@@ -325,14 +396,17 @@ def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
     if stray:
         raise ValueError(f"baselines {stray} belong to no drawn metric: expected some of {names}")
     series = {name: _vectors(**{name: per_fold[name]})[0] for name in names}  # each (K,)
-    series.update({f"baseline of {name}": _vectors(**{f"baseline of {name}": values})[0]
-                   for name, values in baselines.items()})
+    series.update(
+        {
+            f"baseline of {name}": _vectors(**{f"baseline of {name}": values})[0]
+            for name, values in baselines.items()
+        }
+    )
     n_folds = len(folds) if folds is not None else max(values.size for values in series.values())
     fold_names = [str(f) for f in (range(n_folds) if folds is None else folds)]
     wrong = {name: values.size for name, values in series.items() if values.size != n_folds}
     if wrong:
-        raise ValueError(f"expected one value per fold ({n_folds} folds: {', '.join(fold_names)}), "
-                         f"found {wrong}")
+        raise ValueError(f"expected one value per fold ({n_folds} folds: {', '.join(fold_names)}), found {wrong}")
     x = np.arange(n_folds)  # (K,)
     panel = min(9.0, max(3.0, 0.12 * n_folds + 2.2))  # inches per panel: room for the folds, within reason
     fig, axes = _figure(panel * len(names) + 0.5, 4.2, ncols=len(names))
@@ -349,10 +423,22 @@ def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
         ax.plot(x, values, "o", color="C0", label="fold")
         if name in baselines:
             base = series[f"baseline of {name}"]
-            ax.plot(x, base, "_", color="C3", markersize=min(14.0, 300 / n_folds), markeredgewidth=2,
-                    label="median baseline per fold")
-            ax.axhline(base.mean(), color="C3", linestyle="--", linewidth=1,
-                       label=f"median baseline, mean {base.mean():.3g}")
+            ax.plot(
+                x,
+                base,
+                "_",
+                color="C3",
+                markersize=min(14.0, 300 / n_folds),
+                markeredgewidth=2,
+                label="median baseline per fold",
+            )
+            ax.axhline(
+                base.mean(),
+                color="C3",
+                linestyle="--",
+                linewidth=1,
+                label=f"median baseline, mean {base.mean():.3g}",
+            )
         keep = x[:: math.ceil(n_folds / MAX_TICKS)]
         ax.set_xticks(keep, [fold_names[i] for i in keep])
         ax.set(xlabel="fold", xlim=(-0.6, n_folds - 0.4), title=title)
@@ -362,8 +448,14 @@ def cv_summary_plot(per_fold: Mapping[str, Sequence[float]], path: str | Path,
     return _save(fig, path, f"Cross-validation ({n_folds} fold{'s' if n_folds > 1 else ''})", title_suffix)
 
 
-def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray | None, rank_space: RankSpace,
-                     out_dir: str | Path, title_suffix: str = "", unit: str = "") -> dict[str, Path]:
+def evaluation_plots(
+    predictions: pd.DataFrame,
+    text_features: np.ndarray | None,
+    rank_space: RankSpace,
+    out_dir: str | Path,
+    title_suffix: str = "",
+    unit: str = "",
+) -> dict[str, Path]:
     """Write the five evaluation pictures of one split into ``out_dir``.
 
     Args:
@@ -381,18 +473,26 @@ def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray | None
     """
     missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
     if missing:
-        raise ValueError(f"predictions lack columns {missing}: expected {list(PREDICTION_COLUMNS)}, "
-                         f"found {list(predictions.columns)}")
+        raise ValueError(
+            f"predictions lack columns {missing}: expected {list(PREDICTION_COLUMNS)}, "
+            f"found {list(predictions.columns)}"
+        )
     p = {c: predictions[c].to_numpy() for c in PREDICTION_COLUMNS}  # each (N,)
     ranked = {"title_suffix": title_suffix, "unit": unit}  # pictures with value axes
     inputs = {  # picture name -> (function, arguments before the path, keyword arguments)
         "confusion_matrix": (confusion_matrix_plot, (p["rank"], p["pred_rank"], rank_space), ranked),
-        "error_by_rank": (error_by_rank_plot, (p["value"], p["expected_value"], p["pred_value"], rank_space),
-                          ranked),
+        "error_by_rank": (
+            error_by_rank_plot,
+            (p["value"], p["expected_value"], p["pred_value"], rank_space),
+            ranked,
+        ),
         "predicted_vs_true": (predicted_vs_true_plot, (p["value"], p["expected_value"], p["std"]), ranked),
         "prototype_similarity": (prototype_similarity_plot, (text_features, rank_space), ranked),
-        "calibration": (calibration_plot, (p["confidence"], p["rank"] == p["pred_rank"]),
-                        {"title_suffix": title_suffix}),
+        "calibration": (
+            calibration_plot,
+            (p["confidence"], p["rank"] == p["pred_rank"]),
+            {"title_suffix": title_suffix},
+        ),
     }
     if text_features is None:
         del inputs["prototype_similarity"]
@@ -400,8 +500,14 @@ def evaluation_plots(predictions: pd.DataFrame, text_features: np.ndarray | None
     return {name: plot(*args, out / f"{name}.png", **kwargs) for name, (plot, args, kwargs) in inputs.items()}
 
 
-def conformal_plot(by_rank: Mapping[str, Mapping[str, Sequence[float | None]]], alpha: float,
-                   rank_space: RankSpace, path: str | Path, title_suffix: str = "", unit: str = "") -> Path:
+def conformal_plot(
+    by_rank: Mapping[str, Mapping[str, Sequence[float | None]]],
+    alpha: float,
+    rank_space: RankSpace,
+    path: str | Path,
+    title_suffix: str = "",
+    unit: str = "",
+) -> Path:
     """Coverage and mean width of conformal intervals per true rank, one bar per method.
 
     The guarantee is marginal (over all test images), so single ranks may fall below the
@@ -420,8 +526,10 @@ def conformal_plot(by_rank: Mapping[str, Mapping[str, Sequence[float | None]]], 
         raise ValueError("expected at least one method's per-rank coverage, found none")
     counts = np.asarray(next(iter(by_rank.values()))["n"], dtype=np.float64)  # (M,)
     if counts.size != len(rank_space):
-        raise ValueError(f"by_rank has {counts.size} ranks but the rank space has {len(rank_space)}: "
-                         "expected one entry per rank")
+        raise ValueError(
+            f"by_rank has {counts.size} ranks but the rank space has {len(rank_space)}: "
+            "expected one entry per rank"
+        )
     present = np.flatnonzero(counts)  # ranks with test images; bars stand at their rank index
     x = present
     fig, (cover_ax, width_ax) = _figure(min(20.0, max(10.0, 0.25 * (x[-1] - x[0] + 1) + 4.0)), 4.5, ncols=2)

@@ -25,8 +25,12 @@ from l2rclip.runtime import autocast
 
 
 @torch.no_grad()
-def predict_outputs(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
-                    device: torch.device, amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def predict_outputs(
+    model: L2RCLIP | OrdinalHeadModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    amp: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Rank probabilities for every batch of inputs, in order, and the model's own hard rule.
 
     Args:
@@ -57,15 +61,25 @@ def predict_outputs(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[st
     return np.concatenate(chunks), (np.concatenate(points) if with_point else None)  # (N, M), (N,)
 
 
-def predict_probabilities(model: L2RCLIP | OrdinalHeadModel, batches: Iterable[dict[str, torch.Tensor]],
-                          device: torch.device, amp: bool = False) -> np.ndarray:
+def predict_probabilities(
+    model: L2RCLIP | OrdinalHeadModel,
+    batches: Iterable[dict[str, torch.Tensor]],
+    device: torch.device,
+    amp: bool = False,
+) -> np.ndarray:
     """The (N, M) float64 rank probabilities of :func:`predict_outputs`."""
     return predict_outputs(model, batches, device, amp)[0]
 
 
-def predictions_table(table: pd.DataFrame, probs: np.ndarray, rank_space: RankSpace,
-                      with_probabilities: bool = True, calibration: Calibration | None = None,
-                      alpha: float | None = None, point: np.ndarray | None = None) -> pd.DataFrame:
+def predictions_table(
+    table: pd.DataFrame,
+    probs: np.ndarray,
+    rank_space: RankSpace,
+    with_probabilities: bool = True,
+    calibration: Calibration | None = None,
+    alpha: float | None = None,
+    point: np.ndarray | None = None,
+) -> pd.DataFrame:
     """One row per image: true rank/value (when known), both prediction rules, uncertainty.
 
     Args:
@@ -118,14 +132,22 @@ def probabilities_of(predictions: pd.DataFrame, rank_space: RankSpace) -> np.nda
     columns = list(rank_space.probability_columns())
     missing = [c for c in columns if c not in predictions.columns]
     if missing:
-        raise ValueError(f"predictions lack {len(missing)} probability columns, e.g. {missing[:5]}, of the ranks "
-                         f"{rank_space.describe()}: expected a table written with probabilities (p_<label> "
-                         f"per rank), found columns {list(predictions.columns)[:12]}")
+        raise ValueError(
+            f"predictions lack {len(missing)} probability columns, e.g. {missing[:5]}, of the ranks "
+            f"{rank_space.describe()}: expected a table written with probabilities (p_<label> "
+            f"per rank), found columns {list(predictions.columns)[:12]}"
+        )
     return predictions[columns].to_numpy(dtype=np.float64)
 
 
-def split_outputs(model: torch.nn.Module, preprocess: Callable, table: pd.DataFrame, params: Params,
-                  device: torch.device, store: ImageStore | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def split_outputs(
+    model: torch.nn.Module,
+    preprocess: Callable,
+    table: pd.DataFrame,
+    params: Params,
+    device: torch.device,
+    store: ImageStore | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """`predict_outputs` on a split's images, in table order, as evaluation computes them.
 
     The images come from the preprocess stage's `store` when given, else from the files.
@@ -133,7 +155,12 @@ def split_outputs(model: torch.nn.Module, preprocess: Callable, table: pd.DataFr
     if store is not None:
         batches = store_eval_batches(table, store, params.train.eval_batch_size, params.train.num_workers, device)
     else:
-        loader = make_loader(RankImageDataset(table, params.data.root, preprocess), params.train.eval_batch_size,
-                             shuffle=False, num_workers=params.train.num_workers, device=device)
+        loader = make_loader(
+            RankImageDataset(table, params.data.root, preprocess),
+            params.train.eval_batch_size,
+            shuffle=False,
+            num_workers=params.train.num_workers,
+            device=device,
+        )
         batches = (images for images, _ in loader)
     return predict_outputs(model, ({"images": images} for images in batches), device, params.train.amp)

@@ -101,8 +101,13 @@ def find_preset(name: str, folder: str | Path = "protocols") -> Preset:
     return load_preset(path)
 
 
-def overrides(preset: Preset, data_root: str, lists_root: str | None = None, epochs: int | None = None,
-              folds: list[int] | None = None) -> list[str]:
+def overrides(
+    preset: Preset,
+    data_root: str,
+    lists_root: str | None = None,
+    epochs: int | None = None,
+    folds: list[int] | None = None,
+) -> list[str]:
     """The `key=value` settings (for `dvc exp run -S`) that run `preset` on the user's data.
 
     Args:
@@ -130,8 +135,11 @@ def overrides(preset: Preset, data_root: str, lists_root: str | None = None, epo
         chosen["folds"] = sorted(set(folds))
     resolved = _flatten(to_dict(from_dict(Params, chosen)))
     given = _flatten(chosen)
-    settings = {key: value for key, value in resolved.items()
-                if key in given or any(key == owned or key.startswith(owned + ".") for owned in PROTOCOL_OWNED)}
+    settings = {
+        key: value
+        for key, value in resolved.items()
+        if key in given or any(key == owned or key.startswith(owned + ".") for owned in PROTOCOL_OWNED)
+    }
     if epochs is not None:
         settings.update({"train.epochs": epochs, "model.fallback.epochs": epochs})
     return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
@@ -164,25 +172,36 @@ def paper_table(preset: Preset, report: dict[str, Any] | None) -> str:
     """The paper's table rows (published numbers) and this run's row: mean +- std over folds."""
     metrics = preset.paper.get("metrics") or []
     columns = [m["column"] for m in metrics]
-    lines = [f"{preset.title}", "", "| method | folds | " + " | ".join(columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = [
+        f"{preset.title}",
+        "",
+        "| method | folds | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
     for method, cells in (preset.paper.get("published") or {}).items():
-        lines.append(f"| {method} (published) | {len(preset.folds)} | "
-                     + " | ".join(str(cells.get(c, "-")) for c in columns) + " |")
+        lines.append(
+            f"| {method} (published) | {len(preset.folds)} | "
+            + " | ".join(str(cells.get(c, "-")) for c in columns)
+            + " |"
+        )
     if report is not None:
         weights = "CLIP" if report.get("is_clip") else "random init, NOT CLIP"
         label = f"{report.get('method', 'l2rclip')} (this run: {report.get('backbone')}, {weights})"
         cells = []
         for metric in metrics:
             entry = report.get(metric["key"])
-            cells.append(f"{entry['mean'] * metric['scale']:.2f} +- {entry['std'] * metric['scale']:.2f}"
-                         if isinstance(entry, dict) else "-")
+            cells.append(
+                f"{entry['mean'] * metric['scale']:.2f} +- {entry['std'] * metric['scale']:.2f}"
+                if isinstance(entry, dict)
+                else "-"
+            )
         lines.append(f"| {label} | {report.get('n_folds')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def reproduce(preset: Preset, settings: list[str], name: str | None = None, dry_run: bool = False,
-              report_file: Path = REPORT) -> int:
+def reproduce(
+    preset: Preset, settings: list[str], name: str | None = None, dry_run: bool = False, report_file: Path = REPORT
+) -> int:
     """Run the experiment (unless `dry_run`) and print the table row from the report stage."""
     command = dvc_command(preset, settings, name)
     print("$ " + shlex.join(command), flush=True)
@@ -196,5 +215,3 @@ def reproduce(preset: Preset, settings: list[str], name: str | None = None, dry_
     report = json.loads(report_file.read_text(encoding="utf-8"))
     print("\n" + paper_table(preset, report))
     return 0
-
-

@@ -39,8 +39,9 @@ def _revisions(entries: list[dict]) -> Iterator[dict]:
 
 def collect(repo: str | Path = ".", prefix: str = "") -> list[dict[str, Any]]:
     """Name, params and report metrics of the experiments whose name starts with `prefix`."""
-    output = subprocess.run([_dvc(), "exp", "show", "--json"], cwd=repo, capture_output=True, text=True,
-                            check=True).stdout
+    output = subprocess.run(
+        [_dvc(), "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
     rows = []
     for revision in _revisions(json.loads(output)):
         name, data = revision.get("name") or "", revision.get("data") or {}
@@ -73,18 +74,30 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """
     if not rows:
         raise ValueError("no experiments with a report to tabulate: run them first (see docs/results.md)")
-    lines = ["| experiment | method | backbone (weights) | folds | MAE | MAE unit | accuracy |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| experiment | method | backbone (weights) | folds | MAE | MAE unit | accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         m, model = row["metrics"], row["params"].get("model", {})
         weights = "CLIP " + str(model.get("pretrained")) if m.get("is_clip") else "random init, NOT CLIP"
         mae = paper_mae_key(row)
-        cells = [row["name"], m.get("method", model.get("method", "l2rclip")), f"{m.get('backbone')} ({weights})",
-                 str(m.get("n_folds")), _mean_std(m, mae), MAE_UNITS[mae], _mean_std(m, "test/accuracy")]
+        cells = [
+            row["name"],
+            m.get("method", model.get("method", "l2rclip")),
+            f"{m.get('backbone')} ({weights})",
+            str(m.get("n_folds")),
+            _mean_std(m, mae),
+            MAE_UNITS[mae],
+            _mean_std(m, "test/accuracy"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     if any(not row["metrics"].get("is_clip") for row in rows):
-        lines += ["", "Rows marked *random init, NOT CLIP* come from a randomly initialised backbone (no CLIP "
-                      "weights were available): they check the pipeline, not the methods."]
+        lines += [
+            "",
+            "Rows marked *random init, NOT CLIP* come from a randomly initialised backbone (no CLIP "
+            "weights were available): they check the pipeline, not the methods.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -39,9 +39,18 @@ from torch import nn
 from l2rclip.models.kinds import BackboneKind
 from l2rclip.models.recipe import TINY_ARCH, BackboneRecipe, register_builtin_configs, resolve_recipe, tag_config
 
-__all__ = ["TINY_ARCH", "Backbone", "WeightsFileError", "WeightsUnavailableError", "build_backbone",
-           "create_clip", "freeze_text_tower", "load_backbone", "register_builtin_configs",
-           "weights_unavailable_reason"]
+__all__ = [
+    "TINY_ARCH",
+    "Backbone",
+    "WeightsFileError",
+    "WeightsUnavailableError",
+    "build_backbone",
+    "create_clip",
+    "freeze_text_tower",
+    "load_backbone",
+    "register_builtin_configs",
+    "weights_unavailable_reason",
+]
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +114,18 @@ def load_backbone(arch: str, pretrained: str | None, device: str | torch.device 
         raise WeightsUnavailableError(reason)
     backbone = build_backbone(recipe, device, load_weights=True)
     if recipe.source == "none":
-        warnings.warn(f"model.pretrained is 'none': {arch} is randomly initialised. This is NOT CLIP; "
-                      "results measure the pipeline, not the method.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"model.pretrained is 'none': {arch} is randomly initialised. This is NOT CLIP; "
+            "results measure the pipeline, not the method.",
+            UserWarning,
+            stacklevel=2,
+        )
     return backbone
 
 
-def build_backbone(recipe: BackboneRecipe, device: str | torch.device = "cpu",
-                   load_weights: bool = True) -> Backbone:
+def build_backbone(
+    recipe: BackboneRecipe, device: str | torch.device = "cpu", load_weights: bool = True
+) -> Backbone:
     """The backbone of `recipe`: its network, transforms and tokenizer, text tower frozen.
 
     `load_weights` False builds the network with random weights, for a saved model whose own
@@ -119,18 +133,28 @@ def build_backbone(recipe: BackboneRecipe, device: str | torch.device = "cpu",
     """
     model = create_clip(recipe, device, load_weights)
     freeze_text_tower(model)
-    return Backbone(model=model, preprocess_train=recipe.preprocess.transform(is_train=True),
-                    preprocess_eval=recipe.preprocess.transform(is_train=False),
-                    tokenizer=open_clip.get_tokenizer(recipe.arch), recipe=recipe)
+    return Backbone(
+        model=model,
+        preprocess_train=recipe.preprocess.transform(is_train=True),
+        preprocess_eval=recipe.preprocess.transform(is_train=False),
+        tokenizer=open_clip.get_tokenizer(recipe.arch),
+        recipe=recipe,
+    )
 
 
-def create_clip(recipe: BackboneRecipe, device: str | torch.device = "cpu",
-                load_weights: bool = True) -> nn.Module:
+def create_clip(
+    recipe: BackboneRecipe, device: str | torch.device = "cpu", load_weights: bool = True
+) -> nn.Module:
     """`open_clip.create_model` with the recipe's activation and preprocessing (and weights, if asked)."""
     pretrained = recipe.weights_argument() if load_weights else None
     try:
-        return open_clip.create_model(recipe.arch, pretrained=pretrained, force_quick_gelu=recipe.quick_gelu,
-                                      force_preprocess_cfg=recipe.preprocess.open_clip_cfg(), device=device)
+        return open_clip.create_model(
+            recipe.arch,
+            pretrained=pretrained,
+            force_quick_gelu=recipe.quick_gelu,
+            force_preprocess_cfg=recipe.preprocess.open_clip_cfg(),
+            device=device,
+        )
     except Exception as error:  # noqa: BLE001 - torch, safetensors and open_clip raise many types
         if pretrained is None or recipe.source != "file":
             raise
@@ -142,16 +166,21 @@ def weights_unavailable_reason(recipe_or_arch: BackboneRecipe | str, pretrained:
 
     Accepts a recipe, or `(arch, pretrained)` to resolve one (without hashing a weights file).
     """
-    recipe = (recipe_or_arch if isinstance(recipe_or_arch, BackboneRecipe)
-              else resolve_recipe(recipe_or_arch, pretrained, hash_file=False))
+    recipe = (
+        recipe_or_arch
+        if isinstance(recipe_or_arch, BackboneRecipe)
+        else resolve_recipe(recipe_or_arch, pretrained, hash_file=False)
+    )
     if recipe.source != "tag":
         return None
     tag_cfg = tag_config(recipe.arch, recipe.pretrained)
     if _tag_is_cached(tag_cfg):
         return None
     if tag_cfg.get("file"):
-        return (f"model.pretrained: the tag {recipe.pretrained!r} of {recipe.arch} names the local weights file "
-                f"{tag_cfg['file']}, which does not exist")
+        return (
+            f"model.pretrained: the tag {recipe.pretrained!r} of {recipe.arch} names the local weights file "
+            f"{tag_cfg['file']}, which does not exist"
+        )
     host = _HF_HOST if tag_cfg.get("hf_hub") else urlparse(tag_cfg.get("url", "")).hostname
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline or not _reachable(host):
@@ -161,16 +190,25 @@ def weights_unavailable_reason(recipe_or_arch: BackboneRecipe | str, pretrained:
 
 def text_tower_modules(model: nn.Module) -> list[nn.Module | nn.Parameter]:
     """The pieces of an open_clip CLIP that make up the text side (and the logit scale)."""
-    names = ["token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
-             "logit_scale", "logit_bias"]
+    names = [
+        "token_embedding",
+        "positional_embedding",
+        "transformer",
+        "ln_final",
+        "text_projection",
+        "logit_scale",
+        "logit_bias",
+    ]
     return [getattr(model, name) for name in names if getattr(model, name, None) is not None]
 
 
 def freeze_text_tower(model: nn.Module) -> None:
     """Freeze token embedding, text transformer, projection and logit scale (no gradients, ever)."""
     if not hasattr(model, "transformer") or not hasattr(model, "token_embedding"):
-        raise ValueError(f"{type(model).__name__} has no built-in CLIP text tower; L2RCLIP needs an "
-                         "open_clip architecture with a standard text transformer (not a HF text model)")
+        raise ValueError(
+            f"{type(model).__name__} has no built-in CLIP text tower; L2RCLIP needs an "
+            "open_clip architecture with a standard text transformer (not a HF text model)"
+        )
     for part in text_tower_modules(model):
         params = [part] if isinstance(part, nn.Parameter) else part.parameters()
         for param in params:
@@ -191,16 +229,19 @@ def _weights_file_problem(arch: str, path: str, error: Exception) -> str:
         return f"{expected}; the file cannot be read as weights: {_first_line(read_error)}"
     wanted = {name: tuple(value.shape) for name, value in open_clip.create_model(arch).state_dict().items()}
     problems = []
-    for what, names in (("missing", sorted(set(wanted) - set(shapes))),
-                        ("unexpected", sorted(set(shapes) - set(wanted)))):
+    for what, names in (
+        ("missing", sorted(set(wanted) - set(shapes))),
+        ("unexpected", sorted(set(shapes) - set(wanted))),
+    ):
         if names:
             more = ", ..." if len(names) > 3 else ""
             problems.append(f"{len(names)} {what} keys ({', '.join(names[:3])}{more})")
     mismatched = [name for name in wanted if name in shapes and shapes[name] != wanted[name]]
     if mismatched:
         name = mismatched[0]
-        problems.append(f"{len(mismatched)} shape mismatches (e.g. {name}: file {shapes[name]} vs model "
-                        f"{wanted[name]})")
+        problems.append(
+            f"{len(mismatched)} shape mismatches (e.g. {name}: file {shapes[name]} vs model {wanted[name]})"
+        )
     return f"{expected}; found {'; '.join(problems) if problems else _first_line(error)}"
 
 
@@ -215,6 +256,7 @@ def _tag_is_cached(tag_cfg: dict[str, Any]) -> bool:
         return os.path.isfile(tag_cfg["file"])
     if tag_cfg.get("hf_hub"):
         from huggingface_hub import try_to_load_from_cache
+
         # Same convention as open_clip: "org/model/" means the default file names.
         repo, filename = os.path.split(tag_cfg["hf_hub"])
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
@@ -238,11 +280,13 @@ def _reachable(host: str | None) -> bool:
 def _offline_message(arch: str, tag: str, tag_cfg: dict[str, Any], offline_env: bool) -> str:
     where = tag_cfg.get("hf_hub") or tag_cfg.get("url")
     why = "HF_HUB_OFFLINE is set" if offline_env else "the download host cannot be reached"
-    return (f"CLIP weights for {arch} with pretrained={tag!r} are not cached here and {why} "
-            f"(source: {where}). Supply the weights in one of these ways:\n"
-            f"  1. on a connected machine run: python -c \"import open_clip; "
-            f"open_clip.create_model('{arch}', pretrained='{tag}')\" and copy its Hugging Face cache "
-            f"(~/.cache/huggingface) to this machine;\n"
-            f"  2. set model.pretrained in params.yaml to a local weights file "
-            f"(open_clip .bin/.pt/.safetensors);\n"
-            f"  3. set model.pretrained: none for a random-init pipeline check (NOT CLIP results).")
+    return (
+        f"CLIP weights for {arch} with pretrained={tag!r} are not cached here and {why} "
+        f"(source: {where}). Supply the weights in one of these ways:\n"
+        f'  1. on a connected machine run: python -c "import open_clip; '
+        f"open_clip.create_model('{arch}', pretrained='{tag}')\" and copy its Hugging Face cache "
+        f"(~/.cache/huggingface) to this machine;\n"
+        f"  2. set model.pretrained in params.yaml to a local weights file "
+        f"(open_clip .bin/.pt/.safetensors);\n"
+        f"  3. set model.pretrained: none for a random-init pipeline check (NOT CLIP results)."
+    )

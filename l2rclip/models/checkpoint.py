@@ -75,8 +75,13 @@ def _random_init_notice_dropped():
         root.removeFilter(notice)
 
 
-def save_model(model: L2RCLIP | OrdinalHeadModel, folder: str | Path, config: ModelConfig, rank_space: RankSpace,
-               extra: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model: L2RCLIP | OrdinalHeadModel,
+    folder: str | Path,
+    config: ModelConfig,
+    rank_space: RankSpace,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write `model.safetensors` and `model.json` into `folder` (created if needed).
 
     Args:
@@ -93,8 +98,14 @@ def save_model(model: L2RCLIP | OrdinalHeadModel, folder: str | Path, config: Mo
     # Shared storage (positional embedding seen from two modules) must be cloned for safetensors.
     state = {name: tensor.detach().contiguous().clone() for name, tensor in model.state_dict().items()}
     save_file(state, folder / WEIGHTS_FILE, metadata={"format": FORMAT})
-    meta = {**(extra or {}), "format": FORMAT, "version": FORMAT_VERSION, "model": to_dict(config),
-            "ranks": rank_space.to_dict(), "recipe": recipe.to_dict()}
+    meta = {
+        **(extra or {}),
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": to_dict(config),
+        "ranks": rank_space.to_dict(),
+        "recipe": recipe.to_dict(),
+    }
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return folder
 
@@ -105,19 +116,24 @@ def read_model_meta(folder: str | Path) -> dict[str, Any]:
     meta_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for path in (meta_path, weights_path):
         if not path.is_file():
-            raise ModelFileError(f"{folder}: expected an l2rclip model folder with {CONFIG_FILE} and "
-                                 f"{WEIGHTS_FILE}; {path.name} is missing")
+            raise ModelFileError(
+                f"{folder}: expected an l2rclip model folder with {CONFIG_FILE} and "
+                f"{WEIGHTS_FILE}; {path.name} is missing"
+            )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{meta_path}: expected JSON model metadata, found unreadable text "
-                             f"({error})") from None
+        raise ModelFileError(
+            f"{meta_path}: expected JSON model metadata, found unreadable text ({error})"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ModelFileError(f"{meta_path}: expected format {FORMAT!r}, found {found!r}")
     if meta.get("version", 0) > FORMAT_VERSION:
-        raise ModelFileError(f"{meta_path}: model format version {meta['version']} is newer than this "
-                             f"l2rclip understands ({FORMAT_VERSION}); upgrade l2rclip")
+        raise ModelFileError(
+            f"{meta_path}: model format version {meta['version']} is newer than this "
+            f"l2rclip understands ({FORMAT_VERSION}); upgrade l2rclip"
+        )
     return meta
 
 
@@ -134,8 +150,10 @@ def model_recipe(meta: dict[str, Any], config: ModelConfig, where: Path) -> Back
         except RecipeError as error:
             raise ModelFileError(str(error)) from None
         if recipe.arch != config.arch:
-            raise ModelFileError(f"{where}: recipe.arch is {recipe.arch!r} but model.arch is {config.arch!r}; "
-                                 "expected the same architecture")
+            raise ModelFileError(
+                f"{where}: recipe.arch is {recipe.arch!r} but model.arch is {config.arch!r}; "
+                "expected the same architecture"
+            )
         return recipe
     try:  # format 1: training resolved this same (arch, pretrained) through open_clip's configs
         recipe = resolve_recipe(config.arch, config.pretrained, hash_file=False)
@@ -144,16 +162,25 @@ def model_recipe(meta: dict[str, Any], config: ModelConfig, where: Path) -> Back
             raise ModelFileError(
                 f"{where}: format version 1 model (no backbone recipe) whose recipe cannot be derived: {error}. "
                 "Convert it where the open_clip that trained it is installed: "
-                f"{_UPGRADE.format(folder=where.parent)}") from None
+                f"{_UPGRADE.format(folder=where.parent)}"
+            ) from None
         # A weights file no longer here: open_clip gives files the default preprocessing.
-        recipe = dataclasses.replace(resolve_recipe(config.arch, "none"), source="file",
-                                     pretrained=config.pretrained, origin=config.pretrained)
-    warnings.warn(f"{where} is an l2rclip model of format version 1, without its backbone recipe; derived "
-                  f"it from model.arch {config.arch!r} and model.pretrained {config.pretrained!r} through "
-                  f"open_clip's pretrained config (quick_gelu={recipe.quick_gelu}, mean={recipe.preprocess.mean}, "
-                  f"std={recipe.preprocess.std}, interpolation={recipe.preprocess.interpolation}, "
-                  f"resize_mode={recipe.preprocess.resize_mode}), as training used them. To store it: "
-                  f"{_UPGRADE.format(folder=where.parent)}", LegacyModelWarning, stacklevel=3)
+        recipe = dataclasses.replace(
+            resolve_recipe(config.arch, "none"),
+            source="file",
+            pretrained=config.pretrained,
+            origin=config.pretrained,
+        )
+    warnings.warn(
+        f"{where} is an l2rclip model of format version 1, without its backbone recipe; derived "
+        f"it from model.arch {config.arch!r} and model.pretrained {config.pretrained!r} through "
+        f"open_clip's pretrained config (quick_gelu={recipe.quick_gelu}, mean={recipe.preprocess.mean}, "
+        f"std={recipe.preprocess.std}, interpolation={recipe.preprocess.interpolation}, "
+        f"resize_mode={recipe.preprocess.resize_mode}), as training used them. To store it: "
+        f"{_UPGRADE.format(folder=where.parent)}",
+        LegacyModelWarning,
+        stacklevel=3,
+    )
     return recipe
 
 
@@ -183,8 +210,9 @@ def _read_config(meta: dict[str, Any], folder: Path) -> ModelConfig:
         raise ModelFileError(f"{folder / CONFIG_FILE}: model metadata is invalid: {error}") from None
 
 
-def load_model(folder: str | Path,
-               device: str | torch.device = "cpu") -> tuple[L2RCLIP | OrdinalHeadModel, dict[str, Any]]:
+def load_model(
+    folder: str | Path, device: str | torch.device = "cpu"
+) -> tuple[L2RCLIP | OrdinalHeadModel, dict[str, Any]]:
     """Rebuild a saved model; returns the model (in eval mode) and its metadata.
 
     The metadata holds `rank_space`, `config`, `recipe` (the backbone recipe) and `preprocess`
@@ -204,8 +232,9 @@ def load_model(folder: str | Path,
     try:
         state = load_file(folder / WEIGHTS_FILE, device=str(device))
     except (SafetensorError, OSError) as error:
-        raise ModelFileError(f"{folder / WEIGHTS_FILE}: expected a safetensors weights file, "
-                             f"found something else ({error})") from None
+        raise ModelFileError(
+            f"{folder / WEIGHTS_FILE}: expected a safetensors weights file, found something else ({error})"
+        ) from None
     try:
         check_model_config(recipe, str(folder / CONFIG_FILE))
     except RecipeError as error:
@@ -219,8 +248,15 @@ def load_model(folder: str | Path,
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ModelFileError(f"{folder / WEIGHTS_FILE}: weights do not fit the {config.arch} model "
-                             f"described in {CONFIG_FILE}: {str(error)[:500]}") from None
+        raise ModelFileError(
+            f"{folder / WEIGHTS_FILE}: weights do not fit the {config.arch} model "
+            f"described in {CONFIG_FILE}: {str(error)[:500]}"
+        ) from None
     model.eval()
-    return model, {**meta, "rank_space": rank_space, "config": config, "recipe": recipe,
-                   "preprocess": backbone.preprocess_eval}
+    return model, {
+        **meta,
+        "rank_space": rank_space,
+        "config": config,
+        "recipe": recipe,
+        "preprocess": backbone.preprocess_eval,
+    }

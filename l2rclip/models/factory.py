@@ -29,16 +29,27 @@ def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig
     the network it is, and whatever caches its features keys them by it.
     """
     clip = backbone.model
-    prompt_learner = RankPromptLearner(clip.token_embedding, backbone.tokenizer, rank_space.names,
-                                       **dataclasses.asdict(config.prompt))
+    prompt_learner = RankPromptLearner(
+        clip.token_embedding, backbone.tokenizer, rank_space.names, **dataclasses.asdict(config.prompt)
+    )
     rankformer_options = dataclasses.asdict(config.rankformer)
-    rankformer = (RankFormer(len(rank_space), clip.token_embedding.weight.shape[1],
-                             **{k: v for k, v in rankformer_options.items() if k != "enabled"})
-                  if config.rankformer.enabled else None)
-    model = L2RCLIP(image_encoder=clip.visual, text_encoder=PromptTextEncoder(clip, backbone.tokenizer),
-                    prompt_learner=prompt_learner, rankformer=rankformer,
-                    logit_scale=float(clip.logit_scale.detach()),
-                    train_image_tower=config.image_tower == "train")
+    rankformer = (
+        RankFormer(
+            len(rank_space),
+            clip.token_embedding.weight.shape[1],
+            **{k: v for k, v in rankformer_options.items() if k != "enabled"},
+        )
+        if config.rankformer.enabled
+        else None
+    )
+    model = L2RCLIP(
+        image_encoder=clip.visual,
+        text_encoder=PromptTextEncoder(clip, backbone.tokenizer),
+        prompt_learner=prompt_learner,
+        rankformer=rankformer,
+        logit_scale=float(clip.logit_scale.detach()),
+        train_image_tower=config.image_tower == "train",
+    )
     model.recipe = backbone.recipe
     return model
 
@@ -49,9 +60,14 @@ def build_model(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) 
     if kind is None:
         return build_l2rclip(backbone, rank_space, config)
     visual = backbone.model.visual
-    model = OrdinalHeadModel(visual, kind, len(rank_space), int(visual.output_dim),
-                             train_image_tower=config.image_tower == "train" and config.method != "linear_probe",
-                             rule=config.head_rule)
+    model = OrdinalHeadModel(
+        visual,
+        kind,
+        len(rank_space),
+        int(visual.output_dim),
+        train_image_tower=config.image_tower == "train" and config.method != "linear_probe",
+        rule=config.head_rule,
+    )
     model.recipe = backbone.recipe
     return model
 

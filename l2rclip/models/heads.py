@@ -36,8 +36,15 @@ class OrdinalHeadModel(nn.Module):
         rule: CORAL/CORN's hard prediction, "threshold" (published) or "mode" (argmax of p).
     """
 
-    def __init__(self, image_encoder: nn.Module, kind: str, n_ranks: int, width: int,
-                 train_image_tower: bool = True, rule: str = "threshold"):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        kind: str,
+        n_ranks: int,
+        width: int,
+        train_image_tower: bool = True,
+        rule: str = "threshold",
+    ):
         super().__init__()
         if kind not in HEADS:
             raise ValueError(f"expected a head kind in {HEADS}, found {kind!r}")
@@ -70,8 +77,12 @@ class OrdinalHeadModel(nn.Module):
         """Nothing to cache: heads have no text prototypes."""
         return None
 
-    def forward(self, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """`logits` (B, M) for linear, (B, M-1) for CORAL/CORN; `image_features` (B, E)."""
         if image_features is None:
             if images is None:
@@ -113,9 +124,11 @@ class OrdinalHeadModel(nn.Module):
     def param_groups(self, lr_head: float, lr_image: float, weight_decay: float = 0.0) -> list[dict]:
         """Optimiser groups: the head and (when trainable) the image tower."""
         groups = [("head", self.head, lr_head), ("image_tower", self.image_encoder, lr_image)]
-        return [{"name": name, "params": params, "lr": lr, "weight_decay": weight_decay}
-                for name, module, lr in groups
-                if (params := [p for p in module.parameters() if p.requires_grad])]
+        return [
+            {"name": name, "params": params, "lr": lr, "weight_decay": weight_decay}
+            for name, module, lr in groups
+            if (params := [p for p in module.parameters() if p.requires_grad])
+        ]
 
 
 class HeadLoss(nn.Module):

@@ -41,9 +41,15 @@ class L2RCLIP(nn.Module):
 
     has_point_rule = False  # hard predictions are the argmax of p (see OrdinalHeadModel)
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: PromptTextEncoder,
-                 prompt_learner: RankPromptLearner, rankformer: RankFormer | None,
-                 logit_scale: float, train_image_tower: bool = True):
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        text_encoder: PromptTextEncoder,
+        prompt_learner: RankPromptLearner,
+        rankformer: RankFormer | None,
+        logit_scale: float,
+        train_image_tower: bool = True,
+    ):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
@@ -110,8 +116,12 @@ class L2RCLIP(nn.Module):
         """Z = s * v @ t.T: (B, E) x (M, E) -> (B, M)."""
         return self.logit_scale.exp() * image_features @ text_features.t()
 
-    def forward(self, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Logits for a batch of images, or for precomputed (cached) image features.
 
         Args:
@@ -129,20 +139,26 @@ class L2RCLIP(nn.Module):
             image_features = self.encode_images(images)  # (B, E)
         if text_features is None:
             text_features = self.prototypes()  # (M, E)
-        return {"logits": self.logits(image_features, text_features),
-                "image_features": image_features, "text_features": text_features,
-                "logit_scale": self.logit_scale}
+        return {
+            "logits": self.logits(image_features, text_features),
+            "image_features": image_features,
+            "text_features": text_features,
+            "logit_scale": self.logit_scale,
+        }
 
-    def param_groups(self, lr_prompt: float, lr_rankformer: float, lr_image: float,
-                     weight_decay: float = 0.0) -> list[dict]:
+    def param_groups(
+        self, lr_prompt: float, lr_rankformer: float, lr_image: float, weight_decay: float = 0.0
+    ) -> list[dict]:
         """Optimiser parameter groups by module, each with its own learning rate.
 
         Only parameters that require gradients are included, so the frozen text tower (and a frozen
         image tower) never enter the optimiser. Empty groups are left out.
         """
-        groups = [("prompts", self.prompt_learner, lr_prompt),
-                  ("rankformer", self.rankformer, lr_rankformer),
-                  ("image_tower", self.image_encoder, lr_image)]
+        groups = [
+            ("prompts", self.prompt_learner, lr_prompt),
+            ("rankformer", self.rankformer, lr_rankformer),
+            ("image_tower", self.image_encoder, lr_image),
+        ]
         result = []
         for name, module, lr in groups:
             params = [] if module is None else [p for p in module.parameters() if p.requires_grad]

@@ -25,8 +25,14 @@ INTERPOLATIONS = ("linear", "inverse_distance", "gaussian", "plain")
 GAUSSIAN_UNITS = ("base_spacing", "rank")
 
 
-def interpolation_weights(n_ranks: int, n_base: int, kind: str = "linear", sigma: float = 1.0,
-                          eps: float = 1e-3, unit: str = "base_spacing") -> torch.Tensor:
+def interpolation_weights(
+    n_ranks: int,
+    n_base: int,
+    kind: str = "linear",
+    sigma: float = 1.0,
+    eps: float = 1e-3,
+    unit: str = "base_spacing",
+) -> torch.Tensor:
     """Weights that mix B base embeddings into M rank embeddings, rows summing to 1.
 
     Bases sit at p_b = linspace(0, M-1, B); d_kb = |k - p_b| in rank units.
@@ -42,8 +48,9 @@ def interpolation_weights(n_ranks: int, n_base: int, kind: str = "linear", sigma
     if not 2 <= n_base <= n_ranks:
         raise ValueError(f"model.prompt.n_base: expected 2..{n_ranks} (the number of ranks), found {n_base}")
     if eps <= 0 or sigma <= 0:
-        raise ValueError(f"model.prompt.inverse_distance_eps and gaussian_sigma: expected > 0, found "
-                         f"{eps} and {sigma}")
+        raise ValueError(
+            f"model.prompt.inverse_distance_eps and gaussian_sigma: expected > 0, found {eps} and {sigma}"
+        )
     if unit not in GAUSSIAN_UNITS:
         raise ValueError(f"model.prompt.gaussian_unit: expected one of {GAUSSIAN_UNITS}, found {unit!r}")
     ranks = torch.arange(n_ranks, dtype=torch.float64)[:, None]  # (M, 1)
@@ -57,8 +64,10 @@ def interpolation_weights(n_ranks: int, n_base: int, kind: str = "linear", sigma
         width = sigma * ((n_ranks - 1) / (n_base - 1) if unit == "base_spacing" else 1.0)
         weights = torch.exp(-(distance**2) / (2 * width**2))
     else:
-        raise ValueError(f"model.prompt.interpolation: expected one of {INTERPOLATIONS[:3]} for "
-                         f"interpolated ranks, found {kind!r}")
+        raise ValueError(
+            f"model.prompt.interpolation: expected one of {INTERPOLATIONS[:3]} for "
+            f"interpolated ranks, found {kind!r}"
+        )
     return (weights / weights.sum(dim=1, keepdim=True)).float()
 
 
@@ -96,15 +105,28 @@ class RankPromptLearner(nn.Module):
             while learnt changes stay tied between neighbouring ranks [ours].
     """
 
-    def __init__(self, token_embedding: nn.Embedding, tokenizer: Any, rank_names: Sequence[str],
-                 context_init: str = "random", n_context: int = 8, context_shared: bool = True,
-                 rank_tokens: int = 1, rank_init: str = "names", interpolation: str = "linear",
-                 n_base: int = 2, gaussian_sigma: float = 1.0, inverse_distance_eps: float = 1e-3,
-                 gaussian_unit: str = "base_spacing", rank_offsets: bool = False):
+    def __init__(
+        self,
+        token_embedding: nn.Embedding,
+        tokenizer: Any,
+        rank_names: Sequence[str],
+        context_init: str = "random",
+        n_context: int = 8,
+        context_shared: bool = True,
+        rank_tokens: int = 1,
+        rank_init: str = "names",
+        interpolation: str = "linear",
+        n_base: int = 2,
+        gaussian_sigma: float = 1.0,
+        inverse_distance_eps: float = 1e-3,
+        gaussian_unit: str = "base_spacing",
+        rank_offsets: bool = False,
+    ):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"model.prompt.interpolation: expected one of {INTERPOLATIONS}, "
-                             f"found {interpolation!r}")
+            raise ValueError(
+                f"model.prompt.interpolation: expected one of {INTERPOLATIONS}, found {interpolation!r}"
+            )
         if rank_tokens < 1:
             raise ValueError(f"model.prompt.rank_tokens: expected >= 1, found {rank_tokens}")
         n_ranks, width = len(rank_names), token_embedding.weight.shape[1]
@@ -123,8 +145,9 @@ class RankPromptLearner(nn.Module):
         self.context = nn.Parameter(context)
 
         if rank_init == "names":
-            names = torch.stack([phrase_embeddings(name, tokenizer, token_embedding).mean(dim=0)
-                                 for name in rank_names])  # (M, D)
+            names = torch.stack(
+                [phrase_embeddings(name, tokenizer, token_embedding).mean(dim=0) for name in rank_names]
+            )  # (M, D)
         elif rank_init == "random":
             names = torch.randn(n_ranks, width) * INIT_STD  # (M, D)
         else:
@@ -134,8 +157,12 @@ class RankPromptLearner(nn.Module):
         if interpolation == "plain":
             self.rank_embeddings = nn.Parameter(names)  # (M, T, D)
         else:
-            self.register_buffer("weights", interpolation_weights(
-                n_ranks, n_base, interpolation, gaussian_sigma, inverse_distance_eps, gaussian_unit))  # (M, B)
+            self.register_buffer(
+                "weights",
+                interpolation_weights(
+                    n_ranks, n_base, interpolation, gaussian_sigma, inverse_distance_eps, gaussian_unit
+                ),
+            )  # (M, B)
             if self.rank_offsets:
                 self.register_buffer("rank_starts", names.clone())  # (M, T, D), fixed
                 self.base_embeddings = nn.Parameter(torch.zeros(n_base, rank_tokens, width))  # (B, T, D)

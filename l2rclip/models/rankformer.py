@@ -30,8 +30,9 @@ class RankFormerBlock(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.norm_mlp = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
+        )
         for projection in (self.attn.out_proj, self.mlp[-1]):
             nn.init.zeros_(projection.weight)
             nn.init.zeros_(projection.bias)
@@ -58,9 +59,18 @@ class RankFormer(nn.Module):
         dropout: dropout inside attention and MLP.
     """
 
-    def __init__(self, n_ranks: int, width: int, layers: int = 1, heads: int = 8, mlp_ratio: float = 4.0,
-                 attention: str = "token", rank_position: bool = False, alpha_init: float = 0.1,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        n_ranks: int,
+        width: int,
+        layers: int = 1,
+        heads: int = 8,
+        mlp_ratio: float = 4.0,
+        attention: str = "token",
+        rank_position: bool = False,
+        alpha_init: float = 0.1,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"model.rankformer.attention: expected one of {ATTENTIONS}, found {attention!r}")

@@ -124,8 +124,10 @@ class BackboneRecipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{where}: expected a backbone recipe object, found {type(data).__name__}")
         if data.get("version", RECIPE_VERSION) > RECIPE_VERSION:
-            raise RecipeError(f"{where}.version: recipe version {data['version']} is newer than this l2rclip "
-                              f"understands ({RECIPE_VERSION}); upgrade l2rclip")
+            raise RecipeError(
+                f"{where}.version: recipe version {data['version']} is newer than this l2rclip "
+                f"understands ({RECIPE_VERSION}); upgrade l2rclip"
+            )
         wanted = {f.name for f in fields(cls)}
         missing = sorted(wanted - set(data))
         if missing:
@@ -135,21 +137,27 @@ class BackboneRecipe:
         if not isinstance(data["quick_gelu"], bool):
             raise RecipeError(f"{where}.quick_gelu: expected true or false, found {data['quick_gelu']!r}")
         if not isinstance(data["model_cfg"], dict):
-            raise RecipeError(f"{where}.model_cfg: expected an open_clip model config object, "
-                              f"found {type(data['model_cfg']).__name__}")
+            raise RecipeError(
+                f"{where}.model_cfg: expected an open_clip model config object, "
+                f"found {type(data['model_cfg']).__name__}"
+            )
         pre = data["preprocess"]
         pre_fields = {f.name for f in fields(Preprocess)}
         if not isinstance(pre, dict) or not {"size", "mean", "std", "interpolation", "resize_mode"} <= set(pre):
             raise RecipeError(f"{where}.preprocess: expected an object with {sorted(pre_fields)}, found {pre!r}")
         try:
-            preprocess = Preprocess(size=(int(pre["size"][0]), int(pre["size"][1])),
-                                    mean=tuple(float(v) for v in pre["mean"]),
-                                    std=tuple(float(v) for v in pre["std"]),
-                                    interpolation=str(pre["interpolation"]), resize_mode=str(pre["resize_mode"]),
-                                    fill_color=int(pre.get("fill_color", 0)))
+            preprocess = Preprocess(
+                size=(int(pre["size"][0]), int(pre["size"][1])),
+                mean=tuple(float(v) for v in pre["mean"]),
+                std=tuple(float(v) for v in pre["std"]),
+                interpolation=str(pre["interpolation"]),
+                resize_mode=str(pre["resize_mode"]),
+                fill_color=int(pre.get("fill_color", 0)),
+            )
         except (TypeError, ValueError, IndexError) as error:
-            raise RecipeError(f"{where}.preprocess: expected size [h, w], mean/std lists of numbers; "
-                              f"found {pre!r} ({error})") from None
+            raise RecipeError(
+                f"{where}.preprocess: expected size [h, w], mean/std lists of numbers; found {pre!r} ({error})"
+            ) from None
         return cls(**{**{k: data[k] for k in wanted}, "preprocess": preprocess})
 
 
@@ -190,8 +198,10 @@ def resolve_recipe(arch: str, pretrained: str | None, hash_file: bool = True) ->
     register_builtin_configs()
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
-        raise RecipeError(f"model.arch: unknown open_clip architecture {arch!r}; "
-                          f"expected one of open_clip.list_models() (e.g. ViT-B-16, ViT-B-32, {TINY_ARCH})")
+        raise RecipeError(
+            f"model.arch: unknown open_clip architecture {arch!r}; "
+            f"expected one of open_clip.list_models() (e.g. ViT-B-16, ViT-B-32, {TINY_ARCH})"
+        )
     tag_cfg: dict[str, Any] = {}
     sha256 = origin = None
     if is_none(pretrained):
@@ -199,11 +209,13 @@ def resolve_recipe(arch: str, pretrained: str | None, hash_file: bool = True) ->
     elif pretrained == DEMO_TAG:
         path = demo_weights_file(arch)
         if not path.is_file():
-            raise RecipeError(f"model.pretrained: 'demo' weights ship for model.arch {DEMO_ARCH} only, as {path}; "
-                              f"found no such file for model.arch {arch!r} (rebuild it with `dvc repro pretrain`)")
+            raise RecipeError(
+                f"model.pretrained: 'demo' weights ship for model.arch {DEMO_ARCH} only, as {path}; "
+                f"found no such file for model.arch {arch!r} (rebuild it with `dvc repro pretrain`)"
+            )
         source, origin = "file", str(path)
         sha256 = file_sha256(path) if hash_file else None
-    elif (tag_cfg := tag_config(arch, str(pretrained))):
+    elif tag_cfg := tag_config(arch, str(pretrained)):
         source = "tag"
         local = tag_cfg.get("file")
         origin = local or tag_cfg.get("hf_hub") or tag_cfg.get("url") or None
@@ -214,17 +226,32 @@ def resolve_recipe(arch: str, pretrained: str | None, hash_file: bool = True) ->
         sha256 = file_sha256(pretrained) if hash_file else None
     else:
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise RecipeError(f"model.pretrained: {pretrained!r} is neither a weights file nor a tag of {arch}; "
-                          f"expected a file path, 'none', or one of the tags {tags}")
+        raise RecipeError(
+            f"model.pretrained: {pretrained!r} is neither a weights file nor a tag of {arch}; "
+            f"expected a file path, 'none', or one of the tags {tags}"
+        )
     merged = merge_preprocess_dict(PreprocessCfg(), tag_cfg)
     size = to_2tuple(model_cfg["vision_cfg"]["image_size"])  # what the vision tower reports
-    preprocess = Preprocess(size=(int(size[0]), int(size[1])), mean=tuple(float(v) for v in merged["mean"]),
-                            std=tuple(float(v) for v in merged["std"]), interpolation=merged["interpolation"],
-                            resize_mode=merged["resize_mode"], fill_color=int(merged["fill_color"]))
+    preprocess = Preprocess(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(float(v) for v in merged["mean"]),
+        std=tuple(float(v) for v in merged["std"]),
+        interpolation=merged["interpolation"],
+        resize_mode=merged["resize_mode"],
+        fill_color=int(merged["fill_color"]),
+    )
     quick_gelu = bool(model_cfg.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
-    return BackboneRecipe(arch=arch, source=source, pretrained=None if pretrained is None else str(pretrained),
-                          sha256=sha256, origin=origin, quick_gelu=quick_gelu, preprocess=preprocess,
-                          model_cfg=json.loads(json.dumps(model_cfg)), open_clip_version=open_clip.__version__)
+    return BackboneRecipe(
+        arch=arch,
+        source=source,
+        pretrained=None if pretrained is None else str(pretrained),
+        sha256=sha256,
+        origin=origin,
+        quick_gelu=quick_gelu,
+        preprocess=preprocess,
+        model_cfg=json.loads(json.dumps(model_cfg)),
+        open_clip_version=open_clip.__version__,
+    )
 
 
 def check_model_config(recipe: BackboneRecipe, where: str) -> None:
@@ -246,10 +273,12 @@ def check_model_config(recipe: BackboneRecipe, where: str) -> None:
     if installed != recipe.model_cfg:
         stored = recipe.model_cfg
         keys = sorted(k for k in set(installed) | set(stored) if installed.get(k) != stored.get(k))
-        raise RecipeError(f"{where}: the model was saved with open_clip {recipe.open_clip_version}'s "
-                          f"{recipe.arch} config, which the installed open_clip {open_clip.__version__} defines "
-                          f"differently (keys {keys}); install open_clip_torch=={recipe.open_clip_version} "
-                          "and the l2rclip that saved it (its architecture configs)")
+        raise RecipeError(
+            f"{where}: the model was saved with open_clip {recipe.open_clip_version}'s "
+            f"{recipe.arch} config, which the installed open_clip {open_clip.__version__} defines "
+            f"differently (keys {keys}); install open_clip_torch=={recipe.open_clip_version} "
+            "and the l2rclip that saved it (its architecture configs)"
+        )
 
 
 def _register_config(arch: str, model_cfg: dict[str, Any]) -> None:
@@ -266,6 +295,8 @@ def recipe_of(model: Any) -> BackboneRecipe:
     """The recipe a model was built from (`l2rclip.models.factory.build_model` attaches it)."""
     recipe = getattr(model, "recipe", None)
     if not isinstance(recipe, BackboneRecipe):
-        raise RecipeError(f"{type(model).__name__} carries no backbone recipe; build it with "
-                          "l2rclip.models.factory.build_model (or build_l2rclip) from a loaded backbone")
+        raise RecipeError(
+            f"{type(model).__name__} carries no backbone recipe; build it with "
+            "l2rclip.models.factory.build_model (or build_l2rclip) from a loaded backbone"
+        )
     return recipe

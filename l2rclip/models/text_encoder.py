@@ -32,8 +32,10 @@ class PromptTextEncoder(nn.Module):
     def __init__(self, clip: nn.Module, tokenizer: Any):
         super().__init__()
         if getattr(clip, "text_pool_type", "argmax") != "argmax":
-            raise ValueError(f"text pooling {clip.text_pool_type!r} is not supported: rank prompts need "
-                             "CLIP's EOT pooling ('argmax')")
+            raise ValueError(
+                f"text pooling {clip.text_pool_type!r} is not supported: rank prompts need "
+                "CLIP's EOT pooling ('argmax')"
+            )
         self.transformer = clip.transformer
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection
@@ -47,7 +49,7 @@ class PromptTextEncoder(nn.Module):
         with torch.no_grad():
             # Persistent, so a saved model needs no token-embedding table to rebuild its prompts.
             self.register_buffer("sot_embedding", weight[tokens[0]].clone())  # (D,)
-            self.register_buffer("suffix_embedding", weight[tokens[1:eot + 1]].clone())  # (2, D): ". [EOT]"
+            self.register_buffer("suffix_embedding", weight[tokens[1 : eot + 1]].clone())  # (2, D): ". [EOT]"
             self.register_buffer("pad_embedding", weight[tokens[eot + 1]].clone())  # (D,)
         for param in self.parameters():
             param.requires_grad_(False)
@@ -65,8 +67,10 @@ class PromptTextEncoder(nn.Module):
         n_ranks, length, width = prompts.shape
         eot = length + 2
         if eot + 1 > self.context_length:
-            raise ValueError(f"prompt of {length} learnable tokens + 3 fixed does not fit the text "
-                             f"context of {self.context_length} tokens; use fewer context/rank tokens")
+            raise ValueError(
+                f"prompt of {length} learnable tokens + 3 fixed does not fit the text "
+                f"context of {self.context_length} tokens; use fewer context/rank tokens"
+            )
         sot = self.sot_embedding.to(prompts.dtype).expand(n_ranks, 1, width)  # (M, 1, D)
         suffix = self.suffix_embedding.to(prompts.dtype).expand(n_ranks, -1, -1)  # (M, 2, D)
         parts = [sot, prompts, suffix]

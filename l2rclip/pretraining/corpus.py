@@ -43,10 +43,23 @@ CORPUS_VERSION = 1  # bump when a change alters any drawn image or caption
 
 # Named colours as bands of HSV hue (centre, half-width), as the shapes' hue is drawn by the demo style.
 COLOURS: dict[str, tuple[float, float]] = {
-    "red": (0.0, 0.025), "orange": (0.075, 0.02), "yellow": (0.155, 0.025), "green": (0.33, 0.06),
-    "cyan": (0.5, 0.03), "blue": (0.63, 0.04), "purple": (0.76, 0.03), "pink": (0.9, 0.03)}
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
-           "shape": "shapes", "object": "objects", "thing": "things"}
+    "red": (0.0, 0.025),
+    "orange": (0.075, 0.02),
+    "yellow": (0.155, 0.025),
+    "green": (0.33, 0.06),
+    "cyan": (0.5, 0.03),
+    "blue": (0.63, 0.04),
+    "purple": (0.76, 0.03),
+    "pink": (0.9, 0.03),
+}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "shape": "shapes",
+    "object": "objects",
+    "thing": "things",
+}
 GENERIC_NOUNS = ("shape", "object", "thing")
 
 # Every phrasing of the project's prompts, `{}` the count (ranks.names: words or labels):
@@ -54,19 +67,25 @@ GENERIC_NOUNS = ("shape", "object", "thing")
 # - protocols/*.yaml: the zero-shot templates and context phrases of each benchmark preset
 #   (ages, decades, aesthetic levels), so that their words have trained embeddings too.
 PROMPT_PHRASINGS = (
-    "a photo of {} shapes.",                   # params.yaml model.prompt_template (demo)
-    "the number of shapes is {}.",             # params.yaml model.prompt.context_init (demo)
-    "a photo of {}.",                          # ModelConfig.prompt_template default
-    "a photo of a person aged {}.",            # PromptConfig.context_init default; adience template; morph,
-                                               # fgnet, utkface, clap2015 context
-    "a photo of a {} year old person.",        # morph, fgnet, utkface, clap2015 zero-shot template
-    "a photo taken in the {}.",                # hci template and context
-    "a photo of {} aesthetic quality.",        # aesthetics template
+    "a photo of {} shapes.",  # params.yaml model.prompt_template (demo)
+    "the number of shapes is {}.",  # params.yaml model.prompt.context_init (demo)
+    "a photo of {}.",  # ModelConfig.prompt_template default
+    "a photo of a person aged {}.",  # PromptConfig.context_init default; adience template; morph,
+    # fgnet, utkface, clap2015 context
+    "a photo of a {} year old person.",  # morph, fgnet, utkface, clap2015 zero-shot template
+    "a photo taken in the {}.",  # hci template and context
+    "a photo of {} aesthetic quality.",  # aesthetics template
     "the aesthetic quality of the photo is {}.",  # aesthetics context
 )
 NOUN_TEMPLATES = (  # {np}: noun phrase with the count ("three small red circles"), {bg}: dark | light
-    "a photo of {np}.", "{np}.", "there {be} {np}.", "a picture of {np} on a {bg} background.",
-    "an image with {np}.", "{np} on a {bg} background.", "a drawing of {np}.")
+    "a photo of {np}.",
+    "{np}.",
+    "there {be} {np}.",
+    "a picture of {np} on a {bg} background.",
+    "an image with {np}.",
+    "{np} on a {bg} background.",
+    "a drawing of {np}.",
+)
 
 
 @dataclass(frozen=True)
@@ -185,8 +204,9 @@ def caption(rng: np.random.Generator, scene: Scene) -> str:
     if position is not None and rng.random() < 0.5:
         return f"{phrase} {position}."
     template = NOUN_TEMPLATES[int(rng.integers(len(NOUN_TEMPLATES)))]
-    return template.format(np=phrase, be="is" if scene.count == 1 else "are",
-                           bg="light" if scene.background[2] > 0.5 else "dark")
+    return template.format(
+        np=phrase, be="is" if scene.count == 1 else "are", bg="light" if scene.background[2] > 0.5 else "dark"
+    )
 
 
 def _breakdown(rng: np.random.Generator, scene: Scene) -> str | None:
@@ -228,9 +248,16 @@ class CaptionedShapes(IterableDataset):
         start_step: first step to draw (resuming).
     """
 
-    def __init__(self, seed: int, batch_size: int, steps: int, image_size: int,
-                 transform: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
-                 start_step: int = 0):
+    def __init__(
+        self,
+        seed: int,
+        batch_size: int,
+        steps: int,
+        image_size: int,
+        transform: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        start_step: int = 0,
+    ):
         super().__init__()
         self.seed, self.batch_size, self.steps, self.image_size = seed, batch_size, steps, image_size
         self.transform, self.tokenizer, self.start_step = transform, tokenizer, start_step

@@ -64,8 +64,9 @@ class ZeroShotSet:
     labels: np.ndarray
 
 
-def zero_shot_set(seed: int, per_count: int, image_size: int,
-                  transform: Callable[[Any], torch.Tensor]) -> ZeroShotSet:
+def zero_shot_set(
+    seed: int, per_count: int, image_size: int, transform: Callable[[Any], torch.Tensor]
+) -> ZeroShotSet:
     """`per_count` demo images of every count 1..10, drawn in memory by the demo generator.
 
     They are the images `generate_demo(root, per_count, image_size, seed)` would write (groups
@@ -88,8 +89,9 @@ def text_prototypes(model: nn.Module, tokenizer: Callable, sentences: list[str])
 
 
 @torch.no_grad()
-def zero_shot_metrics(model: nn.Module, tokenizer: Callable, test: ZeroShotSet, template: str,
-                      batch_size: int = 250) -> dict[str, float]:
+def zero_shot_metrics(
+    model: nn.Module, tokenizer: Callable, test: ZeroShotSet, template: str, batch_size: int = 250
+) -> dict[str, float]:
     """Zero-shot counting with prompts `template.format(name)`, names "one".."ten".
 
     Returns:
@@ -99,8 +101,12 @@ def zero_shot_metrics(model: nn.Module, tokenizer: Callable, test: ZeroShotSet, 
     was_training = model.training
     model.eval()
     prototypes = text_prototypes(model, tokenizer, [template.format(n) for n in COUNT_SPACE.names])  # (M, E)
-    features = torch.cat([model.encode_image(test.images[i:i + batch_size], normalize=True).float()
-                          for i in range(0, len(test.images), batch_size)])  # (N, E)
+    features = torch.cat(
+        [
+            model.encode_image(test.images[i : i + batch_size], normalize=True).float()
+            for i in range(0, len(test.images), batch_size)
+        ]
+    )  # (N, E)
     logits = model.logit_scale.exp().float() * features @ prototypes.T  # (N, M)
     model.train(was_training)
     metrics = ordinal_metrics(logits.softmax(dim=1).numpy(), test.labels, COUNT_SPACE.value_array, cs_theta=1.0)
@@ -117,11 +123,15 @@ def create_demo_model(arch: str) -> tuple[nn.Module, Callable, Callable]:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """open_clip_train's split: no weight decay on gains, biases, LayerNorms and the logit scale."""
+
     def exempt(name: str, param: nn.Parameter) -> bool:
         return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
-            {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay}]
+    return [
+        {"params": [p for n, p in named if exempt(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exempt(n, p)], "weight_decay": weight_decay},
+    ]
 
 
 def save_demo_weights(model: nn.Module, path: Path, metadata: dict[str, Any]) -> int:
@@ -134,14 +144,16 @@ def save_demo_weights(model: nn.Module, path: Path, metadata: dict[str, Any]) ->
     tensors = {name: value.detach().to(torch.float16).contiguous() for name, value in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
-    save_file(tensors, str(staging), metadata={METADATA_KEY: json.dumps({"kind": DEMO_KIND, **metadata},
-                                                                        sort_keys=True)})
+    save_file(
+        tensors, str(staging), metadata={METADATA_KEY: json.dumps({"kind": DEMO_KIND, **metadata}, sort_keys=True)}
+    )
     staging.replace(path)
     return path.stat().st_size
 
 
-def pretrain(config: PretrainConfig, weights: Path,
-             log_metrics: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
+def pretrain(
+    config: PretrainConfig, weights: Path, log_metrics: Callable[[dict[str, float], int], None] | None = None
+) -> dict[str, Any]:
     """Pretrain the demo CLIP as `config` says and write its fp16 weights to `weights`.
 
     Args:
@@ -161,10 +173,12 @@ def pretrain(config: PretrainConfig, weights: Path,
     model, transform, tokenizer = create_demo_model(config.arch)
     test = zero_shot_set(config.eval_seed, config.eval_per_count, config.image_size, transform)
     corpus = CaptionedShapes(config.seed, config.batch_size, config.steps, config.image_size, transform, tokenizer)
-    loader = DataLoader(corpus, batch_size=None, num_workers=config.workers,
-                        prefetch_factor=4 if config.workers else None)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
-                                  eps=1e-6)
+    loader = DataLoader(
+        corpus, batch_size=None, num_workers=config.workers, prefetch_factor=4 if config.workers else None
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     schedule = cosine_lr(optimizer, config.lr, config.warmup_steps, config.steps)
     criterion = open_clip.ClipLoss()
 
@@ -182,14 +196,20 @@ def pretrain(config: PretrainConfig, weights: Path,
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": lr,
-               "logit_scale": float(model.logit_scale.detach().exp()), "seconds": time.perf_counter() - start,
-               "cpu_seconds": time.process_time() - cpu_start}  # the trainer's own CPU time: load-independent
+        row = {
+            "step": step + 1,
+            "loss": float(loss.detach()),
+            "lr": lr,
+            "logit_scale": float(model.logit_scale.detach().exp()),
+            "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start,
+        }  # the trainer's own CPU time: load-independent
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
         if (step + 1) % config.log_every == 0:
-            log_metrics({"train/loss": row["loss"], "train/lr": lr, "train/logit_scale": row["logit_scale"]},
-                        step + 1)
+            log_metrics(
+                {"train/loss": row["loss"], "train/lr": lr, "train/logit_scale": row["logit_scale"]}, step + 1
+            )
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             check = checks[step + 1] = zero_shot_metrics(model, tokenizer, test, config.eval_template)
             log_metrics({f"zero_shot/{k}": v for k, v in check.items()}, step + 1)
@@ -202,8 +222,17 @@ def pretrain(config: PretrainConfig, weights: Path,
     size = save_demo_weights(model, weights, metadata)
     shipped, _, _ = open_clip.create_model_and_transforms(config.arch, pretrained=str(weights), output_dict=True)
     final = zero_shot_metrics(shipped, tokenizer, test, config.eval_template)
-    log_metrics({f"final/{k}": v for k, v in final.items()} | {"final/file_bytes": size, "final/seconds": seconds},
-                config.steps)
-    log.info("pretrained %s in %.0f s (%d steps); fp16 weights %s (%.1f MB): zero-shot %s", config.arch, seconds,
-             config.steps, weights, size / 1e6, ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
+    log_metrics(
+        {f"final/{k}": v for k, v in final.items()} | {"final/file_bytes": size, "final/seconds": seconds},
+        config.steps,
+    )
+    log.info(
+        "pretrained %s in %.0f s (%d steps); fp16 weights %s (%.1f MB): zero-shot %s",
+        config.arch,
+        seconds,
+        config.steps,
+        weights,
+        size / 1e6,
+        ", ".join(f"{k} {v:.3f}" for k, v in final.items()),
+    )
     return {"history": history, "checks": checks, "final": final, "seconds": seconds, "file_bytes": size}

@@ -99,8 +99,9 @@ def requirements(entry: str = ENTRY_MODULE) -> list[str]:
     """
     modules, third_party = served_imports(entry)
     if entry not in modules:
-        raise ValueError(f"expected {entry} to be a module of the l2rclip package in {PACKAGE_DIR}, found no "
-                         "such source file")
+        raise ValueError(
+            f"expected {entry} to be a module of the l2rclip package in {PACKAGE_DIR}, found no such source file"
+        )
     by_module = packages_distributions()  # {top-level module: [distribution, ...]}
     distributions = {dist for module in third_party for dist in by_module.get(module, [])}
     return sorted(f"{dist}=={version(dist).split('+')[0]}" for dist in distributions)

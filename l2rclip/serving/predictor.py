@@ -205,8 +205,12 @@ def write_table(table: pd.DataFrame, out: Path) -> None:
 class _Inputs(Dataset):
     """Inputs read and transformed one by one; a failure becomes the item's message, not an exception."""
 
-    def __init__(self, items: Sequence[Any], read: Callable[[Any], Image.Image],
-                 transform: Callable[[Image.Image], torch.Tensor]):
+    def __init__(
+        self,
+        items: Sequence[Any],
+        read: Callable[[Any], Image.Image],
+        transform: Callable[[Image.Image], torch.Tensor],
+    ):
         self.items, self.read, self.transform = items, read, transform
 
     def __len__(self) -> int:
@@ -222,9 +226,11 @@ class _Inputs(Dataset):
 def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
     """Stack the readable images of a batch; keep the others' errors by input index."""
     good = [(index, image) for index, image, _ in batch if image is not None]
-    return {"index": [index for index, _ in good],
-            "images": torch.stack([image for _, image in good]) if good else None,  # (B_ok, 3, H, W)
-            "errors": {index: error for index, image, error in batch if image is None}}
+    return {
+        "index": [index for index, _ in good],
+        "images": torch.stack([image for _, image in good]) if good else None,  # (B_ok, 3, H, W)
+        "errors": {index: error for index, image, error in batch if image is None},
+    }
 
 
 class Predictor:
@@ -244,8 +250,15 @@ class Predictor:
         ConformalError: `alpha` without a calibration, or one the calibration cannot support.
     """
 
-    def __init__(self, model: L2RCLIP | OrdinalHeadModel, meta: dict[str, Any], device: torch.device,
-                 amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, alpha: float | None = None):
+    def __init__(
+        self,
+        model: L2RCLIP | OrdinalHeadModel,
+        meta: dict[str, Any],
+        device: torch.device,
+        amp: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        alpha: float | None = None,
+    ):
         self.max_pixels = check_max_pixels(max_pixels)
         self.model = model.eval()
         self.meta = meta
@@ -253,19 +266,31 @@ class Predictor:
         self.transform = meta["preprocess"]
         self.device = device
         self.amp = amp
-        self.calibration = Calibration.from_dict(meta["conformal"], "the model's conformal calibration") \
-            if meta.get("conformal") else None
+        self.calibration = (
+            Calibration.from_dict(meta["conformal"], "the model's conformal calibration")
+            if meta.get("conformal")
+            else None
+        )
         if self.calibration is None and alpha is not None:
-            raise ConformalError(f"alpha {alpha} was asked for, but the model has no conformal calibration; "
-                                 "use a registered model (it carries its fold's calibration) or pass the "
-                                 "calibrate stage's calibration.json")
+            raise ConformalError(
+                f"alpha {alpha} was asked for, but the model has no conformal calibration; "
+                "use a registered model (it carries its fold's calibration) or pass the "
+                "calibrate stage's calibration.json"
+            )
         self.alpha = self.calibration.resolve_alpha(alpha) if self.calibration else None
         model.cache_prototypes()  # (M, E): the only text-tower pass this predictor makes (if any)
 
     @classmethod
-    def load(cls, uri: str | Path, device: str = "auto", tracking_uri: str | None = None,
-             amp: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS, alpha: float | None = None,
-             calibration: str | Path | dict[str, Any] | None = None) -> Predictor:
+    def load(
+        cls,
+        uri: str | Path,
+        device: str = "auto",
+        tracking_uri: str | None = None,
+        amp: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        alpha: float | None = None,
+        calibration: str | Path | dict[str, Any] | None = None,
+    ) -> Predictor:
         """Load a model folder or an MLflow `runs:/` / `models:/` URI (see `resolve_model_dir`).
 
         `calibration` (a calibrate stage's calibration.json, or its content) replaces the model's
@@ -275,8 +300,9 @@ class Predictor:
         with tempfile.TemporaryDirectory(prefix="l2rclip-model-") as download:
             model, meta = load_model(resolve_model_dir(str(uri), tracking_uri, download), device=torch_device)
         if meta.get("is_clip") is False:
-            log.warning("%s has a random-initialised backbone: its predictions are a pipeline check, "
-                        "not CLIP results", uri)
+            log.warning(
+                "%s has a random-initialised backbone: its predictions are a pipeline check, not CLIP results", uri
+            )
         if calibration is not None:
             where = "calibration" if isinstance(calibration, dict) else str(calibration)
             data = calibration if isinstance(calibration, dict) else _read_json(Path(calibration))
@@ -288,21 +314,48 @@ class Predictor:
         extra = {key: value for key, value in self.meta.items() if key not in _REBUILT_META}
         return save_model(self.model, folder, self.meta["config"], self.rank_space, extra=extra)
 
-    def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 64, num_workers: int | str = 0,
-                      with_probabilities: bool = False, progress: bool = True) -> pd.DataFrame:
+    def predict_paths(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 64,
+        num_workers: int | str = 0,
+        with_probabilities: bool = False,
+        progress: bool = True,
+    ) -> pd.DataFrame:
         """Predict image files; one row per path, in input order (see `predict`)."""
-        return self.predict([Path(p) for p in paths], partial(load_image_file, max_pixels=self.max_pixels),
-                            [str(p) for p in paths], batch_size, num_workers, with_probabilities, progress)
+        return self.predict(
+            [Path(p) for p in paths],
+            partial(load_image_file, max_pixels=self.max_pixels),
+            [str(p) for p in paths],
+            batch_size,
+            num_workers,
+            with_probabilities,
+            progress,
+        )
 
-    def predict_images(self, images: Sequence[Image.Image], with_probabilities: bool = False,
-                       batch_size: int = 64) -> pd.DataFrame:
+    def predict_images(
+        self, images: Sequence[Image.Image], with_probabilities: bool = False, batch_size: int = 64
+    ) -> pd.DataFrame:
         """Predict in-memory PIL images (path column `image[<i>]`), without a progress bar."""
-        return self.predict(list(images), to_rgb, [f"image[{i}]" for i in range(len(images))], batch_size,
-                            with_probabilities=with_probabilities, progress=False)
+        return self.predict(
+            list(images),
+            to_rgb,
+            [f"image[{i}]" for i in range(len(images))],
+            batch_size,
+            with_probabilities=with_probabilities,
+            progress=False,
+        )
 
-    def predict(self, items: Sequence[Any], read: Callable[[Any], Image.Image], names: Sequence[str],
-                batch_size: int = 64, num_workers: int | str = 0, with_probabilities: bool = False,
-                progress: bool = True) -> pd.DataFrame:
+    def predict(
+        self,
+        items: Sequence[Any],
+        read: Callable[[Any], Image.Image],
+        names: Sequence[str],
+        batch_size: int = 64,
+        num_workers: int | str = 0,
+        with_probabilities: bool = False,
+        progress: bool = True,
+    ) -> pd.DataFrame:
         """Predict any inputs that `read` turns into PIL images, batched through a DataLoader.
 
         Args:
@@ -325,9 +378,14 @@ class Predictor:
         """
         if len(names) != len(items):
             raise ValueError(f"predict: expected one name per input, found {len(names)} for {len(items)}")
-        loader = DataLoader(_Inputs(items, read, self.transform), batch_size=batch_size, shuffle=False,
-                            num_workers=resolve_workers(num_workers), collate_fn=_collate,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            _Inputs(items, read, self.transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=resolve_workers(num_workers),
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
         done: list[int] = []
         errors: dict[int, str] = {}
 
@@ -348,8 +406,9 @@ class Predictor:
             probs = np.empty((0, len(self.rank_space)))  # no input could be read: every row is an error
             point = None
         table = pd.DataFrame({"path": [str(name) for name in names]})
-        found = predictions_table(table.iloc[done], probs, self.rank_space, with_probabilities,
-                                  self.calibration, self.alpha, point)
+        found = predictions_table(
+            table.iloc[done], probs, self.rank_space, with_probabilities, self.calibration, self.alpha, point
+        )
         labels = [c for c in ("pred_label", "interval_low", "interval_high") if c in found.columns]
         found = found.astype(dict.fromkeys(labels, object)).set_axis(done).reindex(range(len(items)))
         found["path"] = table["path"]

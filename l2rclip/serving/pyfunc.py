@@ -77,8 +77,11 @@ class RequestLimits:
     max_image_pixels: int = DataConfig.max_image_pixels
 
     def __post_init__(self) -> None:
-        keys = {"max_rows": "serving.max_rows", "max_request_bytes": "serving.max_request_bytes",
-                "max_image_pixels": "data.max_image_pixels"}
+        keys = {
+            "max_rows": "serving.max_rows",
+            "max_request_bytes": "serving.max_request_bytes",
+            "max_image_pixels": "data.max_image_pixels",
+        }
         for name, key in keys.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -93,12 +96,14 @@ class RequestLimits:
         if len(images) > self.max_rows:
             raise MlflowException.invalid_parameter_value(
                 f"expected at most serving.max_rows = {self.max_rows} images per request, found "
-                f"{len(images)}; send them in several requests")
+                f"{len(images)}; send them in several requests"
+            )
         size = sum(len(image) for image in images if isinstance(image, str))
         if size > self.max_request_bytes:
             raise MlflowException.invalid_parameter_value(
                 f"expected at most serving.max_request_bytes = {self.max_request_bytes} bytes of base64 "
-                f"image text per request, found {size}; send fewer or smaller images per request")
+                f"image text per request, found {size}; send fewer or smaller images per request"
+            )
 
 
 def decode_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -110,8 +115,9 @@ def decode_image(text: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return load_rgb(io.BytesIO(data), max_pixels=max_pixels)
 
 
-def predict_frame(predictor: Predictor, model_input: pd.DataFrame,
-                  limits: RequestLimits | None = None) -> pd.DataFrame:
+def predict_frame(
+    predictor: Predictor, model_input: pd.DataFrame, limits: RequestLimits | None = None
+) -> pd.DataFrame:
     """The pyfunc's prediction: one row per input row, probabilities included, JSON-safe.
 
     Missing values (the prediction columns of an undecodable row) become None, because the
@@ -126,11 +132,17 @@ def predict_frame(predictor: Predictor, model_input: pd.DataFrame,
     if INPUT_COLUMN not in model_input.columns:
         raise MlflowException.invalid_parameter_value(
             f"expected a DataFrame with an {INPUT_COLUMN!r} column of base64-encoded images; "
-            f"found columns {', '.join(map(str, model_input.columns)) or '(none)'}")
+            f"found columns {', '.join(map(str, model_input.columns)) or '(none)'}"
+        )
     images = model_input[INPUT_COLUMN].tolist()
     (limits or RequestLimits()).check(images)
-    table = predictor.predict(images, partial(decode_image, max_pixels=predictor.max_pixels),
-                              [f"image[{i}]" for i in range(len(images))], with_probabilities=True, progress=False)
+    table = predictor.predict(
+        images,
+        partial(decode_image, max_pixels=predictor.max_pixels),
+        [f"image[{i}]" for i in range(len(images))],
+        with_probabilities=True,
+        progress=False,
+    )
     return table.astype(object).where(table.notna(), None)
 
 
@@ -142,15 +154,21 @@ class L2RCLIPModel(PythonModel):
         self.limits = RequestLimits(**(context.model_config or {}))
         self.predictor = Predictor.load(context.artifacts[MODEL_ARTIFACT], max_pixels=self.limits.max_image_pixels)
 
-    def predict(self, context: PythonModelContext, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         """Predict every row of `model_input` (see `predict_frame`)."""
         return predict_frame(self.predictor, model_input, self.limits)
 
 
-def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = None,
-               artifact_path: str = "model", limits: RequestLimits | None = None,
-               calibration: dict[str, Any] | None = None) -> str:
+def log_pyfunc(
+    model_dir: str | Path,
+    run_id: str,
+    tracking_uri: str | None = None,
+    artifact_path: str = "model",
+    limits: RequestLimits | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> str:
     """Log an l2rclip model folder as a models-from-code pyfunc of an existing run; returns its URI.
 
     The logged model's source run is `run_id` and the run lists it among its outputs (MLflow's
@@ -172,8 +190,9 @@ def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = No
         The logged model's URI (`models:/<model_id>`), ready for registration or loading.
     """
     limits = limits or RequestLimits()
-    predictor = Predictor.load(model_dir, device="cpu", max_pixels=limits.max_image_pixels,
-                               calibration=calibration)
+    predictor = Predictor.load(
+        model_dir, device="cpu", max_pixels=limits.max_image_pixels, calibration=calibration
+    )
     example = pd.DataFrame({INPUT_COLUMN: [encode_image(Image.new("RGB", (64, 64), (128, 128, 128)))]})
     with warnings.catch_warnings():  # MLflow's hint on missing integers concerns enforced inputs, not outputs
         warnings.filterwarnings("ignore", message=".*integer column", category=UserWarning)
@@ -183,10 +202,16 @@ def log_pyfunc(model_dir: str | Path, run_id: str, tracking_uri: str | None = No
         uri = tracking_uri or default_tracking_uri()
         before = MlflowClient(uri).get_run(run_id).info
         with mlflow_store(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(name=artifact_path, python_model=str(MODEL_CODE),
-                                           artifacts={MODEL_ARTIFACT: str(folder)}, model_config=asdict(limits),
-                                           signature=signature, input_example=example,
-                                           pip_requirements=requirements(), code_paths=[str(PACKAGE_DIR)])
+            info = mlflow.pyfunc.log_model(
+                name=artifact_path,
+                python_model=str(MODEL_CODE),
+                artifacts={MODEL_ARTIFACT: str(folder)},
+                model_config=asdict(limits),
+                signature=signature,
+                input_example=example,
+                pip_requirements=requirements(),
+                code_paths=[str(PACKAGE_DIR)],
+            )
     if before.end_time:  # the run had ended: put its status and end back (reopening it changed them)
         MlflowClient(uri).set_terminated(run_id, before.status, end_time=before.end_time)
     log.info("logged %s as pyfunc model %s under run %s", model_dir, info.model_uri, run_id)

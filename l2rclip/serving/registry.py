@@ -47,10 +47,16 @@ def _client(tracking_uri: str | None) -> MlflowClient:
     return MlflowClient(tracking_uri or default_tracking_uri())
 
 
-def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any],
-             tracking_uri: str | None = None, set_champion_if_missing: bool = True,
-             limits: RequestLimits | None = None,
-             calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+def register(
+    model_dir: str | Path,
+    name: str,
+    run_id: str,
+    tags: dict[str, Any],
+    tracking_uri: str | None = None,
+    set_champion_if_missing: bool = True,
+    limits: RequestLimits | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Log `model_dir` as a pyfunc of the run `run_id` and register that logged model as a version of `name`.
 
     Args:
@@ -71,8 +77,12 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
     uri = tracking_uri or default_tracking_uri()
     client = _client(uri)
     meta = read_model_meta(model_dir)
-    version_tags = {"l2rclip.is_clip": str(meta.get("is_clip")).lower(), "l2rclip.backbone": meta["model"]["arch"],
-                    RANKS_TAG: json.dumps(meta["ranks"], separators=(",", ":")), **tags}
+    version_tags = {
+        "l2rclip.is_clip": str(meta.get("is_clip")).lower(),
+        "l2rclip.backbone": meta["model"]["arch"],
+        RANKS_TAG: json.dumps(meta["ranks"], separators=(",", ":")),
+        **tags,
+    }
     logged_uri = log_pyfunc(model_dir, run_id, uri, limits=limits, calibration=calibration)  # models:/<model_id>
     try:
         client.create_registered_model(name, description="L2RCLIP ordinal classifier (l2rclip pyfunc)")
@@ -82,16 +92,28 @@ def register(model_dir: str | Path, name: str, run_id: str, tags: dict[str, Any]
     # MLflow's registration of a logged model: the version's run is the model's source run, and the
     # logged model lists the version. It takes no store: it looks models:/<model_id> up in the global one.
     with mlflow_store(uri):
-        version = mlflow.register_model(logged_uri, name, tags={key: str(value) for key, value in
-                                                                version_tags.items() if value is not None})
+        version = mlflow.register_model(
+            logged_uri, name, tags={key: str(value) for key, value in version_tags.items() if value is not None}
+        )
     client.update_model_version(name, version.version, description=_origin(client, version))
     is_champion = set_champion_if_missing and champion(name, uri) is None
     if is_champion:
         promote(name, version.version, f"first version of {name}: there was no champion yet", uri)
-    log.info("registered %s version %s from run %s%s", name, version.version, run_id,
-             " as champion" if is_champion else "")
-    return {"name": name, "version": int(version.version), "model_uri": f"models:/{name}/{version.version}",
-            "run_id": run_id, "model_id": logged_uri.removeprefix("models:/"), "champion": is_champion}
+    log.info(
+        "registered %s version %s from run %s%s",
+        name,
+        version.version,
+        run_id,
+        " as champion" if is_champion else "",
+    )
+    return {
+        "name": name,
+        "version": int(version.version),
+        "model_uri": f"models:/{name}/{version.version}",
+        "run_id": run_id,
+        "model_id": logged_uri.removeprefix("models:/"),
+        "champion": is_champion,
+    }
 
 
 def _origin(client: MlflowClient, version: ModelVersion) -> str:
@@ -104,8 +126,10 @@ def _origin(client: MlflowClient, version: ModelVersion) -> str:
     trained = f"Trained in run {version.run_id}" + (f" (fold {fold})" if fold is not None else "")
     if parent is None:
         return f"{trained}: the run holds the model and the metrics logged with it."
-    return (f"{trained} of pipeline run {parent}: the fold's metrics are on its run, the cross-validated "
-            f"test means (`test/<metric>_mean`) on the pipeline run.")
+    return (
+        f"{trained} of pipeline run {parent}: the fold's metrics are on its run, the cross-validated "
+        f"test means (`test/<metric>_mean`) on the pipeline run."
+    )
 
 
 def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
@@ -121,8 +145,10 @@ def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
     store = tracking_uri or default_tracking_uri()
     if not uri.startswith(("models:/", "runs:/")):
         if not Path(uri).exists():
-            raise ModelFileError(f"{uri}: no such model folder (expected a folder, models:/<name>@<alias>, "
-                                 "models:/<name>/<version> or runs:/<run_id>/model)")
+            raise ModelFileError(
+                f"{uri}: no such model folder (expected a folder, models:/<name>@<alias>, "
+                "models:/<name>/<version> or runs:/<run_id>/model)"
+            )
         return f"folder {uri}"
     rest = uri.split(":/", 1)[1]
     try:
@@ -135,11 +161,14 @@ def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
         elif "/" in rest and rest.rsplit("/", 1)[1].isdigit():
             version = client.get_model_version(*rest.rsplit("/", 1))
         else:
-            raise ModelFileError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version> "
-                                 "(a version number)")
+            raise ModelFileError(
+                f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version> (a version number)"
+            )
     except MlflowException as error:
-        raise ModelFileError(f"{uri}: not in the MLflow store {store} ({_first_line(error)}); "
-                             f"registered models there: {_registered_names(store)}") from None
+        raise ModelFileError(
+            f"{uri}: not in the MLflow store {store} ({_first_line(error)}); "
+            f"registered models there: {_registered_names(store)}"
+        ) from None
     return f"version {version.version} of {version.name}"
 
 
@@ -185,8 +214,9 @@ def keep(name: str, version: str | int, reason: str, tracking_uri: str | None = 
     return _record(client, name, version, KEPT, reason, f"Not promoted; {kept} stays {CHAMPION}: {reason}")
 
 
-def _record(client: MlflowClient, name: str, version: str | int, decision: str, reason: str,
-            description: str) -> ModelVersion:
+def _record(
+    client: MlflowClient, name: str, version: str | int, decision: str, reason: str, description: str
+) -> ModelVersion:
     """Write a decision as version tags and as the version's description (what the UI shows first)."""
     client.set_model_version_tag(name, str(version), DECISION_TAG, decision)
     client.set_model_version_tag(name, str(version), REASON_TAG, reason)

@@ -52,8 +52,9 @@ def _ece(probs: np.ndarray, ranks: np.ndarray, n_bins: int) -> float:
     return expected_calibration_error(probs.max(axis=1), probs.argmax(axis=1) == ranks, n_bins)
 
 
-def calibrate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, out_file: Path,
-                   store_dir: Path | None = None) -> dict[str, Any]:
+def calibrate_fold(
+    params: Params, fold: int, prepared: Path, model_dir: Path, out_file: Path, store_dir: Path | None = None
+) -> dict[str, Any]:
     """Calibrate `model_dir` on fold `fold`'s calibration split; returns what was written.
 
     Images come from the preprocess stage's store at `store_dir` (None: from the image files).
@@ -65,16 +66,23 @@ def calibrate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, o
     for i, alpha in enumerate(config.alpha):
         check_alpha(alpha, where=f"conformal.alpha[{i}]")
     if config.temperature and params.split.val_fraction == 0:
-        raise ConfigError("conformal.temperature is true but split.val_fraction is 0: the temperature is "
-                          "fitted on the validation split; set a val_fraction or temperature: false")
+        raise ConfigError(
+            "conformal.temperature is true but split.val_fraction is 0: the temperature is "
+            "fitted on the validation split; set a val_fraction or temperature: false"
+        )
     _, splits = read_prepared(prepared)
     in_fold = splits[splits["fold"] == fold]
     if in_fold.empty:
-        raise ValueError(f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of "
-                         f"{sorted(splits['fold'].unique().tolist())}")
+        raise ValueError(
+            f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of "
+            f"{sorted(splits['fold'].unique().tolist())}"
+        )
     if not (in_fold["split"] == CALIB).any():
-        result = {"fold": fold, "calibrated": False,
-                  "reason": f"fold {fold} has no {CALIB} split (split.calib_fraction is 0): no intervals"}
+        result = {
+            "fold": fold,
+            "calibrated": False,
+            "reason": f"fold {fold} has no {CALIB} split (split.calib_fraction is 0): no intervals",
+        }
         write_json(out_file, result)
         log.warning("%s", result["reason"])
         return result
@@ -88,24 +96,46 @@ def calibrate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, o
     temperature = None
     if config.temperature:
         val = select(splits, fold, "val")
-        temperature = fit_temperature(split_outputs(model, meta["preprocess"], val, params, device, store)[0],
-                                      val["rank"].to_numpy())
+        temperature = fit_temperature(
+            split_outputs(model, meta["preprocess"], val, params, device, store)[0], val["rank"].to_numpy()
+        )
     calibration = Calibration.fit(probs, ranks, rank_space.value_array, config.method, config.alpha, temperature)
-    result = {**calibration.to_dict(), "fold": fold, "calibrated": True,
-              "calib/ece": _ece(probs, ranks, params.eval.ece_bins),
-              "calib/ece_tempered": _ece(temper(probs, temperature), ranks, params.eval.ece_bins)}
+    result = {
+        **calibration.to_dict(),
+        "fold": fold,
+        "calibrated": True,
+        "calib/ece": _ece(probs, ranks, params.eval.ece_bins),
+        "calib/ece_tempered": _ece(temper(probs, temperature), ranks, params.eval.ece_bins),
+    }
     write_json(out_file, result)
     tracker, ids = Tracker.from_handle(model_dir.parent)  # the fold's MLflow run, ended by the train stage
     if run_id := ids.get("run_id"):
-        tracker.log_metrics(run_id, {"calib/n_images": float(calibration.n), "calib/ece": result["calib/ece"],
-                                     "calib/ece_tempered": result["calib/ece_tempered"],
-                                     **({"calib/temperature": temperature} if temperature else {})})
-        tracker.log_datasets(run_id, {CALIB: calib}, f"{params.data.source}-fold{fold}", data_version(prepared),
-                             prepared / "splits.csv")
+        tracker.log_metrics(
+            run_id,
+            {
+                "calib/n_images": float(calibration.n),
+                "calib/ece": result["calib/ece"],
+                "calib/ece_tempered": result["calib/ece_tempered"],
+                **({"calib/temperature": temperature} if temperature else {}),
+            },
+        )
+        tracker.log_datasets(
+            run_id,
+            {CALIB: calib},
+            f"{params.data.source}-fold{fold}",
+            data_version(prepared),
+            prepared / "splits.csv",
+        )
         tracker.log_artifact(run_id, out_file, "calibrate")
-    log.info("fold %d calibrated on %d images (temperature %s): %s", fold, calibration.n, temperature,
-             ", ".join(f"{m} q{level} {q:.3f}" for m, levels in result["thresholds"].items()
-                       for level, q in levels.items()))
+    log.info(
+        "fold %d calibrated on %d images (temperature %s): %s",
+        fold,
+        calibration.n,
+        temperature,
+        ", ".join(
+            f"{m} q{level} {q:.3f}" for m, levels in result["thresholds"].items() for level, q in levels.items()
+        ),
+    )
     return result
 
 
@@ -114,12 +144,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(
         "calibrate",
         "Split conformal calibration of a fold's best model on the fold's calibration split "
-        "(optionally after temperature scaling on validation).", per_fold=True)
+        "(optionally after temperature scaling on validation).",
+        per_fold=True,
+    )
     parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
     parser.add_argument("--out", type=Path, required=True, help="calibration JSON file to write")
     args = parser.parse_args(argv)
-    return run_main(lambda: calibrate_fold(load_params(args.params), args.fold, args.prepared, args.model,
-                                           args.out, args.store) and 0)
+    return run_main(
+        lambda: (
+            calibrate_fold(load_params(args.params), args.fold, args.prepared, args.model, args.out, args.store)
+            and 0
+        )
+    )
 
 
 if __name__ == "__main__":

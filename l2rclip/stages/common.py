@@ -18,14 +18,15 @@ from l2rclip.locking import OutputLockedError
 log = logging.getLogger(__name__)
 
 
-
 def read_prepared(prepared: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The prepare stage's `images.csv` and `splits.csv`, with a clear error when missing."""
     files = [prepared / "images.csv", prepared / "splits.csv"]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"expected the prepare stage's outputs, missing: {', '.join(missing)}; "
-                                "run `dvc repro prepare` (or `l2rclip prepare`) first")
+        raise FileNotFoundError(
+            f"expected the prepare stage's outputs, missing: {', '.join(missing)}; "
+            "run `dvc repro prepare` (or `l2rclip prepare`) first"
+        )
     return pd.read_csv(files[0], keep_default_na=False), read_splits(files[1])
 
 
@@ -42,15 +43,24 @@ def stage_parser(module: str, description: str, per_fold: bool = False) -> argpa
     the stage decodes the image files).
     """
     parser = argparse.ArgumentParser(prog=f"python -m l2rclip.stages.{module}", description=description)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+    )
     if per_fold:
         parser.add_argument("--fold", type=int, required=True, help="fold number (a fold of splits.csv)")
-        parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
-                            help="the prepare stage's output folder (default: %(default)s)")
-        parser.add_argument("--store", type=Path, default=None,
-                            help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
-                                 "passes it (default: none, decode the image files)")
+        parser.add_argument(
+            "--prepared",
+            type=Path,
+            default=Path("outputs/prepare"),
+            help="the prepare stage's output folder (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--store",
+            type=Path,
+            default=None,
+            help="the preprocess stage's image store, e.g. outputs/preprocess as dvc.yaml "
+            "passes it (default: none, decode the image files)",
+        )
     return parser
 
 

@@ -37,22 +37,36 @@ def stack_histories(folds_dir: Path, folds: Sequence[int]) -> pd.DataFrame:
     """
     files = {fold: folds_dir / str(fold) / HISTORY for fold in folds}
     if missing := [str(path) for path in files.values() if not path.is_file()]:
-        raise FileNotFoundError(f"expected a training history for every fold of `folds` {list(folds)}; missing: "
-                                f"{', '.join(missing)} (run `dvc repro` to train those folds)")
-    frames = [pd.read_csv(path, dtype=str, keep_default_na=False).assign(fold=str(fold))
-              for fold, path in files.items()]
+        raise FileNotFoundError(
+            f"expected a training history for every fold of `folds` {list(folds)}; missing: "
+            f"{', '.join(missing)} (run `dvc repro` to train those folds)"
+        )
+    frames = [
+        pd.read_csv(path, dtype=str, keep_default_na=False).assign(fold=str(fold)) for fold, path in files.items()
+    ]
     stacked = pd.concat(frames, ignore_index=True).fillna("")
     return stacked[["fold", *[c for c in stacked.columns if c != "fold"]]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of the stage (see `--help`)."""
-    parser = stage_parser("curves", "Stack the training history of every fold of `folds` into one CSV "
-                                    "(the learning curves dvc.yaml's plots draw).")
-    parser.add_argument("--folds-dir", type=Path, default=Path("outputs/folds"),
-                        help="folder of the per-fold training outputs (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/curves/learning_curves.csv"),
-                        help="CSV to write (default: %(default)s)")
+    parser = stage_parser(
+        "curves",
+        "Stack the training history of every fold of `folds` into one CSV "
+        "(the learning curves dvc.yaml's plots draw).",
+    )
+    parser.add_argument(
+        "--folds-dir",
+        type=Path,
+        default=Path("outputs/folds"),
+        help="folder of the per-fold training outputs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/curves/learning_curves.csv"),
+        help="CSV to write (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     def run() -> int:

@@ -17,9 +17,7 @@ from l2rclip.stages.common import run_main, stage_parser
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of the stage (see `--help`)."""
-    parser = stage_parser(
-        "demo_data",
-        "Generate the demo set (data.demo settings and seed from the params file).")
+    parser = stage_parser("demo_data", "Generate the demo set (data.demo settings and seed from the params file).")
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
 

@@ -47,9 +47,16 @@ def median_baseline_mae(train_values: np.ndarray, test_values: np.ndarray) -> fl
     return float(np.abs(test_values - np.median(train_values)).mean())
 
 
-def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, out_dir: Path,
-                  metrics_file: Path, calibration_file: Path | None = None,
-                  store_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_fold(
+    params: Params,
+    fold: int,
+    prepared: Path,
+    model_dir: Path,
+    out_dir: Path,
+    metrics_file: Path,
+    calibration_file: Path | None = None,
+    store_dir: Path | None = None,
+) -> dict[str, Any]:
     """Evaluate `model_dir` on fold `fold`'s test split; returns the metrics written.
 
     Images come from the preprocess stage's store at `store_dir` (None: from the image files).
@@ -74,47 +81,68 @@ def evaluate_fold(params: Params, fold: int, prepared: Path, model_dir: Path, ou
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")
 
-    metrics = ordinal_metrics(probs, test["rank"].to_numpy(), rank_space.value_array,
-                              params.eval.cs_theta, params.eval.ece_bins, point)
+    metrics = ordinal_metrics(
+        probs, test["rank"].to_numpy(), rank_space.value_array, params.eval.cs_theta, params.eval.ece_bins, point
+    )
     if prototypes is not None:
         metrics.update(prototype_ordinality_metrics(prototypes))
     metrics["mae_median_baseline"] = median_baseline_mae(train["value"].to_numpy(), test["value"].to_numpy())
     metrics["mae_median_baseline_index"] = median_baseline_mae(train["rank"].to_numpy(), test["rank"].to_numpy())
     metrics["n_images"] = float(len(test))
     if "stdv" in test.columns and test["stdv"].notna().any():  # CLAP2015: the challenge's own score
-        metrics["clap_epsilon"] = clap_epsilon_error(predictions["expected_value"].to_numpy(),
-                                                     test["value"].to_numpy(), test["stdv"].to_numpy())
+        metrics["clap_epsilon"] = clap_epsilon_error(
+            predictions["expected_value"].to_numpy(), test["value"].to_numpy(), test["stdv"].to_numpy()
+        )
     by_rank: dict[str, Any] = {}
     if calibration is not None:
-        interval_metrics, by_rank = evaluate_intervals(calibration, probs, test["rank"].to_numpy(),
-                                                       rank_space.value_array)
+        interval_metrics, by_rank = evaluate_intervals(
+            calibration, probs, test["rank"].to_numpy(), rank_space.value_array
+        )
         metrics.update(interval_metrics, n_calib=float(calibration.n))
-    result = {**prefix_metrics(metrics, "test"), "fold": fold, "method": meta.get("method", "l2rclip"),
-              "backbone": meta["backbone"], "is_clip": meta["is_clip"], "backbone_kind": kind_of(meta),
-              "best_epoch": meta["epoch"],
-              "prediction_rule": "threshold" if point is not None else "argmax+expectation"}
+    result = {
+        **prefix_metrics(metrics, "test"),
+        "fold": fold,
+        "method": meta.get("method", "l2rclip"),
+        "backbone": meta["backbone"],
+        "is_clip": meta["is_clip"],
+        "backbone_kind": kind_of(meta),
+        "best_epoch": meta["epoch"],
+        "prediction_rule": "threshold" if point is not None else "argmax+expectation",
+    }
     if by_rank:
         result["conformal_by_rank"] = by_rank
     write_json(metrics_file, result)
     suffix = backbone_label(meta)
-    figures = evaluation_plots(predictions, prototypes, rank_space,
-                               out_dir / "figures", title_suffix=suffix, unit=params.ranks.unit)
+    figures = evaluation_plots(
+        predictions, prototypes, rank_space, out_dir / "figures", title_suffix=suffix, unit=params.ranks.unit
+    )
     for alpha in calibration.alpha if calibration is not None else ():
         level = level_name(alpha)
         figures[f"conformal_{level}"] = conformal_plot(
-            {m: by_rank[f"{m}_{level}"] for m in calibration.scores}, alpha, rank_space,
-            out_dir / "figures" / f"conformal_{level}.png", title_suffix=suffix, unit=params.ranks.unit)
+            {m: by_rank[f"{m}_{level}"] for m in calibration.scores},
+            alpha,
+            rank_space,
+            out_dir / "figures" / f"conformal_{level}.png",
+            title_suffix=suffix,
+            unit=params.ranks.unit,
+        )
 
     tracker, ids = Tracker.from_handle(model_dir.parent)
     run_id = ids.get("run_id")
     tracker.log_metrics(run_id, prefix_metrics(metrics, "test"))
-    tracker.log_datasets(run_id, {"test": test}, f"{params.data.source}-fold{fold}", data_version(prepared),
-                         prepared / "splits.csv")
+    tracker.log_datasets(
+        run_id, {"test": test}, f"{params.data.source}-fold{fold}", data_version(prepared), prepared / "splits.csv"
+    )
     tracker.log_artifact(run_id, out_dir / "predictions.csv", "evaluate")
     for path in figures.values():
         tracker.log_artifact(run_id, path, "evaluate/figures")
-    log.info("fold %d test: MAE %.3f (median baseline %.3f), accuracy %.3f", fold, metrics["mae"],
-             metrics["mae_median_baseline"], metrics["accuracy"])
+    log.info(
+        "fold %d test: MAE %.3f (median baseline %.3f), accuracy %.3f",
+        fold,
+        metrics["mae"],
+        metrics["mae_median_baseline"],
+        metrics["accuracy"],
+    )
     return result
 
 
@@ -123,15 +151,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(
         "evaluate",
         "Evaluate a fold's best model on that fold's test split: predictions, metrics "
-        "(both prediction rules) and figures.", per_fold=True)
+        "(both prediction rules) and figures.",
+        per_fold=True,
+    )
     parser.add_argument("--model", type=Path, required=True, help="model folder (the train stage's best/)")
     parser.add_argument("--out", type=Path, required=True, help="folder for predictions.csv and figures/")
     parser.add_argument("--metrics", type=Path, required=True, help="JSON file for the test metrics")
-    parser.add_argument("--calibration", type=Path, default=None,
-                        help="the calibrate stage's calibration.json: also evaluate conformal intervals")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        help="the calibrate stage's calibration.json: also evaluate conformal intervals",
+    )
     args = parser.parse_args(argv)
-    return run_main(lambda: evaluate_fold(load_params(args.params), args.fold, args.prepared, args.model,
-                                          args.out, args.metrics, args.calibration, args.store) and 0)
+    return run_main(
+        lambda: (
+            evaluate_fold(
+                load_params(args.params),
+                args.fold,
+                args.prepared,
+                args.model,
+                args.out,
+                args.metrics,
+                args.calibration,
+                args.store,
+            )
+            and 0
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -62,40 +62,57 @@ def prepare(params: Params, out_dir: str | Path) -> dict[str, Any]:
     np.random.seed(params.seed)
     rank_space = RankSpace.from_config(params.ranks)
     table = _load(params)
-    good, report = validate_table(table, params.data.root, rank_space, on_bad=params.data.on_bad,
-                                  allow_outside_root=params.data.allow_outside_root,
-                                  duplicates=params.data.duplicates,
-                                  workers=params.data.decode_workers, max_pixels=params.data.max_image_pixels)
+    good, report = validate_table(
+        table,
+        params.data.root,
+        rank_space,
+        on_bad=params.data.on_bad,
+        allow_outside_root=params.data.allow_outside_root,
+        duplicates=params.data.duplicates,
+        workers=params.data.decode_workers,
+        max_pixels=params.data.max_image_pixels,
+    )
     outside = _outside_ranks_note(table, report, rank_space)
     if good.empty:
-        raise DataValidationError(f"none of the {len(table)} rows of source {params.data.source!r} "
-                                  f"at {table.attrs.get('list_file', params.data.root)} is usable "
-                                  f"(see the reasons above){outside}")
+        raise DataValidationError(
+            f"none of the {len(table)} rows of source {params.data.source!r} "
+            f"at {table.attrs.get('list_file', params.data.root)} is usable "
+            f"(see the reasons above){outside}"
+        )
     # Sorting by path makes the folds independent of the order in which a source lists files.
     good = good.sort_values(["path", "row"], kind="mergesort").reset_index(drop=True)
     folded, holdout = split_holdout(good, params.split.holdout_fraction, params.split.holdout_salt)
     if folded.empty:
-        raise SplitError(f"split.holdout_fraction {params.split.holdout_fraction} leaves no image for the folds "
-                         f"({len(good)} good images, all in the holdout); lower it")
+        raise SplitError(
+            f"split.holdout_fraction {params.split.holdout_fraction} leaves no image for the folds "
+            f"({len(good)} good images, all in the holdout); lower it"
+        )
     try:
         splits = make_splits(folded, params.split, params.seed, rank_space)
     except SplitError as error:  # too few images left may only be the symptom of ranks that do not fit
         raise SplitError(f"{error}{outside}") from None
     holdout = holdout[[c for c in HOLDOUT_COLUMNS if c in holdout.columns]]
     summary = _summary(params, table, good, report, splits, rank_space)
-    summary["holdout"] = {"images": len(holdout), "spec": holdout_spec(params.split.holdout_fraction,
-                                                                        params.split.holdout_salt),
-                          "version": holdout_version(holdout)}
+    summary["holdout"] = {
+        "images": len(holdout),
+        "spec": holdout_spec(params.split.holdout_fraction, params.split.holdout_salt),
+        "version": holdout_version(holdout),
+    }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(good, out_dir / "images.csv")
     _write_csv(report, out_dir / "bad_rows.csv")
     _write_csv(splits, out_dir / "splits.csv")
     _write_csv(holdout, out_dir / "holdout.csv")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
-                                          encoding="utf-8")
-    log.info("prepare: %d good and %d bad rows, %d folds, %d images in the promotion holdout, written to %s",
-             len(good), len(report), len(summary["folds"]), len(holdout), out_dir)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log.info(
+        "prepare: %d good and %d bad rows, %d folds, %d images in the promotion holdout, written to %s",
+        len(good),
+        len(report),
+        len(summary["folds"]),
+        len(holdout),
+        out_dir,
+    )
     return summary
 
 
@@ -104,8 +121,10 @@ def _outside_ranks_note(table: pd.DataFrame, report: pd.DataFrame, rank_space: R
     outside = int((report["reason"] == "label_not_in_ranks").sum())
     if not outside:
         return ""
-    return (f"; {outside} of {len(table)} rows have labels outside the ranks {rank_space.describe()}: "
-            f"{ranks_hint(table['label'])}")
+    return (
+        f"; {outside} of {len(table)} rows have labels outside the ranks {rank_space.describe()}: "
+        f"{ranks_hint(table['label'])}"
+    )
 
 
 def _load(params: Params) -> pd.DataFrame:
@@ -113,35 +132,55 @@ def _load(params: Params) -> pd.DataFrame:
     data = params.data
     options: dict[str, Any] = {}
     if data.source == "demo":
-        options = {"n_per_rank": data.demo.n_per_rank, "image_size": data.demo.image_size,
-                   "seed": params.seed}
+        options = {"n_per_rank": data.demo.n_per_rank, "image_size": data.demo.image_size, "seed": params.seed}
     if data.category is not None:
         if data.source != "aesthetics":
-            raise SourceError(f"data.category ({data.category!r}) selects an aesthetics category; "
-                              f"source {data.source!r} has none (set data.category: null)")
+            raise SourceError(
+                f"data.category ({data.category!r}) selects an aesthetics category; "
+                f"source {data.source!r} has none (set data.category: null)"
+            )
         options["category"] = data.category
     return load_source(data.source, data.root, data.list_file, **options)
 
 
-def _summary(params: Params, table: pd.DataFrame, good: pd.DataFrame, report: pd.DataFrame,
-             splits: pd.DataFrame, rank_space: RankSpace) -> dict[str, Any]:
+def _summary(
+    params: Params,
+    table: pd.DataFrame,
+    good: pd.DataFrame,
+    report: pd.DataFrame,
+    splits: pd.DataFrame,
+    rank_space: RankSpace,
+) -> dict[str, Any]:
     """Collect the counts a reader checks first: what was dropped and why, and split sizes."""
     per_rank = good["rank"].value_counts()
     sizes = splits.groupby(["fold", "split"]).size()
     folds = []
     for fold in sorted(splits["fold"].unique().tolist()):
         trained = set(splits.loc[(splits["fold"] == fold) & (splits["split"] == "train"), "rank"])
-        folds.append({"fold": int(fold), **{s: int(sizes.get((fold, s), 0)) for s in FOLD_SPLITS},
-                      "missing_train_ranks": [rank_space.label_of(r) for r in range(len(rank_space))
-                                              if r not in trained]})
+        folds.append(
+            {
+                "fold": int(fold),
+                **{s: int(sizes.get((fold, s), 0)) for s in FOLD_SPLITS},
+                "missing_train_ranks": [
+                    rank_space.label_of(r) for r in range(len(rank_space)) if r not in trained
+                ],
+            }
+        )
     return {
         "source": params.data.source,
         "root": params.data.root,
         "protocol": params.split.protocol,
         "rows": {"total": len(table), "good": len(good), "bad": len(report)},
         "bad_by_reason": {str(k): int(v) for k, v in report["reason"].value_counts().items()},
-        "ranks": [{"rank": r, "label": rank_space.label_of(r), "value": rank_space.values[r],
-                   "images": int(per_rank.get(r, 0))} for r in range(len(rank_space))],
+        "ranks": [
+            {
+                "rank": r,
+                "label": rank_space.label_of(r),
+                "value": rank_space.values[r],
+                "images": int(per_rank.get(r, 0)),
+            }
+            for r in range(len(rank_space))
+        ],
         "folds": folds,
     }
 
@@ -153,12 +192,21 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `python -m l2rclip.stages.prepare --params params.yaml --out outputs/prepare`."""
-    parser = argparse.ArgumentParser(prog="python -m l2rclip.stages.prepare", description=PREPARE_DESCRIPTION,
-                                     epilog=DATA_FORMATS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="params file (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/prepare"),
-                        help="output folder, created when missing (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m l2rclip.stages.prepare",
+        description=PREPARE_DESCRIPTION,
+        epilog=DATA_FORMATS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="params file (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/prepare"),
+        help="output folder, created when missing (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

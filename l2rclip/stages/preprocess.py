@@ -43,10 +43,25 @@ def preprocess(params: Params, prepared: Path, out_dir: Path) -> dict[str, Any]:
         (out_dir / SPEC_FILE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
         log.info("preprocess.enabled is false: no store; train and evaluate decode the image files")
         return content
-    content = write_store(sorted(images["path"]), params.data.root, spec, out_dir,
-                          params.preprocess.shard_size, params.preprocess.workers, recipe)
-    log.info("preprocess: %d images as %dx%d uint8 for %s (input %d px) in %d shard(s) at %s", content["images"],
-             spec.side, spec.side, spec.arch, spec.image_size, len(content["shards"]), out_dir)
+    content = write_store(
+        sorted(images["path"]),
+        params.data.root,
+        spec,
+        out_dir,
+        params.preprocess.shard_size,
+        params.preprocess.workers,
+        recipe,
+    )
+    log.info(
+        "preprocess: %d images as %dx%d uint8 for %s (input %d px) in %d shard(s) at %s",
+        content["images"],
+        spec.side,
+        spec.side,
+        spec.arch,
+        spec.image_size,
+        len(content["shards"]),
+        out_dir,
+    )
     return content
 
 
@@ -55,11 +70,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(
         "preprocess",
         "Decode every prepared image once, resize and crop it to the backbone's input geometry "
-        "(plus preprocess.margin), and write a memory-mapped uint8 store read by train and evaluate.")
-    parser.add_argument("--prepared", type=Path, default=Path("outputs/prepare"),
-                        help="the prepare stage's output folder (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/preprocess"),
-                        help="the store folder (default: %(default)s)")
+        "(plus preprocess.margin), and write a memory-mapped uint8 store read by train and evaluate.",
+    )
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        default=Path("outputs/prepare"),
+        help="the prepare stage's output folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/preprocess"), help="the store folder (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     return run_main(lambda: preprocess(load_params(args.params), args.prepared, args.out) and 0)
 

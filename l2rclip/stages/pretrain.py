@@ -38,9 +38,16 @@ def run_pretrain(config: PretrainConfig, weights: Path, out_dir: Path) -> dict[s
     tracker = Tracker(experiment=config.experiment or "", enabled=config.experiment is not None)
     flat = to_flat_dict(config, "pretrain")
     key = hashlib.sha256(json.dumps([flat, time.time_ns()], default=str).encode()).hexdigest()[:16]
-    run_id = tracker.parent_run(f"pretrain-{key}", f"pretrain {config.arch}", flat,
-                                {**source_tags("l2rclip.stages.pretrain"), "l2rclip.backbone": config.arch,
-                                 "l2rclip.backbone_kind": "demo"})
+    run_id = tracker.parent_run(
+        f"pretrain-{key}",
+        f"pretrain {config.arch}",
+        flat,
+        {
+            **source_tags("l2rclip.stages.pretrain"),
+            "l2rclip.backbone": config.arch,
+            "l2rclip.backbone_kind": "demo",
+        },
+    )
     try:
         result = pretrain(config, weights, lambda metrics, step: tracker.log_metrics(run_id, metrics, step=step))
     except BaseException:
@@ -48,30 +55,48 @@ def run_pretrain(config: PretrainConfig, weights: Path, out_dir: Path) -> dict[s
         raise
     out_dir.mkdir(parents=True, exist_ok=True)
     history = pd.DataFrame(result["history"])
-    history.drop(columns=["seconds", "cpu_seconds"]).to_csv(out_dir / "history.csv", index=False,
-                                                            float_format="%.6g")
+    history.drop(columns=["seconds", "cpu_seconds"]).to_csv(
+        out_dir / "history.csv", index=False, float_format="%.6g"
+    )
     checks = pd.DataFrame([{"step": step, **metrics} for step, metrics in result["checks"].items()])
     checks.to_csv(out_dir / "checks.csv", index=False, float_format="%.6g")
-    metrics = {**{f"zero_shot/{k}": v for k, v in result["final"].items()}, "steps": config.steps,
-               "file_bytes": result["file_bytes"], "eval_images": config.eval_per_count * 10}
+    metrics = {
+        **{f"zero_shot/{k}": v for k, v in result["final"].items()},
+        "steps": config.steps,
+        "file_bytes": result["file_bytes"],
+        "eval_images": config.eval_per_count * 10,
+    }
     write_json(out_dir / "metrics.json", metrics)
     cpu = float(history["cpu_seconds"].iloc[-1])
     tracker.log_metrics(run_id, {"wall_seconds": result["seconds"], "cpu_seconds": cpu})
     for path in (out_dir / "history.csv", out_dir / "checks.csv", out_dir / "metrics.json", weights):
         tracker.log_artifact(run_id, path)
     tracker.end_run(run_id)
-    log.info("pretrain stage: %.0f s wall, %.0f s CPU in the training process, %d steps; %s",
-             result["seconds"], cpu, config.steps, json.dumps(metrics))
+    log.info(
+        "pretrain stage: %.0f s wall, %.0f s CPU in the training process, %d steps; %s",
+        result["seconds"],
+        cpu,
+        config.steps,
+        json.dumps(metrics),
+    )
     return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of the stage (see `--help`)."""
     parser = stage_parser("pretrain", "Pretrain the demo CLIP on drawn captioned shapes (the pretrain section).")
-    parser.add_argument("--out", type=Path, default=demo_weights_file(),
-                        help="weights file to write (default: the package's demo CLIP, %(default)s)")
-    parser.add_argument("--records", type=Path, default=Path("outputs/pretrain"),
-                        help="folder of metrics.json, history.csv, checks.csv (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=demo_weights_file(),
+        help="weights file to write (default: the package's demo CLIP, %(default)s)",
+    )
+    parser.add_argument(
+        "--records",
+        type=Path,
+        default=Path("outputs/pretrain"),
+        help="folder of metrics.json, history.csv, checks.csv (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     def run() -> int:

@@ -106,15 +106,17 @@ def choose_fold(params: Params, folds_dir: Path) -> tuple[int, float | None, dic
     for fold in params.folds:
         path = folds_dir / str(fold) / "train" / "summary.json"
         if not path.is_file():
-            raise FileNotFoundError(f"expected the train stage's summary of fold {fold} at {path}; run "
-                                    f"`dvc repro train@{fold}` first")
+            raise FileNotFoundError(
+                f"expected the train stage's summary of fold {fold} at {path}; run `dvc repro train@{fold}` first"
+            )
         summaries[fold] = json.loads(path.read_text(encoding="utf-8"))
         score = (summaries[fold].get("best") or {}).get(key)
         if isinstance(score, (int, float)) and math.isfinite(score):
             scored.append((sign * score, -params.folds.index(fold), fold, float(score)))
         else:
-            log.warning("%s has no finite %s in `best` (no validation split?); fold %d not considered",
-                        path, key, fold)
+            log.warning(
+                "%s has no finite %s in `best` (no validation split?); fold %d not considered", path, key, fold
+            )
     if not scored:
         fold = params.folds[0]
         log.warning("no fold has a validation %s: registering fold %d, the first", key, fold)
@@ -140,37 +142,67 @@ def register_best(params: Params, folds_dir: Path, report_file: Path, out_dir: P
     if not report_file.is_file():  # the report logs the CV test means on the pipeline run the version names
         raise FileNotFoundError(f"expected the report stage's metrics at {report_file}; run `dvc repro report`")
     name = model_name(params)
-    result: dict[str, Any] = {"name": name, "fold": fold, "select_metric": metric, f"val/{metric}": score,
-                              "model_dir": model_dir.as_posix(), "registered": False}
-    tags = {"l2rclip.source": params.data.source, "l2rclip.data_version": summary.get("data_version"),
-            "l2rclip.params_hash": fingerprint(params), "l2rclip.fold": fold,
-            "l2rclip.select_metric": metric, f"l2rclip.val/{metric}": score,
-            HOLDOUT_SPEC_TAG: holdout_spec(params.split.holdout_fraction, params.split.holdout_salt)}
+    result: dict[str, Any] = {
+        "name": name,
+        "fold": fold,
+        "select_metric": metric,
+        f"val/{metric}": score,
+        "model_dir": model_dir.as_posix(),
+        "registered": False,
+    }
+    tags = {
+        "l2rclip.source": params.data.source,
+        "l2rclip.data_version": summary.get("data_version"),
+        "l2rclip.params_hash": fingerprint(params),
+        "l2rclip.fold": fold,
+        "l2rclip.select_metric": metric,
+        f"l2rclip.val/{metric}": score,
+        HOLDOUT_SPEC_TAG: holdout_spec(params.split.holdout_fraction, params.split.holdout_salt),
+    }
     limits = RequestLimits(params.serving.max_rows, params.serving.max_request_bytes, params.data.max_image_pixels)
     read_model_meta(model_dir)  # a broken model folder is a local error, not MLflow's
     calibration = fold_calibration(folds_dir, fold)
     if calibration is not None:
-        tags.update({"l2rclip.conformal_method": calibration.method,
-                     "l2rclip.conformal_level": 1 - calibration.alpha[0]})
+        tags.update(
+            {"l2rclip.conformal_method": calibration.method, "l2rclip.conformal_level": 1 - calibration.alpha[0]}
+        )
     result["calibrated"] = calibration is not None
     if not params.tracking.enabled:
         result["reason"] = "tracking.enabled is false"
     elif not params.tracking.register:
-        result["reason"] = ("tracking.register is false (an ablation variant, or set by hand): trained, evaluated "
-                            "and reported, but no model version")
+        result["reason"] = (
+            "tracking.register is false (an ablation variant, or set by hand): trained, evaluated "
+            "and reported, but no model version"
+        )
     else:
         tracker, run_id, parent = training_run(params, model_dir.parent, summary.get("data_version"))
         try:
-            result.update(register(model_dir, name, run_id, tags, tracker.tracking_uri, limits=limits,
-                                   calibration=calibration.to_dict() if calibration else None), registered=True)
+            result.update(
+                register(
+                    model_dir,
+                    name,
+                    run_id,
+                    tags,
+                    tracker.tracking_uri,
+                    limits=limits,
+                    calibration=calibration.to_dict() if calibration else None,
+                ),
+                registered=True,
+            )
         except Exception as error:  # noqa: BLE001 - any MLflow failure: say which store and why
-            raise RegistrationError(f"MLflow failed on {tracker.tracking_uri}: {type(error).__name__}: "
-                                    f"{error}") from error
+            raise RegistrationError(
+                f"MLflow failed on {tracker.tracking_uri}: {type(error).__name__}: {error}"
+            ) from error
         for run in {run_id, parent}:
             tracker.set_tags(run, {"l2rclip.registered_model": result["model_uri"]})
     write_json(out_dir / "registered.json", result)
-    log.info("fold %d (val/%s %s): %s", fold, metric, score,
-             result["model_uri"] if result["registered"] else f"not registered: {result['reason']}")
+    log.info(
+        "fold %d (val/%s %s): %s",
+        fold,
+        metric,
+        score,
+        result["model_uri"] if result["registered"] else f"not registered: {result['reason']}",
+    )
     return result
 
 
@@ -192,8 +224,9 @@ def training_run(params: Params, train_dir: Path, version: str | None) -> tuple[
         if ids.get("run_id") and tracker.enabled:
             return tracker, ids["run_id"], ids.get("parent_run_id") or ids["run_id"]
         if ids.get("run_id"):
-            raise RegistrationError(f"the training's MLflow run {ids['run_id']} (in {handle}) cannot be "
-                                    f"reached: {tracker.failure}")
+            raise RegistrationError(
+                f"the training's MLflow run {ids['run_id']} (in {handle}) cannot be reached: {tracker.failure}"
+            )
     tracker = Tracker(experiment=params.tracking.experiment)
     flat = to_flat_dict(resolve_method(params))
     name = pipeline_run_name(params.data.source, version or "")
@@ -201,8 +234,12 @@ def training_run(params: Params, train_dir: Path, version: str | None) -> tuple[
     parent = tracker.parent_run(pipeline_key(flat, version), name=name, params=flat, tags=tags)
     if parent is None:
         raise RegistrationError(tracker.failure or f"MLflow at {tracker.tracking_uri} gave no parent run")
-    log.warning("training was not tracked (%s holds no MLflow run): the model is logged in parent run %s in %s",
-                handle, parent, tracker.tracking_uri)
+    log.warning(
+        "training was not tracked (%s holds no MLflow run): the model is logged in parent run %s in %s",
+        handle,
+        parent,
+        tracker.tracking_uri,
+    )
     return tracker, parent, parent
 
 
@@ -212,14 +249,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "register",
         "Log the model of the fold with the best validation score in that fold's MLflow run and register it "
         "(champion when there is none yet); with tracking.enabled or tracking.register false, record why not "
-        "and exit 0.")
-    parser.add_argument("--folds-dir", type=Path, default=Path("outputs/folds"),
-                        help="folder of the per-fold training outputs (default: %(default)s)")
-    parser.add_argument("--report", type=Path, default=Path("outputs/report/metrics.json"),
-                        help="the report stage's metrics: registration comes after the report, which logs "
-                             "the CV test means on the pipeline run (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/register"),
-                        help="output folder for registered.json (default: %(default)s)")
+        "and exit 0.",
+    )
+    parser.add_argument(
+        "--folds-dir",
+        type=Path,
+        default=Path("outputs/folds"),
+        help="folder of the per-fold training outputs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("outputs/report/metrics.json"),
+        help="the report stage's metrics: registration comes after the report, which logs "
+        "the CV test means on the pipeline run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/register"),
+        help="output folder for registered.json (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     return run_main(lambda: _register_or_explain(load_params(args.params), args.folds_dir, args.report, args.out))
 
@@ -229,10 +279,13 @@ def _register_or_explain(params: Params, folds_dir: Path, report_file: Path, out
     try:
         register_best(params, folds_dir, report_file, out_dir)
     except RegistrationError as error:
-        print(f"error: the model was NOT registered: {error}\n"
-              f"Nothing else is lost: the other stages' outputs are kept. This stage fails so that DVC does not "
-              f"record it as done; once MLflow is reachable, `dvc repro` (or the retrain flow) runs it again "
-              f"and registers.", file=sys.stderr)
+        print(
+            f"error: the model was NOT registered: {error}\n"
+            f"Nothing else is lost: the other stages' outputs are kept. This stage fails so that DVC does not "
+            f"record it as done; once MLflow is reachable, `dvc repro` (or the retrain flow) runs it again "
+            f"and registers.",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

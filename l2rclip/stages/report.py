@@ -32,9 +32,24 @@ from l2rclip.training.timings import read_seconds
 
 log = logging.getLogger("l2rclip.stages.report")  # not __main__ under python -m
 
-TABLE_METRICS = ("mae", "mae_index", "mae_argmax", "mae_argmax_index", "accuracy", "off_by_one_accuracy", "cs",
-                 "rmse", "qwk", "spearman", "ece", "ordinality", "ordinality_ordinalclip", "mae_median_baseline",
-                 "mae_median_baseline_index", "clap_epsilon")  # clap_epsilon: CLAP2015 lists only
+TABLE_METRICS = (
+    "mae",
+    "mae_index",
+    "mae_argmax",
+    "mae_argmax_index",
+    "accuracy",
+    "off_by_one_accuracy",
+    "cs",
+    "rmse",
+    "qwk",
+    "spearman",
+    "ece",
+    "ordinality",
+    "ordinality_ordinalclip",
+    "mae_median_baseline",
+    "mae_median_baseline_index",
+    "clap_epsilon",
+)  # clap_epsilon: CLAP2015 lists only
 PAPER_MAE_KEYS = {"value": "test/mae", "index": "test/mae_index"}  # eval.paper_mae -> report key
 UNITS_NOTE = (
     "Units: `mae`, `mae_argmax`, `rmse`, `cs` and `mae_median_baseline` are in rank-VALUE units (the "
@@ -42,7 +57,8 @@ UNITS_NOTE = (
     "rank-INDEX units (neighbouring ranks 1 apart), the unit of the HCI, Adience and aesthetics tables of "
     "the papers. `ordinality` is ours (similarity falls at every step away from each rank, both sides, "
     "diagonal step excluded); `ordinality_ordinalclip` is OrdinalCLIP's `vis_ordinality.py` (share of upward "
-    "steps S[i,j] > S[i,j+1] with j >= i, diagonal step included, over all spans; per span in metrics.json).")
+    "steps S[i,j] > S[i,j+1] with j >= i, diagonal step included, over all spans; per span in metrics.json)."
+)
 
 
 def summarise(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -51,9 +67,11 @@ def summarise(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     summary = {}
     for key in keys:
         values = np.array([m[key] for m in per_fold if key in m], dtype=float)
-        summary[key] = {"mean": float(values.mean()),
-                        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                        "folds": [float(v) for v in values]}
+        summary[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "folds": [float(v) for v in values],
+        }
     return summary
 
 
@@ -77,17 +95,20 @@ def not_comparable(previous: dict[str, Any], dataset: dict[str, Any]) -> str | N
     if not isinstance(before, dict):
         return "The committed report does not name its dataset (written by an older l2rclip); not compared."
     if (before.get("source"), before.get("model_name")) != (dataset["source"], dataset["model_name"]):
-        return (f"The previous committed report is of another dataset (source {before.get('source')}, "
-                f"{before.get('model_name')}; now source {dataset['source']}, {dataset['model_name']}); "
-                "not compared.")
+        return (
+            f"The previous committed report is of another dataset (source {before.get('source')}, "
+            f"{before.get('model_name')}; now source {dataset['source']}, {dataset['model_name']}); "
+            "not compared."
+        )
     return None
 
 
 def previous_summary(path: Path) -> dict[str, Any] | None:
     """The report metrics as last committed to git (None when there are none)."""
     try:
-        text = subprocess.run(["git", "show", f"HEAD:{path.as_posix()}"], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            ["git", "show", f"HEAD:{path.as_posix()}"], capture_output=True, text=True, check=True
+        ).stdout
         return json.loads(text)
     except (subprocess.CalledProcessError, FileNotFoundError, json.JSONDecodeError):
         return None
@@ -99,23 +120,36 @@ def conformal_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     A fold passes when its coverage is at least 1 - alpha - tolerance (`test/tolerance_<level>`:
     three standard errors of calibration and test sampling, l2rclip.evaluation.conformal.binomial_tolerance).
     """
-    found = sorted({(m.group(1), m.group(2)) for key in summary
-                    if (m := re.fullmatch(r"test/coverage_([a-z]+)_([0-9.]+)", key))},
-                   key=lambda pair: (pair[0], -float(pair[1])))
+    found = sorted(
+        {
+            (m.group(1), m.group(2))
+            for key in summary
+            if (m := re.fullmatch(r"test/coverage_([a-z]+)_([0-9.]+)", key))
+        },
+        key=lambda pair: (pair[0], -float(pair[1])),
+    )
     if not found:
         return []
-    lines = ["", "## Conformal prediction intervals (test split)", "",
-             "Marginal coverage over the test images of each fold; the guarantee is coverage >= 1 - alpha "
-             "on average over calibration and test draws, not per rank or per image.", "",
-             "| method | level | coverage mean | coverage per fold | 1 - alpha - tolerance (min) | every fold ok "
-             "| mean width (ranks) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Conformal prediction intervals (test split)",
+        "",
+        "Marginal coverage over the test images of each fold; the guarantee is coverage >= 1 - alpha "
+        "on average over calibration and test draws, not per rank or per image.",
+        "",
+        "| method | level | coverage mean | coverage per fold | 1 - alpha - tolerance (min) | every fold ok "
+        "| mean width (ranks) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method, level in found:
         coverage, width = summary[f"test/coverage_{method}_{level}"], summary[f"test/width_{method}_{level}"]
         bounds = [float(level) / 100 - tol for tol in summary[f"test/tolerance_{level}"]["folds"]]
         ok = all(c >= b for c, b in zip(coverage["folds"], bounds, strict=True))
         folds = ", ".join(f"{v:.3f}" for v in coverage["folds"])
-        lines.append(f"| {method} | {level} % | {coverage['mean']:.3f} | {folds} | {min(bounds):.3f} | "
-                     f"{'yes' if ok else 'NO'} | {width['mean']:.2f} |")
+        lines.append(
+            f"| {method} | {level} % | {coverage['mean']:.3f} | {folds} | {min(bounds):.3f} | "
+            f"{'yes' if ok else 'NO'} | {width['mean']:.2f} |"
+        )
     return lines
 
 
@@ -124,13 +158,20 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
     lines = [f"# Cross-validated results: {header['source']}", ""]
     if label := backbone_label(header):
         lines += [f"> **{label}**", ""]
-    lines += [f"Method `{header['method']}`, backbone `{header['backbone']}`, {header['n_folds']} folds; "
-              "mean +- std (ddof=1) over folds.",
-              "", f"The papers of this protocol report MAE in {header['paper_mae_unit']} units: "
-              f"`{header['paper_mae']}` is the number to compare with them.", ""]
+    lines += [
+        f"Method `{header['method']}`, backbone `{header['backbone']}`, {header['n_folds']} folds; "
+        "mean +- std (ddof=1) over folds.",
+        "",
+        f"The papers of this protocol report MAE in {header['paper_mae_unit']} units: "
+        f"`{header['paper_mae']}` is the number to compare with them.",
+        "",
+    ]
     if header.get("prediction_rule") == "threshold":
-        lines += ["Hard predictions (and hence every MAE and accuracy here) use the published CORAL/CORN rule, "
-                  "the count of P(y > k) > 0.5 (`model.head_rule: threshold`).", ""]
+        lines += [
+            "Hard predictions (and hence every MAE and accuracy here) use the published CORAL/CORN rule, "
+            "the count of P(y > k) > 0.5 (`model.head_rule: threshold`).",
+            "",
+        ]
     lines += [UNITS_NOTE, "", "| metric | mean | std | per fold |", "|---|---|---|---|"]
     for name in TABLE_METRICS:
         entry = summary.get(f"test/{name}")
@@ -140,8 +181,11 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
     mae, base = summary.get("test/mae"), summary.get("test/mae_median_baseline")
     if mae and base and base["mean"] > 0:
         gain = 1.0 - mae["mean"] / base["mean"]
-        lines += ["", f"MAE (expectation) is {gain:.0%} below always predicting the training median "
-                      f"({mae['mean']:.3f} vs {base['mean']:.3f})."]
+        lines += [
+            "",
+            f"MAE (expectation) is {gain:.0%} below always predicting the training median "
+            f"({mae['mean']:.3f} vs {base['mean']:.3f}).",
+        ]
     lines += conformal_lines(summary)
     lines += ["", "## Change since the last committed run", ""]
     if previous is None:
@@ -151,8 +195,11 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
     else:
         dataset, before = header["dataset"], previous["dataset"].get("data_version")
         if before != dataset["data_version"]:
-            lines += [f"Same dataset ({dataset['model_name']}), other data: version {before} then, "
-                      f"{dataset['data_version']} now.", ""]
+            lines += [
+                f"Same dataset ({dataset['model_name']}), other data: version {before} then, "
+                f"{dataset['data_version']} now.",
+                "",
+            ]
         lines += ["| metric | before | now | change |", "|---|---|---|---|"]
         for name in TABLE_METRICS:
             key = f"test/{name}"
@@ -170,23 +217,31 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
         raise FileNotFoundError(f"expected the evaluate stage's metrics, missing: {', '.join(missing)}")
     per_fold = [json.loads(f.read_text(encoding="utf-8")) for f in files]
     summary = summarise(per_fold)
-    header = {"source": params.data.source, "method": per_fold[0].get("method", "l2rclip"),
-              "backbone": per_fold[0]["backbone"], "is_clip": all(m["is_clip"] for m in per_fold),
-              "backbone_kind": least_clip(kind_of(m) for m in per_fold),
-              "n_folds": len(per_fold),
-              "paper_mae": PAPER_MAE_KEYS[params.eval.paper_mae],
-              "paper_mae_unit": "rank-index" if params.eval.paper_mae == "index" else "rank-value",
-              "prediction_rule": per_fold[0].get("prediction_rule", "argmax+expectation"),
-              "dataset": dataset_identity(params, train_root)}
+    header = {
+        "source": params.data.source,
+        "method": per_fold[0].get("method", "l2rclip"),
+        "backbone": per_fold[0]["backbone"],
+        "is_clip": all(m["is_clip"] for m in per_fold),
+        "backbone_kind": least_clip(kind_of(m) for m in per_fold),
+        "n_folds": len(per_fold),
+        "paper_mae": PAPER_MAE_KEYS[params.eval.paper_mae],
+        "paper_mae_unit": "rank-index" if params.eval.paper_mae == "index" else "rank-value",
+        "prediction_rule": per_fold[0].get("prediction_rule", "argmax+expectation"),
+        "dataset": dataset_identity(params, train_root),
+    }
     metrics_file = out_dir / "metrics.json"
     previous = previous_summary(metrics_file)
     write_json(metrics_file, {**summary, **header})
     (out_dir / "report.md").write_text(markdown(summary, previous, header), encoding="utf-8")
-    figure = cv_summary_plot({k: v["folds"] for k, v in summary.items()}, out_dir / "figures" / "cv_summary.png",
-                             metric_names=["test/mae", "test/accuracy"], folds=params.folds,
-                             baselines={"test/mae": summary["test/mae_median_baseline"]["folds"]},
-                             units={"test/mae": params.ranks.unit},
-                             title_suffix=backbone_label(header))
+    figure = cv_summary_plot(
+        {k: v["folds"] for k, v in summary.items()},
+        out_dir / "figures" / "cv_summary.png",
+        metric_names=["test/mae", "test/accuracy"],
+        folds=params.folds,
+        baselines={"test/mae": summary["test/mae_median_baseline"]["folds"]},
+        units={"test/mae": params.ranks.unit},
+        title_suffix=backbone_label(header),
+    )
 
     tracker, ids = Tracker.from_handle(train_root / str(params.folds[0]) / "train")
     parent = ids.get("parent_run_id")
@@ -197,8 +252,14 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     for path in (out_dir / "report.md", metrics_file, figure):
         tracker.log_artifact(parent, path, "report")
     tracker.end_run(parent)
-    log.info("report: %s", ", ".join(f"{k} {v['mean']:.3f} +- {v['std']:.3f}" for k, v in summary.items()
-                                      if k in ("test/mae", "test/accuracy")))
+    log.info(
+        "report: %s",
+        ", ".join(
+            f"{k} {v['mean']:.3f} +- {v['std']:.3f}"
+            for k, v in summary.items()
+            if k in ("test/mae", "test/accuracy")
+        ),
+    )
     return summary
 
 
@@ -207,13 +268,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(
         "report",
         "Mean and std over folds of every test metric, a markdown report and the change "
-        "since the last committed run.")
-    parser.add_argument("--metrics-dir", type=Path, default=Path("outputs/metrics"),
-                        help="folder of the per-fold metrics fold_<k>.json (default: %(default)s)")
-    parser.add_argument("--folds-dir", type=Path, default=Path("outputs/folds"),
-                        help="folder of the per-fold training outputs (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("outputs/report"),
-                        help="output folder (default: %(default)s)")
+        "since the last committed run.",
+    )
+    parser.add_argument(
+        "--metrics-dir",
+        type=Path,
+        default=Path("outputs/metrics"),
+        help="folder of the per-fold metrics fold_<k>.json (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--folds-dir",
+        type=Path,
+        default=Path("outputs/folds"),
+        help="folder of the per-fold training outputs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/report"), help="output folder (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     return run_main(lambda: report(load_params(args.params), args.metrics_dir, args.out, args.folds_dir) and 0)
 

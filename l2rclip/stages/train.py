@@ -73,8 +73,16 @@ from l2rclip.training.timings import Timings, timings_path
 log = logging.getLogger("l2rclip.stages.train")  # not __main__ under python -m
 
 
-def open_fold_run(requested: Params, resolved: Params, effective: Params, fold: int, out_dir: Path, version: str,
-                  resuming: bool, tags: dict[str, Any]) -> tuple[Tracker, str | None]:
+def open_fold_run(
+    requested: Params,
+    resolved: Params,
+    effective: Params,
+    fold: int,
+    out_dir: Path,
+    version: str,
+    resuming: bool,
+    tags: dict[str, Any],
+) -> tuple[Tracker, str | None]:
     """The MLflow child run of this fold under the pipeline's parent run (the same one when resuming).
 
     `requested`: the params file as read; `resolved`: with the method preset (its flat form is the
@@ -88,12 +96,16 @@ def open_fold_run(requested: Params, resolved: Params, effective: Params, fold: 
     tracker = Tracker(experiment=resolved.tracking.experiment, enabled=resolved.tracking.enabled)
     flat, wanted = to_flat_dict(effective), to_flat_dict(requested)
     differs = sorted(key for key in flat if wanted.get(key) != flat[key])
-    tags = {**tags, "l2rclip.requested_differs": str(bool(differs)).lower(),
-            "l2rclip.requested_differs_keys": ", ".join(differs) or None}
+    tags = {
+        **tags,
+        "l2rclip.requested_differs": str(bool(differs)).lower(),
+        "l2rclip.requested_differs_keys": ", ".join(differs) or None,
+    }
     name = pipeline_run_name(resolved.data.source, version)
     parent = tracker.parent_run(pipeline_key(to_flat_dict(resolved), version), name=name, params=flat, tags=tags)
-    run_id = (tracker.child_run(parent, f"{name} fold {fold}", flat, {**tags, "l2rclip.fold": fold})
-              if parent else None)
+    run_id = (
+        tracker.child_run(parent, f"{name} fold {fold}", flat, {**tags, "l2rclip.fold": fold}) if parent else None
+    )
     if run_id:
         for run in (parent, run_id):
             tracker.log_dict(run, to_dict(requested), "params/requested.yaml")
@@ -119,8 +131,9 @@ def check_inputs(params: Params, fold: int, prepared: Path) -> tuple[Params, pd.
     return params, images, splits
 
 
-def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path, store_dir: Path | None = None,
-               world: World = SINGLE) -> dict[str, Any]:
+def train_fold(
+    params: Params, fold: int, prepared: Path, out_dir: Path, store_dir: Path | None = None, world: World = SINGLE
+) -> dict[str, Any]:
     """Train fold `fold` from the prepared data into `out_dir`; returns the summary.
 
     `store_dir` is the preprocess stage's image store (None: decode the image files every epoch).
@@ -139,31 +152,57 @@ def train_fold(params: Params, fold: int, prepared: Path, out_dir: Path, store_d
         return _train_locked(requested, params, fold, images, splits, out_dir, prepared, store_dir, device, world)
 
 
-def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataFrame, splits: pd.DataFrame,
-                  out_dir: Path, prepared: Path, store_dir: Path | None, device: torch.device,
-                  world: World) -> dict[str, Any]:
+def _train_locked(
+    requested: Params,
+    params: Params,
+    fold: int,
+    images: pd.DataFrame,
+    splits: pd.DataFrame,
+    out_dir: Path,
+    prepared: Path,
+    store_dir: Path | None,
+    device: torch.device,
+    world: World,
+) -> dict[str, Any]:
     version = data_version(prepared)
     backbone, model_config = resolve_backbone(params.model, device=str(device))
     store = open_store(store_dir, backbone.recipe, params.preprocess.margin)
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
-    meta = {"method": model_config.method, "backbone": model_config.arch, "pretrained": model_config.pretrained,
-            "is_clip": backbone.is_clip, "backbone_kind": backbone.kind, "fold": fold, "data_version": version}
+    meta = {
+        "method": model_config.method,
+        "backbone": model_config.arch,
+        "pretrained": model_config.pretrained,
+        "is_clip": backbone.is_clip,
+        "backbone_kind": backbone.kind,
+        "fold": fold,
+        "data_version": version,
+    }
     device_info = device_report(device, params.train.amp)
     if world.is_main:
         print(f"train fold {fold}: {describe_device(device_info)}", flush=True)
-    tags = {**source_tags("l2rclip.stages.train"), "l2rclip.data_version": version,
-            "l2rclip.backbone": model_config.arch, "l2rclip.backbone_kind": backbone.kind,
-            "l2rclip.pipeline_check": str(backbone.kind == "random").lower()}
+    tags = {
+        **source_tags("l2rclip.stages.train"),
+        "l2rclip.data_version": version,
+        "l2rclip.backbone": model_config.arch,
+        "l2rclip.backbone_kind": backbone.kind,
+        "l2rclip.pipeline_check": str(backbone.kind == "random").lower(),
+    }
     if backbone.kind != "clip":
         tags["mlflow.note.content"] = backbone_label(backbone.kind)
     used = params
     if model_config != params.model and backbone.kind == "random":  # learns from scratch: own rate and length
         fallback = params.model.fallback
-        used = dataclasses.replace(params, train=dataclasses.replace(
-            params.train, lr_image=fallback.lr_image, epochs=fallback.epochs))
-    data = FoldData(images=images, train=select(splits, fold, "train"), val=select(splits, fold, "val"),
-                    root=Path(used.data.root), store=store)
+        used = dataclasses.replace(
+            params, train=dataclasses.replace(params.train, lr_image=fallback.lr_image, epochs=fallback.epochs)
+        )
+    data = FoldData(
+        images=images,
+        train=select(splits, fold, "train"),
+        val=select(splits, fold, "val"),
+        root=Path(used.data.root),
+        store=store,
+    )
     check_schedule(model_config, used.train, used.loss, rank_space)  # before any output is touched
     identity = run_identity(to_flat_dict(used), fold, version)
     state = world.broadcast(_fold_state(out_dir, identity) if world.is_main else None)  # rank 0 decides
@@ -172,18 +211,29 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
     timings, started = Timings.load(timings_path(out_dir), resuming), time.perf_counter()
     timings.start_process()
     effective = dataclasses.replace(used, model=model_config)  # what trains: logged as the run's params
-    tracker, run_id = (open_fold_run(requested, params, effective, fold, out_dir, version, resuming, tags)
-                       if world.is_main else (Tracker(experiment=params.tracking.experiment, enabled=False), None))
+    tracker, run_id = (
+        open_fold_run(requested, params, effective, fold, out_dir, version, resuming, tags)
+        if world.is_main
+        else (Tracker(experiment=params.tracking.experiment, enabled=False), None)
+    )
     params = used
     if run_id:  # on resumption too: the run records where it trained last
         tracker.set_tags(run_id, {f"l2rclip.device.{key}": value for key, value in device_info.items()})
     if resuming:  # the killed process may have saved its last epoch without logging it
         tracker.log_missing_epochs(run_id, state.history)
     else:
-        tracker.log_datasets(run_id, {"train": data.train, "val": data.val}, f"{params.data.source}-fold{fold}",
-                             version, prepared / "splits.csv")
-    monitor = (tracker.system_metrics(run_id, params.tracking.system_metrics_interval, resume=resuming)
-               if params.tracking.system_metrics else contextlib.nullcontext())
+        tracker.log_datasets(
+            run_id,
+            {"train": data.train, "val": data.val},
+            f"{params.data.source}-fold{fold}",
+            version,
+            prepared / "splits.csv",
+        )
+    monitor = (
+        tracker.system_metrics(run_id, params.tracking.system_metrics_interval, resume=resuming)
+        if params.tracking.system_metrics
+        else contextlib.nullcontext()
+    )
 
     def on_epoch(metrics: dict[str, float], epoch: int) -> None:
         if world.is_main:  # after every epoch: a killed process keeps its time
@@ -193,31 +243,74 @@ def _train_locked(requested: Params, params: Params, fold: int, images: pd.DataF
 
     with monitor:
         if model_config.method in UNTRAINED:
-            result = fit_untrained(model_config.method, model, backbone, rank_space, data, model_config,
-                                   params.train, params.eval, backbone.preprocess_eval, out_dir, params.seed,
-                                   device, meta)
+            result = fit_untrained(
+                model_config.method,
+                model,
+                backbone,
+                rank_space,
+                data,
+                model_config,
+                params.train,
+                params.eval,
+                backbone.preprocess_eval,
+                out_dir,
+                params.seed,
+                device,
+                meta,
+            )
             tracker.log_metrics(run_id, {k: v for k, v in result.best_metrics.items() if k.startswith("val/")})
         else:
-            result = fit(model, rank_space, data, model_config, params.train, params.loss, params.eval,
-                         (backbone.preprocess_train, backbone.preprocess_eval), out_dir, params.seed, device,
-                         state, meta=meta, on_epoch=on_epoch, world=world)
+            result = fit(
+                model,
+                rank_space,
+                data,
+                model_config,
+                params.train,
+                params.loss,
+                params.eval,
+                (backbone.preprocess_train, backbone.preprocess_eval),
+                out_dir,
+                params.seed,
+                device,
+                state,
+                meta=meta,
+                on_epoch=on_epoch,
+                world=world,
+            )
     history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
-    summary = {**meta, "best_epoch": result.best_epoch, "best": result.best_metrics,
-               "train_images": len(data.train), "val_images": len(data.val),
-               "label": backbone_label(backbone.kind) or None, "recipe": backbone.recipe.to_dict(),
-               "device": device_info}
+    summary = {
+        **meta,
+        "best_epoch": result.best_epoch,
+        "best": result.best_metrics,
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "label": backbone_label(backbone.kind) or None,
+        "recipe": backbone.recipe.to_dict(),
+        "device": device_info,
+    }
     if not world.is_main:
         return summary
     write_json(out_dir / "summary.json", summary)
     timings.record(time.perf_counter() - started)
     timings.save(timings_path(out_dir))
-    tracker.log_metrics(run_id, {"train_seconds": timings.seconds, "best/epoch": result.best_epoch,
-                                 **{f"best/{k}": v for k, v in result.best_metrics.items()}})
+    tracker.log_metrics(
+        run_id,
+        {
+            "train_seconds": timings.seconds,
+            "best/epoch": result.best_epoch,
+            **{f"best/{k}": v for k, v in result.best_metrics.items()},
+        },
+    )
     tracker.log_artifact(run_id, out_dir / "history.csv")
     tracker.end_run(run_id)  # the run's duration is the training's; later stages log into it
-    log.info("fold %d trained in %.0f s (%.0f s in all processes): best epoch %d, %s", fold, result.seconds,
-             timings.seconds, result.best_epoch,
-             ", ".join(f"{k} {v:.3f}" for k, v in result.best_metrics.items() if k.startswith("val/mae")))
+    log.info(
+        "fold %d trained in %.0f s (%.0f s in all processes): best epoch %d, %s",
+        fold,
+        result.seconds,
+        timings.seconds,
+        result.best_epoch,
+        ", ".join(f"{k} {v:.3f}" for k, v in result.best_metrics.items() if k.startswith("val/mae")),
+    )
     return summary
 
 
@@ -237,15 +330,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Train one fold: validation-based model selection, best and last checkpoints, "
         "resuming from the last one after an interruption. With train.devices x train.nodes > 1 "
         "it relaunches itself under torchrun (multi-node: run the same command on every node).",
-        per_fold=True)
+        per_fold=True,
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def entry() -> int:
         params = load_params(args.params)
         if launched():
-            return train_fold(params, args.fold, args.prepared, args.out, args.store,
-                              World.from_environment()) and 0
+            return (
+                train_fold(params, args.fold, args.prepared, args.out, args.store, World.from_environment()) and 0
+            )
         resolved, _, _ = check_inputs(params, args.fold, args.prepared)
         if world_size(resolved.train) > 1 and resolved.model.method not in UNTRAINED:
             return launch(resolved.train, "l2rclip.stages.train", list(sys.argv[1:] if argv is None else argv))

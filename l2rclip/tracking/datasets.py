@@ -35,8 +35,10 @@ class DvcDatasetSource(DatasetSource):
     @classmethod
     def _resolve(cls, raw_source: Any) -> DvcDatasetSource:
         """Never reached through MLflow (`_can_resolve` is False); a direct call is a caller's error."""
-        raise ValueError(f"a DVC dataset source is built from its file and data version, "
-                         f"DvcDatasetSource(path, data_version); found a raw source {raw_source!r}")
+        raise ValueError(
+            f"a DVC dataset source is built from its file and data version, "
+            f"DvcDatasetSource(path, data_version); found a raw source {raw_source!r}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """What MLflow stores as the dataset's source."""

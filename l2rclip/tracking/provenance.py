@@ -56,8 +56,10 @@ def dvc_experiment() -> dict[str, str | None]:
 
     `dvc exp run` gives every stage `DVC_EXP_NAME` and `DVC_EXP_BASELINE_REV` (dvc/env.py).
     """
-    return {"name": os.environ.get("DVC_EXP_NAME") or None,
-            "baseline": os.environ.get("DVC_EXP_BASELINE_REV") or None}
+    return {
+        "name": os.environ.get("DVC_EXP_NAME") or None,
+        "baseline": os.environ.get("DVC_EXP_BASELINE_REV") or None,
+    }
 
 
 def pipeline_run_name(source: str, version: str) -> str:
@@ -80,8 +82,11 @@ def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
         return {"mlflow.source.git.commit": commit, "git_dirty": None}
     owned = _dvc_owned(cwd, commit)
     counted = [path for path in changed.splitlines() if path and not _is_owned(PurePosixPath(path), owned)]
-    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(counted)).lower(),
-            "l2rclip.git_changed": ", ".join(counted) or None}
+    return {
+        "mlflow.source.git.commit": commit,
+        "git_dirty": str(bool(counted)).lower(),
+        "l2rclip.git_changed": ", ".join(counted) or None,
+    }
 
 
 def _dvc_owned(cwd: str | Path, commit: str) -> set[PurePosixPath]:
@@ -104,8 +109,9 @@ def _dvc_owned(cwd: str | Path, commit: str) -> set[PurePosixPath]:
             continue
         for stage in stages.values() if isinstance(stages, dict) else ():
             owned.update(prefix / name for name in (stage.get("params") or {}))
-            owned.update(prefix / out["path"] for out in stage.get("outs") or ()
-                         if isinstance(out, dict) and "path" in out)
+            owned.update(
+                prefix / out["path"] for out in stage.get("outs") or () if isinstance(out, dict) and "path" in out
+            )
     return owned
 
 
@@ -123,8 +129,14 @@ def source_tags(entry: str, cwd: str | Path = ".") -> dict[str, str | None]:
     except (OSError, KeyError):  # no user name in the environment or password database
         user = None
     experiment = dvc_experiment()
-    return {"mlflow.source.name": entry, "mlflow.source.type": "LOCAL", "mlflow.user": user, **git_state(cwd),
-            DVC_EXP_TAG: experiment["name"], DVC_BASELINE_TAG: experiment["baseline"]}
+    return {
+        "mlflow.source.name": entry,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": user,
+        **git_state(cwd),
+        DVC_EXP_TAG: experiment["name"],
+        DVC_BASELINE_TAG: experiment["baseline"],
+    }
 
 
 def _git(cwd: str | Path, *args: str) -> str | None:

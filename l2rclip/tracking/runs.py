@@ -13,6 +13,7 @@ inputs whose digest is the DVC data version (`Tracker.log_datasets`); system met
 MLflow's own monitor (`Tracker.system_metrics`). A DVC experiment's commit exists only after
 `dvc exp run` has finished: `tag_experiment_commits` adds it to the runs afterwards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,10 +52,13 @@ EXPERIMENT_DESCRIPTION = (
     "run, named after its DVC experiment, with one child run per fold (train, calibrate, evaluate). "
     "Params are the configuration that ran (after method presets and the offline fallback backbone); "
     "the requested one is the artifact params/requested.yaml. Runs tagged l2rclip.pipeline_check=true "
-    "used a randomly initialised backbone: their numbers are NOT CLIP results.")
+    "used a randomly initialised backbone: their numbers are NOT CLIP results."
+)
 # mlflow.experimentKind makes the UI open the training-runs view instead of GenAI traces
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
-                   "mlflow.note.content": EXPERIMENT_DESCRIPTION}
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": EXPERIMENT_DESCRIPTION,
+}
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")  # MLflow accepts only these in param/metric keys
 T = TypeVar("T")
 
@@ -93,7 +97,7 @@ def _text(value: Any, limit: int) -> str:
 def _local_store_dir(uri: str) -> Path | None:
     """The folder that holds a sqlite or file store (where `mlartifacts/` goes), None for servers."""
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).resolve().parent
+        return Path(uri[len("sqlite:///") :]).resolve().parent
     if uri.startswith("file:") or "://" not in uri:  # a file store: a folder of runs
         return Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path)).resolve().parent
     return None
@@ -143,8 +147,12 @@ class Tracker:
     def _disable(self, operation: str, error: Any) -> None:
         if self._enabled:
             self.failure = f"{operation} failed on {self.tracking_uri}: {error}"
-            logger.warning("MLflow tracking disabled: %s failed on %s: %s. Training goes on; local "
-                           "outputs are unaffected.", operation, self.tracking_uri, error)
+            logger.warning(
+                "MLflow tracking disabled: %s failed on %s: %s. Training goes on; local outputs are unaffected.",
+                operation,
+                self.tracking_uri,
+                error,
+            )
         self._enabled = False
 
     def _guard(self, operation: str, call: Callable[[], T]) -> T | None:
@@ -186,9 +194,13 @@ class Tracker:
             return found.experiment_id
 
     def _find_parents(self, key: str) -> list:
-        return list(self._client.search_runs(
-            [self._exp_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
-            order_by=["attributes.start_time ASC", "attributes.run_id ASC"]))
+        return list(
+            self._client.search_runs(
+                [self._exp_id],
+                filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
+                order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
+            )
+        )
 
     def parent_run(self, key: str, name: str, params: dict, tags: dict) -> str | None:
         """Find the pipeline run tagged with `key`, or create it with `params` and `tags`.
@@ -196,6 +208,7 @@ class Tracker:
         Fold processes may race to create it; each then keeps the oldest run with the key and a
         loser deletes its own, so all folds end up under one parent.
         """
+
         def find_or_create() -> str:
             found = self._find_parents(key)
             if found:
@@ -205,6 +218,7 @@ class Tracker:
             if oldest != run_id:
                 self._client.delete_run(run_id)
             return oldest
+
         return self._guard("parent_run", find_or_create)
 
     def child_run(self, parent_id: str, name: str, params: dict, tags: dict) -> str | None:
@@ -219,6 +233,7 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         """Log metrics at `step` in one batch; NaN, infinite or non-numeric values are skipped."""
+
         def log() -> None:
             stamp = int(time.time() * 1000)
             batch = []
@@ -232,6 +247,7 @@ class Tracker:
                     continue
                 batch.append(Metric(_safe_key(key), number, stamp, step or 0))
             self._log_batch(run_id, "metrics", batch, limits.MAX_METRICS_PER_BATCH)
+
         self._guard("log_metrics", log)
 
     def log_missing_epochs(self, run_id: str, history: list[dict[str, Any]]) -> None:
@@ -240,20 +256,23 @@ class Tracker:
         A training killed after saving an epoch but before logging it resumes from that epoch: this
         fills the gap, without logging an epoch twice.
         """
+
         def missing() -> list[dict[str, Any]]:
             shared = set.intersection(*(set(record) - {"epoch", "phase"} for record in history)) if history else ()
             if not shared:  # no key every epoch has: nothing tells logged epochs apart
                 return []
             logged = {m.step for m in self._client.get_metric_history(run_id, _safe_key(min(shared)))}
             return [record for record in history if record["epoch"] not in logged]
+
         for record in self._guard("log_missing_epochs", missing) or ():
-            self.log_metrics(run_id, {k: v for k, v in record.items() if k not in ("epoch", "phase")},
-                             step=record["epoch"])
+            self.log_metrics(
+                run_id, {k: v for k, v in record.items() if k not in ("epoch", "phase")}, step=record["epoch"]
+            )
 
     def _log_batch(self, run_id: str, kind: str, items: list, size: int) -> None:
         """Send `items` as `log_batch(kind=...)` calls of at most `size` (MLflow's per-request limits)."""
         for start in range(0, len(items), size):
-            self._client.log_batch(run_id, **{kind: items[start:start + size]})
+            self._client.log_batch(run_id, **{kind: items[start : start + size]})
 
     def log_params(self, run_id: str, params: dict) -> None:
         """Log (nested) params under dotted keys, stringified and cut to MLflow's length limit."""
@@ -283,25 +302,30 @@ class Tracker:
         """Store `obj` as a JSON or YAML artifact (format from the extension of `artifact_file`)."""
         self._guard("log_dict", lambda: self._client.log_dict(run_id, obj, artifact_file))
 
-    def log_datasets(self, run_id: str, splits: Mapping[str, pd.DataFrame], name: str, digest: str,
-                     source: str | Path) -> None:
+    def log_datasets(
+        self, run_id: str, splits: Mapping[str, pd.DataFrame], name: str, digest: str, source: str | Path
+    ) -> None:
         """Log each split's rows as a dataset input of the run: `<name>-<split>`, digest `digest`.
 
         `splits` maps split names (train, val, calib, test) to their rows; the dataset context tag
         says train, validation, calibration or test. `digest` is the DVC data version and `source`
         the file the rows come from, so MLflow's dataset view names what DVC versions.
         """
+
         def log() -> None:
             from mlflow.data import from_pandas  # imported on use: it loads MLflow's dataset machinery
+
             inputs = []
             for split, rows in splits.items():
                 with warnings.catch_warnings():  # MLflow's hint on integer columns concerns model schemas
                     warnings.simplefilter("ignore", UserWarning)
-                    entity = from_pandas(rows, source=DvcDatasetSource(str(source), digest),
-                                         name=f"{name}-{split}", digest=digest)._to_mlflow_entity()
+                    entity = from_pandas(
+                        rows, source=DvcDatasetSource(str(source), digest), name=f"{name}-{split}", digest=digest
+                    )._to_mlflow_entity()
                 context = InputTag("mlflow.data.context", DATASET_CONTEXTS.get(split, split))
                 inputs.append(DatasetInput(entity, [context]))
             self._client.log_inputs(run_id, datasets=inputs)
+
         self._guard("log_datasets", log)
 
     @contextlib.contextmanager
@@ -312,12 +336,16 @@ class Tracker:
         `resume` continues the step count of an earlier process of the same run. Without a run (or
         with the tracker off) the block just runs.
         """
+
         def start() -> Any:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resume,
-                                           tracking_uri=self.tracking_uri)
+
+            monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=interval, resume_logging=resume, tracking_uri=self.tracking_uri
+            )
             monitor.start()
             return monitor
+
         monitor = self._guard("system_metrics", start) if run_id else None
         try:
             yield
@@ -340,8 +368,12 @@ class Tracker:
         """
         path = Path(folder) / HANDLE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle = {"tracking_uri": self.tracking_uri, "experiment_id": self._experiment_id,
-                  "parent_run_id": parent_id, "run_id": run_id}
+        handle = {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self._experiment_id,
+            "parent_run_id": parent_id,
+            "run_id": run_id,
+        }
         path.write_text(json.dumps(handle, indent=2) + "\n", encoding="utf-8")
         return path
 
@@ -375,15 +407,24 @@ def tag_experiment_commits(repo: str | Path = ".", tracking_uri: str | None = No
     tagged with that experiment's name and baseline. Never fatal: DVC or MLflow failures log one
     warning and tag nothing more.
     """
-    done = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     try:
         shown = json.loads(done.stdout) if done.returncode == 0 else None
     except ValueError:
         shown = None
     if shown is None:
-        logger.warning("cannot read DVC experiments in %s (`dvc exp show --json` exited %d: %s); "
-                       "no commits tagged", repo, done.returncode, done.stderr.strip()[-500:])
+        logger.warning(
+            "cannot read DVC experiments in %s (`dvc exp show --json` exited %d: %s); no commits tagged",
+            repo,
+            done.returncode,
+            done.stderr.strip()[-500:],
+        )
         return 0
     commits = {(baseline, name): rev for baseline, name, rev in _experiment_revs(shown)}
     tracker = Tracker(tracking_uri)
@@ -392,12 +433,15 @@ def tag_experiment_commits(repo: str | Path = ".", tracking_uri: str | None = No
         experiments = [e.experiment_id for e in tracker._client.search_experiments()]
         tagged = 0
         for (baseline, name), rev in commits.items():
-            runs = tracker._client.search_runs(experiments, filter_string=(
-                f"tags.`{DVC_EXP_TAG}` = '{name}' and tags.`{DVC_BASELINE_TAG}` = '{baseline}'"))
+            runs = tracker._client.search_runs(
+                experiments,
+                filter_string=(f"tags.`{DVC_EXP_TAG}` = '{name}' and tags.`{DVC_BASELINE_TAG}` = '{baseline}'"),
+            )
             for run in runs:
                 tracker._client.set_tag(run.info.run_id, DVC_EXP_COMMIT_TAG, rev)
             tagged += len(runs)
         return tagged
+
     return tracker._guard("tag_experiment_commits", tag) or 0
 
 

@@ -46,9 +46,16 @@ def zero_shot_prototypes(backbone: Backbone, rank_space: RankSpace, template: st
     return backbone.model.encode_text(backbone.tokenizer(sentences).to(device), normalize=True).float()
 
 
-def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                     rank_values: np.ndarray, c_grid: tuple[float, ...], seed: int,
-                     eval_config: EvalConfig) -> tuple[np.ndarray, np.ndarray, float, dict[str, float]]:
+def fit_linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    rank_values: np.ndarray,
+    c_grid: tuple[float, ...],
+    seed: int,
+    eval_config: EvalConfig,
+) -> tuple[np.ndarray, np.ndarray, float, dict[str, float]]:
     """Logistic regression on features; C picked by validation MAE (the training fit when no val).
 
     Returns:
@@ -72,10 +79,21 @@ def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray
     return best
 
 
-def fit_untrained(method: str, model: L2RCLIP | OrdinalHeadModel, backbone: Backbone, rank_space: RankSpace,
-                  data: FoldData, model_config: ModelConfig, train: TrainConfig, eval_config: EvalConfig,
-                  eval_transform: Callable, out_dir: Path, seed: int, device: torch.device,
-                  meta: dict) -> TrainResult:
+def fit_untrained(
+    method: str,
+    model: L2RCLIP | OrdinalHeadModel,
+    backbone: Backbone,
+    rank_space: RankSpace,
+    data: FoldData,
+    model_config: ModelConfig,
+    train: TrainConfig,
+    eval_config: EvalConfig,
+    eval_transform: Callable,
+    out_dir: Path,
+    seed: int,
+    device: torch.device,
+    meta: dict,
+) -> TrainResult:
     """Zero-shot CLIP or the linear probe for one fold: writes `best/` like `training.fit` does."""
     start = time.perf_counter()
     extra: dict = {}
@@ -83,15 +101,33 @@ def fit_untrained(method: str, model: L2RCLIP | OrdinalHeadModel, backbone: Back
         model.eval()
         model.cached_prototypes = zero_shot_prototypes(backbone, rank_space, model_config.prompt_template)
     else:
-        features = cached_image_features(model, data.images, data.root, eval_transform, train.feature_cache,
-                                         device, train.eval_batch_size, train.num_workers, train.amp,
-                                         store=data.store).numpy()
+        features = cached_image_features(
+            model,
+            data.images,
+            data.root,
+            eval_transform,
+            train.feature_cache,
+            device,
+            train.eval_batch_size,
+            train.num_workers,
+            train.amp,
+            store=data.store,
+        ).numpy()
         index = {path: i for i, path in enumerate(data.images["path"])}
-        x = {name: features[[index[p] for p in table["path"]]] for name, table in
-             (("train", data.train), ("val", data.val))}
-        weight, bias, c, _ = fit_linear_probe(x["train"], data.train["rank"].to_numpy(), x["val"],
-                                              data.val["rank"].to_numpy(), rank_space.value_array,
-                                              model_config.probe_c, seed, eval_config)
+        x = {
+            name: features[[index[p] for p in table["path"]]]
+            for name, table in (("train", data.train), ("val", data.val))
+        }
+        weight, bias, c, _ = fit_linear_probe(
+            x["train"],
+            data.train["rank"].to_numpy(),
+            x["val"],
+            data.val["rank"].to_numpy(),
+            rank_space.value_array,
+            model_config.probe_c,
+            seed,
+            eval_config,
+        )
         with torch.no_grad():
             model.head.weight.copy_(torch.as_tensor(weight))
             model.head.bias.copy_(torch.as_tensor(bias))

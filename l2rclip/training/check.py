@@ -58,8 +58,7 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
 
     demo = params.data.demo
     root = Path(params.data.root)
-    table = load_source("demo", root, n_per_rank=demo.n_per_rank, image_size=demo.image_size,
-                        seed=params.seed)
+    table = load_source("demo", root, n_per_rank=demo.n_per_rank, image_size=demo.image_size, seed=params.seed)
     table = table.assign(rank=space.indices(table["label"]))
     batch = table.groupby("rank", sort=True).head(per_rank)
     with tempfile.TemporaryDirectory() as folder:
@@ -74,8 +73,9 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
 
     frozen = {name: p.detach().clone() for name, p in model.text_encoder.named_parameters()}
     criterion = phase_loss(params.loss, space, IMAGE_TERMS)  # the one-stage loss
-    optimizer = torch.optim.Adam(model.param_groups(params.train.lr_prompt, params.train.lr_rankformer,
-                                                    params.train.lr_image))
+    optimizer = torch.optim.Adam(
+        model.param_groups(params.train.lr_prompt, params.train.lr_rankformer, params.train.lr_image)
+    )
     losses = []
     model.train()
     for step in range(steps):
@@ -96,9 +96,14 @@ def run_check(params: Params, steps: int = 3, per_rank: int = 3) -> CheckResult:
         assert error < 1e-4, f"truncated prototypes differ from full-length ones by {error:.2e}"
         prototypes = model.cache_prototypes()
         probs = model(images)["logits"].softmax(dim=1).numpy()
-    metrics = ordinal_metrics(probs, labels.numpy(), space.value_array, params.eval.cs_theta,
-                              params.eval.ece_bins)
-    return CheckResult(arch=params.model.arch, is_clip=backbone.is_clip, kind=backbone.kind,
-                       losses=losses, metrics=metrics,
-                       ordinality=prototype_ordinality(prototypes.numpy()), truncation_error=error,
-                       seconds=time.perf_counter() - start)
+    metrics = ordinal_metrics(probs, labels.numpy(), space.value_array, params.eval.cs_theta, params.eval.ece_bins)
+    return CheckResult(
+        arch=params.model.arch,
+        is_clip=backbone.is_clip,
+        kind=backbone.kind,
+        losses=losses,
+        metrics=metrics,
+        ordinality=prototype_ordinality(prototypes.numpy()),
+        truncation_error=error,
+        seconds=time.perf_counter() - start,
+    )

@@ -63,5 +63,7 @@ def import_closure(name: str) -> tuple[Path, ...]:
 def code_hashes(name: str) -> dict[str, str]:
     """sha256 (16 hex) of each file of `import_closure(name)` and of the packaged model configs."""
     files = [*import_closure(name), *sorted((PACKAGE_ROOT / "models" / "configs").glob("*.json"))]
-    return {f.relative_to(PACKAGE_ROOT.parent).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()[:16]
-            for f in files}
+    return {
+        f.relative_to(PACKAGE_ROOT.parent).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+        for f in files
+    }

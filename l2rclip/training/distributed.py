@@ -92,8 +92,11 @@ class World:
     @classmethod
     def from_environment(cls) -> World:
         """The world torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK (one process without them)."""
-        return cls(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
-                   local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
 
     def barrier(self) -> None:
         """Wait for every rank (nothing to wait for alone)."""
@@ -118,15 +121,21 @@ def world_size(train: TrainConfig) -> int:
         if getattr(train, key) < 1:
             raise ConfigError(f"'train.{key}': expected an integer >= 1, found {getattr(train, key)}")
     if train.nodes > 1 and not train.rdzv_endpoint:
-        raise ConfigError(f"'train.rdzv_endpoint': train.nodes is {train.nodes}, so the nodes need a "
-                          "rendezvous: expected host:port of a machine every node reaches, found null")
+        raise ConfigError(
+            f"'train.rdzv_endpoint': train.nodes is {train.nodes}, so the nodes need a "
+            "rendezvous: expected host:port of a machine every node reaches, found null"
+        )
     size = train.devices * train.nodes
     if size > 1 and train.device.startswith("cuda:"):
-        raise ConfigError(f"'train.device': {train.device!r} names one GPU but train.devices x nodes is {size}; "
-                          "expected auto, cuda or cpu (each process takes cuda:LOCAL_RANK)")
+        raise ConfigError(
+            f"'train.device': {train.device!r} names one GPU but train.devices x nodes is {size}; "
+            "expected auto, cuda or cpu (each process takes cuda:LOCAL_RANK)"
+        )
     if size > 1 and train.batch_size < size:
-        raise ConfigError(f"'train.batch_size': {train.batch_size} is the global batch, split over {size} "
-                          f"processes; expected at least {size}")
+        raise ConfigError(
+            f"'train.batch_size': {train.batch_size} is the global batch, split over {size} "
+            f"processes; expected at least {size}"
+        )
     return size
 
 
@@ -182,8 +191,11 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
     if not world.distributed:
         yield
         return
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=COLLECTIVE_TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         yield
     finally:
@@ -221,8 +233,9 @@ def wrap(model: torch.nn.Module, device: torch.device, world: World) -> torch.nn
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   forward_sync_buffers=False)
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+    )
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -318,12 +331,13 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # The N ranks' gradients for this slice are equal; their sum is N times this rank's.
-        mine = grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        mine = grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
         return mine * ctx.size, None, None
 
 
-def gather_batch(outputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
-                 world: World) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def gather_batch(
+    outputs: Mapping[str, torch.Tensor], labels: torch.Tensor, world: World
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The global batch's outputs and labels on every rank, in global order, padding dropped.
 
     Args:
@@ -336,6 +350,8 @@ def gather_batch(outputs: Mapping[str, torch.Tensor], labels: torch.Tensor,
     dist.all_gather(parts, labels.contiguous())
     every = torch.cat(parts)  # (N * B/N,)
     real = every != PADDING_LABEL
-    gathered = {key: value if key in SHARED_OUTPUTS else _GatherRows.apply(value, world.rank, world.size)[real]
-                for key, value in outputs.items()}
+    gathered = {
+        key: value if key in SHARED_OUTPUTS else _GatherRows.apply(value, world.rank, world.size)[real]
+        for key, value in outputs.items()
+    }
     return gathered, every[real]

@@ -49,10 +49,18 @@ def images_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str | Path,
-                          transform: Callable, cache_dir: str | Path, device: torch.device,
-                          batch_size: int = 64, num_workers: int | str = 0, amp: bool = False,
-                          store: ImageStore | None = None) -> torch.Tensor:
+def cached_image_features(
+    model: torch.nn.Module,
+    table: pd.DataFrame,
+    root: str | Path,
+    transform: Callable,
+    cache_dir: str | Path,
+    device: torch.device,
+    batch_size: int = 64,
+    num_workers: int | str = 0,
+    amp: bool = False,
+    store: ImageStore | None = None,
+) -> torch.Tensor:
     """L2-normalised features of every image in `table`, in table order: (N, E), on the CPU.
 
     Args:
@@ -71,8 +79,11 @@ def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str
     root = Path(root)
     paths = [root / p for p in table["path"]]
     # The key says where the pixels come from: the files and the transform, or the store's shards.
-    source = (f"{store.spec}|{images_fingerprint(store.shard_files)}" if store is not None
-              else f"{transform!r}|{images_fingerprint(paths)}")
+    source = (
+        f"{store.spec}|{images_fingerprint(store.shard_files)}"
+        if store is not None
+        else f"{transform!r}|{images_fingerprint(paths)}"
+    )
     key = hashlib.blake2b(digest_size=16)
     for part in (recipe_of(model).key(), weights_fingerprint(model.image_encoder), source):
         key.update(part.encode())
@@ -84,8 +95,13 @@ def cached_image_features(model: torch.nn.Module, table: pd.DataFrame, root: str
     if store is not None:
         batches = store_eval_batches(table, store, batch_size, num_workers, device)
     else:
-        loader = make_loader(RankImageDataset(table, root, transform), batch_size, shuffle=False,
-                             num_workers=num_workers, device=device)
+        loader = make_loader(
+            RankImageDataset(table, root, transform),
+            batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            device=device,
+        )
         batches = (images.to(device, non_blocking=True) for images, _ in loader)
     chunks = []
     model.eval()

@@ -70,18 +70,25 @@ class Phase:
 def schedule_phases(train: TrainConfig, image_tower: str, method: str = "l2rclip") -> list[Phase]:
     """The phases of `train.schedule`; two-stage needs prompts and a trainable image tower."""
     if train.epochs < 1 or (train.schedule == "two_stage" and train.stage1_epochs < 0):
-        raise ValueError(f"train.epochs: expected at least 1 (stage1_epochs >= 0), found epochs={train.epochs}, "
-                         f"stage1_epochs={train.stage1_epochs}")
+        raise ValueError(
+            f"train.epochs: expected at least 1 (stage1_epochs >= 0), found epochs={train.epochs}, "
+            f"stage1_epochs={train.stage1_epochs}"
+        )
     if train.schedule == "one_stage":
         return [Phase("one_stage", train.epochs, IMAGE_TERMS, image_tower == "train", True)]
     if method in HEAD_KINDS:
-        raise ValueError(f"train.schedule two_stage learns prompts in stage 1; model.method {method} has "
-                         "none: use one_stage")
+        raise ValueError(
+            f"train.schedule two_stage learns prompts in stage 1; model.method {method} has none: use one_stage"
+        )
     if image_tower != "train":
-        raise ValueError("train.schedule two_stage trains the image tower in stage 2: "
-                         "expected model.image_tower: train, found frozen")
-    return [Phase("stage1", train.stage1_epochs, PROMPT_TERMS, False, True),
-            Phase("stage2", train.epochs, IMAGE_TERMS, True, False)]
+        raise ValueError(
+            "train.schedule two_stage trains the image tower in stage 2: "
+            "expected model.image_tower: train, found frozen"
+        )
+    return [
+        Phase("stage1", train.stage1_epochs, PROMPT_TERMS, False, True),
+        Phase("stage2", train.epochs, IMAGE_TERMS, True, False),
+    ]
 
 
 @dataclass
@@ -105,8 +112,9 @@ class TrainResult:
     seconds: float
 
 
-def phase_loss(loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...],
-               method: str = "l2rclip") -> OrdinalLoss | HeadLoss:
+def phase_loss(
+    loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...], method: str = "l2rclip"
+) -> OrdinalLoss | HeadLoss:
     """The loss of a phase: the configured weights of its terms, other terms switched off.
 
     Ordinal heads have their own loss (CE, CORAL or CORN) instead of the prompt losses.
@@ -119,8 +127,7 @@ def phase_loss(loss: LossConfig, rank_space: RankSpace, terms: tuple[str, ...],
     return OrdinalLoss(rank_space.values, **{**dataclasses.asdict(loss), **weights})
 
 
-def check_schedule(model_config: ModelConfig, train: TrainConfig, loss: LossConfig,
-                   rank_space: RankSpace) -> None:
+def check_schedule(model_config: ModelConfig, train: TrainConfig, loss: LossConfig, rank_space: RankSpace) -> None:
     """Raise the errors `fit` would raise for a schedule or loss that cannot run, without training.
 
     A stage calls this before it touches its outputs, so bad settings never cost earlier results.
@@ -131,11 +138,23 @@ def check_schedule(model_config: ModelConfig, train: TrainConfig, loss: LossConf
         phase_loss(loss, rank_space, phase.terms, model_config.method)
 
 
-def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData, model_config: ModelConfig,
-        train: TrainConfig, loss: LossConfig, eval_config: EvalConfig, transforms: tuple[Callable, Callable],
-        out_dir: Path, seed: int, device: torch.device, state: TrainState,
-        on_epoch: Callable[[dict, int], None] = lambda metrics, epoch: None,
-        meta: dict | None = None, world: World = SINGLE) -> TrainResult:
+def fit(
+    model: L2RCLIP | OrdinalHeadModel,
+    rank_space: RankSpace,
+    data: FoldData,
+    model_config: ModelConfig,
+    train: TrainConfig,
+    loss: LossConfig,
+    eval_config: EvalConfig,
+    transforms: tuple[Callable, Callable],
+    out_dir: Path,
+    seed: int,
+    device: torch.device,
+    state: TrainState,
+    on_epoch: Callable[[dict, int], None] = lambda metrics, epoch: None,
+    meta: dict | None = None,
+    world: World = SINGLE,
+) -> TrainResult:
     """Train with the configured schedule, writing `best/`, `last/` and resuming from `last/`.
 
     Args:
@@ -169,17 +188,29 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
     if any(not p.train_image_tower for p in phases):
         if not world.is_main:
             world.barrier()  # rank 0 encodes and writes the cache first; the others read it
-        features = cached_image_features(model, data.images, data.root, transforms[1], train.feature_cache,
-                                         device, train.eval_batch_size, train.num_workers, train.amp,
-                                         store=data.store)
+        features = cached_image_features(
+            model,
+            data.images,
+            data.root,
+            transforms[1],
+            train.feature_cache,
+            device,
+            train.eval_batch_size,
+            train.num_workers,
+            train.amp,
+            store=data.store,
+        )
         if world.is_main:
             world.barrier()
         index = {path: i for i, path in enumerate(data.images["path"])}
-        features = {split: features[[index[p] for p in table["path"]]]
-                    for split, table in (("train", data.train), ("val", data.val))}
+        features = {
+            split: features[[index[p] for p in table["path"]]]
+            for split, table in (("train", data.train), ("val", data.val))
+        }
     first_epoch, restored, resumed_after = 0, False, state.epoch
-    store_batches = (StoreBatches(data.train, data.store, train, seed, device, world)
-                     if data.store is not None else None)
+    store_batches = (
+        StoreBatches(data.train, data.store, train, seed, device, world) if data.store is not None else None
+    )
     for phase in phases:
         end = first_epoch + phase.epochs
         if state.epoch >= end:
@@ -198,8 +229,11 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
         use_features = features is not None and not phase.train_image_tower
         network = wrap(model, device, world)
         # Image batches are split over the ranks and gathered for the loss; feature batches are whole.
-        gather = None if use_features or not world.distributed else (
-            lambda outputs, labels: gather_batch(outputs, labels, world))
+        gather = (
+            None
+            if use_features or not world.distributed
+            else (lambda outputs, labels: gather_batch(outputs, labels, world))
+        )
         for epoch in range(state.epoch, end):
             torch.manual_seed(seed * 10_000 + epoch)
             if use_features:
@@ -209,11 +243,34 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
             else:
                 batches = _image_batches(data.train, data.root, transforms[0], train, seed * 10_000 + epoch, world)
             tick = time.perf_counter()
-            terms = _train_epoch(network, criterion, optimizer, scheduler, batches, fixed_text, train, device,
-                                 f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}", steps, gather,
-                                 quiet=not world.is_main)
-            val = world.broadcast(validate(model, data, features if use_features else None, transforms[1], train,
-                                           eval_config, rank_space, device) if world.is_main else None)
+            terms = _train_epoch(
+                network,
+                criterion,
+                optimizer,
+                scheduler,
+                batches,
+                fixed_text,
+                train,
+                device,
+                f"{phase.name} {epoch + 1}/{sum(p.epochs for p in phases)}",
+                steps,
+                gather,
+                quiet=not world.is_main,
+            )
+            val = world.broadcast(
+                validate(
+                    model,
+                    data,
+                    features if use_features else None,
+                    transforms[1],
+                    train,
+                    eval_config,
+                    rank_space,
+                    device,
+                )
+                if world.is_main
+                else None
+            )
             seconds = time.perf_counter() - tick
             record = {"epoch": epoch + 1, "phase": phase.name, **prefix_metrics(terms, "train"), **val}
             state.history.append(record)
@@ -226,19 +283,29 @@ def fit(model: L2RCLIP | OrdinalHeadModel, rank_space: RankSpace, data: FoldData
             if not world.is_main:
                 continue
             if better:
-                save_model(model, best_dir, model_config, rank_space,
-                           extra={**meta, "epoch": epoch + 1, "val": val})
+                save_model(
+                    model, best_dir, model_config, rank_space, extra={**meta, "epoch": epoch + 1, "val": val}
+                )
             save_state(last_dir, model, model_config, rank_space, optimizer, scheduler, state, meta)
-            on_epoch({**{k: v for k, v in record.items() if k not in ("epoch", "phase")},
-                      "epoch_seconds": seconds}, epoch + 1)
-            log.info("epoch %d/%d [%s] loss %.4f | %s | %.1f s, %.0f img/s", epoch + 1,
-                     sum(p.epochs for p in phases), phase.name, terms["loss"],
-                     ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k in ("val/mae", "val/accuracy")),
-                     seconds, len(data.train) / seconds)
+            on_epoch(
+                {**{k: v for k, v in record.items() if k not in ("epoch", "phase")}, "epoch_seconds": seconds},
+                epoch + 1,
+            )
+            log.info(
+                "epoch %d/%d [%s] loss %.4f | %s | %.1f s, %.0f img/s",
+                epoch + 1,
+                sum(p.epochs for p in phases),
+                phase.name,
+                terms["loss"],
+                ", ".join(f"{k} {v:.3f}" for k, v in val.items() if k in ("val/mae", "val/accuracy")),
+                seconds,
+                len(data.train) / seconds,
+            )
         first_epoch = end
     best = next(r for r in state.history if r["epoch"] == state.best_epoch)
-    return TrainResult(best_epoch=state.best_epoch, best_metrics=best, history=state.history,
-                       seconds=time.perf_counter() - start)
+    return TrainResult(
+        best_epoch=state.best_epoch, best_metrics=best, history=state.history, seconds=time.perf_counter() - start
+    )
 
 
 def parameter_groups(model: L2RCLIP | OrdinalHeadModel, train: TrainConfig) -> list[dict]:
@@ -258,13 +325,27 @@ class StoreBatches:
     number of processes or loader workers.
     """
 
-    def __init__(self, table: pd.DataFrame, store: ImageStore, train: TrainConfig, seed: int,
-                 device: torch.device, world: World = SINGLE):
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        store: ImageStore,
+        train: TrainConfig,
+        seed: int,
+        device: torch.device,
+        world: World = SINGLE,
+    ):
         self.store, self.seed, self.device, self.world = store, seed, device, world
         self.sampler = GlobalBatchSampler(len(table), train.batch_size, seed, world)
-        self.loader = make_loader(StoreDataset(table, store), train.batch_size, shuffle=True,
-                                  num_workers=train.num_workers, device=device, batch_sampler=self.sampler,
-                                  collate_fn=collate_batch, persistent=True)
+        self.loader = make_loader(
+            StoreDataset(table, store),
+            train.batch_size,
+            shuffle=True,
+            num_workers=train.num_workers,
+            device=device,
+            batch_sampler=self.sampler,
+            collate_fn=collate_batch,
+            persistent=True,
+        )
 
     def epoch(self, epoch: int) -> Iterator[tuple[dict, torch.Tensor]]:
         """The batches of `epoch`: normalised random crops (B, 3, H, W) on the device, and ranks (B,)."""
@@ -279,18 +360,25 @@ class StoreBatches:
             yield {"images": normalize(crops, spec)}, labels
 
 
-def _image_batches(table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig,
-                   seed: int, world: World = SINGLE) -> Iterator[tuple[dict, torch.Tensor]]:
+def _image_batches(
+    table: pd.DataFrame, root: Path, transform: Callable, train: TrainConfig, seed: int, world: World = SINGLE
+) -> Iterator[tuple[dict, torch.Tensor]]:
     # This rank's slice of each seeded global batch; augmentation seeded per image (l2rclip.training.distributed).
-    loader = make_loader(SeededSamples(RankImageDataset(table, root, transform), seed), train.batch_size,
-                         shuffle=True, num_workers=train.num_workers, seed=seed,
-                         batch_sampler=GlobalBatchSampler(len(table), train.batch_size, seed, world))
+    loader = make_loader(
+        SeededSamples(RankImageDataset(table, root, transform), seed),
+        train.batch_size,
+        shuffle=True,
+        num_workers=train.num_workers,
+        seed=seed,
+        batch_sampler=GlobalBatchSampler(len(table), train.batch_size, seed, world),
+    )
     for images, labels in loader:
         yield {"images": images}, labels
 
 
-def _feature_batches(features: torch.Tensor, table: pd.DataFrame, batch_size: int,
-                     seed: int) -> Iterator[tuple[dict, torch.Tensor]]:
+def _feature_batches(
+    features: torch.Tensor, table: pd.DataFrame, batch_size: int, seed: int
+) -> Iterator[tuple[dict, torch.Tensor]]:
     labels = torch.tensor(table["rank"].to_numpy(dtype=np.int64))  # (N,); a copy: pandas arrays are read-only
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     for chunk in order.split(batch_size):
@@ -306,11 +394,20 @@ def optimisation_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad
     optimizer.step()
 
 
-def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | HeadLoss,
-                 optimizer: torch.optim.Optimizer, scheduler,
-                 batches, fixed_text: torch.Tensor | None, train: TrainConfig, device: torch.device,
-                 description: str, total: int, gather: Callable | None = None,
-                 quiet: bool = False) -> dict[str, float]:
+def _train_epoch(
+    model: L2RCLIP | OrdinalHeadModel,
+    criterion: OrdinalLoss | HeadLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batches,
+    fixed_text: torch.Tensor | None,
+    train: TrainConfig,
+    device: torch.device,
+    description: str,
+    total: int,
+    gather: Callable | None = None,
+    quiet: bool = False,
+) -> dict[str, float]:
     """One pass over the training batches; returns the mean of every loss term.
 
     `gather` turns this rank's outputs and labels into the global batch's (data-parallel image
@@ -339,22 +436,43 @@ def _train_epoch(model: L2RCLIP | OrdinalHeadModel, criterion: OrdinalLoss | Hea
     return {name: total / max(count, 1) for name, total in sums.items()}
 
 
-def validate(model: L2RCLIP | OrdinalHeadModel, data: FoldData, features: dict | None, transform: Callable,
-              train: TrainConfig, eval_config: EvalConfig, rank_space: RankSpace,
-              device: torch.device) -> dict[str, float]:
+def validate(
+    model: L2RCLIP | OrdinalHeadModel,
+    data: FoldData,
+    features: dict | None,
+    transform: Callable,
+    train: TrainConfig,
+    eval_config: EvalConfig,
+    rank_space: RankSpace,
+    device: torch.device,
+) -> dict[str, float]:
     """`val/...` metrics on the validation split (empty dict when there is none)."""
     if data.val.empty:
         return {}
     if features is not None:
         batches = ({"image_features": chunk} for chunk in features["val"].split(train.eval_batch_size))
     elif data.store is not None:
-        batches = ({"images": images} for images in store_eval_batches(
-            data.val, data.store, train.eval_batch_size, train.num_workers, device))
+        batches = (
+            {"images": images}
+            for images in store_eval_batches(
+                data.val, data.store, train.eval_batch_size, train.num_workers, device
+            )
+        )
     else:
-        loader = make_loader(RankImageDataset(data.val, data.root, transform), train.eval_batch_size,
-                             shuffle=False, num_workers=train.num_workers)
+        loader = make_loader(
+            RankImageDataset(data.val, data.root, transform),
+            train.eval_batch_size,
+            shuffle=False,
+            num_workers=train.num_workers,
+        )
         batches = ({"images": images} for images, _ in loader)
     probs, point = predict_outputs(model, batches, device, train.amp)
-    metrics = ordinal_metrics(probs, data.val["rank"].to_numpy(), rank_space.value_array,
-                              eval_config.cs_theta, eval_config.ece_bins, point)
+    metrics = ordinal_metrics(
+        probs,
+        data.val["rank"].to_numpy(),
+        rank_space.value_array,
+        eval_config.cs_theta,
+        eval_config.ece_bins,
+        point,
+    )
     return prefix_metrics(metrics, "val")

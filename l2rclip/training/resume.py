@@ -46,11 +46,26 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 # What reading a damaged state raises (json, safetensors, torch.load's zip and unpickler).
-UNREADABLE = (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, pickle.UnpicklingError,
-              SafetensorError)
+UNREADABLE = (
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    RuntimeError,
+    EOFError,
+    pickle.UnpicklingError,
+    SafetensorError,
+)
 # Libraries whose version can change the numbers a training step computes.
-COMPUTING_LIBRARIES = ("torch", "open_clip_torch", "numpy", "safetensors", "pillow", "coral-pytorch",
-                       "scikit-learn")
+COMPUTING_LIBRARIES = (
+    "torch",
+    "open_clip_torch",
+    "numpy",
+    "safetensors",
+    "pillow",
+    "coral-pytorch",
+    "scikit-learn",
+)
 
 
 def library_versions() -> dict[str, str]:
@@ -64,15 +79,21 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def run_identity(params: dict[str, Any], fold: int, data_version: str,
-                 stage: str = "l2rclip.stages.train") -> dict[str, Any]:
+def run_identity(
+    params: dict[str, Any], fold: int, data_version: str, stage: str = "l2rclip.stages.train"
+) -> dict[str, Any]:
     """What makes two training runs the same computation: params, fold, data, code, libraries.
 
     The code is the import closure of the `stage` module (`l2rclip.training.code_deps`), which is what
     dvc.yaml lists as the stage's code deps.
     """
-    return {"params": params, "fold": fold, "data": data_version, "code": code_hashes(stage),
-            "libraries": library_versions()}
+    return {
+        "params": params,
+        "fold": fold,
+        "data": data_version,
+        "code": code_hashes(stage),
+        "libraries": library_versions(),
+    }
 
 
 def identity_fingerprint(identity: dict[str, Any]) -> str:
@@ -89,8 +110,11 @@ def identity_difference(saved: dict[str, Any] | None, current: dict[str, Any]) -
     current = _as_json(current)
     parts = []
     if saved.get("params") != current["params"]:
-        keys = sorted(k for k in set(saved.get("params", {})) | set(current["params"])
-                      if saved.get("params", {}).get(k) != current["params"].get(k))
+        keys = sorted(
+            k
+            for k in set(saved.get("params", {})) | set(current["params"])
+            if saved.get("params", {}).get(k) != current["params"].get(k)
+        )
         parts.append("params " + ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else ""))
     if saved.get("fold") != current["fold"]:
         parts.append(f"fold {saved.get('fold')} -> {current['fold']}")
@@ -101,8 +125,11 @@ def identity_difference(saved: dict[str, Any] | None, current: dict[str, Any]) -
     if changed:
         parts.append("code " + ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else ""))
     old_libs, new_libs = saved.get("libraries", {}), current["libraries"]
-    libs = [f"{k} {old_libs.get(k)} -> {new_libs.get(k)}" for k in sorted(set(old_libs) | set(new_libs))
-            if old_libs.get(k) != new_libs.get(k)]
+    libs = [
+        f"{k} {old_libs.get(k)} -> {new_libs.get(k)}"
+        for k in sorted(set(old_libs) | set(new_libs))
+        if old_libs.get(k) != new_libs.get(k)
+    ]
     if libs:
         parts.append("libraries " + ", ".join(libs))
     return "; ".join(parts) or "nothing visible (fingerprint scheme changed)"
@@ -125,15 +152,21 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def save_state(folder: Path, model: torch.nn.Module, config: ModelConfig, rank_space: RankSpace,
-               optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-               extra: dict[str, Any]) -> None:
+def save_state(
+    folder: Path,
+    model: torch.nn.Module,
+    config: ModelConfig,
+    rank_space: RankSpace,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: TrainState,
+    extra: dict[str, Any],
+) -> None:
     """Atomically replace `folder` with the current training state."""
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp, config, rank_space, extra={**extra, "epoch": state.epoch})
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               tmp / OPTIMIZER_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1, sort_keys=True), encoding="utf-8")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
@@ -158,12 +191,19 @@ def find_state(folder: Path, identity: dict[str, Any], aside: Path | None = None
         state = _read_state(folder)
     except UNREADABLE as error:
         moved = quarantine(folder, aside or folder.parent)
-        log.warning("the training state in %s cannot be read (%s); moved it to %s and starting afresh",
-                    folder, error, moved)
+        log.warning(
+            "the training state in %s cannot be read (%s); moved it to %s and starting afresh",
+            folder,
+            error,
+            moved,
+        )
         return None
     if state.fingerprint != identity_fingerprint(identity):
-        log.warning("starting afresh: the training state in %s is from another computation (%s differ)",
-                    folder, identity_difference(state.identity, identity))
+        log.warning(
+            "starting afresh: the training state in %s is from another computation (%s differ)",
+            folder,
+            identity_difference(state.identity, identity),
+        )
         return None
     return state
 
@@ -192,8 +232,9 @@ def quarantine(folder: Path, into: Path) -> Path:
     return moved
 
 
-def restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-            scheduler: Any = None) -> None:
+def restore(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
+) -> None:
     """Load the saved model weights, and the optimiser and scheduler state when given (mid-phase)."""
     model.load_state_dict(load_file(folder / WEIGHTS_FILE, device=str(next(model.parameters()).device)))
     if optimizer is not None:

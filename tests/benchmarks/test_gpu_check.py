@@ -36,9 +36,12 @@ def test_the_shell_entry_needs_an_output_folder():
 @pytest.mark.slow
 def test_the_shell_entry_runs_the_check_with_its_limit(tmp_path):
     # Later arguments win: --device cpu turns the GPU command into the smoke run on this machine.
-    result = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), str(tmp_path), "--device", "cpu",
-                             "--parts", "ae"], capture_output=True, text=True, env={**os.environ,
-                                                                                  "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks/gpu_check.sh"), str(tmp_path), "--device", "cpu", "--parts", "ae"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "a_train_step" in saved and "e_fp32_device_vs_cpu" in saved and "b_loader" not in saved

@@ -63,10 +63,14 @@ def morph_name(line: str) -> str:
 
 # --- MORPH ---------------------------------------------------------------------------------------
 
+
 def test_morph_setting_a(lists, tmp_path):
     folder = lists / "morph" / "settingA"
-    expected = {(k, split): lines(folder / f"Setting_A_fold{k}_{split}.txt", header=True)
-                for k in range(5) for split in ("train", "test")}
+    expected = {
+        (k, split): lines(folder / f"Setting_A_fold{k}_{split}.txt", header=True)
+        for k in range(5)
+        for split in ("train", "test")
+    }
     names = [morph_name(line) for rows in expected.values() for line in rows]
     present = set(sorted(set(names))[::20])  # images for a sample: the others must be missing_file rows
     dummy_images(tmp_path / "Album2", sorted(present))
@@ -116,6 +120,7 @@ def test_morph_settings_c_and_d(lists, tmp_path, setting):
 
 
 # --- Adience, HCI, CrowdBeauty, CLAP2015 ---------------------------------------------------------
+
 
 def test_adience_simplified_folds(lists, tmp_path):
     expected = [lines(lists / "adience" / f"simplified_adience_{k}.txt") for k in range(5)]

@@ -39,8 +39,13 @@ def test_loader_order_and_worker_randomness_follow_the_seed(tmp_path):
     def epoch(transform, seed: int, workers: int) -> list[torch.Tensor]:
         np.random.seed(seed + 1000 * len(draws))  # the parent's state differs on every call...
         draws.append(seed)
-        loader = make_loader(RankImageDataset(table, tmp_path, transform), batch_size=4, shuffle=True,
-                             num_workers=workers, seed=seed)
+        loader = make_loader(
+            RankImageDataset(table, tmp_path, transform),
+            batch_size=4,
+            shuffle=True,
+            num_workers=workers,
+            seed=seed,
+        )
         return [torch.cat([images.flatten(1)[:, 0], ranks.float()]) for images, ranks in loader]
 
     draws: list[int] = []

@@ -98,8 +98,9 @@ def test_placement_fits_in_the_smallest_allowed_image(count):
     assert len(shapes) == count
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [({"n_per_rank": 0}, "n_per_rank"),
-                                                 ({"image_size": MIN_IMAGE_SIZE - 1}, "image_size")])
+@pytest.mark.parametrize(
+    ("kwargs", "message"), [({"n_per_rank": 0}, "n_per_rank"), ({"image_size": MIN_IMAGE_SIZE - 1}, "image_size")]
+)
 def test_bad_settings_are_rejected(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_demo(tmp_path, **kwargs)

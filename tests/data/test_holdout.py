@@ -40,9 +40,15 @@ def test_rows_without_groups_hash_by_path_and_the_version_names_the_set():
 
 
 def params(root, fraction: float) -> Params:
-    return from_dict(Params, {"folds": [0, 1], "ranks": {"start": 1, "stop": 10},
-                              "data": {"source": "csv", "root": str(root)},
-                              "split": {"n_folds": 2, "val_fraction": 0.25, "holdout_fraction": fraction}})
+    return from_dict(
+        Params,
+        {
+            "folds": [0, 1],
+            "ranks": {"start": 1, "stop": 10},
+            "data": {"source": "csv", "root": str(root)},
+            "split": {"n_folds": 2, "val_fraction": 0.25, "holdout_fraction": fraction},
+        },
+    )
 
 
 def test_added_images_never_move_an_old_gate_image_into_training(tmp_path):
@@ -61,14 +67,18 @@ def test_added_images_never_move_an_old_gate_image_into_training(tmp_path):
     assert set(gate_before["path"]) <= set(gate_after["path"])  # old gate images stay in the gate
     assert not set(gate_after["path"]) & set(splits["path"])  # and the gate is in no fold's train/val/test
     assert not set(gate_after["path"]) - set(gate_before["path"]) & set(old["path"])  # no old image joins it
-    assert summary["holdout"] == {"images": len(gate_after), "spec": "fraction=0.2;salt=l2rclip-gate",
-                                  "version": holdout_version(gate_after)}
+    assert summary["holdout"] == {
+        "images": len(gate_after),
+        "spec": "fraction=0.2;salt=l2rclip-gate",
+        "version": holdout_version(gate_after),
+    }
 
 
 def test_no_holdout_leaves_the_published_protocol_untouched(tmp_path):
     root = tmp_path / "images"
-    generate_demo(root, n_per_rank=10, image_size=48)[["path", "label", "group"]].to_csv(root / "labels.csv",
-                                                                                           index=False)
+    generate_demo(root, n_per_rank=10, image_size=48)[["path", "label", "group"]].to_csv(
+        root / "labels.csv", index=False
+    )
     prepare(params(root, 0.0), tmp_path / "out")
     assert pd.read_csv(tmp_path / "out/holdout.csv").empty
     assert read_splits(tmp_path / "out/splits.csv").query("split == 'test'")["path"].nunique() == 100

@@ -18,9 +18,15 @@ def grouped_table(n_groups: int = 30, per_group: int = 4, seed: int = 0) -> pd.D
     rng = np.random.default_rng(seed)
     ranks = rng.integers(0, 5, n_groups * per_group)
     ranks[:5] = range(5)
-    return pd.DataFrame({"path": [f"img{i:04d}.png" for i in range(len(ranks))],
-                         "group": [f"s{i // per_group:03d}" for i in range(len(ranks))],
-                         "label": ranks + 1, "rank": ranks, "value": ranks + 1.0})
+    return pd.DataFrame(
+        {
+            "path": [f"img{i:04d}.png" for i in range(len(ranks))],
+            "group": [f"s{i // per_group:03d}" for i in range(len(ranks))],
+            "label": ranks + 1,
+            "rank": ranks,
+            "value": ranks + 1.0,
+        }
+    )
 
 
 def ungrouped(table: pd.DataFrame) -> pd.DataFrame:
@@ -42,8 +48,9 @@ def test_kfold_grouped_is_disjoint_and_tests_every_image_once():
     for _fold, rows in splits.groupby("fold"):
         assert rows["path"].is_unique  # val and train never overlap, nor with test
         assert len(rows) == len(table)
-        assert rows["split"].value_counts()["val"] == pytest.approx(0.2 * (rows["split"] != "test").sum(),
-                                                                   rel=0.35)
+        assert rows["split"].value_counts()["val"] == pytest.approx(
+            0.2 * (rows["split"] != "test").sum(), rel=0.35
+        )
     assert list(splits.columns) == ["fold", "split", "path", "group", "label", "rank", "value"]
 
 
@@ -63,8 +70,7 @@ def test_kfold_without_groups_uses_single_images():
 
 def test_logo_has_one_fold_per_group():
     table = grouped_table(n_groups=12)
-    splits = make_splits(table, SplitConfig(protocol="logo", val_fraction=0.2), seed=0,
-                         rank_space=RANKS)
+    splits = make_splits(table, SplitConfig(protocol="logo", val_fraction=0.2), seed=0, rank_space=RANKS)
     assert splits["fold"].nunique() == 12
     assert (splits[splits["split"] == "test"].groupby("fold")["group"].nunique() == 1).all()
     assert_group_disjoint(splits)
@@ -82,12 +88,18 @@ def test_given_folds_splits_and_fold_lists():
     by_split = table.assign(split=np.where(table.index < 60, "train", "test"))
     splits = make_splits(by_split, SplitConfig(protocol="given"), seed=0, rank_space=RANKS)
     assert set(select(splits, 0, "val")["path"]) <= set(table["path"][:60])
-    fold_list = pd.concat([table.assign(fold=f, split=np.roll(np.repeat(["train", "val", "test"],
-                                                                       [80, 20, 20]), 40 * f))
-                           for f in range(2)], ignore_index=True)
+    fold_list = pd.concat(
+        [
+            table.assign(fold=f, split=np.roll(np.repeat(["train", "val", "test"], [80, 20, 20]), 40 * f))
+            for f in range(2)
+        ],
+        ignore_index=True,
+    )
     splits = make_splits(fold_list, SplitConfig(protocol="given"), seed=0, rank_space=RANKS)
-    assert splits.groupby(["fold", "split"]).size().unstack()[["train", "val", "test"]].values.tolist() \
+    assert (
+        splits.groupby(["fold", "split"]).size().unstack()[["train", "val", "test"]].values.tolist()
         == [[80, 20, 20]] * 2
+    )
     assert select(splits, 1, "val")["path"].tolist() == table["path"][:20].tolist()
 
 
@@ -105,8 +117,9 @@ def test_repeats_draws_fixed_counts_per_rank():
     assert splits.groupby("fold")["path"].apply(lambda p: p.is_unique).all()
     assert not select(splits, 0, "test")["path"].equals(select(splits, 1, "test")["path"])
     with pytest.raises(SplitError, match="needs n_train \\+ n_val \\+ n_test = 1017 images per rank"):
-        make_splits(table, SplitConfig(protocol="repeats", n_train=1000, n_val=12, n_test=5),
-                    seed=0, rank_space=RANKS)
+        make_splits(
+            table, SplitConfig(protocol="repeats", n_train=1000, n_val=12, n_test=5), seed=0, rank_space=RANKS
+        )
     with pytest.raises(SplitError, match="use kfold or logo for grouped data"):
         make_splits(grouped_table(), config, seed=0, rank_space=RANKS)
 

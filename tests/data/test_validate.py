@@ -1,6 +1,5 @@
 """Validation: every kind of bad row is reported with its reason; odd pixel formats load as RGB."""
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,8 +10,6 @@ from l2rclip.data.validate import DataValidationError, load_rgb, validate_table
 from l2rclip.ranks import RankSpace
 
 RANKS = RankSpace(range(1, 11))
-
-
 
 
 def test_every_bad_kind_is_reported_and_good_rows_go_on(tmp_path):
@@ -52,9 +49,14 @@ def test_each_file_is_decoded_once_and_fold_lists_are_not_duplicates(tmp_path, m
     seen = []
     decode = validate._decode
     monkeypatch.setattr(validate, "_decode", lambda file, **limit: seen.append(file) or decode(file, **limit))
-    table = pd.DataFrame({"path": ["plain.jpg", "plain.jpg", "grey.png", "plain.jpg"],
-                          "label": [1, 1, 2, 1], "fold": [0, 1, 0, 0],
-                          "split": ["train", "train", "test", "test"]})
+    table = pd.DataFrame(
+        {
+            "path": ["plain.jpg", "plain.jpg", "grey.png", "plain.jpg"],
+            "label": [1, 1, 2, 1],
+            "fold": [0, 1, 0, 0],
+            "split": ["train", "train", "test", "test"],
+        }
+    )
     good, report = validate_table(table, tmp_path, RANKS)
     assert sorted(seen) == sorted({str(tmp_path / "plain.jpg"), str(tmp_path / "grey.png")})
     assert good["row"].tolist() == [0, 1, 2]
@@ -84,11 +86,17 @@ def test_label_problems_and_text_rank_spaces(tmp_path):
 
 def test_load_rgb_converts_every_format(tmp_path):
     write_good_images(tmp_path)
-    pixel = {name: load_rgb(tmp_path / name).getpixel((0, 0)) for name in
-             ("grey.png", "alpha.png", "palette.png", "grey_alpha.png", "wide.png")}
-    assert pixel == {"grey.png": (90, 90, 90), "alpha.png": (255, 255, 255),
-                     "palette.png": (255, 255, 255), "grey_alpha.png": (255, 255, 255),
-                     "wide.png": (128, 128, 128)}
+    pixel = {
+        name: load_rgb(tmp_path / name).getpixel((0, 0))
+        for name in ("grey.png", "alpha.png", "palette.png", "grey_alpha.png", "wide.png")
+    }
+    assert pixel == {
+        "grey.png": (90, 90, 90),
+        "alpha.png": (255, 255, 255),
+        "palette.png": (255, 255, 255),
+        "grey_alpha.png": (255, 255, 255),
+        "wide.png": (128, 128, 128),
+    }
     assert load_rgb(tmp_path / "alpha.png").getpixel((1, 0)) == (255, 0, 0)
     assert load_rgb(tmp_path / "palette.png").getpixel((1, 0)) == (0, 0, 255)
     assert load_rgb(tmp_path / "palette.png", background=(9, 9, 9)).getpixel((0, 0)) == (9, 9, 9)
@@ -117,6 +125,9 @@ def test_same_path_with_two_labels_is_decided_like_same_content_under_two_names(
         good, report = validate_table(table, tmp_path, RANKS, duplicates=policy)
         outcomes.append((good["row"].tolist(), report[["row", "reason"]].values.tolist()))
     kept = [1] if policy == "drop_conflicts" else [0, 1]
-    dropped = [[0, "conflicting_labels"], [2, "conflicting_labels"]] if policy == "drop_conflicts" \
+    dropped = (
+        [[0, "conflicting_labels"], [2, "conflicting_labels"]]
+        if policy == "drop_conflicts"
         else [[2, "conflicting_labels"]]
+    )
     assert outcomes == [(kept, dropped), (kept, dropped)]

@@ -51,8 +51,10 @@ def test_a_fresh_clone_finds_dvc_lock_in_step_with_code_and_params(fresh_clone):
     done = subprocess.run([DVC, "status", "--json"], cwd=fresh_clone, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     stale = stale_entries(json.loads(done.stdout or "{}"))
-    assert not stale, ("dvc.lock records code or params other than the committed ones; rerun the pipeline "
-                       "(make demo) and commit dvc.lock:\n" + "\n".join(stale[:20]))
+    assert not stale, (
+        "dvc.lock records code or params other than the committed ones; rerun the pipeline "
+        "(make demo) and commit dvc.lock:\n" + "\n".join(stale[:20])
+    )
 
 
 def test_pull_without_a_reachable_remote_fails_and_the_check_says_what_to_set(fresh_clone):

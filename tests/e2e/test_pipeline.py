@@ -24,29 +24,23 @@ from l2rclip.evaluation.results import collect, markdown_table, write_between_ma
 pytestmark = pytest.mark.timeout(900)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def test_copied_project_params_do_not_depend_on_the_repository_params(tmp_path, monkeypatch):
     """A user's edits to params.yaml (own data, other ranks) never reach a test's project."""
     fake_root = tmp_path / "root"
     shutil.copytree(ROOT / "l2rclip", fake_root / "l2rclip", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, fake_root / name)
-    (fake_root / "params.yaml").write_text(yaml.safe_dump({
-        "folds": [0], "ranks": {"start": 16, "stop": 77}, "data": {"source": "csv", "root": "/my/faces"},
-        "split": {"n_folds": 1}, "tracking": {"experiment": "my-faces"}}))
+    (fake_root / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "folds": [0],
+                "ranks": {"start": 16, "stop": 77},
+                "data": {"source": "csv", "root": "/my/faces"},
+                "split": {"n_folds": 1},
+                "tracking": {"experiment": "my-faces"},
+            }
+        )
+    )
     monkeypatch.setattr(sys.modules[__name__], "ROOT", fake_root)
 
     repo = copy_project(tmp_path / "repo", SMALL)
@@ -71,8 +65,17 @@ def scratch_repo(tmp_path):
 def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_repo, tmp_path):
     repo, env = scratch_repo
     first = run(["dvc", "repro"], repo, env)
-    assert stages_run(first) == {"demo", "prepare", "preprocess", "train@1", "calibrate@1", "evaluate@1", "report",
-                                 "curves", "register"}
+    assert stages_run(first) == {
+        "demo",
+        "prepare",
+        "preprocess",
+        "train@1",
+        "calibrate@1",
+        "evaluate@1",
+        "report",
+        "curves",
+        "register",
+    }
     assert "NOT CLIP" in first  # the offline fallback says so plainly
     summary = json.loads((repo / "outputs/report/metrics.json").read_text())
     assert len(summary["test/mae"]["folds"]) == 1 and summary["is_clip"] is False
@@ -108,10 +111,15 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
     # named after the DVC experiment; its code is the baseline's (-S and DVC's own writes are not "dirty")
     baseline = run(["git", "rev-parse", "HEAD"], repo, env).strip()
     assert (latest.info.run_name, child.info.run_name) == ("cop-half", "cop-half fold 1")
-    assert {k: latest.data.tags.get(k) for k in ("l2rclip.dvc_exp", "mlflow.source.git.commit", "git_dirty",
-                                                 "l2rclip.git_changed")} == {
-        "l2rclip.dvc_exp": "cop-half", "mlflow.source.git.commit": baseline, "git_dirty": "false",
-        "l2rclip.git_changed": None}
+    assert {
+        k: latest.data.tags.get(k)
+        for k in ("l2rclip.dvc_exp", "mlflow.source.git.commit", "git_dirty", "l2rclip.git_changed")
+    } == {
+        "l2rclip.dvc_exp": "cop-half",
+        "mlflow.source.git.commit": baseline,
+        "git_dirty": "false",
+        "l2rclip.git_changed": None,
+    }
     first = min(parents, key=lambda r: r.info.start_time)
     assert first.info.run_name.startswith("demo ") and "l2rclip.dvc_exp" not in first.data.tags
     tagged = run([str(BIN / "l2rclip"), "tag-commits", "--tracking-uri", env["MLFLOW_TRACKING_URI"]], repo, env)
@@ -123,26 +131,63 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
 
 
 def train_command(params: Path, prepared: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "l2rclip.stages.train", "--params", str(params), "--fold", "0",
-            "--prepared", str(prepared), "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "l2rclip.stages.train",
+        "--params",
+        str(params),
+        "--fold",
+        "0",
+        "--prepared",
+        str(prepared),
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.mark.slow  # end to end: the slow tier (make test-all)
 def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
     env = environment(tmp_path)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(merge(SMALL, {
-        "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 20}},
-        "model": {"fallback": {"epochs": 4}}, "train": {"batch_size": 4}, "tracking": {"experiment": "resume"}})))
-    run([sys.executable, "-m", "l2rclip.stages.prepare", "--params", str(params), "--out",
-         str(tmp_path / "prepared")], tmp_path, env)
+    params.write_text(
+        yaml.safe_dump(
+            merge(
+                SMALL,
+                {
+                    "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 20}},
+                    "model": {"fallback": {"epochs": 4}},
+                    "train": {"batch_size": 4},
+                    "tracking": {"experiment": "resume"},
+                },
+            )
+        )
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "l2rclip.stages.prepare",
+            "--params",
+            str(params),
+            "--out",
+            str(tmp_path / "prepared"),
+        ],
+        tmp_path,
+        env,
+    )
 
     reference = tmp_path / "uninterrupted"
     run(train_command(params, tmp_path / "prepared", reference), tmp_path, env)
 
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(train_command(params, tmp_path / "prepared", resumed), cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        train_command(params, tmp_path / "prepared", resumed),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     state = resumed / "last" / "state.json"
     deadline = time.monotonic() + 300
     while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
@@ -168,7 +213,8 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
     timings = json.loads((tmp_path / "resumed_timings.json").read_text())
     assert len(timings["processes"]) == 2 and timings["seconds"] == pytest.approx(
-        sum(p["seconds"] for p in timings["processes"]))  # the total counts the killed process too
+        sum(p["seconds"] for p in timings["processes"])
+    )  # the total counts the killed process too
 
 
 def test_results_table_written_between_markers(tmp_path):

@@ -38,16 +38,30 @@ TOLERANCE = 1e-5
 
 def run_pipeline(arch: str, tag: str, root, monkeypatch, image_size: int = 64, n_per_rank: int = 8) -> dict:
     """Train one epoch, evaluate, predict and serve; returns every consumer's numbers and the reference."""
-    params = from_dict(Params, {
-        "folds": [0], "ranks": {"start": 1, "stop": 10},
-        "data": {"root": str(root / "demo"), "demo": {"n_per_rank": n_per_rank, "image_size": image_size}},
-        "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0, "holdout_fraction": 0.0},
-        "model": {"arch": arch, "pretrained": tag, "fallback": {"enabled": False},
-                  "prompt": {"context_init": "the number of shapes is"}},
-        "preprocess": {"margin": 0.0},
-        "train": {"epochs": 1, "batch_size": 4, "eval_batch_size": 4, "device": "cpu",
-                  "feature_cache": str(root / "cache")},
-        "tracking": {"enabled": False}})
+    params = from_dict(
+        Params,
+        {
+            "folds": [0],
+            "ranks": {"start": 1, "stop": 10},
+            "data": {"root": str(root / "demo"), "demo": {"n_per_rank": n_per_rank, "image_size": image_size}},
+            "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0, "holdout_fraction": 0.0},
+            "model": {
+                "arch": arch,
+                "pretrained": tag,
+                "fallback": {"enabled": False},
+                "prompt": {"context_init": "the number of shapes is"},
+            },
+            "preprocess": {"margin": 0.0},
+            "train": {
+                "epochs": 1,
+                "batch_size": 4,
+                "eval_batch_size": 4,
+                "device": "cpu",
+                "feature_cache": str(root / "cache"),
+            },
+            "tracking": {"enabled": False},
+        },
+    )
     generate_demo(root / "demo", n_per_rank=n_per_rank, image_size=image_size)
     prepare(params, root / "prepared")
     preprocess(params, root / "prepared", root / "store")
@@ -71,10 +85,12 @@ def run_pipeline(arch: str, tag: str, root, monkeypatch, image_size: int = 64, n
     summary = json.loads((root / "train" / "summary.json").read_text())
 
     outputs = evaluate_stage.split_outputs
-    monkeypatch.setattr(evaluate_stage, "split_outputs",
-                        lambda *a, **k: captured.setdefault("evaluate", outputs(*a, **k)))
-    evaluate_fold(params, 0, root / "prepared", model_dir, root / "evaluate", root / "metrics.json",
-                  store_dir=root / "store")
+    monkeypatch.setattr(
+        evaluate_stage, "split_outputs", lambda *a, **k: captured.setdefault("evaluate", outputs(*a, **k))
+    )
+    evaluate_fold(
+        params, 0, root / "prepared", model_dir, root / "evaluate", root / "metrics.json", store_dir=root / "store"
+    )
     test = pd.read_csv(root / "evaluate" / "predictions.csv")
     paths = [root / "demo" / p for p in test["path"]]
     images = [Image.open(p).convert("RGB") for p in paths]
@@ -90,13 +106,21 @@ def run_pipeline(arch: str, tag: str, root, monkeypatch, image_size: int = 64, n
             return model(torch.stack([transform(im) for im in images]))["logits"].double().numpy()
 
     loaded, meta = load_model(model_dir)
-    result = {"summary": summary, "logits": logits.numpy(), "probs": probs,
-              "evaluate probs": captured["evaluate"][0],
-              "load_model logits": logits_of(loaded, meta["preprocess"])}
+    result = {
+        "summary": summary,
+        "logits": logits.numpy(),
+        "probs": probs,
+        "evaluate probs": captured["evaluate"][0],
+        "load_model logits": logits_of(loaded, meta["preprocess"]),
+    }
 
     out = root / "predict.csv"
-    assert cli.main(["predict", str(model_dir), *map(str, paths), "--out", str(out), "--probabilities",
-                     "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            ["predict", str(model_dir), *map(str, paths), "--out", str(out), "--probabilities", "--device", "cpu"]
+        )
+        == 0
+    )
     columns = [c for c in pd.read_csv(out).columns if c.startswith("p_")]
     result["predict probs"] = pd.read_csv(out)[columns].to_numpy(float)
     predictor = Predictor.load(model_dir, device="cpu")

@@ -62,8 +62,9 @@ def test_code_edit_retrains_and_an_unchanged_rerun_changes_nothing(tmp_path):
     training = repo / "l2rclip/training/loop.py"
     source = training.read_text()
     assert "epoch_seed = self.seed * 10_000 + epoch" in source  # the order and crops of the training batches
-    training.write_text(source.replace("epoch_seed = self.seed * 10_000 + epoch",
-                                       "epoch_seed = self.seed * 10_000 + epoch + 1"))
+    training.write_text(
+        source.replace("epoch_seed = self.seed * 10_000 + epoch", "epoch_seed = self.seed * 10_000 + epoch + 1")
+    )
     edited = run(["dvc", "repro"], repo, env)
     assert "train@1" in stages_run(edited)
     assert "starting afresh" in edited and "code l2rclip/training/loop.py" in edited

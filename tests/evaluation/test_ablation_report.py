@@ -13,9 +13,14 @@ REFERENCE = [1.0, 1.2, 1.1, 1.3, 1.0]
 
 def summary(folds, baseline=BASELINE, is_clip=False):
     """A report metrics.json as the report stage writes it (mean, std, per-fold values)."""
+
     def entry(values):
-        return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "folds": list(values)}
+        return {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "folds": list(values),
+        }
+
     return {"test/mae": entry(folds), "test/mae_median_baseline": entry(baseline), "is_clip": is_clip}
 
 
@@ -90,13 +95,18 @@ def test_one_fold_refuses_std_interval_and_test_and_says_why():
 
 
 def test_the_median_baseline_is_reported_and_failures_listed():
-    results = [variant("full", 1.0, REFERENCE), variant("bad", 0.0, [2.6, 2.7, 2.5, 2.8, 2.6]),
-               {"name": "broken", "overrides": {"loss.cop": 0.5}, "summary": None}]
+    results = [
+        variant("full", 1.0, REFERENCE),
+        variant("bad", 0.0, [2.6, 2.7, 2.5, 2.8, 2.6]),
+        {"name": "broken", "overrides": {"loss.cop": 0.5}, "summary": None},
+    ]
     table = comparison_table(results, "test/mae")
     assert "| per fold | median baseline | difference to full |" in table
     assert row(table, "full")[5] == f"{np.mean(BASELINE):.4f}"
-    assert f"(`test/mae_median_baseline`, always the training split's median rank): {np.mean(BASELINE):.4f}; " \
-           "not better than it: bad." in table
+    assert (
+        f"(`test/mae_median_baseline`, always the training split's median rank): {np.mean(BASELINE):.4f}; "
+        "not better than it: bad." in table
+    )
     assert row(table, "broken")[2] == "failed" and "NOT CLIP" in table
     failed_reference = comparison_table(results[::-1], "test/mae")
     assert "The reference broken failed" in failed_reference
@@ -116,7 +126,9 @@ def test_the_figure_includes_the_baseline_and_keeps_the_legend_off_the_points(tm
     legend_box = fig.legends[0].get_window_extent()
     assert all(not legend_box.overlaps(ax.get_window_extent()) for ax in fig.axes)
     assert "PIPELINE CHECK" in fig.get_suptitle()
-    assert "PIPELINE CHECK" not in comparison_figure(
-        [variant("full", 1.0, REFERENCE, is_clip=True)], "test/mae").get_suptitle()
+    assert (
+        "PIPELINE CHECK"
+        not in comparison_figure([variant("full", 1.0, REFERENCE, is_clip=True)], "test/mae").get_suptitle()
+    )
     path = comparison_plot(results, "test/mae", tmp_path / "ablation" / "ablation.png")
     assert path.stat().st_size > 10_000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -184,8 +184,9 @@ def test_evaluation_reports_coverage_and_width_overall_and_per_rank():
     test_ranks[test_ranks == 5] = 4  # rank 5 has no test image
     calibration = Calibration.fit(calib_probs, calib_ranks, VALUES, "ordinal", [0.1, 0.3])
     flat, by_rank = evaluate_intervals(calibration, test_probs, test_ranks, VALUES)
-    assert set(flat) == {f"{kind}_{m}_{level}" for kind in ("coverage", "width") for m in METHODS
-                         for level in ("90", "70")} | {"tolerance_90", "tolerance_70"}
+    assert set(flat) == {
+        f"{kind}_{m}_{level}" for kind in ("coverage", "width") for m in METHODS for level in ("90", "70")
+    } | {"tolerance_90", "tolerance_70"}
     assert flat["width_ordinal_70"] < flat["width_ordinal_90"]
     table = by_rank["ordinal_90"]
     assert table["n"][5] == 0 and table["coverage"][5] is None and sum(table["n"]) == 600
@@ -200,16 +201,23 @@ def test_evaluation_reports_coverage_and_width_overall_and_per_rank():
 def grouped_table(n_groups: int = 60, per_group: int = 3) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     ranks = rng.integers(0, 5, n_groups * per_group)
-    return pd.DataFrame({"path": [f"img{i:04d}.png" for i in range(len(ranks))],
-                         "group": [f"s{i // per_group:03d}" for i in range(len(ranks))],
-                         "label": ranks + 1, "rank": ranks, "value": ranks + 1.0})
+    return pd.DataFrame(
+        {
+            "path": [f"img{i:04d}.png" for i in range(len(ranks))],
+            "group": [f"s{i // per_group:03d}" for i in range(len(ranks))],
+            "label": ranks + 1,
+            "rank": ranks,
+            "value": ranks + 1.0,
+        }
+    )
 
 
 def test_calibration_split_comes_from_train_is_grouped_and_leaves_val_and_test_alone():
     table, space = grouped_table(), RankSpace(range(1, 6))
     without = make_splits(table, SplitConfig(n_folds=3, val_fraction=0.1), seed=0, rank_space=space)
-    splits = make_splits(table, SplitConfig(n_folds=3, val_fraction=0.1, calib_fraction=0.2), seed=0,
-                         rank_space=space)
+    splits = make_splits(
+        table, SplitConfig(n_folds=3, val_fraction=0.1, calib_fraction=0.2), seed=0, rank_space=space
+    )
     assert CALIB not in set(without["split"])
     for fold, rows in splits.groupby("fold"):
         assert rows["path"].is_unique and len(rows) == len(table)
@@ -222,8 +230,12 @@ def test_calibration_split_comes_from_train_is_grouped_and_leaves_val_and_test_a
     with pytest.raises(SplitError, match="'split.calib_fraction': expected a value in"):
         make_splits(table, SplitConfig(calib_fraction=0.7), seed=0, rank_space=space)
     with pytest.raises(SplitError, match="too few to carve calib_fraction"):
-        make_splits(grouped_table(n_groups=30), SplitConfig(n_folds=2, val_fraction=0, calib_fraction=0.05),
-                    seed=0, rank_space=space)
+        make_splits(
+            grouped_table(n_groups=30),
+            SplitConfig(n_folds=2, val_fraction=0, calib_fraction=0.05),
+            seed=0,
+            rank_space=space,
+        )
 
 
 def test_conformal_plot_draws_the_ranks_with_test_images(tmp_path):
@@ -233,8 +245,14 @@ def test_conformal_plot_draws_the_ranks_with_test_images(tmp_path):
     calibration = Calibration.fit(calib_probs, calib_ranks, VALUES, "ordinal", [0.1])
     _, by_rank = evaluate_intervals(calibration, test_probs, test_ranks, VALUES)
     space = RankSpace(range(1, M + 1))
-    path = conformal_plot({m: by_rank[f"{m}_90"] for m in METHODS}, 0.1, space, tmp_path / "c.png",
-                          title_suffix="PIPELINE CHECK", unit="years")
+    path = conformal_plot(
+        {m: by_rank[f"{m}_90"] for m in METHODS},
+        0.1,
+        space,
+        tmp_path / "c.png",
+        title_suffix="PIPELINE CHECK",
+        unit="years",
+    )
     assert path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="at least one method"):
         conformal_plot({}, 0.1, space, tmp_path / "none.png")
@@ -244,9 +262,14 @@ def test_conformal_plot_draws_the_ranks_with_test_images(tmp_path):
 def staged(tmp_path_factory):
     """Prepared demo folds with and without a calibration split, and a random tiny model."""
     root = tmp_path_factory.mktemp("stages")
-    base = {"folds": [0, 1], "data": {"root": str(root / "demo"), "demo": {"n_per_rank": 8, "image_size": 64}},
-            "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0.3}, "tracking": {"enabled": False},
-            "conformal": {"alpha": [0.2], "temperature": True}, "train": {"device": "cpu"}}
+    base = {
+        "folds": [0, 1],
+        "data": {"root": str(root / "demo"), "demo": {"n_per_rank": 8, "image_size": 64}},
+        "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0.3},
+        "tracking": {"enabled": False},
+        "conformal": {"alpha": [0.2], "temperature": True},
+        "train": {"device": "cpu"},
+    }
     with_calib = from_dict(Params, base)
     without = from_dict(Params, {**base, "split": {"n_folds": 2, "val_fraction": 0.25}})
     prepare(with_calib, root / "with")
@@ -263,19 +286,29 @@ def test_calibrate_then_evaluate_stages(staged, tmp_path):
     written = calibrate_fold(with_calib, 0, root / "with", model_dir, tmp_path / "calibration.json")
     assert written["calibrated"] and written["n"] >= 9 and written["temperature"] > 0
     assert {"calib/ece", "calib/ece_tempered"} <= set(written)
-    result = evaluate_fold(with_calib, 0, root / "with", model_dir, tmp_path / "eval", tmp_path / "metrics.json",
-                           tmp_path / "calibration.json")
+    result = evaluate_fold(
+        with_calib,
+        0,
+        root / "with",
+        model_dir,
+        tmp_path / "eval",
+        tmp_path / "metrics.json",
+        tmp_path / "calibration.json",
+    )
     assert 0 <= result["test/coverage_ordinal_80"] <= 1 and result["test/width_residual_80"] >= 1
-    assert result["test/n_calib"] == written["n"] and set(result["conformal_by_rank"]) == {"ordinal_80",
-                                                                                          "residual_80"}
+    assert result["test/n_calib"] == written["n"] and set(result["conformal_by_rank"]) == {
+        "ordinal_80",
+        "residual_80",
+    }
     assert (tmp_path / "eval/figures/conformal_80.png").is_file()
     predictions = pd.read_csv(tmp_path / "eval/predictions.csv")
     assert (predictions["interval_level"] == 0.8).all()
 
     none = calibrate_fold(without, 0, root / "without", model_dir, tmp_path / "none.json")
     assert none["calibrated"] is False and "calib_fraction is 0" in none["reason"]
-    result = evaluate_fold(without, 0, root / "without", model_dir, tmp_path / "eval2", tmp_path / "m2.json",
-                           tmp_path / "none.json")
+    result = evaluate_fold(
+        without, 0, root / "without", model_dir, tmp_path / "eval2", tmp_path / "m2.json", tmp_path / "none.json"
+    )
     assert not any("coverage" in key for key in result)
     bad = dataclasses.replace(with_calib, conformal=dataclasses.replace(with_calib.conformal, alpha=(1.5,)))
     with pytest.raises(ConformalError, match=r"conformal.alpha\[0\]: expected a miscoverage level"):

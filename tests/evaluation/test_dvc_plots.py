@@ -37,9 +37,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def history(fold: int, epochs: int, shift: float) -> pd.DataFrame:
     """A history.csv as train@k writes it; values distinct per fold and revision (`shift`)."""
     epoch = pd.Series(range(1, epochs + 1))
-    return pd.DataFrame({"epoch": epoch, "phase": ["one_stage"] * epochs,
-                         "train/ce_loss": 2.0 / epoch, "train/loss": 3.0 / epoch + shift,
-                         "val/accuracy": 0.1 * epoch / epochs, "val/mae": 4.0 + fold / 10 - epoch / 10 + shift})
+    return pd.DataFrame(
+        {
+            "epoch": epoch,
+            "phase": ["one_stage"] * epochs,
+            "train/ce_loss": 2.0 / epoch,
+            "train/loss": 3.0 / epoch + shift,
+            "val/accuracy": 0.1 * epoch / epochs,
+            "val/mae": 4.0 + fold / 10 - epoch / 10 + shift,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +56,15 @@ def plots_repo(tmp_path_factory):
     repo, env = tmp / "repo", environment(tmp)
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    (repo / "params.yaml").write_text(json.dumps({"folds": FOLDS, "split": {"n_folds": 82},  # FG-NET's persons
-                                                  "data": {"root": "data/demo"}}))
+    (repo / "params.yaml").write_text(
+        json.dumps(
+            {
+                "folds": FOLDS,
+                "split": {"n_folds": 82},  # FG-NET's persons
+                "data": {"root": "data/demo"},
+            }
+        )
+    )
     run(["git", "init", "-q"], repo, env)
     run(["dvc", "init", "-q"], repo, env)
     (repo / TEMPLATE).parent.mkdir(parents=True, exist_ok=True)
@@ -70,14 +84,32 @@ def plots_repo(tmp_path_factory):
 
 def stack(repo: Path) -> None:
     """Run the curves stage in `repo`, as `dvc repro curves` would."""
-    assert curves.main(["--params", str(repo / "params.yaml"), "--folds-dir", str(repo / "outputs/folds"),
-                        "--out", str(repo / CURVES)]) == 0
+    assert (
+        curves.main(
+            [
+                "--params",
+                str(repo / "params.yaml"),
+                "--folds-dir",
+                str(repo / "outputs/folds"),
+                "--out",
+                str(repo / CURVES),
+            ]
+        )
+        == 0
+    )
 
 
 def plots_json(repo: Path, env: dict, *command: str) -> dict:
     """`dvc plots ... --json` (stdout only: the evaluate plots, absent here, are reported on stderr)."""
-    done = subprocess.run(["dvc", "plots", *command, "--json"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        ["dvc", "plots", *command, "--json"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
@@ -115,12 +147,19 @@ def test_build_refuses_a_tarball_the_lock_or_registry_does_not_pin(tmp_path):
     tarball = _package(b"window.lib = 1;")
     integrity = offline_plots._sri_sha512(tarball)
     lock = tmp_path / "lock.json"
-    package = {"name": "lib", "version": "1.0.0", "tarball": "https://registry.npmjs.org/lib/-/lib-1.0.0.tgz",
-               "integrity": integrity, "file": "package/build/lib.min.js",
-               "sha256": hashlib.sha256(b"window.lib = 1;").hexdigest()}
+    package = {
+        "name": "lib",
+        "version": "1.0.0",
+        "tarball": "https://registry.npmjs.org/lib/-/lib-1.0.0.tgz",
+        "integrity": integrity,
+        "file": "package/build/lib.min.js",
+        "sha256": hashlib.sha256(b"window.lib = 1;").hexdigest(),
+    }
     lock.write_text(json.dumps({"packages": [package]}))
-    served = {"https://registry.npmjs.org/lib/1.0.0": json.dumps({"dist": {"integrity": integrity}}).encode(),
-              package["tarball"]: tarball}
+    served = {
+        "https://registry.npmjs.org/lib/1.0.0": json.dumps({"dist": {"integrity": integrity}}).encode(),
+        package["tarball"]: tarball,
+    }
     page, licenses = tmp_path / "page.html", tmp_path / "LICENSES.txt"
     template = offline_plots.build(lock, page, licenses, fetch=served.__getitem__)
     assert offline_plots.check(lock, template) == []
@@ -137,8 +176,15 @@ def test_build_refuses_a_tarball_the_lock_or_registry_does_not_pin(tmp_path):
 def test_dvc_yaml_declares_learning_curves_for_every_fold(plots_repo):
     """Issue 21.6: one plot per metric holds a line for every fold of `folds`, whatever they are."""
     repo, env = plots_repo
-    done = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        ["dvc", "plots", "show", "--json"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     shown = json.loads(done.stdout)
     assert not [e for e in shown.get("errors") or [] if e.get("name") in ("val_mae", "train_loss")]
     for plot_id, column in (("val_mae", "val/mae"), ("train_loss", "train/loss")):
@@ -181,10 +227,22 @@ def test_plots_diff_compares_revisions_on_an_offline_page(plots_repo):
 def test_the_page_renders_with_no_network(plots_repo):
     repo, env = plots_repo
     run(["dvc", "plots", "show", "-o", "shown"], repo, env)
-    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-                          "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000", "--dump-dom",
-                          (repo / "shown" / "index.html").as_uri()], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
+    dom = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            (repo / "shown" / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     drawn = [(int(w), int(h)) for w, h in re.findall(r'<canvas width="(\d+)" height="(\d+)"', dom)]
     assert sum(w > 100 and h > 100 for w, h in drawn) >= 2, drawn  # val_mae and train_loss were drawn
 
@@ -204,12 +262,19 @@ def test_plots_diff_compares_the_learning_curves_of_experiments(tmp_path):
     repo, env = tmp_path / "repo", environment(tmp_path)
     repo.mkdir()
     project = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    stage = {"foreach": "${folds}", "do": {"cmd": "python write_history.py ${item}", "deps": ["write_history.py"],
-                                           "params": [{"scale.yaml": ["scale"]}],
-                                           "outs": [{"outputs/folds/${item}/train": {"persist": True}}]}}
+    stage = {
+        "foreach": "${folds}",
+        "do": {
+            "cmd": "python write_history.py ${item}",
+            "deps": ["write_history.py"],
+            "params": [{"scale.yaml": ["scale"]}],
+            "outs": [{"outputs/folds/${item}/train": {"persist": True}}],
+        },
+    }
     curves_stage = {**project["stages"]["curves"], "deps": ["outputs/folds"]}  # the code runs from ROOT
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage, "curves": curves_stage},
-                                                   "plots": project["plots"]}))
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {"train": stage, "curves": curves_stage}, "plots": project["plots"]})
+    )
     (repo / "params.yaml").write_text(yaml.safe_dump({"folds": [0, 7], "split": {"n_folds": 8}}))
     (repo / "scale.yaml").write_text(yaml.safe_dump({"scale": 1.0}))  # not an l2rclip param: a file of its own
     (repo / "write_history.py").write_text(WRITE_HISTORY)
@@ -222,9 +287,12 @@ def test_plots_diff_compares_the_learning_curves_of_experiments(tmp_path):
     run(["dvc", "repro", "-q"], repo, env)
     (repo / "outputs/folds/0/train.lock").write_text("12345\n")  # a stage's lock beside its output (its PID)
     assert json.loads(run(["dvc", "status", "--json"], repo, env).strip().splitlines()[-1]) == {}
-    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
-                    ["dvc", "exp", "run", "-n", "slower", "-S", "scale.yaml:scale=1.5"],
-                    ["dvc", "exp", "run", "-n", "faster", "-S", "scale.yaml:scale=0.5"]):
+    for command in (
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "baseline"],
+        ["dvc", "exp", "run", "-n", "slower", "-S", "scale.yaml:scale=1.5"],
+        ["dvc", "exp", "run", "-n", "faster", "-S", "scale.yaml:scale=0.5"],
+    ):
         run(command, repo, env)
     (plot,) = plots_json(repo, env, "diff", "slower", "faster")["data"]["val_mae"]
     rows = pd.DataFrame(plot["content"]["data"]["values"])

@@ -34,12 +34,17 @@ def predictions(space: RankSpace, n: int = 40, seed: int = 0) -> tuple[pd.DataFr
     probs /= probs.sum(1, keepdims=True)
     values = space.value_array
     expected = probs @ values
-    table = pd.DataFrame({
-        "rank": rank, "value": values[rank], "pred_rank": probs.argmax(1),
-        "pred_value": values[probs.argmax(1)], "expected_value": expected,
-        "std": np.sqrt((probs * (values[None, :] - expected[:, None]) ** 2).sum(1)),
-        "confidence": probs.max(1),
-    })
+    table = pd.DataFrame(
+        {
+            "rank": rank,
+            "value": values[rank],
+            "pred_rank": probs.argmax(1),
+            "pred_value": values[probs.argmax(1)],
+            "expected_value": expected,
+            "std": np.sqrt((probs * (values[None, :] - expected[:, None]) ** 2).sum(1)),
+            "confidence": probs.max(1),
+        }
+    )
     angles = np.linspace(0, 1.5, m)
     features = np.concatenate([np.stack([np.cos(angles), np.sin(angles)], 1), rng.normal(0, 0.05, (m, 6))], 1)
     return table, features
@@ -66,13 +71,17 @@ def test_each_function_writes_a_png(tmp_path, small):
     paths = [
         confusion_matrix_plot(table["rank"], table["pred_rank"], space, tmp_path / "cm.png"),
         confusion_matrix_plot(table["rank"], table["pred_rank"], space, tmp_path / "counts.png", normalize=False),
-        error_by_rank_plot(table["value"], table["expected_value"], table["pred_value"], space,
-                           tmp_path / "err.png"),
+        error_by_rank_plot(
+            table["value"], table["expected_value"], table["pred_value"], space, tmp_path / "err.png"
+        ),
         predicted_vs_true_plot(table["value"], table["expected_value"], table["std"], tmp_path / "pvt.png"),
         prototype_similarity_plot(features, space, tmp_path / "proto.png"),
         calibration_plot(table["confidence"], table["rank"] == table["pred_rank"], tmp_path / "cal.png"),
-        cv_summary_plot({"test/mae": [2.0, 2.5, 3.0], "test/accuracy": [0.3, 0.35, 0.4]},
-                        tmp_path / "sub" / "cv.png", title_suffix="PIPELINE CHECK (random backbone)"),
+        cv_summary_plot(
+            {"test/mae": [2.0, 2.5, 3.0], "test/accuracy": [0.3, 0.35, 0.4]},
+            tmp_path / "sub" / "cv.png",
+            title_suffix="PIPELINE CHECK (random backbone)",
+        ),
     ]
     for path in paths:
         assert path.parent.is_dir() and path.suffix == ".png"
@@ -96,15 +105,22 @@ def test_same_input_gives_identical_bytes(tmp_path, small):
     for name in FIVE:
         assert first[name].read_bytes() == second[name].read_bytes(), name
     cv = {"mae": [1.0, 2.0], "qwk": [0.5, 0.7]}
-    assert (cv_summary_plot(cv, tmp_path / "cv1.png").read_bytes()
-            == cv_summary_plot(cv, tmp_path / "cv2.png").read_bytes())
+    assert (
+        cv_summary_plot(cv, tmp_path / "cv1.png").read_bytes()
+        == cv_summary_plot(cv, tmp_path / "cv2.png").read_bytes()
+    )
 
 
 def test_title_suffix_changes_the_picture(tmp_path, small):
     space, table, _ = small
     plain = predicted_vs_true_plot(table["value"], table["expected_value"], table["std"], tmp_path / "a.png")
-    marked = predicted_vs_true_plot(table["value"], table["expected_value"], table["std"], tmp_path / "b.png",
-                                    title_suffix="PIPELINE CHECK (random backbone)")
+    marked = predicted_vs_true_plot(
+        table["value"],
+        table["expected_value"],
+        table["std"],
+        tmp_path / "b.png",
+        title_suffix="PIPELINE CHECK (random backbone)",
+    )
     assert plain.read_bytes() != marked.read_bytes()
 
 
@@ -131,8 +147,14 @@ def by_rank_table(space: RankSpace, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     n = rng.integers(1, 9, len(space)).tolist()
     n[0] = n[len(n) // 2] = 0
-    return {m: {"n": n, "coverage": [None if c == 0 else float(rng.uniform(0.6, 1)) for c in n],
-                "width": [None if c == 0 else float(rng.uniform(1, 9)) for c in n]} for m in ("ordinal", "aps")}
+    return {
+        m: {
+            "n": n,
+            "coverage": [None if c == 0 else float(rng.uniform(0.6, 1)) for c in n],
+            "width": [None if c == 0 else float(rng.uniform(1, 9)) for c in n],
+        }
+        for m in ("ordinal", "aps")
+    }
 
 
 def test_seventy_ranks_are_ticked_with_numbers_and_the_unit(tmp_path, saved_figures):
@@ -144,8 +166,13 @@ def test_seventy_ranks_are_ticked_with_numbers_and_the_unit(tmp_path, saved_figu
     for name in ("confusion_matrix", "prototype_similarity"):
         assert_png(paths[name], min_side=600)  # grows with M so 70 ranks stay readable
     confusion, error, versus, prototypes, _, conformal = saved_figures
-    ranked = [(confusion.axes[0], "xy"), (prototypes.axes[0], "xy"), (error.axes[0], "x"),
-              (conformal.axes[0], "x"), (conformal.axes[1], "x")]
+    ranked = [
+        (confusion.axes[0], "xy"),
+        (prototypes.axes[0], "xy"),
+        (error.axes[0], "x"),
+        (conformal.axes[0], "x"),
+        (conformal.axes[1], "x"),
+    ]
     for ax, axes in ranked:
         for axis in axes:
             texts = tick_texts(ax, axis)
@@ -165,8 +192,10 @@ def test_seventy_ranks_are_ticked_with_numbers_and_the_unit(tmp_path, saved_figu
 
 
 def test_names_that_are_not_numbers_are_kept(tmp_path, saved_figures):
-    adience = RankSpace(range(8), names=["0 to 2", "4 to 6", "8 to 12", "15 to 20", "25 to 32", "38 to 43",
-                                         "48 to 53", "60 to 100"])
+    adience = RankSpace(
+        range(8),
+        names=["0 to 2", "4 to 6", "8 to 12", "15 to 20", "25 to 32", "38 to 43", "48 to 53", "60 to 100"],
+    )
     table, features = predictions(adience, n=80, seed=2)
     evaluation_plots(table, features, adience, tmp_path, unit="years")
     grades = RankSpace(range(1, 6), names=["unacceptable", "flawed", "ordinary", "professional", "exceptional"])
@@ -184,10 +213,15 @@ def test_names_that_are_not_numbers_are_kept(tmp_path, saved_figures):
 
 def test_cv_summary_labels_folds_draws_the_baseline_and_the_check_label(tmp_path, saved_figures):
     mae, baseline, accuracy = [2.0, 2.5, 3.0], [4.0, 5.0, 6.0], [0.3, 0.35, 0.4]
-    cv_summary_plot({"test/mae": mae, "test/accuracy": accuracy, "test/mae_median_baseline": baseline},
-                    tmp_path / "cv.png", metric_names=["test/mae", "test/accuracy"], folds=[0, 3, 7],
-                    baselines={"test/mae": baseline}, units={"test/mae": "years"},
-                    title_suffix=BACKBONE_LABELS["random"])
+    cv_summary_plot(
+        {"test/mae": mae, "test/accuracy": accuracy, "test/mae_median_baseline": baseline},
+        tmp_path / "cv.png",
+        metric_names=["test/mae", "test/accuracy"],
+        folds=[0, 3, 7],
+        baselines={"test/mae": baseline},
+        units={"test/mae": "years"},
+        title_suffix=BACKBONE_LABELS["random"],
+    )
     fig = saved_figures[0]
     mae_ax, accuracy_ax = fig.axes
     for ax in (mae_ax, accuracy_ax):
@@ -233,14 +267,17 @@ def test_error_by_rank_skips_ranks_without_images(tmp_path):
         (lambda p: confusion_matrix_plot([], [], THREE, p), "expected at least one sample"),
         (lambda p: prototype_similarity_plot(np.zeros((0, 4)), THREE, p), "expected non-empty"),
         (lambda p: confusion_matrix_plot([0, 5], [0, 1], THREE, p), r"0\.\.2"),
-        (lambda p: conformal_plot({"ordinal": {"n": [1, 2], "coverage": [1, 1], "width": [1, 1]}}, 0.1, THREE, p),
-         "by_rank has 2 ranks but the rank space has 3"),
+        (
+            lambda p: conformal_plot(
+                {"ordinal": {"n": [1, 2], "coverage": [1, 1], "width": [1, 1]}}, 0.1, THREE, p
+            ),
+            "by_rank has 2 ranks but the rank space has 3",
+        ),
         (lambda p: cv_summary_plot({}, p), "expected at least one metric"),
         (lambda p: cv_summary_plot({"mae": [1.0]}, p, metric_names=["qwk"]), "qwk"),
         (lambda p: cv_summary_plot({"mae": []}, p), "expected at least one sample in mae"),
         (lambda p: cv_summary_plot({"mae": [1.0, 2.0]}, p, folds=[0, 1, 2]), r"3 folds: 0, 1, 2.*'mae': 2"),
-        (lambda p: cv_summary_plot({"mae": [1.0, 2.0]}, p, baselines={"mae": [3.0]}),
-         r"'baseline of mae': 1"),
+        (lambda p: cv_summary_plot({"mae": [1.0, 2.0]}, p, baselines={"mae": [3.0]}), r"'baseline of mae': 1"),
         (lambda p: cv_summary_plot({"mae": [1.0]}, p, baselines={"qwk": [3.0]}), r"baselines \['qwk'\]"),
     ],
 )

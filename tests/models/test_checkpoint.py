@@ -13,8 +13,12 @@ from l2rclip.models.checkpoint import ModelFileError, load_model, save_model
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.ranks import RankSpace
 
-CONFIG = ModelConfig(arch=TINY_ARCH, pretrained="none", prompt=PromptConfig(context_init="a photo of"),
-                     rankformer=RankFormerConfig(rank_position=True))
+CONFIG = ModelConfig(
+    arch=TINY_ARCH,
+    pretrained="none",
+    prompt=PromptConfig(context_init="a photo of"),
+    rankformer=RankFormerConfig(rank_position=True),
+)
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,9 @@ from l2rclip.models.factory import build_l2rclip
 from l2rclip.models.kinds import demo_weights_file
 from l2rclip.ranks import RankSpace
 
-pytestmark = pytest.mark.skipif(not demo_weights_file().is_file(),
-                                reason="the demo CLIP weights are not in this checkout (dvc repro pretrain)")
+pytestmark = pytest.mark.skipif(
+    not demo_weights_file().is_file(), reason="the demo CLIP weights are not in this checkout (dvc repro pretrain)"
+)
 
 SPACE = RankSpace(list(COUNTS))  # names "one".."ten"
 TEST_SEED, PER_COUNT = 7, 20  # 200 demo-generator images; seed 7 is neither the corpus nor the pretraining check
@@ -46,6 +47,7 @@ ORDINALITY = 0.65
 # random words 0.17 on average and 0.5 at most over 50 draws.
 MIN_WORD_NEIGHBOURS, MAX_RANDOM_NEIGHBOURS = 0.9, 0.6
 
+
 @pytest.fixture(scope="module")
 def demo():
     start = time.perf_counter()
@@ -57,8 +59,13 @@ def demo():
 @pytest.fixture(scope="module")
 def test_set(demo):
     backbone, _ = demo
-    images = torch.stack([backbone.preprocess_eval(demo_image(TEST_SEED, group, count, 96)[0])
-                          for count in COUNTS for group in range(PER_COUNT)])  # (200, 3, 64, 64)
+    images = torch.stack(
+        [
+            backbone.preprocess_eval(demo_image(TEST_SEED, group, count, 96)[0])
+            for count in COUNTS
+            for group in range(PER_COUNT)
+        ]
+    )  # (200, 3, 64, 64)
     labels = np.repeat(np.arange(len(COUNTS)), PER_COUNT)  # (200,)
     with torch.no_grad():
         features = backbone.model.encode_image(images, normalize=True)  # (200, E)
@@ -74,12 +81,17 @@ def clip_prototypes(backbone, sentences: list[str]) -> torch.Tensor:
         return backbone.model.encode_text(backbone.tokenizer(sentences), normalize=True)  # (M, E)
 
 
-def prompt_model(backbone, context: str, interpolation: str = "plain", rankformer: bool = False,
-                 rank_offsets: bool = False):
-    config = ModelConfig(arch="L2RCLIP-Demo", pretrained="demo",
-                         prompt=PromptConfig(context_init=context, rank_init="names", interpolation=interpolation,
-                                             rank_offsets=rank_offsets),
-                         rankformer=RankFormerConfig(enabled=rankformer))
+def prompt_model(
+    backbone, context: str, interpolation: str = "plain", rankformer: bool = False, rank_offsets: bool = False
+):
+    config = ModelConfig(
+        arch="L2RCLIP-Demo",
+        pretrained="demo",
+        prompt=PromptConfig(
+            context_init=context, rank_init="names", interpolation=interpolation, rank_offsets=rank_offsets
+        ),
+        rankformer=RankFormerConfig(enabled=rankformer),
+    )
     return build_l2rclip(backbone, SPACE, config).eval()
 
 

@@ -34,8 +34,10 @@ VARIANTS = [
     {"prompt": {"context_shared": False, "rank_tokens": 2}},
     {"prompt": {"context_init": "random", "n_context": 8, "interpolation": "plain"}},
     {"prompt": {"interpolation": "gaussian", "n_base": 4}, "rankformer": {"attention": "full"}},
-    {"prompt": {"interpolation": "inverse_distance", "n_base": 3}, "rankformer": {"rank_position": True,
-                                                                                  "layers": 2}},
+    {
+        "prompt": {"interpolation": "inverse_distance", "n_base": 3},
+        "rankformer": {"rank_position": True, "layers": 2},
+    },
 ]
 
 
@@ -59,8 +61,9 @@ def test_full_length_encoding_equals_open_clip_encode_text(backbone):
     with torch.no_grad():
         block = model.prompt_learner()  # (3, 4, D): "a photo of" + rank name token
         ours = model.text_encoder(block)
-        reference = clip.encode_text(tokenizer([f"a photo of {n}." for n in ("one", "two", "three")]),
-                                     normalize=True)
+        reference = clip.encode_text(
+            tokenizer([f"a photo of {n}." for n in ("one", "two", "three")]), normalize=True
+        )
     assert (ours - reference).abs().max().item() < 1e-5
 
 
@@ -103,10 +106,12 @@ def test_one_step_reaches_every_trainable_part_and_no_text_weight(backbone):
         if step == 0:
             assert grads["prompt_learner.context"].abs().sum() > 0
             assert grads["prompt_learner.base_embeddings"].abs().sum() > 0
-            assert any(g is not None and g.abs().sum() > 0
-                       for n, g in grads.items() if n.startswith("rankformer."))
-            assert any(g is not None and g.abs().sum() > 0
-                       for n, g in grads.items() if n.startswith("image_encoder."))
+            assert any(
+                g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("rankformer.")
+            )
+            assert any(
+                g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("image_encoder.")
+            )
         optimizer.step()
     # after the first step the zero-initialised projections moved, so alpha gets gradient too
     assert model.rankformer.alpha.grad.abs() > 0
@@ -186,8 +191,9 @@ def test_bad_model_options_are_clear_errors(backbone):
         make_model(backbone, rankformer={"heads": 7})
     with pytest.raises(ValueError, match="n_base"):
         make_model(backbone, ranks=3, prompt={"n_base": 5})
-    too_long = dataclasses.replace(ModelConfig(), prompt=dataclasses.replace(
-        ModelConfig().prompt, context_init="random", n_context=80))
+    too_long = dataclasses.replace(
+        ModelConfig(), prompt=dataclasses.replace(ModelConfig().prompt, context_init="random", n_context=80)
+    )
     model = build_l2rclip(backbone, RankSpace(range(3)), dataclasses.replace(too_long, arch=TINY_ARCH))
     with pytest.raises(ValueError, match="does not fit"):
         model.compute_prototypes()

@@ -39,8 +39,9 @@ from l2rclip.training.features import cached_image_features
 def standard_text_tower(arch: str) -> bool:
     """Architectures L2RCLIP can use: open_clip's CLIP class with its own text transformer."""
     cfg = open_clip.get_model_config(arch)
-    return bool(cfg) and not (cfg.get("custom_text") or "hf_model_name" in cfg["text_cfg"]
-                              or "multimodal_cfg" in cfg)
+    return bool(cfg) and not (
+        cfg.get("custom_text") or "hf_model_name" in cfg["text_cfg"] or "multimodal_cfg" in cfg
+    )
 
 
 STANDARD_TAGS = [(arch, tag) for arch, tag in open_clip.list_pretrained() if standard_text_tower(arch)]
@@ -60,8 +61,7 @@ class Recorded(torch.nn.Module):
 def recorded_open_clip(monkeypatch):
     """open_clip's real resolution code, with model construction recorded and downloads refused."""
     monkeypatch.setattr(open_clip.factory, "CLIP", Recorded)
-    monkeypatch.setattr(open_clip.factory, "download_pretrained",
-                        lambda cfg, **_: "weights-are-never-read-here")
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **_: "weights-are-never-read-here")
 
 
 def reference(arch: str, tag: str, device: str = "cpu"):
@@ -70,7 +70,8 @@ def reference(arch: str, tag: str, device: str = "cpu"):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, _, preprocess_eval = open_clip.create_model_and_transforms(
-            arch, pretrained=tag, load_weights=False, force_quick_gelu=tag_quick_gelu, device=device)
+            arch, pretrained=tag, load_weights=False, force_quick_gelu=tag_quick_gelu, device=device
+        )
     assert not [w for w in caught if "QuickGELU mismatch" in str(w.message)], f"{arch}/{tag}: reference mismatch"
     return model, preprocess_eval
 
@@ -115,8 +116,12 @@ def activations(model: torch.nn.Module) -> set[str]:
     return {type(m).__name__ for m in model.modules() if type(m).__name__ in ("GELU", "QuickGELU")}
 
 
-REAL_TOWERS = [("RN50", "openai"), ("ViT-B-16", "openai"), ("ViT-L-14", "laion2b_s32b_b82k"),
-               ("convnext_base", "laion400m_s13b_b51k")]
+REAL_TOWERS = [
+    ("RN50", "openai"),
+    ("ViT-B-16", "openai"),
+    ("ViT-L-14", "laion2b_s32b_b82k"),
+    ("convnext_base", "laion400m_s13b_b51k"),
+]
 
 
 @pytest.mark.parametrize(("arch", "tag"), REAL_TOWERS)
@@ -168,9 +173,13 @@ def test_the_planned_recipe_reads_only_the_params_the_preprocess_stage_declares(
     all the recipe depends on: other model settings leave it, and so the image store, unchanged."""
     base = ModelConfig(arch=TINY_ARCH, pretrained="none")
     recipe = planned_recipe(base)
-    undeclared = dataclasses.replace(base, method="coop", image_tower="frozen",
-                                     prompt=PromptConfig(context_init="x"),
-                                     fallback=dataclasses.replace(base.fallback, epochs=1, lr_image=1.0))
+    undeclared = dataclasses.replace(
+        base,
+        method="coop",
+        image_tower="frozen",
+        prompt=PromptConfig(context_init="x"),
+        fallback=dataclasses.replace(base.fallback, epochs=1, lr_image=1.0),
+    )
     assert planned_recipe(undeclared) == recipe
     assert planned_recipe(dataclasses.replace(base, arch="ViT-B-32")) != recipe
 
@@ -235,8 +244,13 @@ def test_the_feature_cache_key_holds_the_activation(tmp_path):
     paths = sorted(p.relative_to(tmp_path / "demo").as_posix() for p in (tmp_path / "demo").rglob("*.png"))[:4]
     table = pd.DataFrame({"path": paths, "rank": 0})
     model, _ = tiny_model()
-    args = (table, tmp_path / "demo", model.recipe.preprocess.transform(False), tmp_path / "cache",
-            torch.device("cpu"))
+    args = (
+        table,
+        tmp_path / "demo",
+        model.recipe.preprocess.transform(False),
+        tmp_path / "cache",
+        torch.device("cpu"),
+    )
     cached_image_features(model, *args)
     cached_image_features(model, *args)
     assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 1  # reused

@@ -32,6 +32,7 @@ NAMES = ["cop-1", "cop-0"]
 
 # --- refusals before anything runs: plain git, no servers ---------------------------------------------
 
+
 @pytest.fixture
 def shared_git(tmp_path):
     """A bare remote, a lead clone with one pushed commit (a dvc.yaml) and a worker clone of it."""
@@ -87,13 +88,15 @@ def test_folds_fan_out_as_one_experiment_each_and_summarise_like_the_report():
     settings = ["loss.cop=0", "folds=[2, 4]", "train.epochs=3"]
     assert fold_runs("fgnet", settings, default_folds=[0, 1]) == [  # pieces of one experiment: no registration
         ("fgnet-fold2", ["tracking.register=false", "loss.cop=0", "train.epochs=3", "folds=[2]"]),
-        ("fgnet-fold4", ["tracking.register=false", "loss.cop=0", "train.epochs=3", "folds=[4]"])]
+        ("fgnet-fold4", ["tracking.register=false", "loss.cop=0", "train.epochs=3", "folds=[4]"]),
+    ]
     assert [name for name, _ in fold_runs("x", [], default_folds=[0, 1, 2])] == ["x-fold0", "x-fold1", "x-fold2"]
     with pytest.raises(ValueError, match="expected a list of fold numbers .* found 'folds=3'"):
         fold_runs("x", ["folds=3"], default_folds=[0])
 
     def report(mae):
         return {"test/mae": {"mean": mae, "std": 0.0, "folds": [mae]}, "is_clip": False}
+
     combined = combine({"x-fold0": report(1.0), "x-fold1": report(1.5), "x-fold2": report(2.0)})
     assert combined == {"test/mae": {"mean": 1.5, "std": 0.5, "folds": [1.0, 1.5, 2.0]}, "is_clip": False}
     with pytest.raises(ValueError, match="x-fold0: expected a report of one fold, found 2 folds"):
@@ -102,11 +105,13 @@ def test_folds_fan_out_as_one_experiment_each_and_summarise_like_the_report():
 
 # --- slow: the whole fan-out with real servers and workers ----------------------------------------------
 
+
 def start(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     """A background process leading its own session (so `stop` ends it and its children), logging to `log`."""
     with log.open("w") as out:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def shared_project(tmp_path: Path, env: dict) -> tuple[Path, Path]:
@@ -135,22 +140,63 @@ def shared_project(tmp_path: Path, env: dict) -> tuple[Path, Path]:
 def test_ablation_fans_out_to_two_workers_through_shared_remotes(tmp_path, monkeypatch):
     began = time.monotonic()
     prefect_url, mlflow_url = f"http://127.0.0.1:{free_port()}/api", f"http://127.0.0.1:{free_port()}"
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
-    env.update(GIT_IDENTITY, PATH=f"{BIN}{os.pathsep}{env['PATH']}", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1",
-               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_WORKER_QUERY_SECONDS="2")
+    env = {
+        key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+    }
+    env.update(
+        GIT_IDENTITY,
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+        HF_HUB_OFFLINE="1",
+        DVC_NO_ANALYTICS="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
     processes, logs = [], []
     try:
         logs.append(tmp_path / "prefect-server.log")
-        processes.append(start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                prefect_url.rsplit(":", 1)[1].split("/")[0], "--no-ui"], tmp_path, env, logs[-1]))
+        processes.append(
+            start(
+                [
+                    str(BIN / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    prefect_url.rsplit(":", 1)[1].split("/")[0],
+                    "--no-ui",
+                ],
+                tmp_path,
+                env,
+                logs[-1],
+            )
+        )
         logs.append(tmp_path / "mlflow-server.log")
-        processes.append(start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                                mlflow_url.rsplit(":", 1)[1], "--workers", "1",
-                                "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--serve-artifacts",
-                                "--artifacts-destination", str(tmp_path / "mlflow-artifacts")], tmp_path,
-                               {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, logs[-1]))
+        processes.append(
+            start(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    mlflow_url.rsplit(":", 1)[1],
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    "--serve-artifacts",
+                    "--artifacts-destination",
+                    str(tmp_path / "mlflow-artifacts"),
+                ],
+                tmp_path,
+                {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                logs[-1],
+            )
+        )
         lead, store = shared_project(tmp_path, env)  # while the servers start
         clones = []
         for index in (1, 2):
@@ -167,19 +213,43 @@ def test_ablation_fans_out_to_two_workers_through_shared_remotes(tmp_path, monke
             for index, clone in enumerate(clones, 1):
                 logs.append(tmp_path / f"worker-{index}.log")
                 worker_env = {**env, "PREFECT_API_URL": prefect_url, "L2RCLIP_CLONE": str(clone)}
-                processes.append(start([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--limit", "1",
-                                        "--name", f"worker-{index}"], clone, worker_env, logs[-1]))
+                processes.append(
+                    start(
+                        [
+                            str(BIN / "prefect"),
+                            "worker",
+                            "start",
+                            "--pool",
+                            POOL,
+                            "--limit",
+                            "1",
+                            "--name",
+                            f"worker-{index}",
+                        ],
+                        clone,
+                        worker_env,
+                        logs[-1],
+                    )
+                )
             with get_client(sync_client=True) as client:
-                fanned, scheduled = (client.read_deployment_by_name(name)
-                                     for name in (f"experiment/{POOL}", "retrain/nightly-retrain"))
+                fanned, scheduled = (
+                    client.read_deployment_by_name(name)
+                    for name in (f"experiment/{POOL}", "retrain/nightly-retrain")
+                )
                 assert (fanned.work_pool_name, scheduled.work_pool_name) == (POOL, POOL)
                 assert fanned.entrypoint == "pipelines.fanout.experiment" and not fanned.schedules
                 assert [(s.schedule.cron, s.schedule.timezone) for s in scheduled.schedules] == [
-                    ("0 3 * * *", "Europe/Berlin")]
+                    ("0 3 * * *", "Europe/Berlin")
+                ]
                 assert client.read_work_pool(POOL).type == "process"
                 online = WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"]))
-                wait_for(lambda: True if len(client.read_workers_for_work_pool(POOL, worker_filter=online)) == 2
-                         else None, 180, "two workers online")
+                wait_for(
+                    lambda: (
+                        True if len(client.read_workers_for_work_pool(POOL, worker_filter=online)) == 2 else None
+                    ),
+                    180,
+                    "two workers online",
+                )
             result = ablation(str(lead), grid=GRID, work_pool=POOL)
 
         assert [run["state"] for run in result["runs"]] == ["Completed", "Completed"]

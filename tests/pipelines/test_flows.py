@@ -72,8 +72,10 @@ def prefect_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def harness(prefect_home):
     """Flows run against a temporary Prefect server (started once: it takes seconds)."""
-    with (temporary_settings(updates={PREFECT_HOME: prefect_home}),
-          prefect_test_harness(server_startup_timeout=180)):
+    with (
+        temporary_settings(updates={PREFECT_HOME: prefect_home}),
+        prefect_test_harness(server_startup_timeout=180),
+    ):
         yield
 
 
@@ -84,8 +86,6 @@ def env(monkeypatch, tmp_path) -> str:
     for key, value in {**GIT_IDENTITY, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, value)
     return uri
-
-
 
 
 def dvc_project(repo: Path, stages: dict) -> Path:
@@ -105,8 +105,9 @@ def run_flow(flow_fn, *args, **kwargs):
 def artifacts_of(flow_run_id: UUID) -> dict:
     """The flow run's artifacts on the server, by key."""
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return {artifact.key: artifact for artifact in found}
 
 
@@ -117,16 +118,20 @@ def tags_of(flow_run_id: UUID) -> list[str]:
 
 # --- decisions, classification, the grid: pure functions ---------------------------------------------
 
-@pytest.mark.parametrize(("new", "current", "margin", "metric", "promote", "why"), [
-    (0.90, 1.00, 0.0, "test/mae", True, "better by 0.1000"),
-    (0.90, 1.00, 0.05, "test/mae", True, "> margin 0.05"),
-    (0.98, 1.00, 0.05, "test/mae", False, "better by only 0.0200"),
-    (1.00, 1.00, 0.0, "test/mae", False, "no better"),  # a tie keeps the champion
-    (1.20, 1.00, 0.0, "test/mae", False, "worse by 0.2000"),
-    (0.70, 0.60, 0.05, "test/accuracy", True, "better by 0.1000"),  # higher is better
-    (0.55, 0.60, 0.0, "test/accuracy", False, "worse by 0.0500"),
-    (math.nan, 1.00, 0.0, "test/mae", False, "not a number"),
-])
+
+@pytest.mark.parametrize(
+    ("new", "current", "margin", "metric", "promote", "why"),
+    [
+        (0.90, 1.00, 0.0, "test/mae", True, "better by 0.1000"),
+        (0.90, 1.00, 0.05, "test/mae", True, "> margin 0.05"),
+        (0.98, 1.00, 0.05, "test/mae", False, "better by only 0.0200"),
+        (1.00, 1.00, 0.0, "test/mae", False, "no better"),  # a tie keeps the champion
+        (1.20, 1.00, 0.0, "test/mae", False, "worse by 0.2000"),
+        (0.70, 0.60, 0.05, "test/accuracy", True, "better by 0.1000"),  # higher is better
+        (0.55, 0.60, 0.0, "test/accuracy", False, "worse by 0.0500"),
+        (math.nan, 1.00, 0.0, "test/mae", False, "not a number"),
+    ],
+)
 def test_decide_promotes_only_when_better_by_more_than_the_margin(new, current, margin, metric, promote, why):
     decision = decide(new, current, margin, metric)
     assert decision.promote is promote and why in decision.reason and metric in decision.reason
@@ -137,21 +142,28 @@ def test_decide_rejects_a_negative_margin():
         decide(1.0, 1.0, -0.1)
 
 
-@pytest.mark.parametrize(("returncode", "output", "transient"), [
-    (255, "ERROR: failed to reproduce 'train@0': failed to run: python -m ..., exited with -9", True),
-    (-9, "", True),
-    (1, "ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
-    (255, "error: params.yaml: unknown key 'loss.cpo'\nERROR: failed to reproduce 'train@0'", False),
-    (255, "Traceback (most recent call last):\nZeroDivisionError", False),
-])
+@pytest.mark.parametrize(
+    ("returncode", "output", "transient"),
+    [
+        (255, "ERROR: failed to reproduce 'train@0': failed to run: python -m ..., exited with -9", True),
+        (-9, "", True),
+        (1, "ERROR: Unable to acquire lock. Most likely another DVC process is running", True),
+        (255, "error: params.yaml: unknown key 'loss.cpo'\nERROR: failed to reproduce 'train@0'", False),
+        (255, "Traceback (most recent call last):\nZeroDivisionError", False),
+    ],
+)
 def test_only_failures_that_a_retry_can_fix_are_transient(returncode, output, transient):
     assert is_transient(returncode, output) is transient
 
 
 def test_default_grid_is_rankformer_by_cop_with_the_full_model_first():
     variants = expand(DEFAULT_GRID)
-    assert [v.name for v in variants] == ["rankformer-on_cop-1", "rankformer-on_cop-0", "rankformer-off_cop-1",
-                                          "rankformer-off_cop-0"]
+    assert [v.name for v in variants] == [
+        "rankformer-on_cop-1",
+        "rankformer-on_cop-0",
+        "rankformer-off_cop-1",
+        "rankformer-off_cop-0",
+    ]
     assert variants[3].overrides == {"model.rankformer.enabled": False, "loss.cop": 0.0}
     assert expand({"train.schedule": ["one_stage", "two_stage"]})[1].name == "schedule-two_stage"
     with pytest.raises(ValueError, match="at least one value"):
@@ -166,8 +178,11 @@ def publish_comparison_flow(results, metric):
 def test_ablation_publishes_its_comparison_as_flow_run_artifacts(harness):
     def summary(folds):
         return {"test/mae": {"mean": float(np.mean(folds)), "std": float(np.std(folds, ddof=1)), "folds": folds}}
-    results = [{"name": "full", "overrides": {"loss.cop": 1.0}, "summary": summary([1.0, 1.2])},
-               {"name": "broken", "overrides": {"loss.cop": 0.0}, "summary": None}]
+
+    results = [
+        {"name": "full", "overrides": {"loss.cop": 1.0}, "summary": summary([1.0, 1.2])},
+        {"name": "broken", "overrides": {"loss.cop": 0.0}, "summary": None},
+    ]
     _, run_id = run_flow(publish_comparison_flow, results, "test/mae")
     found = artifacts_of(run_id)
     assert found["ablation-comparison"].type == "markdown"
@@ -180,11 +195,13 @@ def test_ablation_publishes_its_comparison_as_flow_run_artifacts(harness):
 
 # --- deployments: prefect.yaml and pipelines.deploy declare the same ones -----------------------------
 
+
 def test_prefect_yaml_declares_the_work_pool_deployments_of_pipelines_deploy():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert config["build"] is None and config["push"] is None
-    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory": {
-        "directory": "{{ $" + CLONE_ENV + " }}"}}]  # read on the worker: each worker's own clone
+    assert config["pull"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $" + CLONE_ENV + " }}"}}
+    ]  # read on the worker: each worker's own clone
     deployments = {d["name"]: d for d in config["deployments"]}
     assert set(deployments) == {DEFAULT_NAME, "l2rclip"}
     assert {d["work_pool"]["name"] for d in deployments.values()} == {"l2rclip"}
@@ -203,31 +220,37 @@ def test_prefect_yaml_declares_the_work_pool_deployments_of_pipelines_deploy():
 
 
 def test_deploy_to_pool_creates_a_process_pool_and_registers_both_flows(harness, tmp_path):
-    ids = deploy_to_pool("fast-pool", retrain_deployment("fast-retrain", "30 2 * * 1-5", str(tmp_path), 0.05,
-                                                         timezone="Europe/Berlin"),
-                         experiment_deployment("fast-pool"))
+    ids = deploy_to_pool(
+        "fast-pool",
+        retrain_deployment("fast-retrain", "30 2 * * 1-5", str(tmp_path), 0.05, timezone="Europe/Berlin"),
+        experiment_deployment("fast-pool"),
+    )
     with get_client(sync_client=True) as client:
         assert client.read_work_pool("fast-pool").type == "process"
         scheduled, fanned = (client.read_deployment(deployment_id) for deployment_id in ids)
         assert (scheduled.name, fanned.name) == ("fast-retrain", "fast-pool")
         assert scheduled.work_pool_name == fanned.work_pool_name == "fast-pool"
         assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in scheduled.schedules] == [
-            ("30 2 * * 1-5", "Europe/Berlin", True)]
+            ("30 2 * * 1-5", "Europe/Berlin", True)
+        ]
         assert scheduled.parameters == {"repo": str(tmp_path.resolve()), "margin": 0.05, "metric": "test/mae"}
         assert scheduled.entrypoint == "pipelines.retrain.retrain" and not fanned.schedules
 
 
 # --- the quiet settings, the server a flow reports to, one DVC-running flow per checkout --------------
 
+
 def test_flow_modules_set_the_quiet_defaults_before_prefect_reads_its_settings():
     env = {key: value for key, value in os.environ.items() if key not in {*QUIET_DEFAULTS, "PREFECT_API_URL"}}
     env["DO_NOT_TRACK"] = "mine"  # what the user exported wins
-    probe = ("import os, pipelines.retrain\n"
-             "from prefect.settings import get_current_settings\n"
-             "s = get_current_settings()\n"
-             "print(s.server.analytics_enabled, s.server.ephemeral.startup_timeout_seconds, "
-             "*(os.environ[k] for k in ('MLFLOW_DISABLE_TELEMETRY', 'DVC_NO_ANALYTICS', 'DO_NOT_TRACK')))\n"
-             "from pipelines.flow_run import api_target\nprint(api_target())")
+    probe = (
+        "import os, pipelines.retrain\n"
+        "from prefect.settings import get_current_settings\n"
+        "s = get_current_settings()\n"
+        "print(s.server.analytics_enabled, s.server.ephemeral.startup_timeout_seconds, "
+        "*(os.environ[k] for k in ('MLFLOW_DISABLE_TELEMETRY', 'DVC_NO_ANALYTICS', 'DO_NOT_TRACK')))\n"
+        "from pipelines.flow_run import api_target\nprint(api_target())"
+    )
     out = sh([sys.executable, "-c", probe], ROOT, env).splitlines()
     assert out[0] == "False 180 true 1 mine"
     assert out[1] == TEMPORARY_SERVER and "will not appear in your UI" in out[1]
@@ -252,8 +275,14 @@ def test_a_second_flow_in_the_same_checkout_waits_then_fails_without_a_server(tm
     for repo in (same, other):
         (repo / ".dvc").mkdir(parents=True)
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(same)], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(same)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no server: the file lock alone
@@ -281,6 +310,7 @@ def test_a_second_flow_in_the_same_checkout_waits_for_the_servers_concurrency_li
         with checkout_lock(same):
             held.set()
             release.wait(60)
+
     holder = threading.Thread(target=hold)
     holder.start()
     try:
@@ -306,8 +336,14 @@ def test_a_killed_holders_server_slot_is_released_at_once_not_after_its_lease(ha
     same = tmp_path / "same"
     (same / ".dvc").mkdir(parents=True)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(same)], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(same)],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert json.loads(lease_file(same).read_text())["pid"] == holder.pid
@@ -326,8 +362,9 @@ def test_a_killed_holders_server_slot_is_released_at_once_not_after_its_lease(ha
         stop(holder)
 
 
-def test_the_folds_flow_holds_the_checkout_tags_its_commit_and_publishes_its_summary(harness, tmp_path,
-                                                                                      monkeypatch):
+def test_the_folds_flow_holds_the_checkout_tags_its_commit_and_publishes_its_summary(
+    harness, tmp_path, monkeypatch
+):
     """Issue 21.7: pipelines.folds takes the checkout lock, the commit tag and a result artifact, as the others."""
     import pipelines.folds as folds_module
 
@@ -344,6 +381,7 @@ def test_the_folds_flow_holds_the_checkout_tags_its_commit_and_publishes_its_sum
                     held_elsewhere.append(False)
             except CheckoutBusyError:
                 held_elsewhere.append(True)
+
         thread = threading.Thread(target=other_flow)
         thread.start()
         thread.join()
@@ -351,6 +389,7 @@ def test_the_folds_flow_holds_the_checkout_tags_its_commit_and_publishes_its_sum
 
     def report(mae):
         return {"summary": {"test/mae": {"mean": mae, "std": 0.0, "folds": [mae]}, "is_clip": False}}
+
     monkeypatch.setattr(folds_module, "fan_out", fan_out)
     monkeypatch.setattr(folds_module, "collect", lambda root: {"x-fold0": report(1.0), "x-fold1": report(2.0)})
     monkeypatch.setattr(folds_module, "tag_experiment_commits", lambda root, uri: 0)
@@ -381,10 +420,19 @@ report.with_name("report.md").write_text("# Report\\n\\n| metric | mean |\\n|---
 
 
 def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(harness, env, tmp_path):
-    repo = dvc_project(tmp_path / "repo", {"report": {
-        "cmd": "python flaky.py", "deps": ["mode.txt"],
-        "outs": [{"outputs/report/metrics.json": {"cache": False}},
-                 {"outputs/report/report.md": {"cache": False}}]}})
+    repo = dvc_project(
+        tmp_path / "repo",
+        {
+            "report": {
+                "cmd": "python flaky.py",
+                "deps": ["mode.txt"],
+                "outs": [
+                    {"outputs/report/metrics.json": {"cache": False}},
+                    {"outputs/report/report.md": {"cache": False}},
+                ],
+            }
+        },
+    )
     (repo / "flaky.py").write_text(FLAKY_STAGE)
     (repo / "mode.txt").write_text("killed once")
     (repo / "outputs/prepare").mkdir(parents=True)  # prepared tables: the run is tagged with their version
@@ -401,7 +449,8 @@ def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(ha
     assert "test/mae 1.100" in report.description
     tags = tags_of(run_id)
     assert f"git:{commit[:12]}" in tags and [tag for tag in tags if tag.startswith("data:")] == [
-        f"data:{data_version(repo / 'outputs/prepare')}"]  # as the MLflow runs carry it
+        f"data:{data_version(repo / 'outputs/prepare')}"
+    ]  # as the MLflow runs carry it
 
     (repo / "attempts.txt").unlink()
     (repo / "mode.txt").write_text("bad params")
@@ -411,6 +460,7 @@ def test_pipeline_flow_retries_a_killed_stage_and_fails_at_once_on_bad_params(ha
 
 
 # --- the retrain flow: a real register stage and registry ---------------------------------------------
+
 
 def tiny_model(folder: Path, seed: int, top: int = 10) -> Path:
     """A random L2RCLIP-Tiny over counts 1..top; a large logit scale makes it confident (E[value] ~ argmax)."""
@@ -428,8 +478,14 @@ def tiny_model(folder: Path, seed: int, top: int = 10) -> Path:
 REGISTER_STAGE = {  # the project's register stage; the stages before it are files the test writes
     "cmd": "python -m l2rclip.stages.register --params params.yaml --out outputs/register",
     "deps": ["outputs/report/metrics.json", "outputs/metrics"],
-    "params": ["folds", "data.source", "split.holdout_fraction", "split.holdout_salt", "train.select_metric",
-               "tracking"],
+    "params": [
+        "folds",
+        "data.source",
+        "split.holdout_fraction",
+        "split.holdout_salt",
+        "train.select_metric",
+        "tracking",
+    ],
     "outs": [{"outputs/register/registered.json": {"cache": False}}],
 }
 
@@ -448,15 +504,24 @@ def retrain_repo(env, tmp_path):
     images = generate_demo(repo / "data/demo", n_per_rank=2, image_size=64)
     weak, strong = tiny_model(tmp_path / "weak", seed=1), tiny_model(tmp_path / "strong", seed=2)
     predicted = Predictor.load(strong, device="cpu").predict_paths(
-        [repo / "data/demo" / path for path in images["path"]], progress=False)
+        [repo / "data/demo" / path for path in images["path"]], progress=False
+    )
     labels = predicted["pred_label"].astype(int)
-    holdout = pd.DataFrame({"path": images["path"], "group": images["group"], "label": labels,
-                            "rank": labels - 1, "value": labels.astype(float)})
+    holdout = pd.DataFrame(
+        {
+            "path": images["path"],
+            "group": images["group"],
+            "label": labels,
+            "rank": labels - 1,
+            "value": labels.astype(float),
+        }
+    )
     (repo / "outputs/prepare").mkdir(parents=True)
     holdout.to_csv(repo / "outputs/prepare/holdout.csv", index=False)
     wrong = (labels % 10) + 1  # the test split, labelled against `strong`: scoring on it would keep `weak`
     holdout.assign(fold=0, split="test", label=wrong, rank=wrong - 1).to_csv(
-        repo / "outputs/prepare/splits.csv", index=False)
+        repo / "outputs/prepare/splits.csv", index=False
+    )
 
     tracker = Tracker(env, experiment="retrain-test")
     parent = tracker.parent_run("key-v2", "demo pipeline", {}, {})
@@ -467,8 +532,9 @@ def retrain_repo(env, tmp_path):
     (repo / "outputs/metrics").mkdir()
     (repo / "outputs/metrics/fold_0.json").write_text(json.dumps({"test/mae": 0.1}))
     (repo / "outputs/report").mkdir()
-    (repo / "outputs/report/metrics.json").write_text(json.dumps(
-        {"test/mae": {"mean": 0.1, "std": 0.0, "folds": [0.1]}, "is_clip": False}))
+    (repo / "outputs/report/metrics.json").write_text(
+        json.dumps({"test/mae": {"mean": 0.1, "std": 0.0, "folds": [0.1]}, "is_clip": False})
+    )
 
     old_run = tracker.parent_run("key-v1", "demo pipeline", {}, {})
     hash_now = fingerprint(load_params(repo / "params.yaml"))
@@ -485,7 +551,11 @@ def test_retrain_promotes_a_better_model_then_is_up_to_date_then_keeps_the_champ
 
     promoted, run_id = run_flow(retrain, str(repo))  # the register stage never ran: stale; it registers version 2
     assert (promoted["stale"], promoted["version"], promoted["decision"], promoted["champion"]) == (
-        ["register"], "2", "promoted", "2")
+        ["register"],
+        "2",
+        "promoted",
+        "2",
+    )
     assert promoted["scores"]["new"] < promoted["scores"]["champion"] - 0.5
     assert promoted["gate"]["images"] == 20 and len(promoted["gate"]["version"]) == 16
     assert client.get_model_version("l2rclip-demo", "2").tags["l2rclip.gate_images"] == "20"
@@ -539,7 +609,8 @@ def test_retrain_does_not_compare_a_version_with_another_rank_set_unless_accepte
     holdout = pd.read_csv(repo / "outputs/prepare/holdout.csv")
     labels = holdout.index % 10 + 1  # every rank, 10 included (the random models may predict one rank only)
     holdout.assign(label=labels, rank=labels - 1, value=labels.astype(float)).to_csv(
-        repo / "outputs/prepare/holdout.csv", index=False)
+        repo / "outputs/prepare/holdout.csv", index=False
+    )
     refused = retrain(str(repo))
     assert (refused["version"], refused["decision"], refused["champion"]) == ("2", "kept_champion", "1")
     assert "scores" not in refused and not refused["rank_change"]["accepted"]
@@ -554,8 +625,9 @@ def test_retrain_does_not_compare_a_version_with_another_rank_set_unless_accepte
     assert f"{ACCEPTED}: compared on the {shared} holdout images of the 9 ranks both share" in accepted["reason"]
     tags = client.get_model_version("l2rclip-demo", "2").tags
     assert tags[RANK_CHANGE_TAG].endswith(ACCEPTED) and tags["l2rclip.decision_reason"] == accepted["reason"]
-    assert f"- rank set: {accepted['rank_change']['change']}; {ACCEPTED}" in decision_markdown(accepted, 0.0,
-                                                                                              "test/mae")
+    assert f"- rank set: {accepted['rank_change']['change']}; {ACCEPTED}" in decision_markdown(
+        accepted, 0.0, "test/mae"
+    )
 
 
 def test_retrain_of_another_dataset_starts_its_own_lineage(harness, retrain_repo, env):
@@ -569,6 +641,7 @@ def test_retrain_of_another_dataset_starts_its_own_lineage(harness, retrain_repo
 
 
 # --- slow: the project's pipeline as DVC experiments; a real Prefect server ----------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
@@ -595,14 +668,6 @@ def test_ablation_runs_four_experiments_and_compares_them(harness, env, tmp_path
     assert result["tagged"] == len(runs) == 8  # a parent and a fold run per variant
 
 
-
-
-
-
-
-
-
-
 @contextmanager
 def prefect_server(home: Path, **settings: str):
     """A real `prefect server start` on a free local port with its own PREFECT_HOME, stopped after.
@@ -612,9 +677,22 @@ def prefect_server(home: Path, **settings: str):
     url = f"http://127.0.0.1:{free_port()}/api"
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true", **settings)
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                               url.rsplit(":", 1)[1].split("/")[0], "--no-ui"], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            url.rsplit(":", 1)[1].split("/")[0],
+            "--no-ui",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: healthy(url), 180, f"the Prefect server at {url}")
         with temporary_settings(updates={PREFECT_API_URL: url}):
@@ -632,24 +710,43 @@ def test_retrain_served_on_a_cron_schedule_by_a_real_prefect_server(tmp_path):
             not_a_project = tmp_path / "empty"
             not_a_project.mkdir()
             runner = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.deploy", "--name", "test-retrain", "--cron", "0 3 * * *",
-                 "--repo", str(not_a_project), "--margin", "0.05"], env=env,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "pipelines.deploy",
+                    "--name",
+                    "test-retrain",
+                    "--cron",
+                    "0 3 * * *",
+                    "--repo",
+                    str(not_a_project),
+                    "--margin",
+                    "0.05",
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             with get_client(sync_client=True) as client:
+
                 def deployment():
                     try:
                         return client.read_deployment_by_name("retrain/test-retrain")
                     except Exception:  # noqa: BLE001 - not registered yet
                         return None
+
                 found = wait_for(deployment, 120, "the served deployment")
                 assert [s.schedule.cron for s in found.schedules] == ["0 3 * * *"]
                 assert found.parameters == {"repo": str(not_a_project), "margin": 0.05, "metric": "test/mae"}
                 assert found.entrypoint == "pipelines.retrain.retrain"
 
                 flow_run = run_deployment("retrain/test-retrain", timeout=0)  # started now, not at 3 am
+
                 def final_state():
                     state = client.read_flow_run(flow_run.id).state
                     return state if state.is_final() else None
+
                 done = wait_for(final_state, 180, "the runner to run the deployment")
                 assert done.is_failed()  # the runner ran our flow, which refuses a folder without dvc.yaml
                 assert "expected a DVC project" in done.message
@@ -669,23 +766,35 @@ def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_nightly_retra
     repo, _ = retrain_repo
     shutil.copytree(ROOT / "pipelines", repo / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
     with prefect_server(tmp_path / "prefect", PREFECT_WORKER_QUERY_SECONDS="2") as (_, server_env):
-        cli = {**server_env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": env, "HF_HUB_OFFLINE": "1",
-               **GIT_IDENTITY}
+        cli = {
+            **server_env,
+            "PYTHONPATH": str(ROOT),
+            "MLFLOW_TRACKING_URI": env,
+            "HF_HUB_OFFLINE": "1",
+            **GIT_IDENTITY,
+        }
         sh([str(BIN / "prefect"), "work-pool", "create", "l2rclip", "--type", "process"], tmp_path, cli)
-        sh([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml")],
-           repo, cli)  # from a shell without $L2RCLIP_CLONE: the pull step keeps it for the worker
+        sh(
+            [str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", str(ROOT / "prefect.yaml")],
+            repo,
+            cli,
+        )  # from a shell without $L2RCLIP_CLONE: the pull step keeps it for the worker
         with get_client(sync_client=True) as client:
             nightly = client.read_deployment_by_name(f"retrain/{DEFAULT_NAME}")
             assert nightly.work_pool_name == "l2rclip" and nightly.entrypoint == "pipelines/retrain.py:retrain"
             assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [(DEFAULT_CRON, "UTC")]
-            assert nightly.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
-                "directory": "{{ $" + CLONE_ENV + " }}"}}]
+            assert nightly.pull_steps == [
+                {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $" + CLONE_ENV + " }}"}}
+            ]
             assert client.read_deployment_by_name("experiment/l2rclip").work_pool_name == "l2rclip"
 
             flow_run = run_deployment(f"retrain/{DEFAULT_NAME}", timeout=0)  # now, not at 03:00
             assert client.read_flow_run(flow_run.id).state.is_scheduled()  # waits in the pool: no worker yet
-            sh([str(BIN / "prefect"), "worker", "start", "--pool", "l2rclip", "--run-once", "--limit", "1"],
-               tmp_path, {**cli, CLONE_ENV: str(repo)})
+            sh(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "l2rclip", "--run-once", "--limit", "1"],
+                tmp_path,
+                {**cli, CLONE_ENV: str(repo)},
+            )
             state = client.read_flow_run(flow_run.id).state
             assert state.is_completed(), f"{state.name}: {state.message}"
         decision = artifacts_of(flow_run.id)["retrain-decision"].data

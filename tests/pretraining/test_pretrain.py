@@ -65,8 +65,11 @@ def test_corpus_streams_are_spawned_children_apart_from_the_demo_sets():
 
 
 def test_no_demo_image_is_in_the_corpus():
-    demo = {hashlib.sha256(demo_image(0, group, count, 96)[0].tobytes()).hexdigest()
-            for group in range(60) for count in COUNTS}
+    demo = {
+        hashlib.sha256(demo_image(0, group, count, 96)[0].tobytes()).hexdigest()
+        for group in range(60)
+        for count in COUNTS
+    }
     corpus = {hashlib.sha256(corpus_item(0, index, 96)[0].tobytes()).hexdigest() for index in range(N_CORPUS)}
     assert len(demo) == 600 and not demo & corpus
 
@@ -99,8 +102,13 @@ def test_every_caption_states_the_count():
 def prompt_phrases() -> list[str]:
     """Every prompt template and context phrase the project ships: params.yaml, config defaults, protocols."""
     params = load_params(ROOT / "params.yaml")
-    phrases = [params.model.prompt_template, params.model.prompt.context_init, ModelConfig().prompt_template,
-               PromptConfig().context_init, params.pretrain.eval_template]
+    phrases = [
+        params.model.prompt_template,
+        params.model.prompt.context_init,
+        ModelConfig().prompt_template,
+        PromptConfig().context_init,
+        params.pretrain.eval_template,
+    ]
     for protocol in sorted((ROOT / "protocols").glob("*.yaml")):
         model = yaml.safe_load(protocol.read_text()).get("params", {}).get("model", {})
         phrases += [model.get("prompt_template"), model.get("prompt", {}).get("context_init")]
@@ -121,15 +129,22 @@ def test_captions_cover_every_word_of_the_projects_prompts():
 def test_size_does_not_tell_the_count_in_the_corpus_as_it_does_in_the_demo_set():
     corpus = [draw_scene(corpus_rng(0, i), 96)[1] for i in range(1000)]
     corpus_rho = spearmanr([s.count for s in corpus], [np.mean([o[3] for o in s.objects]) for s in corpus])[0]
-    demo = [(count, np.mean([o[3] for o in demo_image(0, g, count, 96)[1]]))
-            for g in range(30) for count in COUNTS]
+    demo = [
+        (count, np.mean([o[3] for o in demo_image(0, g, count, 96)[1]])) for g in range(30) for count in COUNTS
+    ]
     demo_rho = spearmanr(*zip(*demo, strict=True))[0]
     assert demo_rho < -0.9 and corpus_rho > -0.75, (demo_rho, corpus_rho)
 
 
 def test_batches_do_not_depend_on_the_number_of_drawing_processes():
-    dataset = CaptionedShapes(0, batch_size=4, steps=3, image_size=64, transform=lambda im: torch.tensor(
-        np.asarray(im)).permute(2, 0, 1), tokenizer=lambda texts: torch.tensor([len(t) for t in texts]))
+    dataset = CaptionedShapes(
+        0,
+        batch_size=4,
+        steps=3,
+        image_size=64,
+        transform=lambda im: torch.tensor(np.asarray(im)).permute(2, 0, 1),
+        tokenizer=lambda texts: torch.tensor([len(t) for t in texts]),
+    )
     serial = list(DataLoader(dataset, batch_size=None, num_workers=0))
     parallel = list(DataLoader(dataset, batch_size=None, num_workers=2))
     assert len(serial) == len(parallel) == 3
@@ -139,8 +154,17 @@ def test_batches_do_not_depend_on_the_number_of_drawing_processes():
 
 
 def test_stage_writes_fp16_weights_that_load_as_the_demo_clip(tmp_path):
-    config = PretrainConfig(steps=3, batch_size=8, warmup_steps=1, workers=0, threads=1, log_every=1,
-                            eval_every=2, eval_per_count=2, experiment=None)
+    config = PretrainConfig(
+        steps=3,
+        batch_size=8,
+        warmup_steps=1,
+        workers=0,
+        threads=1,
+        log_every=1,
+        eval_every=2,
+        eval_per_count=2,
+        experiment=None,
+    )
     weights = tmp_path / "demo.safetensors"
     metrics = run_pretrain(config, weights, tmp_path / "records")
     assert set(metrics) >= {"zero_shot/accuracy", "zero_shot/mae", "zero_shot/ordinality", "file_bytes"}
@@ -161,6 +185,7 @@ def test_stage_writes_fp16_weights_that_load_as_the_demo_clip(tmp_path):
     for copy in copies:
         save_demo_weights(loaded.model, copy, {"arch": "L2RCLIP-Demo", "note": "x", "corpus_version": 1})
     assert copies[0].read_bytes() == copies[1].read_bytes()
+
 
 def test_backbone_kinds_and_labels(tmp_path):
     assert backbone_kind("L2RCLIP-Tiny", "none") == "random" and backbone_kind("ViT-B-16", "openai") == "clip"

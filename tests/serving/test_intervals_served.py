@@ -31,13 +31,20 @@ def served(tmp_path_factory) -> dict:
     plain = Predictor.load(model_dir, device="cpu")
     probs = plain.predict_paths([paths[i] for i in calib], with_probabilities=True, progress=False)
     probs = probabilities_of(probs, plain.rank_space)  # (20, 10): p_1 .. p_10
-    calibration = Calibration.fit(probs, table["label"].to_numpy()[calib] - 1, np.arange(1.0, 11.0), "ordinal",
-                                  [0.1, 0.2]).to_dict()
+    calibration = Calibration.fit(
+        probs, table["label"].to_numpy()[calib] - 1, np.arange(1.0, 11.0), "ordinal", [0.1, 0.2]
+    ).to_dict()
     uri = mlflow_store(tmp_path_factory)
     run_id = Tracker(uri, experiment="intervals-test").parent_run("key", "demo pipeline", {}, {})
     registered = register(model_dir, "l2rclip-intervals", run_id, {}, uri, calibration=calibration)
-    return {"uri": uri, "model_dir": model_dir, "calibration": calibration, "paths": [paths[i] for i in test],
-            "registered": registered, "logged": log_pyfunc(model_dir, run_id, uri, calibration=calibration)}
+    return {
+        "uri": uri,
+        "model_dir": model_dir,
+        "calibration": calibration,
+        "paths": [paths[i] for i in test],
+        "registered": registered,
+        "logged": log_pyfunc(model_dir, run_id, uri, calibration=calibration),
+    }
 
 
 def test_predict_and_the_served_pyfunc_give_the_same_interval_columns(served, monkeypatch, tmp_path):
@@ -52,8 +59,10 @@ def test_predict_and_the_served_pyfunc_give_the_same_interval_columns(served, mo
     images = [base64.b64encode(p.read_bytes()).decode("ascii") for p in served["paths"]] + ["not base64!"]
     for model_uri in (served["logged"], served["registered"]["model_uri"]):
         out = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images}))
-        assert out.loc[:9, INTERVALS].astype(float).to_numpy().tolist() == \
-            expected[INTERVALS].astype(float).to_numpy().tolist()
+        assert (
+            out.loc[:9, INTERVALS].astype(float).to_numpy().tolist()
+            == expected[INTERVALS].astype(float).to_numpy().tolist()
+        )
         assert out.loc[10, INTERVALS].isna().all()  # an unreadable image has no interval
 
     csv = tmp_path / "predictions.csv"

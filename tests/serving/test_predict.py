@@ -55,8 +55,14 @@ def test_folder_with_bad_inputs_keeps_order_and_matches_evaluate(predictor, mode
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     missing = tmp_path / "missing.jpg"
-    paths = expand_inputs([str(demo_root / "images" / "03"), str(corrupt), str(missing),
-                           str(demo_root / "images" / "01" / "0001.png")])
+    paths = expand_inputs(
+        [
+            str(demo_root / "images" / "03"),
+            str(corrupt),
+            str(missing),
+            str(demo_root / "images" / "01" / "0001.png"),
+        ]
+    )
     assert paths[:2] == sorted((demo_root / "images" / "03").glob("*.png")) and len(paths) == 5
 
     out = predictor.predict_paths(paths, batch_size=2, with_probabilities=True, progress=False)
@@ -70,8 +76,10 @@ def test_folder_with_bad_inputs_keeps_order_and_matches_evaluate(predictor, mode
     good = [p for p, b in zip(paths, bad, strict=True) if not b]
     expected = evaluate_stage_predictions(model_dir, good)
     found = out[~bad].reset_index(drop=True)
-    assert (found["pred_label"].tolist() == expected["pred_label"].tolist()
-            and found["pred_name"].tolist() == expected["pred_name"].tolist())
+    assert (
+        found["pred_label"].tolist() == expected["pred_label"].tolist()
+        and found["pred_name"].tolist() == expected["pred_name"].tolist()
+    )
     columns = NUMBERS + PROBABILITIES
     np.testing.assert_allclose(found[columns].to_numpy(float), expected[columns].to_numpy(float), atol=1e-6)
 
@@ -85,8 +93,12 @@ def test_folder_entries_that_are_not_images_get_their_reason_on_their_row(predic
     before = sorted(p.name for p in (tmp_path / "in").iterdir())
     out = predictor.predict_paths(expand_inputs([str(tmp_path / "in")]), progress=False).set_index("path")
     reasons = {Path(path).name: error.split(": ")[1] for path, error in out["error"].items() if error}
-    assert reasons == {"anim.gif": "unsupported_extension", "notes.txt": "unsupported_extension",
-                       "gone.png": "dangling_symlink", "loop.png": "symlink_loop"}
+    assert reasons == {
+        "anim.gif": "unsupported_extension",
+        "notes.txt": "unsupported_extension",
+        "gone.png": "dangling_symlink",
+        "loop.png": "symlink_loop",
+    }
     assert out["pred_rank"].notna().sum() == len(list((demo_root / "images" / "02").iterdir()))
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == before
 
@@ -110,7 +122,8 @@ def test_workers_and_in_memory_images_give_the_same_numbers(predictor, demo_root
 def test_csv_input_resolves_relative_paths(demo_root, tmp_path):
     listing = demo_root / "some.csv"
     pd.DataFrame({"path": ["images/02/0000.png", "images/05/0001.png"], "note": ["a", "b"]}).to_csv(
-        listing, index=False)
+        listing, index=False
+    )
     assert expand_inputs([str(listing)]) == [demo_root / "images/02/0000.png", demo_root / "images/05/0001.png"]
     wrong = tmp_path / "wrong.csv"
     pd.DataFrame({"file": ["x.png"], "label": [1]}).to_csv(wrong, index=False)
@@ -134,8 +147,21 @@ def test_resolve_model_dir_finds_the_model_or_says_what_is_missing(model_dir, tm
 
 def test_cli_writes_the_csv(model_dir, demo_root, tmp_path, capsys):
     out = tmp_path / "out" / "predictions.csv"
-    code = cli.main(["predict", str(model_dir), str(demo_root / "images" / "04"), str(tmp_path / "gone.png"),
-                     "--out", str(out), "--probabilities", "--batch-size", "2", "--device", "cpu"])
+    code = cli.main(
+        [
+            "predict",
+            str(model_dir),
+            str(demo_root / "images" / "04"),
+            str(tmp_path / "gone.png"),
+            "--out",
+            str(out),
+            "--probabilities",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == cli.EXIT_SOME_FAILED  # one input is missing
     table = pd.read_csv(out, keep_default_na=False)
     assert len(table) == 3 and table["error"].astype(bool).tolist() == [False, False, True]
@@ -163,8 +189,8 @@ def test_one_pixel_limit_in_prepare_predict_and_serving(model_dir, tmp_path, mon
         assert expected[0] == f"ImageTooLargeError: {too_large['bomb.png']}{limit}"
         assert [e for e in predicted["error"] if e] == expected == [e for e in served["error"] if e]
     assert served.loc[1, "error"].endswith(
-        "101x100 = 10100 pixels, "
-        "more than the limit data.max_image_pixels = 10000")
+        "101x100 = 10100 pixels, more than the limit data.max_image_pixels = 10000"
+    )
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
     (tmp_path / "vast.png").write_bytes(png_header_only(20_000, 20_000))  # 400 Mpx: over PIL's own error limit
@@ -187,8 +213,9 @@ def test_cli_exit_status_says_whether_anything_was_predicted(model_dir, demo_roo
     assert "warning: 1 of 2 inputs could not be read; e.g." in capsys.readouterr().err
     assert cli.main(["predict", str(model_dir), good, *common]) == 0
     assert pd.read_csv(out, keep_default_na=False)["error"].tolist() == [""]
-    assert "exit status: 0 every input predicted; 3 " in " ".join(cli.build_parser()._subparsers._group_actions[0]
-                                                              .choices["predict"].format_help().split())
+    assert "exit status: 0 every input predicted; 3 " in " ".join(
+        cli.build_parser()._subparsers._group_actions[0].choices["predict"].format_help().split()
+    )
 
 
 def test_cli_checks_out_before_any_work_and_names_bad_csv_lists(model_dir, demo_root, tmp_path, capsys):
@@ -196,9 +223,11 @@ def test_cli_checks_out_before_any_work_and_names_bad_csv_lists(model_dir, demo_
     (tmp_path / "a_file").write_text("not a folder")
     (tmp_path / "kept.csv").write_text("path\nx.png\n")
     before = (tmp_path / "kept.csv").read_bytes()
-    cases = {str(tmp_path / "a_file" / "sub" / "p.csv"): f"{tmp_path / 'a_file'} is a file, not a folder",
-             str(tmp_path): "expected a file name, found a folder",
-             str(tmp_path / "kept.csv"): "it is one of the inputs, which would be overwritten"}
+    cases = {
+        str(tmp_path / "a_file" / "sub" / "p.csv"): f"{tmp_path / 'a_file'} is a file, not a folder",
+        str(tmp_path): "expected a file name, found a folder",
+        str(tmp_path / "kept.csv"): "it is one of the inputs, which would be overwritten",
+    }
     for out, why in cases.items():
         assert cli.main(["predict", str(model_dir), good, str(tmp_path / "kept.csv"), "--out", out]) == 2
         err = capsys.readouterr()

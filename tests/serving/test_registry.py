@@ -61,15 +61,24 @@ def test_register_keep_promote_and_load_the_champion(store, tmp_path):
     first = register(model_dir, name, run_id, {"l2rclip.fold": 0, "l2rclip.val/mae": 1.5, "l2rclip.x": None}, uri)
     second = register(model_dir, name, run_id, {"l2rclip.fold": 1}, uri)
 
-    assert first == {"name": name, "version": 1, "model_uri": f"models:/{name}/1", "run_id": run_id,
-                     "model_id": first["model_id"], "champion": True}
+    assert first == {
+        "name": name,
+        "version": 1,
+        "model_uri": f"models:/{name}/1",
+        "run_id": run_id,
+        "model_id": first["model_id"],
+        "champion": True,
+    }
     assert second["version"] == 2 and second["champion"] is False and second["model_id"] != first["model_id"]
     client = MlflowClient(uri)
     v1 = client.get_model_version(name, "1")
     assert v1.run_id == run_id and v1.tags["l2rclip.decision"] == "promoted"
     assert {k: v1.tags[k] for k in ("l2rclip.fold", "l2rclip.val/mae", "l2rclip.is_clip", "l2rclip.backbone")} == {
-        "l2rclip.fold": "0", "l2rclip.val/mae": "1.5", "l2rclip.is_clip": "false",
-        "l2rclip.backbone": "L2RCLIP-Tiny"}
+        "l2rclip.fold": "0",
+        "l2rclip.val/mae": "1.5",
+        "l2rclip.is_clip": "false",
+        "l2rclip.backbone": "L2RCLIP-Tiny",
+    }
     assert "l2rclip.x" not in v1.tags and "l2rclip.decision" not in client.get_model_version(name, "2").tags
 
     keep(name, 2, "val/mae 1.2 is not below the champion's 1.1", uri)
@@ -83,10 +92,12 @@ def test_register_keep_promote_and_load_the_champion(store, tmp_path):
     v2 = client.get_model_version(name, "2")
     assert int(champion(name, uri).version) == 2
     assert (v2.tags["l2rclip.decision"], v2.tags["l2rclip.decision_reason"]) == ("promoted", "val/mae 0.9 < 1.1")
-    assert v2.description == ("Promoted to champion (replacing version 1): val/mae 0.9 < 1.1\n\n"
-                              f"Trained in run {run_id} (fold 1) of pipeline run {parent}: the fold's metrics are "
-                              "on its run, the cross-validated test means (`test/<metric>_mean`) on the pipeline "
-                              "run.")
+    assert v2.description == (
+        "Promoted to champion (replacing version 1): val/mae 0.9 < 1.1\n\n"
+        f"Trained in run {run_id} (fold 1) of pipeline run {parent}: the fold's metrics are "
+        "on its run, the cross-validated test means (`test/<metric>_mean`) on the pipeline "
+        "run."
+    )
 
     demo = tmp_path / "demo"
     generate_demo(demo, n_per_rank=1, image_size=64)
@@ -104,8 +115,9 @@ def test_unknown_model(store):
         Predictor.load("models:/l2rclip-nothing@champion", tracking_uri=uri)
 
 
-def fake_pipeline_outputs(root: Path, uri: str | None, val_scores: dict[int, dict[str, float]]
-                          ) -> tuple[Path, Path, str | None]:
+def fake_pipeline_outputs(
+    root: Path, uri: str | None, val_scores: dict[int, dict[str, float]]
+) -> tuple[Path, Path, str | None]:
     """Train and report outputs of a finished pipeline run, with real MLflow parent and child runs.
 
     With `uri` None, training could not reach MLflow: no run and no run handle (as the train stage).
@@ -125,17 +137,26 @@ def fake_pipeline_outputs(root: Path, uri: str | None, val_scores: dict[int, dic
         tracker.end_run(parent)  # so is the report
     report = root / "report" / "metrics.json"
     report.parent.mkdir()
-    report.write_text(json.dumps({"test/mae": {"mean": 1.25, "std": 0.1, "folds": [1.2, 1.3]},
-                                  "backbone": "L2RCLIP-Tiny", "is_clip": False}))
+    report.write_text(
+        json.dumps(
+            {
+                "test/mae": {"mean": 1.25, "std": 0.1, "folds": [1.2, 1.3]},
+                "backbone": "L2RCLIP-Tiny",
+                "is_clip": False,
+            }
+        )
+    )
     return root / "folds", report, parent
 
 
 def test_register_stage_picks_the_best_validation_fold(store, tmp_path):
     uri, _, _ = store
     folds, report, parent = fake_pipeline_outputs(
-        tmp_path, uri, {0: {"val/mae": 1.1, "val/accuracy": 0.6}, 1: {"val/mae": 0.8, "val/accuracy": 0.4}})
-    params = Params(folds=(0, 1), data=DataConfig(source="csv", root="data/faces"),
-                    train=TrainConfig(select_metric="accuracy"))
+        tmp_path, uri, {0: {"val/mae": 1.1, "val/accuracy": 0.6}, 1: {"val/mae": 0.8, "val/accuracy": 0.4}}
+    )
+    params = Params(
+        folds=(0, 1), data=DataConfig(source="csv", root="data/faces"), train=TrainConfig(select_metric="accuracy")
+    )
     assert choose_fold(params, folds)[:2] == (0, 0.6)  # higher accuracy is better
     params = dataclasses.replace(params, train=TrainConfig(select_metric="mae"))
 
@@ -145,18 +166,33 @@ def test_register_stage_picks_the_best_validation_fold(store, tmp_path):
     assert result["registered"] and result["fold"] == 1 and result["val/mae"] == 0.8
     fold_run = json.loads((folds / "1" / "train" / "tracking.json").read_text())["run_id"]
     assert (result["name"], result["version"], result["run_id"], result["champion"]) == (
-        "l2rclip-faces", 1, fold_run, True)
+        "l2rclip-faces",
+        1,
+        fold_run,
+        True,
+    )
     tags = MlflowClient(uri).get_model_version("l2rclip-faces", "1").tags
     assert tags == {  # what identifies the version; the test means are metrics of the pipeline run
-        "l2rclip.source": "csv", "l2rclip.fold": "1", "l2rclip.select_metric": "mae", "l2rclip.val/mae": "0.8",
-        "l2rclip.data_version": "d4t4", "l2rclip.params_hash": fingerprint(params),
+        "l2rclip.source": "csv",
+        "l2rclip.fold": "1",
+        "l2rclip.select_metric": "mae",
+        "l2rclip.val/mae": "0.8",
+        "l2rclip.data_version": "d4t4",
+        "l2rclip.params_hash": fingerprint(params),
         "l2rclip.holdout_spec": holdout_spec(params.split.holdout_fraction, params.split.holdout_salt),
         "l2rclip.is_clip": "false",
-        "l2rclip.backbone": "L2RCLIP-Tiny", "l2rclip.decision": "promoted",
+        "l2rclip.backbone": "L2RCLIP-Tiny",
+        "l2rclip.decision": "promoted",
         "l2rclip.decision_reason": "first version of l2rclip-faces: there was no champion yet",
-        "l2rclip.ranks": json.dumps({"labels": list(range(1, 11)), "names": ["one", "two", "three", "four", "five",
-                                    "six", "seven", "eight", "nine", "ten"],
-                                    "values": [float(v) for v in range(1, 11)]}, separators=(",", ":"))}
+        "l2rclip.ranks": json.dumps(
+            {
+                "labels": list(range(1, 11)),
+                "names": ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"],
+                "values": [float(v) for v in range(1, 11)],
+            },
+            separators=(",", ":"),
+        ),
+    }
     assert not MlflowClient(uri).get_run(parent).outputs.model_outputs  # the parent run logged no model
 
     off = dataclasses.replace(params, tracking=TrackingConfig(enabled=False))
@@ -182,8 +218,10 @@ def test_the_model_is_logged_in_the_fold_run_that_trained_it_and_linked_both_way
     run = client.get_run(fold_run)
     assert [output.model_id for output in run.outputs.model_outputs] == [logged.model_id]  # run -> logged model
     experiment = run.info.experiment_id
-    assert [m.model_id for m in client.search_logged_models([experiment], filter_string=(
-        f"source_run_id = '{fold_run}'"))] == [logged.model_id]
+    assert [
+        m.model_id
+        for m in client.search_logged_models([experiment], filter_string=(f"source_run_id = '{fold_run}'"))
+    ] == [logged.model_id]
     assert (run.info.status, run.info.end_time) == (trained.status, trained.end_time)  # the fold's duration stays
     for run_id in (fold_run, parent):
         assert client.get_run(run_id).data.tags["l2rclip.registered_model"] == "models:/l2rclip-linked/1"
@@ -198,8 +236,9 @@ def test_variants_register_nothing(store, tmp_path):
     assert variant_settings({}, ["tracking.register=true"])[-1] == "tracking.register=true"  # a later -S wins
     uri, _, _ = store
     folds, report, _ = fake_pipeline_outputs(tmp_path, uri, {0: {"val/mae": 1.1}})
-    params = Params(folds=(0,), data=DataConfig(source="csv", root="data/variant"),
-                    tracking=TrackingConfig(register=False))
+    params = Params(
+        folds=(0,), data=DataConfig(source="csv", root="data/variant"), tracking=TrackingConfig(register=False)
+    )
 
     result = register_best(params, folds, report, tmp_path / "register")
 
@@ -211,15 +250,18 @@ def test_variants_register_nothing(store, tmp_path):
     assert not client.get_run(fold_run).outputs.model_outputs
 
 
-@pytest.mark.parametrize(("root", "source", "explicit", "name"), [
-    ("data/demo", "demo", None, "l2rclip-demo"),  # the demo keeps the name it always had
-    ("data/my_faces/", "csv", None, "l2rclip-my_faces"),
-    ("../shared/data/fgnet", "fgnet", None, "l2rclip-fgnet"),
-    ("/srv/faces 2024@lab", "folder", None, "l2rclip-faces_2024_lab"),  # what models:/<name>@alias accepts
-    (".", "csv", None, "l2rclip-csv"),  # no folder name of its own: never the clone's location
-    ("data/my_faces", "csv", "faces-prod", "faces-prod"),
-    ("data/my_faces", "csv", "", "l2rclip-my_faces"),
-])
+@pytest.mark.parametrize(
+    ("root", "source", "explicit", "name"),
+    [
+        ("data/demo", "demo", None, "l2rclip-demo"),  # the demo keeps the name it always had
+        ("data/my_faces/", "csv", None, "l2rclip-my_faces"),
+        ("../shared/data/fgnet", "fgnet", None, "l2rclip-fgnet"),
+        ("/srv/faces 2024@lab", "folder", None, "l2rclip-faces_2024_lab"),  # what models:/<name>@alias accepts
+        (".", "csv", None, "l2rclip-csv"),  # no folder name of its own: never the clone's location
+        ("data/my_faces", "csv", "faces-prod", "faces-prod"),
+        ("data/my_faces", "csv", "", "l2rclip-my_faces"),
+    ],
+)
 def test_the_registered_model_is_named_after_the_dataset(root, source, explicit, name):
     params = from_dict(Params, {"data": {"source": source, "root": root}, "tracking": {"model_name": explicit}})
     assert model_name(params) == name
@@ -239,9 +281,17 @@ def test_the_report_compares_only_with_a_committed_report_of_the_same_dataset(tm
     (train / "0" / "train" / "summary.json").write_text(json.dumps({"data_version": "v1"}))
 
     def run(root: str, mae: float) -> str:
-        (metrics / "fold_0.json").write_text(json.dumps({"test/mae": mae, "test/mae_median_baseline": 2.0,
-                                                         "test/accuracy": 0.5, "backbone": "L2RCLIP-Tiny",
-                                                         "is_clip": False}))
+        (metrics / "fold_0.json").write_text(
+            json.dumps(
+                {
+                    "test/mae": mae,
+                    "test/mae_median_baseline": 2.0,
+                    "test/accuracy": 0.5,
+                    "backbone": "L2RCLIP-Tiny",
+                    "is_clip": False,
+                }
+            )
+        )
         params = from_dict(Params, {"folds": [0], "data": {"source": "csv", "root": root}})
         report_stage(params, metrics, Path("outputs/report"), train)
         subprocess.run(["git", "add", "-A"], check=True)
@@ -250,10 +300,15 @@ def test_the_report_compares_only_with_a_committed_report_of_the_same_dataset(tm
 
     assert "No committed report" in run("data/faces_a", 1.5)
     assert json.loads(Path("outputs/report/metrics.json").read_text())["dataset"] == {
-        "source": "csv", "model_name": "l2rclip-faces_a", "data_version": "v1"}
+        "source": "csv",
+        "model_name": "l2rclip-faces_a",
+        "data_version": "v1",
+    }
     other = run("data/faces_b", 1.0)
-    assert ("The previous committed report is of another dataset (source csv, l2rclip-faces_a; now source csv, "
-            "l2rclip-faces_b); not compared.") in other and "| mae |" not in other
+    assert (
+        "The previous committed report is of another dataset (source csv, l2rclip-faces_a; now source csv, "
+        "l2rclip-faces_b); not compared."
+    ) in other and "| mae |" not in other
     same = run("data/faces_b", 0.75)
     assert "| mae | 1.0000 | 0.7500 | -0.2500 |" in same and "other data" not in same
     (train / "0" / "train" / "summary.json").write_text(json.dumps({"data_version": "v2"}))
@@ -270,8 +325,11 @@ def closed_port_uri() -> str:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -281,16 +339,28 @@ def offline_pipeline(tmp_path, monkeypatch) -> dict:
         monkeypatch.delenv(name, raising=False)  # Tracker sets them for http stores; restored afterwards
     folds, report, _ = fake_pipeline_outputs(tmp_path, None, {0: {"val/mae": 1.1}, 1: {"val/mae": 0.9}})
     params = tmp_path / "params.yaml"
-    offline = Params(folds=(0, 1), data=DataConfig(source="csv", root="data/offline"),
-                     tracking=TrackingConfig(experiment="offline-test"))
+    offline = Params(
+        folds=(0, 1),
+        data=DataConfig(source="csv", root="data/offline"),
+        tracking=TrackingConfig(experiment="offline-test"),
+    )
     params.write_text(yaml.safe_dump(to_dict(offline)))
-    args = ["--params", str(params), "--folds-dir", str(folds), "--report", str(report),
-            "--out", str(tmp_path / "register")]
+    args = [
+        "--params",
+        str(params),
+        "--folds-dir",
+        str(folds),
+        "--report",
+        str(report),
+        "--out",
+        str(tmp_path / "register"),
+    ]
     return {"root": tmp_path, "folds": folds, "args": args, "out": tmp_path / "register" / "registered.json"}
 
 
-def test_register_fails_with_the_reason_while_mlflow_is_down_then_registers(store, offline_pipeline, monkeypatch,
-                                                                           capsys):
+def test_register_fails_with_the_reason_while_mlflow_is_down_then_registers(
+    store, offline_pipeline, monkeypatch, capsys
+):
     uri, _, _ = store
     down = closed_port_uri()
     before = digest(offline_pipeline["folds"])
@@ -317,8 +387,9 @@ def test_register_fails_with_the_reason_while_mlflow_is_down_then_registers(stor
 def test_register_names_the_unreachable_store_of_a_tracked_training(offline_pipeline, capsys):
     down = closed_port_uri()
     handle = offline_pipeline["folds"] / "1" / "train" / "tracking.json"
-    handle.write_text(json.dumps({"tracking_uri": down, "experiment_id": "1", "parent_run_id": "abc",
-                                  "run_id": "def"}))
+    handle.write_text(
+        json.dumps({"tracking_uri": down, "experiment_id": "1", "parent_run_id": "abc", "run_id": "def"})
+    )
     assert main(offline_pipeline["args"]) == 1
     err = capsys.readouterr().err
     assert f"the training's MLflow run def (in {handle}) cannot be reached: connect failed on {down}" in err
@@ -331,15 +402,29 @@ def test_dvc_keeps_register_pending_while_mlflow_is_down(store, offline_pipeline
     """A register that failed is not recorded: `dvc status` shows it, and the next `dvc repro` registers."""
     uri, _, _ = store
     repo = offline_pipeline["root"]
-    stage = {"cmd": " ".join(["python -m l2rclip.stages.register", *offline_pipeline["args"]]),
-             "deps": ["folds", "report/metrics.json"], "outs": [{"register/registered.json": {"cache": False}}]}
+    stage = {
+        "cmd": " ".join(["python -m l2rclip.stages.register", *offline_pipeline["args"]]),
+        "deps": ["folds", "report/metrics.json"],
+        "outs": [{"register/registered.json": {"cache": False}}],
+    }
     (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": stage}}))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "DVC_NO_ANALYTICS": "1",
+    }
 
     def dvc(*args: str, store_uri: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True,
-                              env={**env, "MLFLOW_TRACKING_URI": store_uri}, timeout=300, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "dvc", *args],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            env={**env, "MLFLOW_TRACKING_URI": store_uri},
+            timeout=300,
+            check=False,
+        )
 
     versions = len(MlflowClient(uri).search_model_versions("name='l2rclip-offline'"))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)

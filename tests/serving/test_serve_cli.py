@@ -58,4 +58,6 @@ def test_ctrl_c_in_predict_is_one_line_exit_130_and_the_old_output_stays(tmp_pat
     err = capsys.readouterr().err
     assert err == f"interrupted, nothing written ({out} unchanged)\n"
     assert out.read_text() == "path,pred_label\nold.png,3\n" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "a.png", "predictions.csv"]
+        "a.png",
+        "predictions.csv",
+    ]

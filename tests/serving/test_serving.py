@@ -74,8 +74,9 @@ def test_pyfunc_refuses_requests_over_its_limits(logged, monkeypatch):
     large = encode_image(Image.new("RGB", (101, 100)))  # 10,100 pixels, over max_image_pixels
     out = model.predict(pd.DataFrame({"image": [one, large]}))
     assert out.loc[0, "error"] == "" and out.loc[0, "pred_name"] == logged["expected"].loc[0, "pred_name"]
-    assert out.loc[1, "error"] == ("ImageTooLargeError: 101x100 = 10100 pixels, more than the limit "
-                                   "data.max_image_pixels = 10000")
+    assert out.loc[1, "error"] == (
+        "ImageTooLargeError: 101x100 = 10100 pixels, more than the limit data.max_image_pixels = 10000"
+    )
     assert out.loc[1, COLUMNS].isna().all()
     with pytest.raises(ValueError, match=r"serving.max_rows: expected a positive integer, found 0"):
         RequestLimits(max_rows=0)
@@ -88,31 +89,58 @@ def test_runs_uri_loads_the_same_model(logged):
     np.testing.assert_allclose(out[COLUMNS].to_numpy(float), expected, atol=1e-6)
 
 
-def serve_and_ask(model_uri: str, env_manager: str, tracking_uri: str, image: str, folder: Path,
-                  env_root: Path | None = None, timeout: float = 120.0) -> tuple[list[dict], int, str]:
+def serve_and_ask(
+    model_uri: str,
+    env_manager: str,
+    tracking_uri: str,
+    image: str,
+    folder: Path,
+    env_root: Path | None = None,
+    timeout: float = 120.0,
+) -> tuple[list[dict], int, str]:
     """`mlflow models serve` on 127.0.0.1: (answer to one image, status and message of a 6-row request)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # uvicorn, pyenv
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }  # uvicorn, pyenv
     if env_root is not None:
         env["MLFLOW_ENV_ROOT"] = str(env_root)
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-               env_manager, "-h", "127.0.0.1", "-p", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        env_manager,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     log = folder / f"server-{env_manager}.log"
     with log.open("w") as output:
-        server = subprocess.Popen(command, env=env, cwd=folder, stdout=output, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command, env=env, cwd=folder, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_for_ping(url, server, log, timeout)
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]}})
-        request = urllib.request.Request(f"{url}/invocations", data=body.encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())["predictions"]
         too_many = json.dumps({"dataframe_split": {"columns": ["image"], "data": [["x"]] * 6}})
-        request = urllib.request.Request(f"{url}/invocations", data=too_many.encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/invocations", data=too_many.encode(), headers={"Content-Type": "application/json"}
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=60)
         return answer, refused.value.code, json.loads(refused.value.read())["message"]
@@ -128,8 +156,9 @@ def assert_answers_like(answer: list[dict], expected: pd.Series) -> None:
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_like_the_predictor(logged, tmp_path):
-    answer, status, message = serve_and_ask(logged["model_uri"], "local", logged["uri"],
-                                            encoded(logged["paths"][0]), tmp_path)
+    answer, status, message = serve_and_ask(
+        logged["model_uri"], "local", logged["uri"], encoded(logged["paths"][0]), tmp_path
+    )
     assert status == 400 and "at most serving.max_rows = 5 images per request, found 6" in message
     assert_answers_like(answer, logged["expected"].iloc[0])
 
@@ -165,8 +194,9 @@ model.predict(pd.DataFrame({{"image": [{encoded(logged["paths"][0])!r}]}}))
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "l2rclip")))
 """
     env = {**os.environ, "MLFLOW_TRACKING_URI": logged["uri"]}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True, cwd=ROOT
+    )
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     walked, third_party = served_imports()
     assert "l2rclip.serving.served_model" in walked and {"torch", "open_clip", "mlflow"} <= third_party
@@ -191,14 +221,21 @@ def test_registered_champion_serves_from_a_fresh_virtualenv_like_the_local_pyfun
     run_id = tracker.child_run(tracker.parent_run("key", "demo pipeline", {}, {}), "fold 0", {}, {})
     tracker.end_run(run_id)
     name = "l2rclip-virtualenv-test"
-    register(save_tiny_model(tmp_path / "model"), name, run_id, {"l2rclip.fold": 0}, uri,
-             limits=RequestLimits(max_rows=5))
+    register(
+        save_tiny_model(tmp_path / "model"),
+        name,
+        run_id,
+        {"l2rclip.fold": 0},
+        uri,
+        limits=RequestLimits(max_rows=5),
+    )
     generate_demo(tmp_path / "demo", n_per_rank=1, image_size=64)
     image = encoded(sorted((tmp_path / "demo").rglob("*.png"))[0])
     with use_store(uri):
         local = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(pd.DataFrame({"image": [image]}))
     env_root = None if os.environ.get("MLFLOW_ENV_ROOT") else tmp_path / "envs"
-    answer, status, message = serve_and_ask(f"models:/{name}@champion", "virtualenv", uri, image, tmp_path,
-                                            env_root=env_root, timeout=3000)
+    answer, status, message = serve_and_ask(
+        f"models:/{name}@champion", "virtualenv", uri, image, tmp_path, env_root=env_root, timeout=3000
+    )
     assert status == 400 and "at most serving.max_rows = 5 images per request, found 6" in message
     assert_answers_like(answer, local.iloc[0])

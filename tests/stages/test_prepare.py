@@ -22,20 +22,31 @@ OUTPUTS = ("images.csv", "bad_rows.csv", "splits.csv", "summary.json")
 
 
 def checksums(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def mixed_params(root: Path, on_bad: str = "skip") -> Params:
-    return from_dict(Params, {"folds": [0, 1], "ranks": {"start": 1, "stop": 2},
-                              "data": {"source": "csv", "root": str(root), "on_bad": on_bad},
-                              "split": {"n_folds": 2, "val_fraction": 0, "missing_ranks": "warn"}})
+    return from_dict(
+        Params,
+        {
+            "folds": [0, 1],
+            "ranks": {"start": 1, "stop": 2},
+            "data": {"source": "csv", "root": str(root), "on_bad": on_bad},
+            "split": {"n_folds": 2, "val_fraction": 0, "missing_ranks": "warn"},
+        },
+    )
 
 
 def demo_params(root: Path) -> dict:
-    return {"folds": [0, 1, 2],
-            "data": {"source": "demo", "root": str(root), "demo": {"n_per_rank": 6, "image_size": 48}},
-            "split": {"n_folds": 3, "val_fraction": 0.25}}
+    return {
+        "folds": [0, 1, 2],
+        "data": {"source": "demo", "root": str(root), "demo": {"n_per_rank": 6, "image_size": 48}},
+        "split": {"n_folds": 3, "val_fraction": 0.25},
+    }
 
 
 def assert_folds_are_sound(splits: pd.DataFrame, images: pd.DataFrame) -> None:
@@ -68,10 +79,14 @@ def test_prepare_reports_bad_rows_goes_on_and_never_touches_the_source(tmp_path)
 
 @pytest.mark.data
 def test_prepare_on_fgnet_keeps_people_on_one_side(shared_data, tmp_path):
-    params = from_dict(Params, {
-        "ranks": {"start": 0, "stop": 69},
-        "data": {"source": "fgnet", "root": str(shared_data / "fgnet")},
-        "split": {"protocol": "kfold", "n_folds": 5, "missing_ranks": "warn"}})
+    params = from_dict(
+        Params,
+        {
+            "ranks": {"start": 0, "stop": 69},
+            "data": {"source": "fgnet", "root": str(shared_data / "fgnet")},
+            "split": {"protocol": "kfold", "n_folds": 5, "missing_ranks": "warn"},
+        },
+    )
     started = time.perf_counter()
     summary = prepare(params, tmp_path)
     assert time.perf_counter() - started < 30
@@ -151,9 +166,17 @@ def own_faces(root: Path) -> Path:
 
 
 def own_params(root: Path, **data: str) -> dict:
-    return {"folds": [0, 1], "data": {"source": "csv", "root": str(root), **data},
-            "split": {"n_folds": 2, "val_fraction": 0, "calib_fraction": 0, "holdout_fraction": 0,
-                      "missing_ranks": "warn"}}
+    return {
+        "folds": [0, 1],
+        "data": {"source": "csv", "root": str(root), **data},
+        "split": {
+            "n_folds": 2,
+            "val_fraction": 0,
+            "calib_fraction": 0,
+            "holdout_fraction": 0,
+            "missing_ranks": "warn",
+        },
+    }
 
 
 def test_labels_outside_the_ranks_name_the_file_row_and_the_ranks_to_set(tmp_path, capsys):
@@ -165,20 +188,29 @@ def test_labels_outside_the_ranks_name_the_file_row_and_the_ranks_to_set(tmp_pat
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert f"none of the 24 rows of source 'csv' at {root / 'labels.csv'} is usable" in err
-    assert ("24 of 24 rows have labels outside the ranks 1 .. 10 (10 ranks): the labels found run from 16 to 27 "
-            "(12 distinct): set ranks.start: 16 and ranks.stop: 27 in params.yaml") in err
+    assert (
+        "24 of 24 rows have labels outside the ranks 1 .. 10 (10 ranks): the labels found run from 16 to 27 "
+        "(12 distinct): set ranks.start: 16 and ranks.stop: 27 in params.yaml"
+    ) in err
     assert not (tmp_path / "out").exists()  # nothing written
 
-    with pytest.raises(DataValidationError, match=(
+    with pytest.raises(
+        DataValidationError,
+        match=(
             rf"{root / 'labels.csv'}, data row 1 \(face0\.png\): label_not_in_ranks: label 16 is not a rank; "
             r"expected one of 1 \.\. 10 \(10 ranks\); the labels found run from 16 to 27 .*ranks\.start: 16 "
-            r"and ranks\.stop: 27")):
+            r"and ranks\.stop: 27"
+        ),
+    ):
         prepare(from_dict(Params, own_params(root, on_bad="fail")), tmp_path / "out")
 
     few = own_params(root)  # ranks 27..38 keep only the two images aged 27: too few for 3 folds
     few["ranks"], few["split"]["n_folds"] = {"start": 27, "stop": 38}, 3
-    with pytest.raises(SplitError, match=r"3 folds need at least 3 groups .*, found 2; 22 of 24 rows have labels "
-                                         r"outside the ranks .*set ranks\.start: 16 and ranks\.stop: 27"):
+    with pytest.raises(
+        SplitError,
+        match=r"3 folds need at least 3 groups .*, found 2; 22 of 24 rows have labels "
+        r"outside the ranks .*set ranks\.start: 16 and ranks\.stop: 27",
+    ):
         prepare(from_dict(Params, few), tmp_path / "out")
 
     fixed = own_params(root)
@@ -190,9 +222,11 @@ def test_labels_outside_the_ranks_name_the_file_row_and_the_ranks_to_set(tmp_pat
 
 def test_text_labels_outside_the_ranks_suggest_ranks_labels():
     from l2rclip.data.validate import ranks_hint
+
     assert ranks_hint(["(0, 2)", "(4, 6)", "(0, 2)", None]) == (
         "the labels found are (0, 2), (4, 6): list them in rank order as ranks.labels in params.yaml "
-        "(with ranks.values for their numbers)")
+        "(with ranks.values for their numbers)"
+    )
     assert ranks_hint([3, "7", 5.0]).startswith("the labels found run from 3 to 7 (3 distinct)")
 
 
@@ -219,7 +253,18 @@ def test_prepare_help_names_both_own_data_formats(argv, capsys):
             main(argv)
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for words in ("<data.root>/labels.csv", "path ", "label ", "group ", "fold ", "split ", "required", "optional",
-                  "one folder per label: <data.root>/<label>/<image>", "ranks.start..ranks.stop", "ranks.labels",
-                  "bad_rows.csv"):
+    for words in (
+        "<data.root>/labels.csv",
+        "path ",
+        "label ",
+        "group ",
+        "fold ",
+        "split ",
+        "required",
+        "optional",
+        "one folder per label: <data.root>/<label>/<image>",
+        "ranks.start..ranks.stop",
+        "ranks.labels",
+        "bad_rows.csv",
+    ):
         assert words in out, words

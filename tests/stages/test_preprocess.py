@@ -30,11 +30,16 @@ from l2rclip.training.loop import StoreBatches
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store")
-    params = from_dict(Params, {
-        "folds": [0, 1], "data": {"root": str(tmp / "demo"), "demo": {"n_per_rank": 6, "image_size": 96}},
-        "split": {"n_folds": 2, "val_fraction": 0.0},
-        "preprocess": {"shard_size": 16},  # several shards even for 60 images
-        "model": {"arch": TINY_ARCH, "pretrained": "none"}})
+    params = from_dict(
+        Params,
+        {
+            "folds": [0, 1],
+            "data": {"root": str(tmp / "demo"), "demo": {"n_per_rank": 6, "image_size": 96}},
+            "split": {"n_folds": 2, "val_fraction": 0.0},
+            "preprocess": {"shard_size": 16},  # several shards even for 60 images
+            "model": {"arch": TINY_ARCH, "pretrained": "none"},
+        },
+    )
     generate_demo(tmp / "demo", n_per_rank=6, image_size=96)
     prepare(params, tmp / "prepared")
     preprocess(params, tmp / "prepared", tmp / "store")
@@ -59,8 +64,11 @@ def test_spec_comes_from_open_clip_configs_without_loading_weights():
     assert laion.mean == (0.5, 0.5, 0.5) and laion.std == (0.5, 0.5, 0.5)  # the tag's, not OpenAI's
     backbone, _ = tiny_model()
     model_cfg = open_clip.get_model_preprocess_cfg(backbone.model)  # what the loaded model itself says
-    assert (model_cfg["mean"], model_cfg["std"], model_cfg["interpolation"]) == (spec.mean, spec.std,
-                                                                                 spec.interpolation)
+    assert (model_cfg["mean"], model_cfg["std"], model_cfg["interpolation"]) == (
+        spec.mean,
+        spec.std,
+        spec.interpolation,
+    )
     with pytest.raises(StoreError, match="preprocess.margin"):
         spec_for(resolve_recipe(TINY_ARCH, "none"), -0.1)
 
@@ -126,9 +134,15 @@ def test_a_store_for_another_geometry_is_refused_and_names_the_fix(demo_store):
 
 def test_dvc_reruns_preprocess_for_the_backbone_geometry_not_for_training_settings(tmp_path):
     env = environment(tmp_path)
-    repo = copy_project(tmp_path / "repo", {"data": {"demo": {"n_per_rank": 8, "image_size": 64}},
-                                            "folds": [0, 1], "tracking": {"enabled": False},
-                                            "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0}})
+    repo = copy_project(
+        tmp_path / "repo",
+        {
+            "data": {"demo": {"n_per_rank": 8, "image_size": 64}},
+            "folds": [0, 1],
+            "tracking": {"enabled": False},
+            "split": {"n_folds": 2, "val_fraction": 0.25, "calib_fraction": 0},
+        },
+    )
     shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     run(["git", "init", "-q"], repo, env)
     run(["dvc", "init", "-q"], repo, env)

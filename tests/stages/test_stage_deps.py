@@ -31,7 +31,8 @@ def trivial(path: Path) -> bool:
     body = ast.parse(path.read_text()).body
     return path.name == "__init__.py" and all(
         isinstance(node, ast.Expr | ast.Assign) and isinstance(getattr(node, "value", None), ast.Constant)
-        for node in body)
+        for node in body
+    )
 
 
 def covered(path: str, deps: list[str]) -> bool:
@@ -47,8 +48,11 @@ def test_stage_code_deps_cover_its_imports(stage):
 
 
 def test_the_static_closure_holds_everything_the_train_stage_loads():
-    code = ("import sys, l2rclip.stages.train; print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
-            "if n.split('.')[0] == 'l2rclip' and getattr(m, '__file__', None)))")
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                            check=True).stdout.split()
+    code = (
+        "import sys, l2rclip.stages.train; print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
+        "if n.split('.')[0] == 'l2rclip' and getattr(m, '__file__', None)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert {Path(p).resolve() for p in loaded} <= set(import_closure("l2rclip.stages.train"))

@@ -29,11 +29,13 @@ def save_tiny_model(folder: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = load_backbone(TINY_ARCH, "none")
-    config = ModelConfig(arch=TINY_ARCH, pretrained="none",
-                         prompt=PromptConfig(context_init="the number of shapes is"))
+    config = ModelConfig(
+        arch=TINY_ARCH, pretrained="none", prompt=PromptConfig(context_init="the number of shapes is")
+    )
     space = RankSpace(list(range(1, 11)))
-    return save_model(build_l2rclip(backbone, space, config), folder, config, space,
-                      extra={"is_clip": False, "epoch": 1})
+    return save_model(
+        build_l2rclip(backbone, space, config), folder, config, space, extra={"is_clip": False, "epoch": 1}
+    )
 
 
 _STORES: dict[Path, str] = {}
@@ -45,7 +47,6 @@ def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     if base not in _STORES:
         _STORES[base] = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
     return _STORES[base]
-
 
 
 # Small enough to break in a test, large enough for the 64 x 64 demo images the tests send.
@@ -65,7 +66,3 @@ def log_tiny_pyfunc(tmp_path_factory: pytest.TempPathFactory) -> dict:
     paths = sorted((root / "demo").rglob("*.png"))[:3]
     expected = Predictor.load(model_dir).predict_paths(paths, with_probabilities=True, progress=False)
     return {"uri": uri, "run_id": run_id, "model_uri": model_uri, "paths": paths, "expected": expected}
-
-
-
-

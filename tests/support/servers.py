@@ -30,8 +30,12 @@ def wait_for_ping(url: str, server: subprocess.Popen, log: Path, timeout: float 
     raise AssertionError(f"no answer from {url}/ping within {timeout:.0f} s")
 
 
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-                "GIT_COMMITTER_EMAIL": "t@t"}
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@t",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@t",
+}
 
 
 def sh(command: list[str], cwd: Path, env: dict | None = None) -> str:
@@ -73,5 +77,3 @@ def stop(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-

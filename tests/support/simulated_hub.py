@@ -29,7 +29,8 @@ HF_WEIGHTS = "open_clip_model.safetensors"  # open_clip's first choice for an "o
 # A tiny architecture whose own config says GELU, so that a tag's quick_gelu changes the network.
 TINY_GELU_ARCH = "L2RCLIP-Tiny-GELU-test"
 TINY_GELU_CONFIG = {
-    "embed_dim": 64, "quick_gelu": False,
+    "embed_dim": 64,
+    "quick_gelu": False,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
@@ -38,11 +39,23 @@ TINY_GELU_CONFIG = {
 QUICK_GELU_TAG = "sim_quickgelu"
 LAION_STYLE_TAG = "sim_laion"
 TINY_TAGS = {
-    QUICK_GELU_TAG: {"url": "", "hf_hub": "l2rclip-test/tiny-quickgelu/", "quick_gelu": True,
-                     "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD,
-                     "interpolation": "bicubic", "resize_mode": "shortest"},
-    LAION_STYLE_TAG: {"url": "", "hf_hub": "l2rclip-test/tiny-laion/", "mean": (0.5, 0.5, 0.5),
-                      "std": (0.5, 0.5, 0.5), "interpolation": "bilinear", "resize_mode": "shortest"},
+    QUICK_GELU_TAG: {
+        "url": "",
+        "hf_hub": "l2rclip-test/tiny-quickgelu/",
+        "quick_gelu": True,
+        "mean": open_clip.OPENAI_DATASET_MEAN,
+        "std": open_clip.OPENAI_DATASET_STD,
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    },
+    LAION_STYLE_TAG: {
+        "url": "",
+        "hf_hub": "l2rclip-test/tiny-laion/",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "interpolation": "bilinear",
+        "resize_mode": "shortest",
+    },
 }
 
 

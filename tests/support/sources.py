@@ -13,8 +13,10 @@ EXIF_ORIENTATION = 0x0112
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims `width x height` pixels but holds no image data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
@@ -42,8 +44,16 @@ def write_good_images(folder: Path) -> dict[str, str]:
     exif[EXIF_ORIENTATION] = 6
     rotated.save(folder / "rotated.jpg", exif=exif)
     noise((16, 12)).save(folder / "plain.jpg")
-    return {"grey.png": "L", "alpha.png": "RGBA", "palette.png": "P", "grey_alpha.png": "LA",
-            "cmyk.jpg": "CMYK", "wide.png": "I;16", "rotated.jpg": "RGB", "plain.jpg": "RGB"}
+    return {
+        "grey.png": "L",
+        "alpha.png": "RGBA",
+        "palette.png": "P",
+        "grey_alpha.png": "LA",
+        "cmyk.jpg": "CMYK",
+        "wide.png": "I;16",
+        "rotated.jpg": "RGB",
+        "plain.jpg": "RGB",
+    }
 
 
 def build_mixed_source(folder: Path) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -63,14 +73,18 @@ def build_mixed_source(folder: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     Image.new("RGB", (8, 8)).save(folder / "text_label.png")
     Image.new("RGB", (8, 8)).save(folder / "eleven.png")
     rows = [(name, 1 + i % 2, f"p{i}") for i, name in enumerate(sorted(good))]
-    bad = {"missing.jpg": ("missing_file", 1), "empty.jpg": ("empty_file", 2),
-           "truncated.jpg": ("corrupt_image", 1), "garbage.jpg": ("corrupt_image", 2),
-           "bomb.png": ("decompression_bomb", 1), "huge_bomb.png": ("decompression_bomb", 2),
-           "text_label.png": ("non_numeric_label", "abc"), "eleven.png": ("label_not_in_ranks", 11)}
+    bad = {
+        "missing.jpg": ("missing_file", 1),
+        "empty.jpg": ("empty_file", 2),
+        "truncated.jpg": ("corrupt_image", 1),
+        "garbage.jpg": ("corrupt_image", 2),
+        "bomb.png": ("decompression_bomb", 1),
+        "huge_bomb.png": ("decompression_bomb", 2),
+        "text_label.png": ("non_numeric_label", "abc"),
+        "eleven.png": ("label_not_in_ranks", 11),
+    }
     rows += [(name, label, f"q{i}") for i, (name, (_, label)) in enumerate(bad.items())]
     rows.append(("plain.jpg", 2, "p_dup"))
     table = pd.DataFrame(rows, columns=["path", "label", "group"])
     table.to_csv(folder / "labels.csv", index=False)
     return table, {name: reason for name, (reason, _) in bad.items()}
-
-

@@ -27,8 +27,13 @@ from l2rclip.tracking.runs import EXPERIMENT_TAGS, PARENT_TAG, PIPELINE_KEY_TAG,
 
 
 def git(repo, *args):
-    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return done.stdout.strip()
 
 
@@ -56,8 +61,19 @@ def test_git_state_ignores_what_dvc_changes_and_names_what_else_differs(checkout
     monkeypatch.delenv("DVC_EXP_BASELINE_REV")  # outside `dvc exp run`: the commit is HEAD
     (repo / "outputs").mkdir()
     (repo / "outputs" / "metrics.json").write_text("{}\n")
-    (repo / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"report": {
-        "params": {"params.yaml": {"seed": 0}}, "outs": [{"path": "outputs/metrics.json", "md5": "x"}]}}}))
+    (repo / "dvc.lock").write_text(
+        yaml.safe_dump(
+            {
+                "schema": "2.0",
+                "stages": {
+                    "report": {
+                        "params": {"params.yaml": {"seed": 0}},
+                        "outs": [{"path": "outputs/metrics.json", "md5": "x"}],
+                    }
+                },
+            }
+        )
+    )
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "outputs")
     head = git(repo, "rev-parse", "HEAD")
@@ -68,18 +84,32 @@ def test_git_state_ignores_what_dvc_changes_and_names_what_else_differs(checkout
     (repo / ".gitignore").write_text("/outputs/folds\n")
     assert git_state(repo) == {"mlflow.source.git.commit": head, "git_dirty": "false", "l2rclip.git_changed": None}
     (repo / "code.py").write_text("x = 2\n")
-    assert git_state(repo) == {"mlflow.source.git.commit": head, "git_dirty": "true",
-                               "l2rclip.git_changed": "code.py"}
+    assert git_state(repo) == {
+        "mlflow.source.git.commit": head,
+        "git_dirty": "true",
+        "l2rclip.git_changed": "code.py",
+    }
 
 
 @pytest.fixture
 def fold(checkout, tmp_path):
     """Params asking for CLIP (offline: the random fallback trains instead) and a prepared demo fold."""
-    params = from_dict(Params, merge(SMALL, {
-        "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 8, "image_size": 48}},
-        "model": {"arch": "ViT-B-16", "pretrained": "openai", "fallback": {"epochs": 2, "lr_image": 0.002}},
-        "train": {"epochs": 7, "lr_image": 1e-5, "device": "cpu"},
-        "tracking": {"experiment": "conventions", "system_metrics_interval": 0.1}}))
+    params = from_dict(
+        Params,
+        merge(
+            SMALL,
+            {
+                "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 8, "image_size": 48}},
+                "model": {
+                    "arch": "ViT-B-16",
+                    "pretrained": "openai",
+                    "fallback": {"epochs": 2, "lr_image": 0.002},
+                },
+                "train": {"epochs": 7, "lr_image": 1e-5, "device": "cpu"},
+                "tracking": {"experiment": "conventions", "system_metrics_interval": 0.1},
+            },
+        ),
+    )
     generate_demo(tmp_path / "demo", n_per_rank=8, image_size=48)
     prepare(params, tmp_path / "prepared")
     return params, tmp_path / "prepared"
@@ -102,11 +132,16 @@ def test_train_calibrate_evaluate_follow_mlflow_conventions(fold, checkout, tmp_
     for run in (parent, child):
         p = run.data.params
         assert (p["model.arch"], p["model.pretrained"], p["train.epochs"], p["train.lr_image"]) == (
-            "L2RCLIP-Tiny", "none", "2", "0.002")
+            "L2RCLIP-Tiny",
+            "none",
+            "2",
+            "0.002",
+        )
         assert not [key for key in p if key.endswith("_used")]
         assert run.data.tags["l2rclip.requested_differs"] == "true"
         assert {"model.arch", "model.pretrained", "train.epochs", "train.lr_image"} <= set(
-            run.data.tags["l2rclip.requested_differs_keys"].split(", "))
+            run.data.tags["l2rclip.requested_differs_keys"].split(", ")
+        )
         local = client.download_artifacts(run.info.run_id, "params/requested.yaml", str(tmp_path / "dl"))
         requested = yaml.safe_load(Path(local).read_text())
         assert requested["model"]["arch"] == "ViT-B-16" and requested["train"]["epochs"] == 7
@@ -136,8 +171,15 @@ def test_train_calibrate_evaluate_follow_mlflow_conventions(fold, checkout, tmp_
 
     calibration = calibrate_fold(params, 0, prepared, out / "train/best", out / "calibrate/calibration.json")
     assert calibration["calibrated"]
-    evaluate_fold(params, 0, prepared, out / "train/best", out / "evaluate", tmp_path / "metrics.json",
-                  out / "calibrate/calibration.json")
+    evaluate_fold(
+        params,
+        0,
+        prepared,
+        out / "train/best",
+        out / "evaluate",
+        tmp_path / "metrics.json",
+        out / "calibrate/calibration.json",
+    )
     after = client.get_run(trained.run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", trained.end_time)  # not reopened
     assert min(m.timestamp for m in client.get_metric_history(trained.run_id, "test/mae")) >= trained.end_time
@@ -148,11 +190,17 @@ def test_train_calibrate_evaluate_follow_mlflow_conventions(fold, checkout, tmp_
     assert set(inputs) == {f"demo-fold0-{s}" for s in ("train", "val", "calib", "test")}
     assert {i.dataset.digest for i in inputs.values()} == {version}
     contexts = {name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for name, i in inputs.items()}
-    assert contexts == {"demo-fold0-train": "train", "demo-fold0-val": "validation",
-                        "demo-fold0-calib": "calibration", "demo-fold0-test": "test"}
+    assert contexts == {
+        "demo-fold0-train": "train",
+        "demo-fold0-val": "validation",
+        "demo-fold0-calib": "calibration",
+        "demo-fold0-test": "test",
+    }
     train = inputs["demo-fold0-train"].dataset
-    assert train.source_type == "dvc" and json.loads(train.source) == {"path": str(prepared / "splits.csv"),
-                                                                      "data_version": version}
+    assert train.source_type == "dvc" and json.loads(train.source) == {
+        "path": str(prepared / "splits.csv"),
+        "data_version": version,
+    }
     assert json.loads(train.profile)["num_rows"] == summary["train_images"]
 
 

@@ -47,8 +47,15 @@ def test_parent_found_or_created_by_key_and_children_nest(tracker, uri, tmp_path
 
 def test_params_metrics_artifacts_and_tags_land(tracker, uri, tmp_path):
     run = tracker.child_run(tracker.parent_run("k", "p", {}, {}), "fold-0", {}, {})
-    tracker.log_params(run, {"model": {"arch": "tiny", "prompt": {"n_context": 8}},
-                             "labels": (1, 2), "root": None, "long": "x" * 7000})
+    tracker.log_params(
+        run,
+        {
+            "model": {"arch": "tiny", "prompt": {"n_context": 8}},
+            "labels": (1, 2),
+            "root": None,
+            "long": "x" * 7000,
+        },
+    )
     for step, loss in enumerate([1.0, 0.5, float("nan")]):
         tracker.log_metrics(run, {"train/loss": loss, "test/cs@5": 0.9}, step=step)
     tracker.set_tags(run, {**git_state(tmp_path), "stage": "train"})

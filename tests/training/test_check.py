@@ -7,8 +7,13 @@ from l2rclip.training.check import run_check
 
 def test_check_falls_back_offline_and_trains(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    params = from_dict(Params, {"data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 3}},
-                                "model": {"arch": "ViT-B-16", "pretrained": "openai"}})
+    params = from_dict(
+        Params,
+        {
+            "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 3}},
+            "model": {"arch": "ViT-B-16", "pretrained": "openai"},
+        },
+    )
     result = run_check(params, steps=4, per_rank=2)
     assert result.arch == "L2RCLIP-Demo" and result.kind == "demo" and not result.is_clip
     assert len(result.losses) == 4 and result.losses[-1]["loss"] < result.losses[0]["loss"]

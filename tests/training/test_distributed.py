@@ -38,8 +38,9 @@ pytestmark = pytest.mark.timeout(900)
 def test_ranks_slices_make_up_the_single_process_batches(n, batch_size, size):
     single = list(GlobalBatchSampler(n, batch_size, seed=5))
     per_rank = [list(GlobalBatchSampler(n, batch_size, seed=5, world=World(rank, size))) for rank in range(size)]
-    assert [[i for i, _ in batch] for batch in single] == \
-        [b.tolist() for b in torch.randperm(n, generator=torch.Generator().manual_seed(5)).split(batch_size)]
+    assert [[i for i, _ in batch] for batch in single] == [
+        b.tolist() for b in torch.randperm(n, generator=torch.Generator().manual_seed(5)).split(batch_size)
+    ]
     for step, batch in enumerate(single):
         slices = [rank_batches[step] for rank_batches in per_rank]
         assert len({len(s) for s in slices}) == 1  # equal shapes for all_gather
@@ -98,18 +99,34 @@ def test_gathered_loss_and_averaged_gradients_equal_the_whole_batch(tmp_path):
 
 # ---------------------------------------------------------------- the train stage under torchrun
 
+
 def stage_params(tmp_path, devices, epochs=3):
-    return merge(SMALL, {
-        "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 8, "image_size": 48}},
-        "model": {"arch": "L2RCLIP-Tiny", "pretrained": "none", "fallback": {"epochs": epochs}},
-        # 30 training images in batches of 8: 4 steps per epoch, the last one of 6 (3 per rank)
-        "train": {"epochs": epochs, "device": "cpu", "batch_size": 8, "devices": devices},
-        "tracking": {"enabled": False}})
+    return merge(
+        SMALL,
+        {
+            "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 8, "image_size": 48}},
+            "model": {"arch": "L2RCLIP-Tiny", "pretrained": "none", "fallback": {"epochs": epochs}},
+            # 30 training images in batches of 8: 4 steps per epoch, the last one of 6 (3 per rank)
+            "train": {"epochs": epochs, "device": "cpu", "batch_size": 8, "devices": devices},
+            "tracking": {"enabled": False},
+        },
+    )
 
 
 def train_command(params_file, prepared, out):
-    return [sys.executable, "-m", "l2rclip.stages.train", "--params", str(params_file), "--fold", "0",
-            "--prepared", str(prepared), "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "l2rclip.stages.train",
+        "--params",
+        str(params_file),
+        "--fold",
+        "0",
+        "--prepared",
+        str(prepared),
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +138,14 @@ def ddp_run(tmp_path_factory):
     params_file = tmp_path / "params-2.yaml"
     params_file.write_text(yaml.safe_dump(stage_params(tmp_path, 2)))
     env = {**environment(tmp_path), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(train_command(params_file, tmp_path / "prepared", tmp_path / "two"), cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        train_command(params_file, tmp_path / "prepared", tmp_path / "two"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path, params_file, env, result.stderr
 
@@ -150,8 +173,9 @@ def test_two_processes_follow_one_process_with_the_whole_batch(ddp_run):
     optimizers = [torch.load(out / "last/optimizer.pt", weights_only=True) for out in (one, two)]
     assert optimizers[0]["scheduler"] == optimizers[1]["scheduler"]
     assert optimizers[0]["optimizer"]["param_groups"] == optimizers[1]["optimizer"]["param_groups"]
-    torch.testing.assert_close(optimizers[1]["optimizer"]["state"], optimizers[0]["optimizer"]["state"],
-                               atol=1e-6, rtol=0)  # Adam's moments
+    torch.testing.assert_close(
+        optimizers[1]["optimizer"]["state"], optimizers[0]["optimizer"]["state"], atol=1e-6, rtol=0
+    )  # Adam's moments
     for name in ("history.csv", "summary.json"):
         assert (two / name).is_file()
 
@@ -160,13 +184,21 @@ def test_two_processes_on_the_image_store_follow_one_process(ddp_run):
     """The store path shards the same global batches and gives each image the same crop box."""
     tmp_path, params_file, env, _ = ddp_run
     preprocess(from_dict(Params, stage_params(tmp_path, 1)), tmp_path / "prepared", tmp_path / "store")
-    command = [*train_command(params_file, tmp_path / "prepared", tmp_path / "two-store"),
-               "--store", str(tmp_path / "store")]
+    command = [
+        *train_command(params_file, tmp_path / "prepared", tmp_path / "two-store"),
+        "--store",
+        str(tmp_path / "store"),
+    ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     torch.set_num_threads(1)
-    train_fold(from_dict(Params, stage_params(tmp_path, 1)), 0, tmp_path / "prepared", tmp_path / "one-store",
-               tmp_path / "store")
+    train_fold(
+        from_dict(Params, stage_params(tmp_path, 1)),
+        0,
+        tmp_path / "prepared",
+        tmp_path / "one-store",
+        tmp_path / "store",
+    )
     one, two = tmp_path / "one-store", tmp_path / "two-store"
     for a, b in zip(history(one), history(two), strict=True):
         for key in a:
@@ -181,8 +213,9 @@ def test_ddp_training_killed_after_an_epoch_resumes_to_the_same_weights(ddp_run)
     tmp_path, params_file, env, _ = ddp_run
     resumed = tmp_path / "resumed"
     command = train_command(params_file, tmp_path / "prepared", resumed)
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     state = resumed / "last" / "state.json"
     deadline = time.monotonic() + 600
     while not state.is_file() and process.poll() is None and time.monotonic() < deadline:
@@ -207,8 +240,14 @@ def test_a_ddp_run_on_a_locked_folder_is_refused_by_every_rank(ddp_run):
     tmp_path, params_file, env, _ = ddp_run
     out = tmp_path / "locked"
     with exclusive_output(out):  # as a trainer still running would hold it
-        result = subprocess.run(train_command(params_file, tmp_path / "prepared", out), cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            train_command(params_file, tmp_path / "prepared", out),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.count(f"PID {os.getpid()}") >= 2  # rank 0 was refused, rank 1 says the same
     assert not out.exists()

@@ -19,10 +19,18 @@ from l2rclip.training.resume import identity_difference, run_identity
 
 @pytest.fixture
 def fold_inputs(tmp_path):
-    params = from_dict(Params, merge(SMALL, {
-        "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 8, "image_size": 48}},
-        "model": {"arch": "L2RCLIP-Tiny", "pretrained": "none", "fallback": {"epochs": 2}},
-        "train": {"epochs": 2, "device": "cpu"}, "tracking": {"enabled": False}}))
+    params = from_dict(
+        Params,
+        merge(
+            SMALL,
+            {
+                "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 8, "image_size": 48}},
+                "model": {"arch": "L2RCLIP-Tiny", "pretrained": "none", "fallback": {"epochs": 2}},
+                "train": {"epochs": 2, "device": "cpu"},
+                "tracking": {"enabled": False},
+            },
+        ),
+    )
     generate_demo(tmp_path / "demo", n_per_rank=8, image_size=48)
     prepare(params, tmp_path / "prepared")
     return params, tmp_path / "prepared"
@@ -81,8 +89,10 @@ def test_a_second_trainer_on_the_same_folder_fails_with_the_holders_pid(fold_inp
         with pytest.raises(OutputLockedError, match=f"PID {os.getpid()}"):
             train_fold(params, 0, prepared, out)
         # another process is refused too (flock is per open file, so this is the real case)
-        code = (f"from pathlib import Path; from l2rclip.locking import exclusive_output\n"
-                f"with exclusive_output(Path({str(out)!r})): pass")
+        code = (
+            f"from pathlib import Path; from l2rclip.locking import exclusive_output\n"
+            f"with exclusive_output(Path({str(out)!r})): pass"
+        )
         other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert other.returncode != 0 and f"PID {os.getpid()}" in other.stderr
     assert (out / "keep.txt").read_text() == "earlier output"  # the refused runs touched nothing

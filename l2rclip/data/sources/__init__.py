@@ -45,8 +45,7 @@ SOURCES: dict[str, Source] = {
 }
 
 
-def load_source(name: str, root: str | Path, list_file: str | Path | None = None,
-                **options: Any) -> pd.DataFrame:
+def load_source(name: str, root: str | Path, list_file: str | Path | None = None, **options: Any) -> pd.DataFrame:
     """Read dataset `name` at `root` into the source table.
 
     Args:
@@ -67,8 +66,10 @@ def load_source(name: str, root: str | Path, list_file: str | Path | None = None
     accepted = list(inspect.signature(adapter).parameters)[2:]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise SourceError(f"source {name!r}: unknown option(s) {', '.join(unknown)}; "
-                          f"expected {', '.join(accepted) or 'no options'}")
+        raise SourceError(
+            f"source {name!r}: unknown option(s) {', '.join(unknown)}; "
+            f"expected {', '.join(accepted) or 'no options'}"
+        )
     root = Path(root)
     table = adapter(root, _resolve_list_file(root, list_file), **options)
     log.info("source %s at %s: %d rows, columns %s", name, root, len(table), ", ".join(table.columns))

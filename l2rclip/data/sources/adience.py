@@ -55,15 +55,23 @@ def adience_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     files = [folder / f"fold_{k}_data.txt" for k in range(N_FOLDS)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise SourceError(f"Adience: expected the {N_FOLDS} fold files fold_0_data.txt .. "
-                          f"fold_{N_FOLDS - 1}_data.txt; missing {', '.join(missing)}")
+        raise SourceError(
+            f"Adience: expected the {N_FOLDS} fold files fold_0_data.txt .. "
+            f"fold_{N_FOLDS - 1}_data.txt; missing {', '.join(missing)}"
+        )
     rows = []
     for fold, path in enumerate(files):
         frame = read_table(path, FOLD_COLUMNS, _OPTIONAL, sep="\t")
-        rows.extend({"path": f"faces/{r['user_id'].strip()}/coarse_tilt_aligned_face."
-                             f"{r['face_id'].strip()}.{r['original_image'].strip()}",
-                     "label": age_group(r["age"]), "group": r["user_id"].strip(), "fold": fold}
-                    for r in frame.to_dict("records"))
+        rows.extend(
+            {
+                "path": f"faces/{r['user_id'].strip()}/coarse_tilt_aligned_face."
+                f"{r['face_id'].strip()}.{r['original_image'].strip()}",
+                "label": age_group(r["age"]),
+                "group": r["user_id"].strip(),
+                "fold": fold,
+            }
+            for r in frame.to_dict("records")
+        )
     return make_table(rows, str(folder))
 
 
@@ -81,14 +89,22 @@ def _simplified(root: Path, files: list[Path]) -> list[dict[str, object]]:
     """Rows of the authors' `simplified_adience_<k>.txt` lists (all five must be present)."""
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise SourceError(f"Adience: expected the {N_FOLDS} lists simplified_adience_0.txt .. "
-                          f"simplified_adience_{N_FOLDS - 1}.txt; missing {', '.join(missing)}")
+        raise SourceError(
+            f"Adience: expected the {N_FOLDS} lists simplified_adience_0.txt .. "
+            f"simplified_adience_{N_FOLDS - 1}.txt; missing {', '.join(missing)}"
+        )
     index = NameIndex(root)
     rows = []
     for fold, path in enumerate(files):
         for line in read_lines(path):
             fields = line.rsplit(maxsplit=1)
             image = fields[0]
-            rows.append({"path": index.locate(image), "label": to_label(fields[1]) if len(fields) == 2 else "",
-                         "group": image.split("/")[0] if "/" in image else None, "fold": fold})
+            rows.append(
+                {
+                    "path": index.locate(image),
+                    "label": to_label(fields[1]) if len(fields) == 2 else "",
+                    "group": image.split("/")[0] if "/" in image else None,
+                    "fold": fold,
+                }
+            )
     return rows

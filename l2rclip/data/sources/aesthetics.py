@@ -84,8 +84,10 @@ def _given_lists(folder: Path) -> dict[str, dict[str, Path]]:
             found.setdefault(match["category"], {})[match["split"]] = path
     incomplete = sorted(c for c, lists in found.items() if set(lists) != {"train", "test"})
     if incomplete:
-        raise SourceError(f"{folder}: expected <category>_train.txt and <category>_test.txt for every "
-                          f"category; incomplete: {', '.join(incomplete)}")
+        raise SourceError(
+            f"{folder}: expected <category>_train.txt and <category>_test.txt for every "
+            f"category; incomplete: {', '.join(incomplete)}"
+        )
     return found
 
 
@@ -96,14 +98,21 @@ def _read_given(root: Path, given: dict[str, dict[str, Path]], category: str | N
         for split in ("train", "test"):
             for line in read_lines(lists[split]):
                 fields = line.rsplit(maxsplit=1)
-                rows.append({"path": index.locate(fields[0]),
-                             "label": round_half_up(fields[1]) if len(fields) == 2 else "",
-                             "group": None, "split": split, "category": name})
+                rows.append(
+                    {
+                        "path": index.locate(fields[0]),
+                        "label": round_half_up(fields[1]) if len(fields) == 2 else "",
+                        "group": None,
+                        "split": split,
+                        "category": name,
+                    }
+                )
     return _keep_category(rows, category, "category", lists["train"].parent)
 
 
-def _keep_category(rows: list[dict[str, Any]], category: str | None, column: str,
-                   where: Path) -> list[dict[str, Any]]:
+def _keep_category(
+    rows: list[dict[str, Any]], category: str | None, column: str, where: Path
+) -> list[dict[str, Any]]:
     """The rows of one category (all when `category` is None); an unknown one is an error."""
     if category is None:
         return rows
@@ -124,8 +133,13 @@ def _read_list(path: Path) -> list[dict[str, Any]]:
     for record in frame.to_dict("records"):
         name = record[image].strip()
         grade = _grade([record[c] for c in raters]) if raters else round_half_up(record[summary])
-        rows.append({"path": name if Path(name).suffix else f"{name}.jpg", "label": grade,
-                     "group": record[category].strip() if category else path.stem})
+        rows.append(
+            {
+                "path": name if Path(name).suffix else f"{name}.jpg",
+                "label": grade,
+                "group": record[category].strip() if category else path.stem,
+            }
+        )
     return rows
 
 

@@ -50,24 +50,27 @@ class SourceError(ValueError):
 def require_dir(path: Path, what: str) -> Path:
     """Return `path` if it is a directory, else fail saying which directory was expected."""
     if not path.is_dir():
-        raise SourceError(f"{what}: expected a directory at {path}, found "
-                          f"{'a file' if path.exists() else 'nothing'}")
+        raise SourceError(
+            f"{what}: expected a directory at {path}, found {'a file' if path.exists() else 'nothing'}"
+        )
     return path
 
 
 def require_file(path: Path, what: str) -> Path:
     """Return `path` if it is a file, else fail saying which file was expected."""
     if not path.is_file():
-        raise SourceError(f"{what}: expected a file at {path}, found "
-                          f"{'a directory' if path.exists() else 'nothing'}")
+        raise SourceError(
+            f"{what}: expected a file at {path}, found {'a directory' if path.exists() else 'nothing'}"
+        )
     return path
 
 
 def reject_list_file(source: str, list_file: Path | None) -> None:
     """Fail for sources whose labels come from the layout alone, so a stray setting is not ignored."""
     if list_file is not None:
-        raise SourceError(f"source '{source}' takes no list file (labels come from its layout); "
-                          f"found list_file={list_file}")
+        raise SourceError(
+            f"source '{source}' takes no list file (labels come from its layout); found list_file={list_file}"
+        )
 
 
 def to_label(text: Any) -> Any:
@@ -104,8 +107,9 @@ def fold_id(text: Any, where: str) -> int:
     return int(value)
 
 
-def read_table(path: Path, required: Sequence[str], optional: Sequence[str] = (),
-               sep: str | None = None) -> pd.DataFrame:
+def read_table(
+    path: Path, required: Sequence[str], optional: Sequence[str] = (), sep: str | None = None
+) -> pd.DataFrame:
     """Read a delimited list file as text, checking its header.
 
     Every cell stays a string (so "001" keeps its zeros and labels are interpreted by the caller).
@@ -130,15 +134,18 @@ def read_table(path: Path, required: Sequence[str], optional: Sequence[str] = ()
     missing = [c for c in required if c not in frame.columns]
     if missing:
         extra = f" (optional: {', '.join(optional)})" if optional else ""
-        raise SourceError(f"{path}: expected columns {', '.join(required)}{extra}; "
-                          f"found {', '.join(frame.columns) or 'none'} (missing {', '.join(missing)})")
+        raise SourceError(
+            f"{path}: expected columns {', '.join(required)}{extra}; "
+            f"found {', '.join(frame.columns) or 'none'} (missing {', '.join(missing)})"
+        )
     if frame.empty:
         raise SourceError(f"{path}: the list has a header but no rows")
     return frame
 
 
-def pick_column(frame: pd.DataFrame, path: Path, options: Sequence[str], what: str,
-                required: bool = True) -> str | None:
+def pick_column(
+    frame: pd.DataFrame, path: Path, options: Sequence[str], what: str, required: bool = True
+) -> str | None:
     """Find the first of `options` among the columns, for formats whose names vary between copies.
 
     Raises:
@@ -148,8 +155,9 @@ def pick_column(frame: pd.DataFrame, path: Path, options: Sequence[str], what: s
         if option in frame.columns:
             return option
     if required:
-        raise SourceError(f"{path}: expected a {what} column named one of {', '.join(options)}; "
-                          f"found {', '.join(frame.columns)}")
+        raise SourceError(
+            f"{path}: expected a {what} column named one of {', '.join(options)}; found {', '.join(frame.columns)}"
+        )
     return None
 
 
@@ -160,9 +168,12 @@ def list_files(folder: Path) -> list[Path]:
     (which are not followed) are listed too, so that validation reports each with its reason
     (`unsupported_extension`, `dangling_symlink`, ...) instead of them vanishing without a word.
     """
-    return sorted(p for p in folder.rglob("*")
-                  if (p.is_symlink() or not p.is_dir())
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if (p.is_symlink() or not p.is_dir())
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def is_image_name(path: Path) -> bool:
@@ -192,8 +203,7 @@ def parse_file_names(root: Path, folder: Path, parse: Callable[[str], Row | None
     """
     images = list_files(folder)
     if not any(map(is_image_name, images)):
-        raise SourceError(f"{folder}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
-                          "found none")
+        raise SourceError(f"{folder}: expected image files ({', '.join(sorted(IMAGE_EXTENSIONS))}), found none")
     rows = []
     for image in images:
         parsed = parse(image.name)
@@ -210,13 +220,22 @@ def scan_label_folders(root: Path, label_of: Callable[[str], Any]) -> list[Row]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     stray = [p.name for p in root.iterdir() if p.is_file() and is_image_name(p)]
     if stray:
-        log.warning("%s: %d image(s) directly in the root have no label folder and are ignored, e.g. %s",
-                    root, len(stray), sorted(stray)[0])
-    rows = [{"path": relative(image, root), "label": label_of(folder.name), "group": None}
-            for folder in folders for image in list_files(folder)]
+        log.warning(
+            "%s: %d image(s) directly in the root have no label folder and are ignored, e.g. %s",
+            root,
+            len(stray),
+            sorted(stray)[0],
+        )
+    rows = [
+        {"path": relative(image, root), "label": label_of(folder.name), "group": None}
+        for folder in folders
+        for image in list_files(folder)
+    ]
     if not any(is_image_name(Path(row["path"])) for row in rows):
-        raise SourceError(f"{root}: expected images in per-label folders <root>/<label>/<image>, "
-                          f"found {len(folders)} folder(s) and no images in them")
+        raise SourceError(
+            f"{root}: expected images in per-label folders <root>/<label>/<image>, "
+            f"found {len(folders)} folder(s) and no images in them"
+        )
     return rows
 
 
@@ -290,7 +309,12 @@ class NameIndex:
             for image in filter(is_image_name, list_files(self.root)):
                 path = relative(image, self.root)
                 if self._by_name.setdefault(image.name, path) != path:
-                    log.warning("%s: file name %s found more than once (%s, %s); the first is used",
-                                self.root, image.name, self._by_name[image.name], path)
+                    log.warning(
+                        "%s: file name %s found more than once (%s, %s); the first is used",
+                        self.root,
+                        image.name,
+                        self._by_name[image.name],
+                        path,
+                    )
             log.info("%s: indexed %d image file names", self.root, len(self._by_name))
         return self._by_name

@@ -46,8 +46,11 @@ def clap2015_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     if list_file is not None and (list_file.is_file() or (list_file / TOTAL_LIST).is_file()):
         return _total_list(root, list_file if list_file.is_file() else list_file / TOTAL_LIST)
     folder = require_dir(list_file, "CLAP2015 ground-truth directory") if list_file is not None else root
-    missing = [str(folder / name) for name, _, split in SETS
-               if split in _REQUIRED_SPLITS and not (folder / name).is_file()]
+    missing = [
+        str(folder / name)
+        for name, _, split in SETS
+        if split in _REQUIRED_SPLITS and not (folder / name).is_file()
+    ]
     if missing:
         raise SourceError(f"CLAP2015: expected ground-truth files {', '.join(missing)}")
     rows = []
@@ -55,9 +58,16 @@ def clap2015_source(root: Path, list_file: Path | None) -> pd.DataFrame:
         if not (folder / name).is_file():
             continue
         frame = read_table(folder / name, GT_COLUMNS, sep=",")
-        rows.extend({"path": f"{images}/{r['image'].strip()}", "label": round_half_up(r["mean"]),
-                     "group": None, "split": split, "stdv": _number(r["stdv"])}
-                    for r in frame.to_dict("records"))
+        rows.extend(
+            {
+                "path": f"{images}/{r['image'].strip()}",
+                "label": round_half_up(r["mean"]),
+                "group": None,
+                "split": split,
+                "stdv": _number(r["stdv"]),
+            }
+            for r in frame.to_dict("records")
+        )
     return make_table(rows, str(folder))
 
 
@@ -65,9 +75,16 @@ def _total_list(root: Path, path: Path) -> pd.DataFrame:
     """Rows of the authors' `total_2015.csv` (module doc)."""
     frame = read_table(path, TOTAL_COLUMNS, sep=",")
     index = NameIndex(root)
-    rows = [{"path": index.locate(r["filename"]), "label": round_half_up(r["age"]), "group": None,
-             "split": split_name(r["database"], f"{path}, data row {i + 1}"), "stdv": _number(r["stdv"])}
-            for i, r in enumerate(frame.to_dict("records"))]
+    rows = [
+        {
+            "path": index.locate(r["filename"]),
+            "label": round_half_up(r["age"]),
+            "group": None,
+            "split": split_name(r["database"], f"{path}, data row {i + 1}"),
+            "stdv": _number(r["stdv"]),
+        }
+        for i, r in enumerate(frame.to_dict("records"))
+    ]
     return make_table(rows, str(path))
 
 

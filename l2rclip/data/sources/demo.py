@@ -10,8 +10,9 @@ from l2rclip.data.demo import DemoMismatchError, generate_demo, read_demo
 from l2rclip.data.sources.base import SourceError, reject_list_file
 
 
-def demo_source(root: Path, list_file: Path | None, n_per_rank: int = 60, image_size: int = 96,
-                seed: int = 0) -> pd.DataFrame:
+def demo_source(
+    root: Path, list_file: Path | None, n_per_rank: int = 60, image_size: int = 96, seed: int = 0
+) -> pd.DataFrame:
     """The demo set under `root` made with these settings, as a source table.
 
     Labels are the shape counts 1..10, groups the pseudo-subjects `g0000..` (see l2rclip.data.demo).
@@ -29,6 +30,8 @@ def demo_source(root: Path, list_file: Path | None, n_per_rank: int = 60, image_
     try:
         return generate_demo(root, n_per_rank=n_per_rank, image_size=image_size, seed=seed)
     except OSError as error:  # a read-only copy, a full disk: one line, not a traceback
-        raise SourceError(f"cannot generate the demo set in {root}: {error.strerror or error} "
-                          "(run the `demo` stage where it can write, or set data.root to a writable "
-                          "folder)") from None
+        raise SourceError(
+            f"cannot generate the demo set in {root}: {error.strerror or error} "
+            "(run the `demo` stage where it can write, or set data.root to a writable "
+            "folder)"
+        ) from None

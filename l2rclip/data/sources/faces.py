@@ -35,8 +35,7 @@ def fgnet_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     names like `001A02.JPG` / `001A22a.JPG` (subject 001 at age 2 / 22; a trailing letter marks a
     second photo at that age). Rows follow the CSV's order, or sorted file names.
     """
-    return _labels_or_names(root, list_file, "FG-NET", ("filename", "age", "subject_id"),
-                            _matcher(_FGNET_NAME))
+    return _labels_or_names(root, list_file, "FG-NET", ("filename", "age", "subject_id"), _matcher(_FGNET_NAME))
 
 
 def utkface_source(root: Path, list_file: Path | None) -> pd.DataFrame:
@@ -46,24 +45,29 @@ def utkface_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     takes the age from names `[age]_[gender]_[race]_[datetime].jpg.chip.jpg`. Only the leading age
     is needed, so the few published names that lack the race field still parse.
     """
-    return _labels_or_names(root, list_file, "UTKFace", ("filename", "age", None),
-                            _matcher(_UTKFACE_NAME))
+    return _labels_or_names(root, list_file, "UTKFace", ("filename", "age", None), _matcher(_UTKFACE_NAME))
 
 
 def _matcher(pattern: re.Pattern[str]) -> Callable[[str], Row | None]:
     """File name -> {"label": int, "group": str | None} via the pattern's named groups."""
+
     def parse(name: str) -> Row | None:
         match = pattern.fullmatch(name)
         if match is None:
             return None
         found = match.groupdict()
         return {"label": int(found["label"]), "group": found.get("group")}
+
     return parse
 
 
-def _labels_or_names(root: Path, list_file: Path | None, dataset: str,
-                     columns: tuple[str, str, str | None],
-                     parse: Callable[[str], Row | None]) -> pd.DataFrame:
+def _labels_or_names(
+    root: Path,
+    list_file: Path | None,
+    dataset: str,
+    columns: tuple[str, str, str | None],
+    parse: Callable[[str], Row | None],
+) -> pd.DataFrame:
     """Rows from the labels CSV when there is one, else from the image file names.
 
     Args:
@@ -81,8 +85,12 @@ def _labels_or_names(root: Path, list_file: Path | None, dataset: str,
     file_column, label_column, group_column = columns
     required = [c for c in columns if c is not None]
     frame = read_table(labels, required)
-    rows = [{"path": relative(folder / record[file_column].strip(), root),
-             "label": to_label(record[label_column]),
-             "group": record[group_column].strip() if group_column else None}
-            for record in frame.to_dict("records")]
+    rows = [
+        {
+            "path": relative(folder / record[file_column].strip(), root),
+            "label": to_label(record[label_column]),
+            "group": record[group_column].strip() if group_column else None,
+        }
+        for record in frame.to_dict("records")
+    ]
     return make_table(rows, str(labels))

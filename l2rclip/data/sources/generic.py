@@ -39,8 +39,11 @@ def csv_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     rows = []
     for index, record in enumerate(frame.to_dict("records")):
         where = f"{path}, data row {index + 1}"
-        row = {"path": record["path"].strip(), "label": to_label(record["label"]),
-               "group": record.get("group", "").strip() or None}
+        row = {
+            "path": record["path"].strip(),
+            "label": to_label(record["label"]),
+            "group": record.get("group", "").strip() or None,
+        }
         if "fold" in record:
             row["fold"] = fold_id(record["fold"], where)
         if "split" in record:
@@ -60,4 +63,3 @@ def folder_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     """
     reject_list_file("folder", list_file)
     return make_table(scan_label_folders(root, to_label), str(root))
-

@@ -51,7 +51,7 @@ def hci_source(root: Path, list_file: Path | None) -> pd.DataFrame:
 
 
 def decade(name: str) -> Any:
-    """"1950s" -> 1950; any other text is returned unchanged."""
+    """Decade label to its year: "1950s" -> 1950; any other text is returned unchanged."""
     match = _DECADE.fullmatch(name.strip())
     return int(match[1]) if match else name.strip()
 
@@ -74,6 +74,11 @@ def _read_lists(root: Path, list_file: Path) -> list[Row]:
     for path in files:
         for line in read_lines(path):
             fields = line.rsplit(maxsplit=1)
-            rows.append({"path": index.locate(fields[0]), "label": decade(fields[1]) if len(fields) == 2 else "",
-                         "group": None})
+            rows.append(
+                {
+                    "path": index.locate(fields[0]),
+                    "label": decade(fields[1]) if len(fields) == 2 else "",
+                    "group": None,
+                }
+            )
     return rows

@@ -46,8 +46,11 @@ from l2rclip.data.sources.morph_settings import SUBJECT_NAME, find_setting, read
 
 log = logging.getLogger(__name__)
 
-_LIST_NAME = re.compile(r"(?:fold_?(?P<fold>\d+)[_-])?(?P<split>train|val|valid|validation|test)"
-                        r"\.(?:txt|lst|list)", re.IGNORECASE)
+_LIST_NAME = re.compile(
+    r"(?:fold_?(?P<fold>\d+)[_-])?(?P<split>train|val|valid|validation|test)"
+    r"\.(?:txt|lst|list)",
+    re.IGNORECASE,
+)
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
 
 
@@ -110,8 +113,9 @@ def _split_lists(folder: Path) -> list[tuple[int | None, str, Path]]:
         duplicated = sorted({s for s in splits if splits.count(s) > 1})
         if missing or duplicated:
             label = "" if fold is None else f" fold {fold}"
-            raise SourceError(f"{folder}:{label} expected one train and one test list (val optional), "
-                              f"found {', '.join(splits)}")
+            raise SourceError(
+                f"{folder}:{label} expected one train and one test list (val optional), found {', '.join(splits)}"
+            )
     return sorted(found, key=lambda item: (-1 if item[0] is None else item[0], _SPLIT_ORDER[item[1]]))
 
 

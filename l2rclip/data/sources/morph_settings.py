@@ -75,8 +75,10 @@ def find_setting(folder: Path) -> tuple[str, list[tuple[re.Match[str], Path]]] |
             if match is not None:
                 found.setdefault(setting, []).append((match, path))
     if len(found) > 1:
-        raise SourceError(f"{folder}: expected the lists of one MORPH setting, found settings "
-                          f"{', '.join(sorted(found))}; point data.list_file at one setting's folder")
+        raise SourceError(
+            f"{folder}: expected the lists of one MORPH setting, found settings "
+            f"{', '.join(sorted(found))}; point data.list_file at one setting's folder"
+        )
     return next(iter(found.items()), None)
 
 
@@ -101,8 +103,10 @@ def _setting_a(index: NameIndex, files: list[tuple[re.Match[str], Path]]) -> lis
     rows = []
     for fold, lists in sorted(by_fold.items()):
         if set(lists) != {"train", "test"}:
-            raise SourceError(f"MORPH setting A fold {fold}: expected Setting_A_fold{fold}_train.txt and "
-                              f"Setting_A_fold{fold}_test.txt, found {', '.join(p.name for p in lists.values())}")
+            raise SourceError(
+                f"MORPH setting A fold {fold}: expected Setting_A_fold{fold}_train.txt and "
+                f"Setting_A_fold{fold}_test.txt, found {', '.join(p.name for p in lists.values())}"
+            )
         for split in ("train", "test"):
             rows.extend({**row, "fold": fold, "split": split} for row in _header_list(index, lists[split]))
     return rows
@@ -111,11 +115,17 @@ def _setting_a(index: NameIndex, files: list[tuple[re.Match[str], Path]]) -> lis
 def _setting_b(index: NameIndex, files: list[tuple[re.Match[str], Path]]) -> list[Row]:
     subsets = sorted((fold_id(match["fold"], str(path)), path) for match, path in files)
     if len(subsets) < 2:
-        raise SourceError(f"MORPH setting B: expected the subset lists Setting_B_fold0.txt .. "
-                          f"Setting_B_fold2.txt, found {', '.join(p.name for _, p in subsets)}")
+        raise SourceError(
+            f"MORPH setting B: expected the subset lists Setting_B_fold0.txt .. "
+            f"Setting_B_fold2.txt, found {', '.join(p.name for _, p in subsets)}"
+        )
     listed = [(number, _header_list(index, path)) for number, path in subsets]
-    return [{**row, "fold": fold, "split": "train" if number == fold else "test"}
-            for fold, _ in subsets for number, rows in listed for row in rows]
+    return [
+        {**row, "fold": fold, "split": "train" if number == fold else "test"}
+        for fold, _ in subsets
+        for number, rows in listed
+        for row in rows
+    ]
 
 
 def _header_list(index: NameIndex, path: Path) -> list[Row]:
@@ -125,10 +135,15 @@ def _header_list(index: NameIndex, path: Path) -> list[Row]:
     frame = read_table(path, HEADER_COLUMNS, _OPTIONAL, sep="," if "," in header else r"\s+")
     frame = frame.fillna("")  # a short row: blank cells, reported by validation
     extras = [c for c in ("race", "gender") if c in frame.columns]
-    return [{"path": index.locate(record["filename"]), "label": to_label(record["age"]),
-             "group": subject_of(record["filename"].strip()),
-             **{c: to_label(record[c]) for c in extras}}
-            for record in frame.to_dict("records")]
+    return [
+        {
+            "path": index.locate(record["filename"]),
+            "label": to_label(record["age"]),
+            "group": subject_of(record["filename"].strip()),
+            **{c: to_label(record[c]) for c in extras},
+        }
+        for record in frame.to_dict("records")
+    ]
 
 
 def _path_age_list(index: NameIndex, path: Path) -> list[Row]:
