@@ -15,6 +15,7 @@ params.yaml of a run says what ran, and a later `-S` on any single key still win
 | `loss.kl_t2i_target` | exactly uniform over the rank's images | softmax(10 * one_hot) (OrdinalCLIP) |
 | `model.prompt.inverse_distance_eps` | 1e-3 | 1e-5 (OrdinalCLIP `inv_prop`) |
 | `model.prompt.gaussian_unit`, `gaussian_sigma` | base spacing, 1.0 | rank, 1/sqrt(2): exp(-d^2) (`normal`) |
+| `model.prompt.rank_offsets` | true: each rank starts at its own name | false: bases start at the end names |
 | `model.head_rule` | threshold (already the published rule) | threshold (coral-pytorch) |
 
 Ordinality is not a switch: both definitions are always reported (see `l2rclip.metrics`).
@@ -36,6 +37,7 @@ REFERENCE: dict[str, Any] = {
     "model.prompt.inverse_distance_eps": 1e-5,
     "model.prompt.gaussian_unit": "rank",
     "model.prompt.gaussian_sigma": math.sqrt(0.5),  # exp(-d^2 / (2 sigma^2)) = exp(-d^2)
+    "model.prompt.rank_offsets": False,  # OrdinalCLIP interpolates the base embeddings themselves
     "model.head_rule": "threshold",
 }
 BUNDLES: dict[str, dict[str, Any]] = {"reference": REFERENCE}

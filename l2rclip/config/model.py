@@ -37,10 +37,10 @@ class PromptConfig:
     """Rank embeddings mixed from `n_base` learnable base embeddings, or plain (CoOp: one free one per rank)."""
     n_base: Annotated[int, Strict(), Interval(ge=2)] = 2
     """B base embeddings interpolated into the M rank embeddings."""
-    rank_offsets: Bool = False
+    rank_offsets: Bool = True
     """Interpolate learnable offsets added to each rank's own name embedding, which start at zero, so training
-    starts at the rank-name prompts [ours]; false: interpolate the base embeddings themselves (OrdinalCLIP: the
-    start mixes the first and last rank names only)."""
+    starts at the rank-name prompts [ours; docs/demo-clip.md shows why]; false: interpolate the base embeddings
+    themselves (OrdinalCLIP: every rank starts as a mix of the first and last rank names)."""
     gaussian_sigma: Positive = 1.0
     """Width of the gaussian weights, in units of `gaussian_unit`."""
     inverse_distance_eps: Float = 1e-3

@@ -120,7 +120,7 @@ class RankPromptLearner(nn.Module):
         gaussian_sigma: float = 1.0,
         inverse_distance_eps: float = 1e-3,
         gaussian_unit: str = "base_spacing",
-        rank_offsets: bool = False,
+        rank_offsets: bool = True,
     ):
         super().__init__()
         if interpolation not in INTERPOLATIONS:
