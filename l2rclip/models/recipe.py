@@ -208,10 +208,14 @@ def resolve_recipe(arch: str, pretrained: str | None, hash_file: bool = True) ->
         source, pretrained = "none", None
     elif pretrained == DEMO_TAG:
         path = demo_weights_file(arch)
+        if arch != DEMO_ARCH:
+            raise RecipeError(
+                f"model.pretrained: 'demo' weights ship for model.arch {DEMO_ARCH} only; found model.arch {arch!r}"
+            )
         if not path.is_file():
             raise RecipeError(
-                f"model.pretrained: 'demo' weights ship for model.arch {DEMO_ARCH} only, as {path}; "
-                f"found no such file for model.arch {arch!r} (rebuild it with `dvc repro pretrain`)"
+                f"model.pretrained: 'demo': expected the demo CLIP weights at {path}, found no "
+                "file; rebuild them with `dvc repro pretrain`"
             )
         source, origin = "file", str(path)
         sha256 = file_sha256(path) if hash_file else None
