@@ -103,7 +103,8 @@ def fold(checkout, tmp_path):
                 "model": {
                     "arch": "ViT-B-16",
                     "pretrained": "openai",
-                    "fallback": {"epochs": 2, "lr_image": 0.002},
+                    # the random fallback: its from-scratch epochs and rate replace the train settings
+                    "fallback": {"arch": "L2RCLIP-Tiny", "pretrained": "none", "epochs": 2, "lr_image": 0.002},
                 },
                 "train": {"epochs": 7, "lr_image": 1e-5, "device": "cpu"},
                 "tracking": {"experiment": "conventions", "system_metrics_interval": 0.1},
