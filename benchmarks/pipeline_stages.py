@@ -12,14 +12,23 @@ Peak memory is the child's maximum resident set from os.wait4 (which covers the 
 waited for, e.g. the stage under `dvc repro`). This script does not import torch, so the floor
 every child inherits in ru_maxrss from its parent (Linux keeps it across exec) stays small.
 
+`--simulated-clip ARCH/TAG` measures a connected user's machine without a network: random weights
+of ARCH are written where open_clip looks for TAG's (a private Hugging Face cache in the temporary
+folder, tests/support/simulated_hub.py), so the real tag path runs (cache lookup, QuickGELU, the
+tag's preprocessing) and `model.image_tower: auto` sees a real CLIP. `--whole` runs what `make
+demo` runs, `l2rclip demo --no-push`, as one command, and times each stage from DVC's
+"Running stage" lines as they stream.
+
     python benchmarks/pipeline_stages.py                 # all folds of params.yaml (~4 min, 2 quiet CPU cores)
     python benchmarks/pipeline_stages.py --folds 0       # one fold
     python benchmarks/pipeline_stages.py --folds 0 --dvc # through dvc repro --single-item
+    python benchmarks/pipeline_stages.py --simulated-clip ViT-B-16/openai --whole  # make demo with CLIP weights
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import resource
 import shlex
@@ -61,6 +70,39 @@ def run_measured(command: list[str], cwd: Path, env: dict, log: Path) -> tuple[i
     return code, wall, usage.ru_maxrss / 1024  # KiB on Linux
 
 
+def simulate_clip(arch_tag: str, home: Path) -> Path:
+    """Random `arch` weights where open_clip finds `tag`'s, in a private Hugging Face cache at `home`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.simulated_hub import SimulatedHub  # imports torch: after the import-floor reference
+
+    arch, _, tag = arch_tag.partition("/")
+    (home / "hub").mkdir(parents=True)
+    return SimulatedHub(home).add(arch, tag)
+
+
+def run_whole(
+    argv: list[str], cwd: Path, env: dict, log: Path
+) -> tuple[int, float, float, list[tuple[str, float]]]:
+    """Run `argv` (e.g. `l2rclip demo`); also time each DVC stage from its "Running stage" line to the next."""
+    marks: list[tuple[str, float]] = []
+    with log.open("w", encoding="utf-8") as out:
+        tick = time.perf_counter()
+        process = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            out.write(line)
+            if line.startswith("Running stage '"):
+                marks.append((line.split("'")[1], time.perf_counter() - tick))
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - tick
+    process.returncode = code = os.waitstatus_to_exitcode(status)
+    ends = [at for _, at in marks[1:]] + [wall]
+    stages = [(name, end - at) for (name, at), end in zip(marks, ends, strict=True)]
+    return code, wall, usage.ru_maxrss / 1024, stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=ROOT, help="repository to clone (default: this one)")
@@ -70,6 +112,12 @@ def main() -> None:
         "--epochs", type=int, help="override model.fallback.epochs, the epochs of the offline fallback backbone"
     )
     parser.add_argument("--dvc", action="store_true", help="run each stage as `dvc repro --single-item`")
+    parser.add_argument(
+        "--simulated-clip",
+        metavar="ARCH/TAG",
+        help="random weights in a private Hugging Face cache under TAG's file names, e.g. ViT-B-16/openai",
+    )
+    parser.add_argument("--whole", action="store_true", help="run `l2rclip demo --no-push` (make demo) as one")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed) for inspection")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -111,7 +159,24 @@ def main() -> None:
             [python, "-c", "import torch, open_clip, mlflow"], repo, env, logs / "imports.log"
         )
         reference = ("(reference: python -c 'import torch, open_clip, mlflow')", wall, peak, 0)
-        for name, command in stage_commands(repo, list(params["folds"])):
+        if args.simulated_clip:
+            home = tmp / "hf_home"
+            tick = time.perf_counter()
+            weights = simulate_clip(args.simulated_clip, home)
+            print(
+                f"# simulated {args.simulated_clip}: {weights} in {time.perf_counter() - tick:.0f} s", flush=True
+            )
+            env.update(HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"))
+        commands = [] if args.whole else stage_commands(repo, list(params["folds"]))
+        if args.whole:
+            demo = shutil.which("l2rclip", path=env["PATH"]) or "l2rclip"
+            code, wall, peak, stages = run_whole([demo, "demo", "--no-push"], repo, env, logs / "demo.log")
+            rows += [(name, seconds, float("nan"), 0) for name, seconds in stages]
+            rows.append(("l2rclip demo --no-push (whole; peak of all)", wall, peak, code))
+            if code != 0:
+                print(f"l2rclip demo failed with exit code {code}; log: {logs / 'demo.log'}", file=sys.stderr)
+                args.keep = True
+        for name, command in commands:
             argv = ["dvc", "repro", "--single-item", name] if args.dvc else shlex.split(command)
             argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
             code, wall, peak = run_measured(argv, repo, env, logs / f"{name.replace('@', '_')}.log")
@@ -124,7 +189,8 @@ def main() -> None:
                 args.keep = True
                 break
         fallback = "NOT CLIP" in "".join(
-            p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("train_*.log")
+            p.read_text(encoding="utf-8", errors="replace")
+            for p in [*logs.glob("train_*.log"), *logs.glob("demo.log")]
         )
     finally:
         if args.keep:
@@ -132,12 +198,19 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    mode = "dvc repro --single-item <stage>" if args.dvc else "the stage commands of dvc.yaml"
+    mode = (
+        "l2rclip demo --no-push"
+        if args.whole
+        else "dvc repro --single-item <stage>"
+        if args.dvc
+        else "the stage commands of dvc.yaml"
+    )
     print(
         f"# clone of {args.repo} at {commit}; params.yaml of the clone"
         + (f" with {', '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else "")
         + f"; run as {mode}; HF_HUB_OFFLINE=1"
-        + ("; training used the offline random fallback backbone (NOT CLIP)" if fallback else "")
+        + (f"; simulated CLIP weights {args.simulated_clip} (random)" if args.simulated_clip else "")
+        + ("; training used the offline fallback backbone (NOT CLIP)" if fallback else "")
     )
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
@@ -147,8 +220,10 @@ def main() -> None:
     print("| stage | wall s | peak MB |")
     print("|---|---|---|")
     for name, wall, peak, code in rows:
-        print(f"| {name}{'' if code == 0 else f' (exit {code})'} | {wall:.1f} | {peak:.0f} |")
-    print(f"| total | {sum(r[1] for r in rows):.1f} | {max(r[2] for r in rows):.0f} (max) |")
+        memory = "" if math.isnan(peak) else f"{peak:.0f}"  # per-stage rows of --whole have none
+        print(f"| {name}{'' if code == 0 else f' (exit {code})'} | {wall:.1f} | {memory} |")
+    if not args.whole:
+        print(f"| total | {sum(r[1] for r in rows):.1f} | {max(r[2] for r in rows):.0f} (max) |")
     print(f"| {reference[0]} | {reference[1]:.1f} | {reference[2]:.0f} |")
 
 

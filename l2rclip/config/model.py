@@ -115,8 +115,9 @@ class ModelConfig:
     """zero_shot: the hand-written prompt, {} = rank name."""
     probe_c: tuple[Positive, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     """linear_probe: inverse regularisation C values, chosen on validation."""
-    image_tower: Literal["train", "frozen"] = "train"
-    """train (small lr) | frozen (features computed once and cached)."""
+    image_tower: Literal["auto", "train", "frozen"] = "auto"
+    """auto: train on a GPU, frozen on a CPU with a real CLIP (the small demo and random backbones train) |
+    train (small lr) | frozen (features computed once and cached)."""
     head_rule: Literal["threshold", "mode"] = "threshold"
     """coral/corn: threshold (published: count of P(y > k) > 0.5) | mode (argmax and expectation)."""
     fallback: FallbackConfig = field(default_factory=FallbackConfig)

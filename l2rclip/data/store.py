@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import Compose
 
 from l2rclip.data.validate import load_rgb
+from l2rclip.progress import progress
 
 if TYPE_CHECKING:
     from l2rclip.models.recipe import BackboneRecipe
@@ -154,7 +155,8 @@ def write_store(
             array = np.lib.format.open_memmap(
                 out_dir / name, mode="w+", dtype=np.uint8, shape=(len(chunk), spec.side, spec.side, 3)
             )
-            for row, image in enumerate(pool.map(pixels, chunk)):
+            decoded = progress(pool.map(pixels, chunk), f"preprocess shard {number}", len(chunk), "image", log)
+            for row, image in enumerate(decoded):
                 array[row] = image
             array.flush()
             del array

@@ -6,6 +6,7 @@ place reports the same numbers from the same code.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -20,8 +21,11 @@ from l2rclip.evaluation.conformal import Calibration
 from l2rclip.metrics import rank_distribution_summary
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
+from l2rclip.progress import progress
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import autocast
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -147,20 +151,29 @@ def split_outputs(
     params: Params,
     device: torch.device,
     store: ImageStore | None = None,
+    features: torch.Tensor | None = None,
+    desc: str = "predicting",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`predict_outputs` on a split's images, in table order, as evaluation computes them.
 
-    The images come from the preprocess stage's `store` when given, else from the files.
+    The inputs are `features` (n, E) of the split's rows when given (a frozen tower's cache,
+    `l2rclip.training.features.reuse_split_features`), else the images from the preprocess stage's
+    `store`, else from the files. Shows progress with an ETA (`desc`) on image batches.
     """
+    size = params.train.eval_batch_size
+    if features is not None:
+        inputs = ({"image_features": chunk} for chunk in features.split(size))
+        return predict_outputs(model, inputs, device, params.train.amp)
     if store is not None:
-        batches = store_eval_batches(table, store, params.train.eval_batch_size, params.train.num_workers, device)
+        batches = store_eval_batches(table, store, size, params.train.num_workers, device)
     else:
         loader = make_loader(
             RankImageDataset(table, params.data.root, preprocess),
-            params.train.eval_batch_size,
+            size,
             shuffle=False,
             num_workers=params.train.num_workers,
             device=device,
         )
         batches = (images for images, _ in loader)
+    batches = progress(batches, desc, -(-len(table) // size), "batch", log)
     return predict_outputs(model, ({"images": images} for images in batches), device, params.train.amp)

@@ -7,6 +7,8 @@ import logging
 import math
 import warnings
 
+import torch
+
 from l2rclip.config import ModelConfig
 from l2rclip.methods import HEAD_KINDS
 from l2rclip.models.backbone import Backbone, WeightsUnavailableError, load_backbone, weights_unavailable_reason
@@ -48,7 +50,7 @@ def build_l2rclip(backbone: Backbone, rank_space: RankSpace, config: ModelConfig
         prompt_learner=prompt_learner,
         rankformer=rankformer,
         logit_scale=float(clip.logit_scale.detach()),
-        train_image_tower=config.image_tower == "train",
+        train_image_tower=config.image_tower != "frozen",  # auto, unresolved: trainable
     )
     model.recipe = backbone.recipe
     return model
@@ -65,11 +67,41 @@ def build_model(backbone: Backbone, rank_space: RankSpace, config: ModelConfig) 
         kind,
         len(rank_space),
         int(visual.output_dim),
-        train_image_tower=config.image_tower == "train" and config.method != "linear_probe",
+        train_image_tower=config.image_tower != "frozen" and config.method != "linear_probe",
         rule=config.head_rule,
     )
     model.recipe = backbone.recipe
     return model
+
+
+def resolve_image_tower(config: ModelConfig, kind: str, device: str, schedule: str) -> ModelConfig:
+    """`model.image_tower: auto` made concrete for this machine and backbone (train/frozen pass through).
+
+    The paper fine-tunes CLIP's image tower, which a GPU does in minutes; on a CPU one step of
+    ViT-B-16 at batch 32 takes minutes, and the demo a day. So `auto` freezes the tower on a CPU
+    with a real CLIP (`kind` `clip`): its features are encoded once and cached, and the prompts and
+    RankFormer train on them. It fine-tunes (`train`) on any accelerator, for the two-stage schedule
+    (its stage 2 is the fine-tuning) and for the small shipped backbones (the demo CLIP and a
+    random one train in seconds, and a random tower has everything to learn).
+    """
+    if config.image_tower != "auto":
+        return config
+    frozen = torch.device(device).type == "cpu" and kind == "clip" and schedule == "one_stage"
+    return dataclasses.replace(config, image_tower="frozen" if frozen else "train")
+
+
+def image_tower_note(requested: ModelConfig, used: ModelConfig) -> str:
+    """One line saying whether the image tower trains, and why when `auto` chose it."""
+    what = {"train": "image tower fine-tuned", "frozen": "image tower frozen (features encoded once, cached)"}
+    note = what[used.image_tower]
+    if requested.image_tower != "auto":
+        return note
+    reason = (
+        "a CPU with a real CLIP: a GPU would fine-tune it"
+        if used.image_tower == "frozen"
+        else "a GPU, the two-stage schedule or a small shipped backbone"
+    )
+    return f"{note} (model.image_tower auto: {reason})"
 
 
 def similarity_scale(model: L2RCLIP) -> float:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from l2rclip.config import ConfigError, Params, load_params
 from l2rclip.data.splits import CALIB, select
@@ -36,6 +37,7 @@ from l2rclip.runtime import pick_device, seed_everything
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version
 from l2rclip.tracking.runs import Tracker
+from l2rclip.training.features import reuse_split_features
 
 log = logging.getLogger("l2rclip.stages.calibrate")  # not __main__ under python -m
 
@@ -91,14 +93,22 @@ def calibrate_fold(
     model, meta = load_model(model_dir, device=device)
     rank_space = meta["rank_space"]
     store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
-    probs = split_outputs(model, meta["preprocess"], calib, params, device, store)[0]  # (n, M)
+    images = read_prepared(prepared)[0]
+
+    def outputs(split: pd.DataFrame, name: str) -> np.ndarray:
+        features = reuse_split_features(  # (n, E) from a frozen tower's cache, or None: encode the images
+            model, images, split, params.data.root, meta["preprocess"], params.train.feature_cache, store
+        )
+        return split_outputs(
+            model, meta["preprocess"], split, params, device, store, features, f"{name} fold {fold}"
+        )[0]  # (n, M)
+
+    probs = outputs(calib, "calibrating")
     ranks = calib["rank"].to_numpy()
     temperature = None
     if config.temperature:
         val = select(splits, fold, "val")
-        temperature = fit_temperature(
-            split_outputs(model, meta["preprocess"], val, params, device, store)[0], val["rank"].to_numpy()
-        )
+        temperature = fit_temperature(outputs(val, "temperature on val"), val["rank"].to_numpy())
     calibration = Calibration.fit(probs, ranks, rank_space.value_array, config.method, config.alpha, temperature)
     result = {
         **calibration.to_dict(),

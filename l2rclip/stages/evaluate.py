@@ -38,6 +38,7 @@ from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version
 from l2rclip.tracking.runs import Tracker
+from l2rclip.training.features import reuse_split_features
 
 log = logging.getLogger("l2rclip.stages.evaluate")  # not __main__ under python -m
 
@@ -66,7 +67,7 @@ def evaluate_fold(
     """
     seed_everything(params.seed)
     calibration = read_calibration(calibration_file) if calibration_file else None
-    _, splits = read_prepared(prepared)
+    images, splits = read_prepared(prepared)
     test, train = select(splits, fold, "test"), select(splits, fold, "train")
     if test.empty:
         raise ValueError(f"fold {fold} has an empty test split in {prepared / 'splits.csv'}")
@@ -76,7 +77,12 @@ def evaluate_fold(
     prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
     prototypes = None if prototypes is None else prototypes.cpu().numpy()
     store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
-    probs, point = split_outputs(model, meta["preprocess"], test, params, device, store)  # (N, M), (N,) or None
+    features = reuse_split_features(  # (N, E) from a frozen tower's cache, or None: encode the images
+        model, images, test, params.data.root, meta["preprocess"], params.train.feature_cache, store
+    )
+    probs, point = split_outputs(
+        model, meta["preprocess"], test, params, device, store, features, f"evaluating fold {fold}"
+    )  # (N, M), (N,) or None
     predictions = predictions_table(test, probs, rank_space, calibration=calibration, point=point)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out_dir / "predictions.csv", index=False, float_format="%.6g")

@@ -48,7 +48,7 @@ from l2rclip.config import Params, load_params, to_dict, to_flat_dict
 from l2rclip.data.splits import select
 from l2rclip.data.store import open_store
 from l2rclip.methods import UNTRAINED, resolve_method
-from l2rclip.models.factory import build_model, resolve_backbone
+from l2rclip.models.factory import build_model, image_tower_note, resolve_backbone, resolve_image_tower
 from l2rclip.models.kinds import backbone_label
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import describe_device, device_report, pick_device, seed_everything
@@ -166,6 +166,8 @@ def _train_locked(
 ) -> dict[str, Any]:
     version = data_version(prepared)
     backbone, model_config = resolve_backbone(params.model, device=str(device))
+    fell_back = model_config != params.model  # the offline fallback replaced the backbone
+    model_config = resolve_image_tower(model_config, backbone.kind, str(device), params.train.schedule)
     store = open_store(store_dir, backbone.recipe, params.preprocess.margin)
     rank_space = RankSpace.from_config(params.ranks)
     model = build_model(backbone, rank_space, model_config).to(device)
@@ -180,7 +182,10 @@ def _train_locked(
     }
     device_info = device_report(device, params.train.amp)
     if world.is_main:
-        print(f"train fold {fold}: {describe_device(device_info)}", flush=True)
+        print(
+            f"train fold {fold}: {describe_device(device_info)}; {image_tower_note(params.model, model_config)}",
+            flush=True,
+        )
     tags = {
         **source_tags("l2rclip.stages.train"),
         "l2rclip.data_version": version,
@@ -191,7 +196,7 @@ def _train_locked(
     if backbone.kind != "clip":
         tags["mlflow.note.content"] = backbone_label(backbone.kind)
     used = params
-    if model_config != params.model and backbone.kind == "random":  # learns from scratch: own rate and length
+    if fell_back and backbone.kind == "random":  # learns from scratch: own rate and length
         fallback = params.model.fallback
         used = dataclasses.replace(
             params, train=dataclasses.replace(params.train, lr_image=fallback.lr_image, epochs=fallback.epochs)

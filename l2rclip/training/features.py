@@ -49,6 +49,59 @@ def images_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def feature_cache_file(
+    model: torch.nn.Module,
+    table: pd.DataFrame,
+    root: str | Path,
+    transform: Callable,
+    cache_dir: str | Path,
+    store: ImageStore | None = None,
+) -> Path:
+    """The file holding (or to hold) the features of `table`'s images through `model`'s image tower.
+
+    The name is a hash of everything the features depend on, so an existing file is never stale.
+    """
+    # The key says where the pixels come from: the files and the transform, or the store's shards.
+    source = (
+        f"{store.spec}|{images_fingerprint(store.shard_files)}"
+        if store is not None
+        else f"{transform!r}|{images_fingerprint([Path(root) / p for p in table['path']])}"
+    )
+    key = hashlib.blake2b(digest_size=16)
+    for part in (recipe_of(model).key(), weights_fingerprint(model.image_encoder), source):
+        key.update(part.encode())
+    return Path(cache_dir) / f"features-{key.hexdigest()}.safetensors"
+
+
+def reuse_split_features(
+    model: torch.nn.Module,
+    images: pd.DataFrame,
+    split: pd.DataFrame,
+    root: str | Path,
+    transform: Callable,
+    cache_dir: str | Path,
+    store: ImageStore | None = None,
+) -> torch.Tensor | None:
+    """Features of `split`'s rows, (n, E) in its order, from a cache of all `images`; None without one.
+
+    A model trained with its image tower frozen (`model.image_tower: frozen`, or `auto` on a CPU
+    with a real CLIP) has the very tower the training stage encoded every prepared image with, so
+    evaluation and calibration read those features instead of encoding the split again (on a CPU
+    with ViT-B-16, minutes per fold). A fine-tuned tower has other weights, hence another key and
+    no file: its images are encoded as usual. Reading never writes a cache.
+    """
+    file = feature_cache_file(model, images, root, transform, cache_dir, store)
+    if not file.is_file():
+        return None
+    features = load_file(file)["features"]  # (N, E), in `images` order
+    index = {path: i for i, path in enumerate(images["path"])}
+    missing = [p for p in split["path"] if p not in index]
+    if missing or len(features) != len(images):
+        return None  # not this table's cache: encode instead
+    log.info("image features: reusing %s for %d images (frozen image tower)", file, len(split))
+    return features[[index[p] for p in split["path"]]]
+
+
 def cached_image_features(
     model: torch.nn.Module,
     table: pd.DataFrame,
@@ -78,16 +131,7 @@ def cached_image_features(
     """
     root = Path(root)
     paths = [root / p for p in table["path"]]
-    # The key says where the pixels come from: the files and the transform, or the store's shards.
-    source = (
-        f"{store.spec}|{images_fingerprint(store.shard_files)}"
-        if store is not None
-        else f"{transform!r}|{images_fingerprint(paths)}"
-    )
-    key = hashlib.blake2b(digest_size=16)
-    for part in (recipe_of(model).key(), weights_fingerprint(model.image_encoder), source):
-        key.update(part.encode())
-    file = Path(cache_dir) / f"features-{key.hexdigest()}.safetensors"
+    file = feature_cache_file(model, table, root, transform, cache_dir, store)
     if file.is_file():
         log.info("image features: reusing %s (%d images)", file, len(paths))
         return load_file(file)["features"]

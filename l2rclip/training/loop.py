@@ -75,12 +75,12 @@ def schedule_phases(train: TrainConfig, image_tower: str, method: str = "l2rclip
             f"stage1_epochs={train.stage1_epochs}"
         )
     if train.schedule == "one_stage":
-        return [Phase("one_stage", train.epochs, IMAGE_TERMS, image_tower == "train", True)]
+        return [Phase("one_stage", train.epochs, IMAGE_TERMS, image_tower != "frozen", True)]
     if method in HEAD_KINDS:
         raise ValueError(
             f"train.schedule two_stage learns prompts in stage 1; model.method {method} has none: use one_stage"
         )
-    if image_tower != "train":
+    if image_tower == "frozen":
         raise ValueError(
             "train.schedule two_stage trains the image tower in stage 2: "
             "expected model.image_tower: train, found frozen"

@@ -36,8 +36,14 @@ from l2rclip.training import loop as training_loop
 TOLERANCE = 1e-5
 
 
-def run_pipeline(arch: str, tag: str, root, monkeypatch, image_size: int = 64, n_per_rank: int = 8) -> dict:
-    """Train one epoch, evaluate, predict and serve; returns every consumer's numbers and the reference."""
+def run_pipeline(
+    arch: str, tag: str, root, monkeypatch, image_size: int = 64, n_per_rank: int = 8, image_tower: str = "auto"
+) -> dict:
+    """Train one epoch, evaluate, predict and serve; returns every consumer's numbers and the reference.
+
+    `image_tower` auto on this CPU with a (simulated) real CLIP freezes the tower: evaluation then
+    reads the training stage's feature cache; `train` fine-tunes it, as on a GPU.
+    """
     params = from_dict(
         Params,
         {
@@ -49,6 +55,7 @@ def run_pipeline(arch: str, tag: str, root, monkeypatch, image_size: int = 64, n
                 "arch": arch,
                 "pretrained": tag,
                 "fallback": {"enabled": False},
+                "image_tower": image_tower,
                 "prompt": {"context_init": "the number of shapes is"},
             },
             "preprocess": {"margin": 0.0},
@@ -151,16 +158,29 @@ def check_every_consumer(result: dict) -> dict[str, float]:
     return diffs
 
 
-@pytest.mark.parametrize("tag", ["sim_quickgelu", "sim_laion"])
-def test_every_consumer_computes_what_training_computed(tag, tiny_tags, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    ("tag", "image_tower", "trained_as"),
+    [("sim_quickgelu", "auto", "frozen"), ("sim_laion", "train", "train")],  # a CPU's default, a GPU's
+)
+def test_every_consumer_computes_what_training_computed(
+    tag, image_tower, trained_as, tiny_tags, tmp_path, monkeypatch, capsys, caplog
+):
     arch, _ = tiny_tags
+    caplog.set_level("INFO", logger="l2rclip")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        result = run_pipeline(arch, tag, tmp_path, monkeypatch)
+        result = run_pipeline(arch, tag, tmp_path, monkeypatch, image_tower=image_tower)
     check_every_consumer(result)
     device = result["summary"]["device"]  # the device is recorded with the fold
     assert device["device"] == "cpu" and device["autocast"] == "off" and device["torch"] == torch.__version__
-    assert "train fold 0: device cpu (no GPU), float32 weights, autocast off" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train fold 0: device cpu (no GPU), float32 weights, autocast off" in out
+    assert load_model(tmp_path / "train" / "best")[1]["config"].image_tower == trained_as
+    # A frozen tower's test images are read from the training stage's feature cache, not encoded again.
+    reused = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage() and "for" in r.getMessage()]
+    assert bool(reused) == (trained_as == "frozen"), reused
+    if image_tower == "auto":
+        assert "model.image_tower auto: a CPU with a real CLIP" in out
 
 
 @pytest.mark.slow
