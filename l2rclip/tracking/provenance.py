@@ -78,7 +78,7 @@ def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
     """
     commit = dvc_experiment()["baseline"] or git_commit(cwd)
     changed = None if commit is None else _git(cwd, "diff", "--name-only", commit, "--")
-    if changed is None:
+    if commit is None or changed is None:
         return {"mlflow.source.git.commit": commit, "git_dirty": None}
     owned = _dvc_owned(cwd, commit)
     counted = [path for path in changed.splitlines() if path and not _is_owned(PurePosixPath(path), owned)]
