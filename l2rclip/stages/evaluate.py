@@ -73,8 +73,8 @@ def evaluate_fold(
     device = pick_device(params.train.device)
     model, meta = load_model(model_dir, device=device)
     rank_space = meta["rank_space"]
-    prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
-    prototypes = None if prototypes is None else prototypes.cpu().numpy()
+    cached = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
+    prototypes = None if cached is None else cached.cpu().numpy()
     store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
     probs, point = split_outputs(model, meta["preprocess"], test, params, device, store)  # (N, M), (N,) or None
     predictions = predictions_table(test, probs, rank_space, calibration=calibration, point=point)
@@ -119,7 +119,7 @@ def evaluate_fold(
     for alpha in calibration.alpha if calibration is not None else ():
         level = level_name(alpha)
         figures[f"conformal_{level}"] = conformal_plot(
-            {m: by_rank[f"{m}_{level}"] for m in calibration.scores},
+            {m: by_rank[f"{m}_{level}"] for m in (calibration.scores if calibration is not None else ())},
             alpha,
             rank_space,
             out_dir / "figures" / f"conformal_{level}.png",

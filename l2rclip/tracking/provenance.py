@@ -37,7 +37,7 @@ def fingerprint(params: Params, *parts: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def pipeline_key(flat_params: dict, data_version: str) -> str:
+def pipeline_key(flat_params: dict, data_version: str | None) -> str:
     """Short stable hash of the resolved params and the data version.
 
     Every stage process of one pipeline run computes the same key and so finds the same parent run.
