@@ -111,11 +111,13 @@ $(DOCS_STAMP): $(STAMP) pyproject.toml
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
-## lint: ruff (checks and formatting), and the layers contract of pyproject.toml (no module imports a higher layer)
+## lint: ruff (checks and formatting), mypy on the library (strictness stated in pyproject.toml), and the
+## layers contract of pyproject.toml (no module imports a higher layer)
 lint: $(STAMP)
 	$(BIN)/ruff check l2rclip tests benchmarks pipelines
 	$(BIN)/ruff format --check l2rclip tests benchmarks pipelines
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache site
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache site

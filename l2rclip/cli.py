@@ -66,8 +66,8 @@ def _demo(args: argparse.Namespace) -> int:
             f"{used.arch} (pretrained={used.pretrained}). Every output and MLflow run is labelled {label}.\n",
             flush=True,
         )
-    dvc = Path(sys.executable).with_name("dvc")
-    dvc = str(dvc) if dvc.exists() else "dvc"
+    beside = Path(sys.executable).with_name("dvc")
+    dvc = str(beside) if beside.exists() else "dvc"
     env = interpreter_first_on_path(os.environ)  # the stages' `python` is this one, activated or not
     result = subprocess.run([dvc, "repro"], check=False, env=env)
     if result.returncode:

@@ -8,7 +8,9 @@ tensor (``cross_modal_ordinal_pairwise_loss`` a dict of scalars) so that each te
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -265,6 +267,8 @@ class OrdinalLoss(torch.nn.Module):
     so that every term can be logged.
     """
 
+    rank_values: torch.Tensor  # (M,), a buffer registered in __init__
+
     def __init__(
         self,
         rank_values: Sequence[float],
@@ -363,7 +367,10 @@ class OrdinalLoss(torch.nn.Module):
                 terms["supcon_loss"] = reference_supcon_loss(image, text, labels, outputs["logit_scale"])
             elif self.weights["supcon"]:
                 terms["supcon_loss"] = supcon_loss(image, text, labels, self.supcon_temperature)
-        total = sum(self.weights[name[: -len("_loss")]] * value for name, value in terms.items())
+        # At least one weight is > 0 (checked in __init__), so there is at least one term to add.
+        total = functools.reduce(
+            operator.add, (self.weights[name[: -len("_loss")]] * value for name, value in terms.items())
+        )
         if self.weights["cop"]:
             terms["cop_tightness_loss"] = cop["tightness"]
             terms["cop_diversity_loss"] = cop["diversity"]

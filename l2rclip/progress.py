@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from tqdm.auto import tqdm
@@ -31,7 +31,7 @@ class LoggedProgress(Generic[T]):
         unit: str,
         logger: logging.Logger,
         interval: float = LOG_INTERVAL,
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.items, self.desc, self.total, self.unit = items, desc, total, unit
         self.logger, self.interval, self.clock = logger, interval, clock

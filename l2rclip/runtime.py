@@ -40,7 +40,7 @@ def autocast_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: torch.device, enabled: bool):
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """Mixed precision on CUDA (bfloat16 where supported), a no-op context elsewhere."""
     dtype = autocast_dtype(device, enabled)
     if dtype is None:

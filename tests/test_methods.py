@@ -70,6 +70,12 @@ def test_linear_probe_chooses_c_on_validation_and_handles_absent_ranks():
     assert c == 1.0 and metrics["accuracy"] > 0.9
 
 
+def test_linear_probe_without_c_values_says_so():
+    x, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"model.probe_c: expected at least one C .*, found \[\]"):
+        fit_linear_probe(x, y, x, y, np.array([0.0, 1.0]), (), 0, EvalConfig())
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")

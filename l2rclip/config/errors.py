@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from annotated_types import Interval
 from pydantic import ValidationError
 
 from l2rclip.config.fields import describe_interval
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 TYPE_NAMES = {
     "int_type": "int",
@@ -86,7 +89,7 @@ def _locate(cls: type, loc: tuple[Any, ...], prefix: str) -> _Place:
     return place
 
 
-def _expected(item: dict[str, Any], place: _Place) -> str | None:
+def _expected(item: ErrorDetails, place: _Place) -> str | None:
     """What the schema expected at this place, or None when the problem is a sentence of its own."""
     kind = item["type"]
     if kind in TYPE_NAMES:
@@ -102,7 +105,7 @@ def _expected(item: dict[str, Any], place: _Place) -> str | None:
     return None
 
 
-def _sentence(item: dict[str, Any], place: _Place) -> str:
+def _sentence(item: ErrorDetails, place: _Place) -> str:
     kind, where = item["type"], place.key or "<top level>"
     if kind in UNKNOWN_KEY_ERRORS:
         known = sorted(f.name for f in dataclasses.fields(place.section)) if place.section else []

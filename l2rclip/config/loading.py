@@ -165,7 +165,9 @@ def _empty_sections_as_defaults(cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict) or not dataclasses.is_dataclass(cls):
         return raw
     hints = get_type_hints(cls)
-    sections = {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
+    sections = {
+        name: hint for name, hint in hints.items() if isinstance(hint, type) and dataclasses.is_dataclass(hint)
+    }
     return {
         name: ({} if value is None else _empty_sections_as_defaults(sections[name], value))
         if name in sections
@@ -176,10 +178,11 @@ def _empty_sections_as_defaults(cls: type, raw: Any) -> Any:
 
 def section_problems(section: Any, prefix: str = "") -> list[str]:
     """What is wrong with a config dataclass built in code (not loaded), as `from_dict` would say it."""
+    cls: type = type(section)
     try:
-        _adapter(type(section)).validate_python(to_dict(section))
+        _adapter(cls).validate_python(to_dict(section))
     except ValidationError as error:
-        return [describe(error, type(section), prefix)]
+        return [describe(error, cls, prefix)]
     return []
 
 

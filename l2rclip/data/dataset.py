@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -95,7 +96,7 @@ def make_loader(
     workers = resolve_workers(num_workers)
     cuda = device is not None and torch.device(device).type == "cuda"
     generator = torch.Generator().manual_seed(seed)
-    options = {
+    options: dict[str, Any] = {
         "num_workers": workers,
         "worker_init_fn": seed_worker,
         "generator": generator,

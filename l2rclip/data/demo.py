@@ -68,7 +68,7 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96, 
         log.info("demo set in %s is up to date (%s)", root, settings)
         return demo_table(previous)
     backgrounds = [group_background(seed, group) for group in range(n_per_rank)]
-    images = []
+    images: list[dict[str, Any]] = []  # one manifest entry per image
     for count in COUNTS:
         for group, background in enumerate(backgrounds):
             image, objects = demo_image(seed, group, count, image_size, background)

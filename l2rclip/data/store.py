@@ -109,7 +109,7 @@ def geometric_transform(spec: StoreSpec) -> Compose:
         interpolation=spec.interpolation,
         fill_color=spec.fill_color,
     )
-    steps = []
+    steps: list[Any] = []  # torchvision transforms (PIL image -> PIL image)
     for step in full.transforms:
         if isinstance(step, (MaybeConvertMode, MaybeToTensor)):
             return Compose(steps)

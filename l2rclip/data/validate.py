@@ -288,8 +288,8 @@ def ranks_hint(labels: Iterable[Any]) -> str:
     what to set instead: the observed range for integer labels, the list of labels otherwise.
     """
     present = [label for label in labels if not _is_blank(label)]
-    integers = [_as_integer(label) for label in present]
-    if present and all(number is not None for number in integers):
+    integers = [number for label in present if (number := _as_integer(label)) is not None]
+    if present and len(integers) == len(present):
         low, high = min(integers), max(integers)
         return (
             f"the labels found run from {low} to {high} ({len(set(integers))} distinct): set ranks.start: "

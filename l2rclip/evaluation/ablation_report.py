@@ -93,8 +93,11 @@ def _one_fold(n: int) -> str:
 
 def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """The t-interval of the mean over folds, or None with fewer than 2 values (no spread to use)."""
-    if len(values) < 2:
-        return None
+    return None if len(values) < 2 else _t_interval(values, confidence)
+
+
+def _t_interval(values: Sequence[float], confidence: float) -> tuple[float, float]:
+    """The t-interval of the mean of 2 or more values."""
     mean, sem = float(np.mean(values)), float(np.std(values, ddof=1)) / math.sqrt(len(values))
     half = float(stats.t.ppf(0.5 + confidence / 2, len(values) - 1)) * sem
     return mean - half, mean + half
@@ -116,7 +119,7 @@ def paired(
             differences,
         )
     mean = float(np.mean(differences))
-    ci = interval(differences, confidence)
+    ci = _t_interval(differences, confidence)
     if float(np.ptp(differences)) == 0.0:  # the same difference on every fold: the t statistic is 0/0 or inf
         p = 1.0 if mean == 0.0 else 0.0
     else:
@@ -283,13 +286,13 @@ def _findings(results: Sequence[dict[str, Any]], metric: str, index: int, confid
 
 def _draw_spread(ax: Axes, position: float, values: Sequence[float], confidence: float, first: bool) -> None:
     """One variant: its per-fold values as dots and the mean with its t-interval (none with one fold)."""
-    values = np.asarray(values, dtype=float)  # (folds,)
+    folds = np.asarray(values, dtype=float)  # (folds,)
     ci = interval(values, confidence)
-    yerr = None if ci is None else [[values.mean() - ci[0]], [ci[1] - values.mean()]]
+    yerr = None if ci is None else [[folds.mean() - ci[0]], [ci[1] - folds.mean()]]
     label = f"mean, {confidence:.0%} CI over folds" if ci else "mean (1 fold: no CI)"
     ax.errorbar(
         position,
-        values.mean(),
+        folds.mean(),
         yerr=yerr,
         fmt="o",
         color="C0",
@@ -299,7 +302,7 @@ def _draw_spread(ax: Axes, position: float, values: Sequence[float], confidence:
         label=label if first else None,
     )
     offsets = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
-    ax.scatter(position + 0.22 + offsets, values, color="C1", s=16, zorder=3, label="folds" if first else None)
+    ax.scatter(position + 0.22 + offsets, folds, color="C1", s=16, zorder=3, label="folds" if first else None)
 
 
 def comparison_figure(
@@ -382,7 +385,7 @@ def _draw_differences(
     """Per compared variant: the per-fold differences, their mean with its CI, and the verdict."""
     for position, (_, comparison) in enumerate(versus):
         diffs = np.asarray(comparison.differences, dtype=float)  # (common folds,)
-        if diffs.size == 0:
+        if diffs.size == 0 or comparison.mean is None:  # no common fold: no mean either
             continue
         yerr = (
             None

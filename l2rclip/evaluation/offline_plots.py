@@ -106,9 +106,17 @@ def fetch_package(package: dict[str, str], fetch: Fetch = _download) -> tuple[by
     if (found := _sri_sha512(tarball)) != package["integrity"]:
         raise ValueError(f"{where}: {package['tarball']} has integrity {found}, expected {package['integrity']}")
     with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
-        code = archive.extractfile(package["file"]).read()
-        license_text = archive.extractfile("package/LICENSE").read()
+        code = _read_member(archive, package["file"], where)
+        license_text = _read_member(archive, "package/LICENSE", where)
     return code, license_text
+
+
+def _read_member(archive: tarfile.TarFile, name: str, where: str) -> bytes:
+    """The bytes of the file `name` in a package's tarball (tarfile raises KeyError when it is absent)."""
+    member = archive.extractfile(name)
+    if member is None:
+        raise ValueError(f"{where}: expected {name} to be a file in the package tarball, found something else")
+    return member.read()
 
 
 def _block(package: dict[str, str], code: str) -> str:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,8 +108,10 @@ def _rank_axis(
     if numeric:
         values = space.value_array
         integer = bool(np.all(values == np.round(values)))
-        steps = MaxNLocator(nbins=NUMBER_TICKS, integer=integer, steps=[1, 2, 5, 10]).tick_values(
-            values[span[0]], values[span[-1]]
+        steps = np.asarray(  # (T,) round values; an array already, typed as a sequence by matplotlib
+            MaxNLocator(nbins=NUMBER_TICKS, integer=integer, steps=[1, 2, 5, 10]).tick_values(
+                values[span[0]], values[span[-1]]
+            )
         )
         round_ticks = span[np.isclose(values[span][:, None], steps[None, :]).any(axis=1)]  # ranks at round values
         keep = round_ticks if round_ticks.size >= 2 else keep  # uneven values: every k-th instead
@@ -147,7 +150,7 @@ def _heatmap(
     _rank_axis(ax, space, "y", quantities[1], unit)
     if len(space) <= MAX_ANNOTATED:
         for (row, col), value in np.ndenumerate(matrix):
-            colour = "white" if image.norm(value) < 0.5 else "black"  # readable on viridis
+            colour = "white" if np.less(image.norm(value), 0.5) else "black"  # readable on viridis
             ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=7, color=colour)
     return fig, ax
 
@@ -479,7 +482,8 @@ def evaluation_plots(
         )
     p = {c: predictions[c].to_numpy() for c in PREDICTION_COLUMNS}  # each (N,)
     ranked = {"title_suffix": title_suffix, "unit": unit}  # pictures with value axes
-    inputs = {  # picture name -> (function, arguments before the path, keyword arguments)
+    # picture name -> (function, arguments before the path, keyword arguments)
+    inputs: dict[str, tuple[Callable[..., Path], tuple[Any, ...], dict[str, Any]]] = {
         "confusion_matrix": (confusion_matrix_plot, (p["rank"], p["pred_rank"], rank_space), ranked),
         "error_by_rank": (
             error_by_rank_plot,

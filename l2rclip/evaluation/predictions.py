@@ -50,19 +50,19 @@ def predict_outputs(
     was_training = model.training
     model.eval()
     text_features = model.prototypes()  # (M, E): once for the whole pass
-    with_point = model.has_point_rule
+    point_rule = model if isinstance(model, OrdinalHeadModel) and model.has_point_rule else None
     chunks, points = [], []
     for batch in batches:
         inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, amp):
             logits = model(**inputs, text_features=text_features)["logits"]  # (B, M) or (B, M-1)
         chunks.append(model.rank_probabilities(logits.float()).cpu().double().numpy())
-        if with_point:
-            points.append(model.predict_ranks(logits.float()).cpu().numpy())
+        if point_rule is not None:
+            points.append(point_rule.predict_ranks(logits.float()).cpu().numpy())
     model.train(was_training)
     if not chunks:
         raise ValueError("predict_probabilities: expected at least one batch, found none (empty split?)")
-    return np.concatenate(chunks), (np.concatenate(points) if with_point else None)  # (N, M), (N,)
+    return np.concatenate(chunks), (np.concatenate(points) if point_rule is not None else None)  # (N, M), (N,)
 
 
 def predict_probabilities(
@@ -145,7 +145,7 @@ def probabilities_of(predictions: pd.DataFrame, rank_space: RankSpace) -> np.nda
 
 
 def split_outputs(
-    model: torch.nn.Module,
+    model: L2RCLIP | OrdinalHeadModel,
     preprocess: Callable,
     table: pd.DataFrame,
     params: Params,

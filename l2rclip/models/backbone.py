@@ -28,7 +28,7 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import open_clip
@@ -38,6 +38,12 @@ from torch import nn
 
 from l2rclip.models.kinds import BackboneKind
 from l2rclip.models.recipe import TINY_ARCH, BackboneRecipe, register_builtin_configs, resolve_recipe, tag_config
+
+if TYPE_CHECKING:
+    # open_clip ships no type hints, so to mypy this is `Any`: a CLIP's towers are reached by
+    # attribute (`visual`, `token_embedding`, `transformer`, ...), which typed as an `nn.Module`
+    # would all read as `Tensor | Module`.
+    from open_clip import CLIP
 
 __all__ = [
     "TINY_ARCH",
@@ -78,7 +84,7 @@ class Backbone:
         recipe: what network and preprocessing this is (`l2rclip.models.recipe`).
     """
 
-    model: nn.Module
+    model: CLIP
     preprocess_train: Any
     preprocess_eval: Any
     tokenizer: Any
@@ -142,9 +148,7 @@ def build_backbone(
     )
 
 
-def create_clip(
-    recipe: BackboneRecipe, device: str | torch.device = "cpu", load_weights: bool = True
-) -> nn.Module:
+def create_clip(recipe: BackboneRecipe, device: str | torch.device = "cpu", load_weights: bool = True) -> CLIP:
     """`open_clip.create_model` with the recipe's activation and preprocessing (and weights, if asked)."""
     pretrained = recipe.weights_argument() if load_weights else None
     try:
@@ -171,7 +175,7 @@ def weights_unavailable_reason(recipe_or_arch: BackboneRecipe | str, pretrained:
         if isinstance(recipe_or_arch, BackboneRecipe)
         else resolve_recipe(recipe_or_arch, pretrained, hash_file=False)
     )
-    if recipe.source != "tag":
+    if recipe.source != "tag" or recipe.pretrained is None:  # a tag recipe always names its tag
         return None
     tag_cfg = tag_config(recipe.arch, recipe.pretrained)
     if _tag_is_cached(tag_cfg):

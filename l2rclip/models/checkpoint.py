@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class _RandomInitNotice(logging.Filter):
 
 
 @contextlib.contextmanager
-def _random_init_notice_dropped():
+def _random_init_notice_dropped() -> Iterator[None]:
     """Only around rebuilding a saved model: a run that really starts from random init keeps the notice."""
     notice, root = _RandomInitNotice(), logging.getLogger()
     root.addFilter(notice)

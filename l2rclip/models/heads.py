@@ -13,12 +13,17 @@ with it. `rule: mode` scores them like every other model (argmax and expectation
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from coral_pytorch.dataset import levels_from_labelbatch
 from coral_pytorch.layers import CoralLayer
 from coral_pytorch.losses import coral_loss, corn_loss
 from torch import nn
+
+if TYPE_CHECKING:
+    from l2rclip.models.recipe import BackboneRecipe
 
 HEADS = ("linear", "coral", "corn")
 RULES = ("threshold", "mode")
@@ -35,6 +40,8 @@ class OrdinalHeadModel(nn.Module):
         train_image_tower: whether the image tower receives gradients.
         rule: CORAL/CORN's hard prediction, "threshold" (published) or "mode" (argmax of p).
     """
+
+    recipe: BackboneRecipe  # set by l2rclip.models.factory.build_model
 
     def __init__(
         self,

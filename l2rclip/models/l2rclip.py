@@ -15,6 +15,7 @@ then never touches the text tower.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from torch import nn
 from l2rclip.models.prompts import RankPromptLearner
 from l2rclip.models.rankformer import RankFormer
 from l2rclip.models.text_encoder import PromptTextEncoder
+
+if TYPE_CHECKING:
+    from l2rclip.models.recipe import BackboneRecipe
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,9 @@ class L2RCLIP(nn.Module):
     """
 
     has_point_rule = False  # hard predictions are the argmax of p (see OrdinalHeadModel)
+    logit_scale: torch.Tensor  # buffers, registered in __init__
+    cached_prototypes: torch.Tensor
+    recipe: BackboneRecipe  # set by l2rclip.models.factory.build_l2rclip
 
     def __init__(
         self,

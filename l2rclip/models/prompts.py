@@ -105,6 +105,9 @@ class RankPromptLearner(nn.Module):
             while learnt changes stay tied between neighbouring ranks [ours].
     """
 
+    weights: torch.Tensor  # buffers of the interpolated ranks, registered in __init__
+    rank_starts: torch.Tensor
+
     def __init__(
         self,
         token_embedding: nn.Embedding,
@@ -184,7 +187,7 @@ class RankPromptLearner(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The learnable prompt block R, shape (M, N + T, D)."""
-        context = self.context
+        context: torch.Tensor = self.context
         if context.dim() == 2:
             context = context.unsqueeze(0).expand(self.n_ranks, -1, -1)  # (M, N, D)
         return torch.cat([context, self.rank_block()], dim=1)  # (M, L, D)

@@ -30,10 +30,9 @@ class RankFormerBlock(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.norm_mlp = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, width)
-        )
-        for projection in (self.attn.out_proj, self.mlp[-1]):
+        mlp_in, mlp_out = nn.Linear(width, hidden), nn.Linear(hidden, width)  # in this order: the same draws
+        self.mlp = nn.Sequential(mlp_in, nn.GELU(), nn.Dropout(dropout), mlp_out)
+        for projection in (self.attn.out_proj, mlp_out):
             nn.init.zeros_(projection.weight)
             nn.init.zeros_(projection.bias)
 

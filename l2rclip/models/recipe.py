@@ -24,16 +24,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from open_clip.utils import to_2tuple
 
 from l2rclip.models.kinds import DEMO_ARCH, DEMO_TAG, BackboneKind, backbone_kind, demo_weights_file, is_none
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
 RECIPE_VERSION = 1
 TINY_ARCH = "L2RCLIP-Tiny"
@@ -63,7 +68,7 @@ class Preprocess:
         """As open_clip's preprocess dict (`force_preprocess_cfg` of `create_model`)."""
         return {**asdict(self), "size": tuple(self.size), "mode": "RGB"}
 
-    def transform(self, is_train: bool):
+    def transform(self, is_train: bool) -> Callable[[Image.Image], torch.Tensor]:
         """open_clip's transform for this preprocessing: training (augmenting) or evaluation."""
         return image_transform_v2(PreprocessCfg(**self.open_clip_cfg()), is_train=is_train)
 
@@ -203,6 +208,7 @@ def resolve_recipe(arch: str, pretrained: str | None, hash_file: bool = True) ->
             f"expected one of open_clip.list_models() (e.g. ViT-B-16, ViT-B-32, {TINY_ARCH})"
         )
     tag_cfg: dict[str, Any] = {}
+    source: Source
     sha256 = origin = None
     if is_none(pretrained):
         source, pretrained = "none", None
@@ -227,7 +233,7 @@ def resolve_recipe(arch: str, pretrained: str | None, hash_file: bool = True) ->
             sha256 = file_sha256(local)
     elif os.path.isfile(str(pretrained)):
         source, origin = "file", str(pretrained)
-        sha256 = file_sha256(pretrained) if hash_file else None
+        sha256 = file_sha256(str(pretrained)) if hash_file else None
     else:
         tags = open_clip.list_pretrained_tags_by_model(arch)
         raise RecipeError(

@@ -14,11 +14,14 @@ and benchmarks compare against.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from open_clip import CLIP  # untyped package: `Any` to mypy
 
 
 class PromptTextEncoder(nn.Module):
@@ -29,7 +32,12 @@ class PromptTextEncoder(nn.Module):
         tokenizer: the architecture's tokenizer (for the SOT, ".", EOT and padding embeddings).
     """
 
-    def __init__(self, clip: nn.Module, tokenizer: Any):
+    causal_mask: torch.Tensor  # buffers, registered in __init__
+    sot_embedding: torch.Tensor
+    suffix_embedding: torch.Tensor
+    pad_embedding: torch.Tensor
+
+    def __init__(self, clip: CLIP, tokenizer: Any):
         super().__init__()
         if getattr(clip, "text_pool_type", "argmax") != "argmax":
             raise ValueError(

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import open_clip
@@ -44,6 +44,9 @@ from l2rclip.models.backbone import register_builtin_configs
 from l2rclip.models.kinds import DEMO_KIND, METADATA_KEY
 from l2rclip.pretraining.corpus import CORPUS_VERSION, CaptionedShapes
 from l2rclip.ranks import RankSpace
+
+if TYPE_CHECKING:
+    from open_clip import CLIP  # untyped package: `Any` to mypy
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def zero_shot_set(
 
 
 @torch.no_grad()
-def text_prototypes(model: nn.Module, tokenizer: Callable, sentences: list[str]) -> torch.Tensor:
+def text_prototypes(model: CLIP, tokenizer: Callable, sentences: list[str]) -> torch.Tensor:
     """L2-normalised text features of `sentences`: (M, E)."""
     device = next(model.parameters()).device
     return model.encode_text(tokenizer(sentences).to(device), normalize=True).float()
@@ -90,7 +93,7 @@ def text_prototypes(model: nn.Module, tokenizer: Callable, sentences: list[str])
 
 @torch.no_grad()
 def zero_shot_metrics(
-    model: nn.Module, tokenizer: Callable, test: ZeroShotSet, template: str, batch_size: int = 250
+    model: CLIP, tokenizer: Callable, test: ZeroShotSet, template: str, batch_size: int = 250
 ) -> dict[str, float]:
     """Zero-shot counting with prompts `template.format(name)`, names "one".."ten".
 
@@ -114,7 +117,7 @@ def zero_shot_metrics(
     return {**{k: metrics[k] for k in keep}, "ordinality": prototype_ordinality(prototypes.numpy())}
 
 
-def create_demo_model(arch: str) -> tuple[nn.Module, Callable, Callable]:
+def create_demo_model(arch: str) -> tuple[CLIP, Callable, Callable]:
     """A randomly initialised open_clip model of `arch`, its evaluation transform and tokenizer."""
     register_builtin_configs()
     model, _, transform = open_clip.create_model_and_transforms(arch, pretrained=None, output_dict=True)

@@ -119,7 +119,7 @@ def register(
 def _origin(client: MlflowClient, version: ModelVersion) -> str:
     """Where a version came from and where the rest of its numbers are: its run, and that run's parent."""
     try:
-        parent = client.get_run(version.run_id).data.tags.get(PARENT_TAG)
+        parent = client.get_run(version.run_id).data.tags.get(PARENT_TAG) if version.run_id else None
     except MlflowException:  # the run was deleted since: the version still names it
         parent = None
     fold = version.tags.get("l2rclip.fold")

@@ -79,6 +79,7 @@ def calibrate_fold(
             f"fold {fold} is not in {prepared / 'splits.csv'}: expected one of "
             f"{sorted(splits['fold'].unique().tolist())}"
         )
+    result: dict[str, Any]
     if not (in_fold["split"] == CALIB).any():
         result = {
             "fold": fold,

@@ -64,12 +64,17 @@ def stage_parser(module: str, description: str, per_fold: bool = False) -> argpa
     return parser
 
 
-def run_main(entry: Callable[[], int]) -> int:
-    """Run a stage's main with the project's logging; known errors become one line and exit 2."""
+def run_main(entry: Callable[[], int | dict[str, Any]]) -> int:
+    """Run a stage's main with the project's logging; known errors become one line and exit 2.
+
+    `entry` returns an exit status, or the summary of what the stage wrote (it finished: exit 0,
+    even for an empty summary, which `sys.exit` would print and turn into exit 1).
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("l2rclip").setLevel(logging.INFO)
     try:
-        return entry()
+        status = entry()
     except (ValueError, FileNotFoundError, OutputLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return status if isinstance(status, int) else 0

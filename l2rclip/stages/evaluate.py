@@ -74,8 +74,8 @@ def evaluate_fold(
     device = pick_device(params.train.device)
     model, meta = load_model(model_dir, device=device)
     rank_space = meta["rank_space"]
-    prototypes = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
-    prototypes = None if prototypes is None else prototypes.cpu().numpy()
+    cached = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
+    prototypes = None if cached is None else cached.cpu().numpy()
     store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
     features = reuse_split_features(  # (N, E) from a frozen tower's cache, or None: encode the images
         model, images, test, params.data.root, meta["preprocess"], params.train.feature_cache, store
@@ -125,7 +125,7 @@ def evaluate_fold(
     for alpha in calibration.alpha if calibration is not None else ():
         level = level_name(alpha)
         figures[f"conformal_{level}"] = conformal_plot(
-            {m: by_rank[f"{m}_{level}"] for m in calibration.scores},
+            {m: by_rank[f"{m}_{level}"] for m in (calibration.scores if calibration is not None else ())},
             alpha,
             rank_space,
             out_dir / "figures" / f"conformal_{level}.png",

@@ -39,7 +39,7 @@ def preprocess(params: Params, prepared: Path, out_dir: Path) -> dict[str, Any]:
         shutil.rmtree(out_dir)
     if not params.preprocess.enabled:
         out_dir.mkdir(parents=True)
-        content = {"enabled": False, "spec": asdict(spec), "recipe": recipe.to_dict()}
+        content: dict[str, Any] = {"enabled": False, "spec": asdict(spec), "recipe": recipe.to_dict()}
         (out_dir / SPEC_FILE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
         log.info("preprocess.enabled is false: no store; train and evaluate decode the image files")
         return content

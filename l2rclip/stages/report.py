@@ -248,7 +248,7 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
     tracker.log_metrics(parent, {f"{k}_{stat}": v[stat] for k, v in summary.items() for stat in ("mean", "std")})
     seconds = [read_seconds(train_root / str(fold) / "train") for fold in params.folds]
     if all(s is not None for s in seconds):  # timings stay out of DVC's files (l2rclip.training.timings)
-        tracker.log_metrics(parent, {"train_seconds": float(sum(seconds))})
+        tracker.log_metrics(parent, {"train_seconds": float(sum(s for s in seconds if s is not None))})
     for path in (out_dir / "report.md", metrics_file, figure):
         tracker.log_artifact(parent, path, "report")
     tracker.end_run(parent)

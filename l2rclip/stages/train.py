@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder of this fold's training")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
-    def entry() -> int:
+    def entry() -> int | dict[str, Any]:
         params = load_params(args.params)
         if launched():
             return (

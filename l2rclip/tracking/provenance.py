@@ -37,7 +37,7 @@ def fingerprint(params: Params, *parts: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def pipeline_key(flat_params: dict, data_version: str) -> str:
+def pipeline_key(flat_params: dict, data_version: str | None) -> str:
     """Short stable hash of the resolved params and the data version.
 
     Every stage process of one pipeline run computes the same key and so finds the same parent run.
@@ -78,7 +78,7 @@ def git_state(cwd: str | Path = ".") -> dict[str, str | None]:
     """
     commit = dvc_experiment()["baseline"] or git_commit(cwd)
     changed = None if commit is None else _git(cwd, "diff", "--name-only", commit, "--")
-    if changed is None:
+    if commit is None or changed is None:
         return {"mlflow.source.git.commit": commit, "git_dirty": None}
     owned = _dvc_owned(cwd, commit)
     counted = [path for path in changed.splitlines() if path and not _is_owned(PurePosixPath(path), owned)]

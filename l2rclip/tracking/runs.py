@@ -164,6 +164,17 @@ class Tracker:
             self._disable(operation, error)
             return None
 
+    def _guard_run(self, operation: str, run_id: str | None, call: Callable[[str], T]) -> T | None:
+        """`_guard` of `call(run_id)`; a None run id (tracking was off when the run was due) does nothing."""
+        return None if run_id is None else self._guard(operation, lambda: call(run_id))
+
+    @property
+    def _mlflow(self) -> MlflowClient:
+        """The client. Only guarded calls use it, and a tracker without one is disabled, so they never run."""
+        if self._client is None:
+            raise RuntimeError(f"MLflow tracking on {self.tracking_uri} is off: there is no client")
+        return self._client
+
     @property
     def _exp_id(self) -> str:
         """Experiment id by name (cached), creating the experiment on first use.
@@ -172,12 +183,12 @@ class Tracker:
         them, so experiments made before, or by hand, are set up too; a user's own note stays.
         """
         if self._experiment_id is None:
-            found = self._client.get_experiment_by_name(self.experiment)
+            found = self._mlflow.get_experiment_by_name(self.experiment)
             self._experiment_id = found.experiment_id if found else self._create_experiment()
             present = found.tags if found else {}
             for key, value in EXPERIMENT_TAGS.items():
                 if key not in present:
-                    self._client.set_experiment_tag(self._experiment_id, key, value)
+                    self._mlflow.set_experiment_tag(self._experiment_id, key, value)
         return self._experiment_id
 
     def _create_experiment(self) -> str:
@@ -186,16 +197,16 @@ class Tracker:
         folder = re.sub(r"[^\w.\-]", "_", self.experiment)
         location = (store / "mlartifacts" / folder).as_uri() if store else None
         try:
-            return self._client.create_experiment(self.experiment, artifact_location=location)
+            return self._mlflow.create_experiment(self.experiment, artifact_location=location)
         except MlflowException:  # another stage process may have created it meanwhile
-            found = self._client.get_experiment_by_name(self.experiment)
+            found = self._mlflow.get_experiment_by_name(self.experiment)
             if found is None:
                 raise
             return found.experiment_id
 
     def _find_parents(self, key: str) -> list:
         return list(
-            self._client.search_runs(
+            self._mlflow.search_runs(
                 [self._exp_id],
                 filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
                 order_by=["attributes.start_time ASC", "attributes.run_id ASC"],
@@ -216,7 +227,7 @@ class Tracker:
             run_id = self._create(name, params, {**tags, PIPELINE_KEY_TAG: key})
             oldest = self._find_parents(key)[0].info.run_id
             if oldest != run_id:
-                self._client.delete_run(run_id)
+                self._mlflow.delete_run(run_id)
             return oldest
 
         return self._guard("parent_run", find_or_create)
@@ -226,15 +237,15 @@ class Tracker:
         return self._guard("child_run", lambda: self._create(name, params, {**tags, PARENT_TAG: parent_id}))
 
     def _create(self, name: str, params: dict, tags: dict) -> str:
-        run_id = self._client.create_run(self._exp_id, run_name=name).info.run_id
+        run_id = self._mlflow.create_run(self._exp_id, run_name=name).info.run_id
         self._log_params(run_id, params)
         self._set_tags(run_id, tags)
         return run_id
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, run_id: str | None, metrics: dict[str, float], step: int | None = None) -> None:
         """Log metrics at `step` in one batch; NaN, infinite or non-numeric values are skipped."""
 
-        def log() -> None:
+        def log(run_id: str) -> None:
             stamp = int(time.time() * 1000)
             batch = []
             for key, value in metrics.items():
@@ -248,23 +259,23 @@ class Tracker:
                 batch.append(Metric(_safe_key(key), number, stamp, step or 0))
             self._log_batch(run_id, "metrics", batch, limits.MAX_METRICS_PER_BATCH)
 
-        self._guard("log_metrics", log)
+        self._guard_run("log_metrics", run_id, log)
 
-    def log_missing_epochs(self, run_id: str, history: list[dict[str, Any]]) -> None:
+    def log_missing_epochs(self, run_id: str | None, history: list[dict[str, Any]]) -> None:
         """Log the records of `history` (one per epoch, `epoch` the step) whose step the run lacks.
 
         A training killed after saving an epoch but before logging it resumes from that epoch: this
         fills the gap, without logging an epoch twice.
         """
 
-        def missing() -> list[dict[str, Any]]:
+        def missing(run_id: str) -> list[dict[str, Any]]:
             shared = set.intersection(*(set(record) - {"epoch", "phase"} for record in history)) if history else ()
             if not shared:  # no key every epoch has: nothing tells logged epochs apart
                 return []
-            logged = {m.step for m in self._client.get_metric_history(run_id, _safe_key(min(shared)))}
+            logged = {m.step for m in self._mlflow.get_metric_history(run_id, _safe_key(min(shared)))}
             return [record for record in history if record["epoch"] not in logged]
 
-        for record in self._guard("log_missing_epochs", missing) or ():
+        for record in self._guard_run("log_missing_epochs", run_id, missing) or ():
             self.log_metrics(
                 run_id, {k: v for k, v in record.items() if k not in ("epoch", "phase")}, step=record["epoch"]
             )
@@ -272,38 +283,43 @@ class Tracker:
     def _log_batch(self, run_id: str, kind: str, items: list, size: int) -> None:
         """Send `items` as `log_batch(kind=...)` calls of at most `size` (MLflow's per-request limits)."""
         for start in range(0, len(items), size):
-            self._client.log_batch(run_id, **{kind: items[start : start + size]})
+            chunk: dict[str, Any] = {kind: items[start : start + size]}  # metrics=, params= or tags=
+            self._mlflow.log_batch(run_id, **chunk)
 
-    def log_params(self, run_id: str, params: dict) -> None:
+    def log_params(self, run_id: str | None, params: dict) -> None:
         """Log (nested) params under dotted keys, stringified and cut to MLflow's length limit."""
-        self._guard("log_params", lambda: self._log_params(run_id, params))
+        self._guard_run("log_params", run_id, lambda run: self._log_params(run, params))
 
     def _log_params(self, run_id: str, params: dict) -> None:
         batch = [Param(_safe_key(k), _text(v, limits.MAX_PARAM_VAL_LENGTH)) for k, v in _flatten(params)]
         self._log_batch(run_id, "params", batch, limits.MAX_PARAMS_TAGS_PER_BATCH)
 
-    def set_tags(self, run_id: str, tags: dict) -> None:
+    def set_tags(self, run_id: str | None, tags: dict) -> None:
         """Set tags; None values are left out (an absent tag is more honest than "None")."""
-        self._guard("set_tags", lambda: self._set_tags(run_id, tags))
+        self._guard_run("set_tags", run_id, lambda run: self._set_tags(run, tags))
 
     def _set_tags(self, run_id: str, tags: dict) -> None:
         batch = [RunTag(str(k), _text(v, limits.MAX_TAG_VAL_LENGTH)) for k, v in tags.items() if v is not None]
         self._log_batch(run_id, "tags", batch, limits.MAX_PARAMS_TAGS_PER_BATCH)
 
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, run_id: str | None, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy one local file into the run's artifacts (the local file stays where it is)."""
-        self._guard("log_artifact", lambda: self._client.log_artifact(run_id, str(path), artifact_path))
+        self._guard_run(
+            "log_artifact", run_id, lambda run: self._mlflow.log_artifact(run, str(path), artifact_path)
+        )
 
-    def log_artifacts(self, run_id: str, directory: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifacts(self, run_id: str | None, directory: str | Path, artifact_path: str | None = None) -> None:
         """Copy a local folder's contents into the run's artifacts."""
-        self._guard("log_artifacts", lambda: self._client.log_artifacts(run_id, str(directory), artifact_path))
+        self._guard_run(
+            "log_artifacts", run_id, lambda run: self._mlflow.log_artifacts(run, str(directory), artifact_path)
+        )
 
-    def log_dict(self, run_id: str, obj: dict, artifact_file: str) -> None:
+    def log_dict(self, run_id: str | None, obj: dict, artifact_file: str) -> None:
         """Store `obj` as a JSON or YAML artifact (format from the extension of `artifact_file`)."""
-        self._guard("log_dict", lambda: self._client.log_dict(run_id, obj, artifact_file))
+        self._guard_run("log_dict", run_id, lambda run: self._mlflow.log_dict(run, obj, artifact_file))
 
     def log_datasets(
-        self, run_id: str, splits: Mapping[str, pd.DataFrame], name: str, digest: str, source: str | Path
+        self, run_id: str | None, splits: Mapping[str, pd.DataFrame], name: str, digest: str, source: str | Path
     ) -> None:
         """Log each split's rows as a dataset input of the run: `<name>-<split>`, digest `digest`.
 
@@ -312,8 +328,10 @@ class Tracker:
         the file the rows come from, so MLflow's dataset view names what DVC versions.
         """
 
-        def log() -> None:
-            from mlflow.data import from_pandas  # imported on use: it loads MLflow's dataset machinery
+        def log(run_id: str) -> None:
+            # Imported on use: it loads MLflow's dataset machinery. (The module that defines it: the
+            # package `mlflow.data` adds it at import time, which a type checker cannot see.)
+            from mlflow.data.pandas_dataset import from_pandas
 
             inputs = []
             for split, rows in splits.items():
@@ -324,9 +342,9 @@ class Tracker:
                     )._to_mlflow_entity()
                 context = InputTag("mlflow.data.context", DATASET_CONTEXTS.get(split, split))
                 inputs.append(DatasetInput(entity, [context]))
-            self._client.log_inputs(run_id, datasets=inputs)
+            self._mlflow.log_inputs(run_id, datasets=inputs)
 
-        self._guard("log_datasets", log)
+        self._guard_run("log_datasets", run_id, log)
 
     @contextlib.contextmanager
     def system_metrics(self, run_id: str | None, interval: float, resume: bool = False) -> Iterator[None]:
@@ -353,12 +371,12 @@ class Tracker:
             if monitor is not None:
                 self._guard("system_metrics", monitor.finish)
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         """Mark the run terminated with `status` (FINISHED, FAILED or KILLED).
 
         Later stages may still log into a terminated run (MLflow allows it); its end time stays.
         """
-        self._guard("end_run", lambda: self._client.set_terminated(run_id, status))
+        self._guard_run("end_run", run_id, lambda run: self._mlflow.set_terminated(run, status))
 
     def write_handle(self, folder: str | Path, run_id: str | None, parent_id: str | None) -> Path:
         """Write `folder/tracking.json` so later stage processes log into the same runs.
@@ -430,15 +448,15 @@ def tag_experiment_commits(repo: str | Path = ".", tracking_uri: str | None = No
     tracker = Tracker(tracking_uri)
 
     def tag() -> int:
-        experiments = [e.experiment_id for e in tracker._client.search_experiments()]
+        experiments = [e.experiment_id for e in tracker._mlflow.search_experiments()]
         tagged = 0
         for (baseline, name), rev in commits.items():
-            runs = tracker._client.search_runs(
+            runs = tracker._mlflow.search_runs(
                 experiments,
                 filter_string=(f"tags.`{DVC_EXP_TAG}` = '{name}' and tags.`{DVC_BASELINE_TAG}` = '{baseline}'"),
             )
             for run in runs:
-                tracker._client.set_tag(run.info.run_id, DVC_EXP_COMMIT_TAG, rev)
+                tracker._mlflow.set_tag(run.info.run_id, DVC_EXP_COMMIT_TAG, rev)
             tagged += len(runs)
         return tagged
 

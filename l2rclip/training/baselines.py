@@ -76,6 +76,8 @@ def fit_linear_probe(
         log.info("linear probe C=%g: %s MAE %.4f", c, "val" if len(val_y) else "train", metrics["mae"])
         if best is None or metrics["mae"] < best[3]["mae"]:
             best = (weight, bias, c, metrics)
+    if best is None:
+        raise ValueError(f"model.probe_c: expected at least one C for the linear probe, found {list(c_grid)}")
     return best
 
 
@@ -128,6 +130,8 @@ def fit_untrained(
             seed,
             eval_config,
         )
+        if not isinstance(model, OrdinalHeadModel):  # build_model gives linear_probe a linear head
+            raise TypeError(f"linear_probe: expected an OrdinalHeadModel, found {type(model).__name__}")
         with torch.no_grad():
             model.head.weight.copy_(torch.as_tensor(weight))
             model.head.bias.copy_(torch.as_tensor(bias))

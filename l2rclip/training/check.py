@@ -27,6 +27,7 @@ from l2rclip.data.sources import load_source
 from l2rclip.data.store import ImageStore, spec_for, write_store
 from l2rclip.metrics import ordinal_metrics, prototype_ordinality
 from l2rclip.models.factory import build_l2rclip, resolve_backbone
+from l2rclip.models.kinds import BackboneKind
 from l2rclip.ranks import RankSpace
 from l2rclip.training.loop import IMAGE_TERMS, phase_loss
 
@@ -39,7 +40,7 @@ class CheckResult:
 
     arch: str
     is_clip: bool
-    kind: str  # clip | demo | random (l2rclip.models.kinds)
+    kind: BackboneKind  # clip | demo | random
     losses: list[dict[str, float]]
     metrics: dict[str, float]
     ordinality: float

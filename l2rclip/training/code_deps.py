@@ -29,6 +29,16 @@ def module_file(name: str) -> Path | None:
     return None
 
 
+def _module_source(name: str) -> Path:
+    """`module_file(name)`, or an error naming the module when it is no source file of the package."""
+    path = module_file(name)
+    if path is None:
+        raise ValueError(
+            f"{name}: expected a module of the {PACKAGE} package, found no source file under {PACKAGE_ROOT}"
+        )
+    return path
+
+
 def _imported_names(path: Path, name: str) -> set[str]:
     """Modules of the package that `path` (module `name`) imports, and the packages above them."""
     found: set[str] = set()
@@ -50,14 +60,15 @@ def _imported_names(path: Path, name: str) -> set[str]:
 @cache
 def import_closure(name: str) -> tuple[Path, ...]:
     """Every package source file module `name` needs, itself included, sorted."""
-    seen, todo = set(), [name]
+    seen: set[str] = set()
+    todo = [name]
     while todo:
         current = todo.pop()
         if current in seen:
             continue
         seen.add(current)
-        todo += sorted(_imported_names(module_file(current), current) - seen)
-    return tuple(sorted(module_file(n) for n in seen))
+        todo += sorted(_imported_names(_module_source(current), current) - seen)
+    return tuple(sorted(_module_source(n) for n in seen))
 
 
 def code_hashes(name: str) -> dict[str, str]:

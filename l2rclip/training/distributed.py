@@ -52,7 +52,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -203,7 +204,7 @@ def process_group(world: World, device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def main_process_lock(folder, world: World) -> Iterator[None]:
+def main_process_lock(folder: Path, world: World) -> Iterator[None]:
     """`exclusive_output(folder)` held by rank 0 only; every rank fails with its message when refused."""
     if not world.distributed:
         with exclusive_output(folder):
@@ -243,14 +244,22 @@ def sample_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-class SeededSamples(Dataset):
+class LabelledImages(Protocol):
+    """A map-style dataset of (image, label) with a length (`l2rclip.data.dataset.RankImageDataset`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+
+class SeededSamples(Dataset[tuple[torch.Tensor, int]]):
     """A dataset whose item `(index, real)` is drawn under generators seeded by (seed, index).
 
     torch, numpy and `random` are seeded for the transform and restored afterwards, so augmentation
     depends on the image and the epoch only. `real=False` marks padding: the label becomes -1.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: LabelledImages, seed: int):
         self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
@@ -322,14 +331,14 @@ class _GatherRows(torch.autograd.Function):
     """all_gather along dim 0 whose backward assumes every rank computes the same loss of the result."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    def forward(ctx: Any, tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:  # ctx: autograd's context
         parts = [torch.empty_like(tensor) for _ in range(size)]
         dist.all_gather(parts, tensor.contiguous())
         ctx.rank, ctx.size, ctx.rows = rank, size, tensor.shape[0]
         return torch.cat(parts)  # (size * rows, ...)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         # The N ranks' gradients for this slice are equal; their sum is N times this rank's.
         mine = grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
         return mine * ctx.size, None, None

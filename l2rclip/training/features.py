@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from l2rclip.data.batch_transforms import store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.store import ImageStore
+from l2rclip.models.heads import OrdinalHeadModel
+from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.models.recipe import recipe_of
 from l2rclip.progress import progress
 from l2rclip.runtime import autocast
@@ -103,7 +105,7 @@ def reuse_split_features(
 
 
 def cached_image_features(
-    model: torch.nn.Module,
+    model: L2RCLIP | OrdinalHeadModel,
     table: pd.DataFrame,
     root: str | Path,
     transform: Callable,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,11 +184,11 @@ def fit(
     if state.epoch:
         log.info("resuming from %s after epoch %d", last_dir, state.epoch)
     phases = schedule_phases(train, model_config.image_tower, model_config.method)
-    features = None
+    features: dict[str, torch.Tensor] | None = None  # per split (N_split, E)
     if any(not p.train_image_tower for p in phases):
         if not world.is_main:
             world.barrier()  # rank 0 encodes and writes the cache first; the others read it
-        features = cached_image_features(
+        encoded = cached_image_features(
             model,
             data.images,
             data.root,
@@ -204,7 +204,7 @@ def fit(
             world.barrier()
         index = {path: i for i, path in enumerate(data.images["path"])}
         features = {
-            split: features[[index[p] for p in table["path"]]]
+            split: encoded[[index[p] for p in table["path"]]]
             for split, table in (("train", data.train), ("val", data.val))
         }
     first_epoch, restored, resumed_after = 0, False, state.epoch
@@ -225,7 +225,9 @@ def fit(
             restore(last_dir, model, optimizer if mid_phase else None, scheduler if mid_phase else None)
             restored = True
         criterion = phase_loss(loss, rank_space, phase.terms, model_config.method).to(device)
-        fixed_text = None if phase.train_prompts else model.compute_prototypes().detach()
+        fixed_text = (
+            None if phase.train_prompts or not isinstance(model, L2RCLIP) else model.compute_prototypes().detach()
+        )
         use_features = features is not None and not phase.train_image_tower
         network = wrap(model, device, world)
         # Image batches are split over the ranks and gathered for the loss; feature batches are whole.
@@ -236,7 +238,7 @@ def fit(
         )
         for epoch in range(state.epoch, end):
             torch.manual_seed(seed * 10_000 + epoch)
-            if use_features:
+            if use_features and features is not None:
                 batches = _feature_batches(features["train"], data.train, train.batch_size, seed * 10_000 + epoch)
             elif store_batches is not None:
                 batches = store_batches.epoch(epoch)
@@ -304,7 +306,7 @@ def fit(
         first_epoch = end
     best = next(r for r in state.history if r["epoch"] == state.best_epoch)
     return TrainResult(
-        best_epoch=state.best_epoch, best_metrics=best, history=state.history, seconds=time.perf_counter() - start
+        best_epoch=best["epoch"], best_metrics=best, history=state.history, seconds=time.perf_counter() - start
     )
 
 
@@ -395,11 +397,11 @@ def optimisation_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, grad
 
 
 def _train_epoch(
-    model: L2RCLIP | OrdinalHeadModel,
+    model: torch.nn.Module,
     criterion: OrdinalLoss | HeadLoss,
     optimizer: torch.optim.Optimizer,
-    scheduler,
-    batches,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]],
     fixed_text: torch.Tensor | None,
     train: TrainConfig,
     device: torch.device,

@@ -38,6 +38,8 @@ from safetensors.torch import load_file
 
 from l2rclip.config import ModelConfig
 from l2rclip.models.checkpoint import WEIGHTS_FILE, save_model
+from l2rclip.models.heads import OrdinalHeadModel
+from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
 from l2rclip.training.code_deps import code_hashes
 
@@ -154,7 +156,7 @@ class TrainState:
 
 def save_state(
     folder: Path,
-    model: torch.nn.Module,
+    model: L2RCLIP | OrdinalHeadModel,
     config: ModelConfig,
     rank_space: RankSpace,
     optimizer: torch.optim.Optimizer,

@@ -173,6 +173,27 @@ def test_build_refuses_a_tarball_the_lock_or_registry_does_not_pin(tmp_path):
         offline_plots.build(lock, page, licenses, fetch=served.__getitem__)
 
 
+def test_a_tarball_whose_license_is_no_file_is_refused():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        code = tarfile.TarInfo("package/build/lib.min.js")
+        code.size = 2
+        archive.addfile(code, io.BytesIO(b"x;"))
+        folder = tarfile.TarInfo("package/LICENSE")
+        folder.type = tarfile.DIRTYPE
+        archive.addfile(folder)
+    tarball = buffer.getvalue()
+    integrity = offline_plots._sri_sha512(tarball)
+    package = {"name": "lib", "version": "1.0.0", "tarball": "lib.tgz", "integrity": integrity}
+    package["file"] = "package/build/lib.min.js"
+    served = {"https://registry.npmjs.org/lib/1.0.0": json.dumps({"dist": {"integrity": integrity}}).encode()}
+    served["lib.tgz"] = tarball
+    with pytest.raises(
+        ValueError, match=r"lib@1.0.0: expected package/LICENSE to be a file in the package tarball"
+    ):
+        offline_plots.fetch_package(package, fetch=served.__getitem__)
+
+
 def test_dvc_yaml_declares_learning_curves_for_every_fold(plots_repo):
     """Issue 21.6: one plot per metric holds a line for every fold of `folds`, whatever they are."""
     repo, env = plots_repo

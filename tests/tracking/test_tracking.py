@@ -134,6 +134,14 @@ def test_mlflow_failure_midway_warns_once_and_disables(tracker, caplog):
     assert len(warned) == 1 and "log_metrics" in warned[0].getMessage()
 
 
+def test_no_run_id_is_a_run_that_was_not_made_and_logs_nothing(tracker, caplog):
+    # A stage whose tracking was off when its run was due holds None for the run id.
+    tracker.log_metrics(None, {"m": 1.0})
+    tracker.set_tags(None, {"t": "v"})
+    tracker.end_run(None)
+    assert tracker.enabled and tracker.failure is None and not warnings_in(caplog)
+
+
 def test_disabled_tracker_makes_no_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

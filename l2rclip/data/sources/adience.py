@@ -19,6 +19,7 @@ import pandas as pd
 
 from l2rclip.data.sources.base import (
     NameIndex,
+    Row,
     SourceError,
     make_table,
     read_lines,
@@ -59,7 +60,7 @@ def adience_source(root: Path, list_file: Path | None) -> pd.DataFrame:
             f"Adience: expected the {N_FOLDS} fold files fold_0_data.txt .. "
             f"fold_{N_FOLDS - 1}_data.txt; missing {', '.join(missing)}"
         )
-    rows = []
+    rows: list[Row] = []
     for fold, path in enumerate(files):
         frame = read_table(path, FOLD_COLUMNS, _OPTIONAL, sep="\t")
         rows.extend(
@@ -94,7 +95,7 @@ def _simplified(root: Path, files: list[Path]) -> list[dict[str, object]]:
             f"simplified_adience_{N_FOLDS - 1}.txt; missing {', '.join(missing)}"
         )
     index = NameIndex(root)
-    rows = []
+    rows: list[Row] = []
     for fold, path in enumerate(files):
         for line in read_lines(path):
             fields = line.rsplit(maxsplit=1)

@@ -19,6 +19,7 @@ import pandas as pd
 
 from l2rclip.data.sources.base import (
     NameIndex,
+    Row,
     SourceError,
     make_table,
     read_table,
@@ -53,7 +54,7 @@ def clap2015_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     ]
     if missing:
         raise SourceError(f"CLAP2015: expected ground-truth files {', '.join(missing)}")
-    rows = []
+    rows: list[Row] = []
     for name, images, split in SETS:
         if not (folder / name).is_file():
             continue

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -62,13 +63,14 @@ def morph_source(root: Path, list_file: Path | None) -> pd.DataFrame:
     setting = find_setting(list_file) if list_file.is_dir() else None
     if setting is not None:
         return make_table(read_setting(root, *setting), str(list_file))
+    lists: Sequence[tuple[int | None, str | None, Path]]  # (fold, split, path); a single list may name neither
     if list_file.is_dir():
         lists = _split_lists(list_file)
     else:
         require_file(list_file, "MORPH list file")
         match = _LIST_NAME.fullmatch(list_file.name)
         lists = [(_fold_of(match, list_file), _split_of(match, list_file), list_file)]
-    rows = []
+    rows: list[Row] = []
     for fold, split, path in lists:
         listed = _read_list(path)
         if not listed:
@@ -93,13 +95,13 @@ def _split_of(match: re.Match[str] | None, path: Path) -> str | None:
 
 def _split_lists(folder: Path) -> list[tuple[int | None, str, Path]]:
     """Find the split lists in `folder`: (fold, split, path), ordered by fold then train/val/test."""
-    found = []
+    found: list[tuple[int | None, str, Path]] = []
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         match = _LIST_NAME.fullmatch(path.name)
         if match is None:
             log.debug("%s: not a split list name, ignored", path)
             continue
-        found.append((_fold_of(match, path), _split_of(match, path), path))
+        found.append((_fold_of(match, path), split_name(match["split"], str(path)), path))
     expected = "train.txt + test.txt [+ val.txt], or fold<k>_train.txt + fold<k>_test.txt [+ fold<k>_val.txt]"
     if not found:
         names = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"

@@ -89,7 +89,7 @@ def read_setting(root: Path, setting: str, files: list[tuple[re.Match[str], Path
         return _setting_a(index, files)
     if setting == "B":
         return _setting_b(index, files)
-    rows = []
+    rows: list[Row] = []
     for match, path in files:
         fold = fold_id(match["fold"], str(path))
         rows.extend({**row, "fold": fold} for row in _path_age_list(index, path))
@@ -100,7 +100,7 @@ def _setting_a(index: NameIndex, files: list[tuple[re.Match[str], Path]]) -> lis
     by_fold: dict[int, dict[str, Path]] = {}
     for match, path in files:
         by_fold.setdefault(fold_id(match["fold"], str(path)), {})[match["split"]] = path
-    rows = []
+    rows: list[Row] = []
     for fold, lists in sorted(by_fold.items()):
         if set(lists) != {"train", "test"}:
             raise SourceError(
@@ -148,7 +148,7 @@ def _header_list(index: NameIndex, path: Path) -> list[Row]:
 
 def _path_age_list(index: NameIndex, path: Path) -> list[Row]:
     """A settings C/D list of `<path> <age>` lines; a line without an age keeps an empty label."""
-    rows = []
+    rows: list[Row] = []
     for line in read_lines(path):
         fields = line.rsplit(maxsplit=1)
         label = to_label(fields[1]) if len(fields) == 2 else ""
