@@ -175,5 +175,5 @@ def split_outputs(
             device=device,
         )
         batches = (images for images, _ in loader)
-    batches = progress(batches, desc, -(-len(table) // size), "batch", log)
-    return predict_outputs(model, ({"images": images} for images in batches), device, params.train.amp)
+    shown = progress(batches, desc, -(-len(table) // size), "batch", log)
+    return predict_outputs(model, ({"images": images} for images in shown), device, params.train.amp)

@@ -132,6 +132,9 @@ def _origin(client: MlflowClient, version: ModelVersion) -> str:
     )
 
 
+LOGGED_MODEL_PREFIX = "m-"  # MLflow 3 names a logged model `m-<hex>`; `models:/m-<hex>` addresses it
+
+
 def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
     """Check that `uri` names a model that exists, without downloading it; return where it points.
 
@@ -160,9 +163,13 @@ def check_model_uri(uri: str, tracking_uri: str | None = None) -> str:
             version = client.get_model_version_by_alias(name, alias)
         elif "/" in rest and rest.rsplit("/", 1)[1].isdigit():
             version = client.get_model_version(*rest.rsplit("/", 1))
+        elif rest.startswith(LOGGED_MODEL_PREFIX) and "/" not in rest:  # MLflow 3: models:/<model_id>
+            logged = client.get_logged_model(rest)
+            return f"logged model {logged.model_id} ({logged.name}) of run {logged.source_run_id}"
         else:
             raise ModelFileError(
-                f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version> (a version number)"
+                f"{uri}: expected models:/<name>@<alias>, models:/<name>/<version> (a version number) "
+                "or models:/m-<id> (a logged model)"
             )
     except MlflowException as error:
         raise ModelFileError(

@@ -52,7 +52,7 @@ def images_fingerprint(paths: list[Path]) -> str:
 
 
 def feature_cache_file(
-    model: torch.nn.Module,
+    model: L2RCLIP | OrdinalHeadModel,
     table: pd.DataFrame,
     root: str | Path,
     transform: Callable,
@@ -76,7 +76,7 @@ def feature_cache_file(
 
 
 def reuse_split_features(
-    model: torch.nn.Module,
+    model: L2RCLIP | OrdinalHeadModel,
     images: pd.DataFrame,
     split: pd.DataFrame,
     root: str | Path,

@@ -156,8 +156,8 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(tmp_path):
                 SMALL,
                 {
                     "data": {"root": str(tmp_path / "demo"), "demo": {"n_per_rank": 20}},
-                    "model": {"fallback": {"epochs": 4}},
-                    "train": {"batch_size": 4},
+                    "model": {"fallback": {"epochs": 4}},  # a random fallback's epochs
+                    "train": {"batch_size": 4, "epochs": 4},  # the demo CLIP's (the default fallback)
                     "tracking": {"experiment": "resume"},
                 },
             )

@@ -16,9 +16,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+from prefect.settings import PREFECT_HOME
 from support.project import BIN, SMALL, copy_project, merge
-from support.servers import GIT_IDENTITY, free_port, healthy, sh, stop, wait_for
+from support.servers import GIT_IDENTITY, free_port, healthy, reporting_to, sh, stop, wait_for
 
 from pipelines.ablation import VARIANT_TAG, ablation
 from pipelines.deploy import main as deploy_main
@@ -208,7 +208,7 @@ def test_ablation_fans_out_to_two_workers_through_shared_remotes(tmp_path, monke
         wait_for(lambda: healthy(mlflow_url), 180, f"the MLflow server at {mlflow_url}")
         for key, value in {**GIT_IDENTITY, "MLFLOW_TRACKING_URI": mlflow_url, "HF_HUB_OFFLINE": "1"}.items():
             monkeypatch.setenv(key, value)
-        with temporary_settings(updates={PREFECT_API_URL: prefect_url, PREFECT_HOME: tmp_path / "prefect"}):
+        with reporting_to(prefect_url, {PREFECT_HOME: tmp_path / "prefect"}):
             assert deploy_main(["--work-pool", POOL, "--repo", str(lead), "--timezone", "Europe/Berlin"]) == 0
             for index, clone in enumerate(clones, 1):
                 logs.append(tmp_path / f"worker-{index}.log")

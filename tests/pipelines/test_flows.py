@@ -37,7 +37,7 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from support.project import ROOT, SMALL, copy_project, project_params
-from support.servers import GIT_IDENTITY, free_port, healthy, sh, stop, wait_for
+from support.servers import GIT_IDENTITY, free_port, healthy, reporting_to, sh, stop, wait_for
 
 from l2rclip.config import ModelConfig, PromptConfig, load_params
 from l2rclip.data.demo import generate_demo
@@ -695,7 +695,7 @@ def prefect_server(home: Path, **settings: str):
     )
     try:
         wait_for(lambda: healthy(url), 180, f"the Prefect server at {url}")
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with reporting_to(url):
             yield url, {**env, "PREFECT_API_URL": url}
     finally:
         stop(server)

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from l2rclip import cli
+from l2rclip.serving.registry import check_model_uri
 
 
 @pytest.fixture
@@ -61,3 +62,19 @@ def test_ctrl_c_in_predict_is_one_line_exit_130_and_the_old_output_stays(tmp_pat
         "a.png",
         "predictions.csv",
     ]
+
+
+def test_serve_accepts_a_logged_model_id_uri_and_names_an_unknown_one(logged, capsys, no_exec, monkeypatch):
+    """MLflow 3 addresses a logged model as models:/m-<id> (what logging returns): it must serve."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", logged["uri"])
+    assert logged["model_uri"].startswith("models:/m-")
+    assert check_model_uri(logged["model_uri"], logged["uri"]).startswith("logged model m-")
+    cli.main(["serve", logged["model_uri"]])
+    assert no_exec and logged["model_uri"] in no_exec[0]
+    assert "serving models:/m-" in capsys.readouterr().err
+    no_exec.clear()
+    assert cli.main(["serve", "models:/m-0123456789abcdef"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        not no_exec and len(err.splitlines()) == 1 and "models:/m-0123456789abcdef: not in the MLflow store" in err
+    )

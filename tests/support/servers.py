@@ -77,3 +77,31 @@ def stop(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@contextlib.contextmanager
+def reporting_to(url: str, settings: dict | None = None):
+    """This process's flows report to the Prefect API at `url` inside the block (and any other Prefect `settings`).
+
+    Prefect sends events and logs from process-wide background services whose client binds the API
+    URL when the service starts, and keeps it. Without care, a service started inside the block
+    keeps sending to this test's server after it is stopped, and each of the harness's later events
+    waits out its reconnection attempts (minutes; the session's teardown drains them all: a
+    15-minute hang). So the services are drained on entry (they restart bound to `url`) and on exit
+    (while the server still answers; they restart bound to the harness's URL).
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    def drain() -> None:
+        for service in (EventsWorker, APILogWorker):
+            service.drain_all(timeout=60, at_exit=False)
+
+    drain()
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url, **(settings or {})}):
+            yield
+            drain()
+    finally:
+        drain()
