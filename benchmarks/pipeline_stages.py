@@ -100,6 +100,7 @@ def run_whole(
     process.returncode = code = os.waitstatus_to_exitcode(status)
     ends = [at for _, at in marks[1:]] + [wall]
     stages = [(name, end - at) for (name, at), end in zip(marks, ends, strict=True)]
+    stages.append(("(CPU seconds of the whole run: user + system)", usage.ru_utime + usage.ru_stime))
     return code, wall, usage.ru_maxrss / 1024, stages
 
 
