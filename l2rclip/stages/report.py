@@ -61,9 +61,9 @@ UNITS_NOTE = (
 )
 
 
-def summarise(per_fold: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Mean, std (ddof=1; 0 for one fold) and per-fold values of every numeric `test/` metric."""
-    keys = sorted({k for m in per_fold for k, v in m.items() if k.startswith("test/") and isinstance(v, float)})
+def summarise(per_fold: list[dict[str, Any]], prefix: str = "test/") -> dict[str, dict[str, Any]]:
+    """Mean, std (ddof=1; 0 for one fold) and per-fold values of every numeric `prefix` metric."""
+    keys = sorted({k for m in per_fold for k, v in m.items() if k.startswith(prefix) and isinstance(v, float)})
     summary = {}
     for key in keys:
         values = np.array([m[key] for m in per_fold if key in m], dtype=float)
@@ -153,6 +153,40 @@ def conformal_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def zero_shot_lines(summary: dict[str, dict[str, Any]], header: dict[str, Any]) -> list[str]:
+    """The trained model beside the same backbone zero-shot (the zero-shot@k stages), when there."""
+    zero_shot = header.get("zero_shot")
+    if not zero_shot:
+        return []
+
+    def cell(entry: dict[str, Any] | None) -> str:
+        return "-" if entry is None else f"{entry['mean']:.3f} +- {entry['std']:.3f}"
+
+    template, untrained = zero_shot["prompt_template"], zero_shot["summary"]
+    rows = [
+        (f'zero-shot, "{template}"', untrained.get("zero_shot/accuracy"), untrained.get("zero_shot/mae")),
+        (f"trained (`{header['method']}`)", summary.get("test/accuracy"), summary.get("test/mae")),
+    ]
+    lines = [
+        "",
+        f"## Trained vs zero-shot, same backbone ({backbone_label(header) or 'CLIP'})",
+        "",
+        "| model | accuracy | MAE |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {cell(accuracy)} | {cell(mae)} |" for name, accuracy, mae in rows]
+    return lines
+
+
+def read_zero_shot(metrics_dir: Path, folds: Sequence[int]) -> dict[str, Any] | None:
+    """The zero-shot@k results of every fold, summarised; None unless every fold has one."""
+    files = [metrics_dir / f"zero_shot_{fold}.json" for fold in folds]
+    if not all(f.is_file() for f in files):
+        return None
+    per_fold = [json.loads(f.read_text(encoding="utf-8")) for f in files]
+    return {"prompt_template": per_fold[0]["prompt_template"], "summary": summarise(per_fold, "zero_shot/")}
+
+
 def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> str:
     """The report as markdown."""
     lines = [f"# Cross-validated results: {header['source']}", ""]
@@ -186,6 +220,7 @@ def markdown(summary: dict, previous: dict | None, header: dict[str, Any]) -> st
             f"MAE (expectation) is {gain:.0%} below always predicting the training median "
             f"({mae['mean']:.3f} vs {base['mean']:.3f}).",
         ]
+    lines += zero_shot_lines(summary, header)
     lines += conformal_lines(summary)
     lines += ["", "## Change since the last committed run", ""]
     if previous is None:
@@ -229,6 +264,8 @@ def report(params: Params, metrics_dir: Path, out_dir: Path, train_root: Path) -
         "prediction_rule": per_fold[0].get("prediction_rule", "argmax+expectation"),
         "dataset": dataset_identity(params, train_root),
     }
+    if zero_shot := read_zero_shot(metrics_dir, params.folds):
+        header["zero_shot"] = zero_shot
     metrics_file = out_dir / "metrics.json"
     previous = previous_summary(metrics_file)
     write_json(metrics_file, {**summary, **header})
