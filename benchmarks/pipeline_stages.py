@@ -87,8 +87,14 @@ def run_whole(
     marks: list[tuple[str, float]] = []
     with log.open("w", encoding="utf-8") as out:
         tick = time.perf_counter()
-        process = subprocess.Popen(
-            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        process = subprocess.Popen(  # unbuffered: DVC's lines must arrive when it writes them
+            argv,
+            cwd=cwd,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         assert process.stdout is not None
         for line in process.stdout:
