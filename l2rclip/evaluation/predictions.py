@@ -25,6 +25,27 @@ from l2rclip.runtime import autocast
 
 
 @torch.no_grad()
+def batch_outputs(
+    model: L2RCLIP | OrdinalHeadModel,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    amp: bool,
+    text_features: torch.Tensor | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rank probabilities of one batch, and the model's own hard rule (see `predict_outputs`).
+
+    One batch at a time, so that a caller streaming its results (`l2rclip predict`) never holds
+    more than the batch; `text_features` are the prototypes, computed once by the caller.
+    """
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with autocast(device, amp):
+        logits = model(**inputs, text_features=text_features)["logits"]  # (B, M) or (B, M-1)
+    probs = model.rank_probabilities(logits.float()).cpu().double().numpy()  # (B, M)
+    point = model.predict_ranks(logits.float()).cpu().numpy() if model.has_point_rule else None  # (B,)
+    return probs, point
+
+
+@torch.no_grad()
 def predict_outputs(
     model: L2RCLIP | OrdinalHeadModel,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -46,18 +67,15 @@ def predict_outputs(
     was_training = model.training
     model.eval()
     text_features = model.prototypes()  # (M, E): once for the whole pass
-    with_point = model.has_point_rule
     chunks, points = [], []
     for batch in batches:
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, amp):
-            logits = model(**inputs, text_features=text_features)["logits"]  # (B, M) or (B, M-1)
-        chunks.append(model.rank_probabilities(logits.float()).cpu().double().numpy())
-        if with_point:
-            points.append(model.predict_ranks(logits.float()).cpu().numpy())
+        probs, point = batch_outputs(model, batch, device, amp, text_features)
+        chunks.append(probs)
+        points.append(point)
     model.train(was_training)
     if not chunks:
         raise ValueError("predict_probabilities: expected at least one batch, found none (empty split?)")
+    with_point = model.has_point_rule
     return np.concatenate(chunks), (np.concatenate(points) if with_point else None)  # (N, M), (N,)
 
 
