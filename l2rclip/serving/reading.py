@@ -2,7 +2,7 @@
 
 `l2rclip predict` on a large folder should run at the speed of the model in memory that does not
 grow with the folder. So inputs are read in batches, in input order, by a pool of threads that
-work up to `AHEAD` batches beyond the one the model is predicting (decoding and resizing in PIL
+read up to `AHEAD` batches beyond the one the model is predicting (decoding and resizing in PIL
 release the GIL, so the threads overlap with each other and with the model); at most
 `(AHEAD + 1) * batch_size` read images exist at any time. An input that cannot be read becomes
 its error message, on its own row, and the others go on.
@@ -92,9 +92,9 @@ def read_batches(count: int, read: Read, batch_size: int, workers: int | str | N
 
     try:
         upcoming = iter(starts)
-        for start in upcoming:
+        for start in upcoming:  # the first batch and AHEAD - 1 after it; one more as each is taken
             submit(start)
-            if len(pending) > AHEAD:
+            if len(pending) == AHEAD:
                 break
         while pending:
             positions, futures = pending.popleft()
