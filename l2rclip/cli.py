@@ -10,11 +10,16 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from l2rclip import __version__
 from l2rclip.config import ConfigError, DataConfig
 from l2rclip.data.formats import DATA_FORMATS, PREPARE_DESCRIPTION
 from l2rclip.venv_path import interpreter_first_on_path
+
+if TYPE_CHECKING:
+    from l2rclip.data.store import ImageStore
+    from l2rclip.serving.predictor import Predictor
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -267,8 +272,13 @@ def _serve(args: argparse.Namespace) -> int:
     os.execve(command[0], command, env)  # the server takes over this process (and its Ctrl+C)
 
 
+DEFAULT_STORE = "outputs/preprocess"  # where dvc.yaml's preprocess stage writes the image store
+
+
 def _predict(args: argparse.Namespace) -> int:
-    from l2rclip.serving.predictor import Predictor, check_output_file, expand_inputs, write_table
+    from contextlib import closing
+
+    from l2rclip.serving.predictor import Predictor, check_output_file, expand_inputs, write_rows
 
     try:
         paths = expand_inputs(args.inputs)
@@ -282,30 +292,54 @@ def _predict(args: argparse.Namespace) -> int:
             alpha=args.alpha,
             calibration=args.calibration,
         )
+        store = _prediction_store(predictor, args.store)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
-    try:
-        table = predictor.predict_paths(
-            paths, batch_size=args.batch_size, num_workers=args.num_workers, with_probabilities=args.probabilities
+    try:  # rows go to a temporary file batch by batch; it replaces --out only when complete
+        stream = predictor.stream_paths(
+            paths,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            with_probabilities=args.probabilities,
+            store=store,
         )
-        write_table(table, out)  # a temporary file that replaces --out only when complete
-    except KeyboardInterrupt:  # Ctrl+C: the old --out (if any) is intact; no traceback
+        with closing(stream):
+            written = write_rows(stream, out)
+    except KeyboardInterrupt:  # Ctrl+C: the old --out (if any) is intact, the temporary file gone; no traceback
         print(f"interrupted, nothing written ({out} unchanged)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:  # checked before the work; still possible (disk full, a folder removed meanwhile)
         print(f"error: cannot write the predictions to {out}: {error}", file=sys.stderr)
         return EXIT_BAD_REQUEST
-    failed = table[table["error"] != ""]
-    print(f"predicted {len(table) - len(failed)} of {len(table)} images ({len(failed)} errors) -> {out}")
-    if failed.empty:
+    print(f"predicted {written.rows - written.failed} of {written.rows} images ({written.failed} errors) -> {out}")
+    if written.example is None:
         return 0
-    example = f"e.g. {failed.iloc[0]['path']}: {failed.iloc[0]['error']} (every reason: the error column of {out})"
-    if len(failed) == len(table):
+    path, reason = written.example
+    example = f"e.g. {path}: {reason} (every reason: the error column of {out})"
+    if written.failed == written.rows:
         print(f"error: no input could be predicted; {example}", file=sys.stderr)
         return EXIT_NONE_PREDICTED
-    print(f"warning: {len(failed)} of {len(table)} inputs could not be read; {example}", file=sys.stderr)
+    print(f"warning: {written.failed} of {written.rows} inputs could not be read; {example}", file=sys.stderr)
     return EXIT_SOME_FAILED
+
+
+def _prediction_store(predictor: Predictor, store: str | None) -> ImageStore | None:
+    """The image store `predict` reads pixels from: `--store`, else `outputs/preprocess` when usable; or None.
+
+    A store named with `--store` must be usable (else the error names why); the default one is
+    skipped, with a line that says why, when it is missing, stale in format, or made for another
+    preprocessing. `--store none` decodes every file.
+    """
+    if store is not None:
+        return None if store == "none" else predictor.open_store(store)
+    if not Path(DEFAULT_STORE).is_dir():
+        return None
+    try:
+        return predictor.open_store(DEFAULT_STORE)
+    except (ValueError, OSError) as error:  # StoreError, or a damaged store
+        logging.getLogger("l2rclip.cli").info("decoding the image files, not reading %s: %s", DEFAULT_STORE, error)
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
         "is MLFLOW_TRACKING_URI, else ./mlflow.db). Writes one row per image in input order; an "
         "unreadable image gets its error in the `error` column and the others go on. A model with a "
         "conformal calibration adds interval_low, interval_high (labels), interval_low_value, "
-        "interval_high_value and interval_level. --out is checked before any work and replaced "
-        "only by a complete file.",
+        "interval_high_value and interval_level. --out is checked before any work; rows are written "
+        "as batches finish to a temporary file beside it, which replaces --out only when complete.",
         epilog=f"exit status: 0 every input predicted; {EXIT_SOME_FAILED} the CSV was written but some inputs "
         f"could not be read (see its error column); {EXIT_NONE_PREDICTED} the CSV was written but no "
         f"input could be read; {EXIT_BAD_REQUEST} bad arguments, inputs, model or --out (nothing written); "
@@ -458,10 +492,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     predict.add_argument(
+        "--workers",
         "--num-workers",
         type=int,
-        default=0,
-        help="loader processes reading images (default: 0, in the main process)",
+        default=DataConfig.decode_workers,
+        help="threads decoding images while the model predicts, as data.decode_workers "
+        "(default: one per CPU; 0: decode in the main thread, between batches)",
+    )
+    predict.add_argument(
+        "--store",
+        default=None,
+        help="the preprocess stage's image store: files it holds unchanged are read from it, not "
+        f"decoded, with the same predictions (default: {DEFAULT_STORE} when it exists and was "
+        "made for the model's preprocessing with preprocess.margin 0; none: decode every file)",
     )
     predict.add_argument(
         "--alpha",

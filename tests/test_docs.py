@@ -195,6 +195,15 @@ COVERED = [
         ),
         "a local model folder with files, folders and a CSV list",
     ),
+    Covered(
+        r"l2rclip predict outputs/folds/0/train/best data/demo/images --workers 2 --store outputs/preprocess "
+        r"--out predictions\.csv",
+        (
+            "test_the_store_is_read_instead_of_the_files_with_the_same_predictions",
+            "test_streamed_csv_is_the_whole_table_byte_for_byte",
+        ),
+        "a local model folder on a folder, with decoding threads and the preprocess stage's store",
+    ),
     Covered(r"l2rclip predict", ("test_cli_writes_the_csv",)),
     Covered(
         r"l2rclip serve models:/l2rclip-demo@champion --port 5001",

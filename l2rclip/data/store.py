@@ -10,7 +10,8 @@ backbone recipe's (`l2rclip.models.recipe`): the one the trained model stores an
 
 Layout of the store folder (a DVC output):
     store.json           the spec (`StoreSpec`: model input size, stored side, interpolation,
-                         resize mode, mean, std, fill, arch), the backbone recipe and the shard list.
+                         resize mode, mean, std, fill, arch), the backbone recipe, the shard list
+                         and the image root (relative to the store folder when data.root is relative).
     index.csv            path, shard, row: where each image of `images.csv` lies.
     shard_00000.npy ...  uint8 arrays (n, S, S, 3), at most `shard_size` images each, read
                          memory-mapped, so a worker touches only the pages of its batch.
@@ -20,7 +21,8 @@ evaluating from the store gives the same numbers as from the files (tested). A m
 for the training crops; evaluation then resizes the stored crop down to the input size (a second
 resampling: predictions agree closely, not bit for bit). Normalisation (mean, std) and training
 augmentation happen per batch, on the training device (`l2rclip.data.batch_transforms`).
-`predict` on arbitrary images keeps the JPEG path.
+`l2rclip predict` reads a file's pixels from the store (`ImageStore.locate`) when the store holds
+that file unchanged and was made with margin 0; other inputs are decoded from their files.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,10 +172,22 @@ def write_store(
         "spec": asdict(spec),
         "shards": shards,
         "images": len(paths),
+        "root": _recorded_root(root, out_dir),
         **({"recipe": recipe.to_dict()} if recipe is not None else {}),
     }
     (out_dir / SPEC_FILE).write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
     return content
+
+
+def _recorded_root(root: Path, out_dir: Path) -> str:
+    """The image root as store.json keeps it: relative to the store folder unless it is absolute.
+
+    `data.root` is usually relative to the checkout (`data/demo`), and so is the store
+    (`outputs/preprocess`): kept as `../../data/demo`, it still names the images in another clone.
+    """
+    if root.is_absolute():
+        return str(root)
+    return os.path.relpath(os.path.abspath(root), os.path.abspath(out_dir))
 
 
 class ImageStore:
@@ -194,6 +208,9 @@ class ImageStore:
         index = pd.read_csv(self.folder / INDEX_FILE, dtype={"path": str}, keep_default_na=False)
         self.location = dict(zip(index["path"], zip(index["shard"], index["row"], strict=True), strict=True))
         self._shards: dict[int, np.ndarray] = {}
+        recorded = content.get("root")  # absent from stores made before it was kept
+        self.root = None if recorded is None else os.path.abspath(self.folder / recorded)
+        self.written_ns = (self.folder / INDEX_FILE).stat().st_mtime_ns  # written after every shard
 
     def check(self, expected: StoreSpec) -> None:
         """Fail unless the stored pixels are what a model with `expected` preprocessing needs."""
@@ -214,6 +231,25 @@ class ImageStore:
             )
         return [self.location[p] for p in paths]
 
+    def locate(self, path: str | Path) -> tuple[int, int] | None:
+        """(shard, row) of the image file `path` (any spelling of it), or None when the store lacks it.
+
+        None also when the file changed after the store was written (modified later than its
+        index), so that stale pixels are never used for a file edited since `preprocess`, or when
+        the store does not know its image root (made before store.json recorded it). Symlinks are
+        not resolved: `path` must lie under the root as written.
+        """
+        if self.root is None:
+            return None
+        location = self.location.get(os.path.relpath(os.path.abspath(path), self.root))
+        if location is None:
+            return None
+        try:
+            changed = os.stat(path).st_mtime_ns > self.written_ns
+        except OSError:  # gone meanwhile: reading the file reports why
+            return None
+        return None if changed else location
+
     def gather(self, locations: Sequence[tuple[int, int]]) -> torch.Tensor:
         """uint8 (N, 3, S, S) of the images at `locations`, one fancy-index read per shard."""
         out = np.empty((len(locations), self.spec.side, self.spec.side, 3), dtype=np.uint8)
@@ -231,10 +267,11 @@ class ImageStore:
         return self._shards[number]
 
 
-def open_store(folder: Path | None, recipe: BackboneRecipe, margin: float) -> ImageStore | None:
+def open_store(folder: Path | None, recipe: BackboneRecipe, margin: float | None) -> ImageStore | None:
     """The store at `folder` checked against the backbone recipe's preprocessing; None: read the image files.
 
     None when `folder` is None (library use) or the preprocess stage ran with `enabled: false`.
+    `margin` None accepts the stored side, whatever margin made it (the caller checks it).
     """
     if folder is None:
         return None
@@ -242,7 +279,8 @@ def open_store(folder: Path | None, recipe: BackboneRecipe, margin: float) -> Im
     if spec_file.is_file() and json.loads(spec_file.read_text(encoding="utf-8")).get("enabled") is False:
         return None
     store = ImageStore(folder)
-    store.check(spec_for(recipe, margin))
+    expected = spec_for(recipe, 0.0 if margin is None else margin)
+    store.check(expected if margin is not None else replace(expected, side=store.spec.side))
     return store
 
 

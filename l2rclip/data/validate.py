@@ -141,10 +141,29 @@ def load_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
         UnusableImageError: "<reason>: <detail>" for an unsupported extension, a dangling symlink,
             a symlink loop, a missing file, something that is not a file, or an empty file.
     """
+    _check_path(path)
+    return load_rgb(path, max_pixels=max_pixels)
+
+
+def check_image_file(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """The errors `load_image_file` would raise before decoding, from the path and the header alone.
+
+    Prediction reads an image's pixels from the preprocess stage's store instead of decoding the
+    file when it can; this keeps its answer for a bad or too large file the same either way.
+
+    Raises:
+        UnusableImageError: as `load_image_file`.
+        ImageTooLargeError: more than `max_pixels` pixels.
+    """
+    _check_path(path)
+    with open_image(path, max_pixels):
+        pass  # only the header is read
+
+
+def _check_path(path: str | Path) -> None:
     problem = image_file_problem(str(path))
     if problem is not None:
         raise UnusableImageError(f"{problem[0]}: {problem[1]}")
-    return load_rgb(path, max_pixels=max_pixels)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:

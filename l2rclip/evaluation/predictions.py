@@ -29,6 +29,29 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def batch_outputs(
+    model: L2RCLIP | OrdinalHeadModel,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    amp: bool,
+    text_features: torch.Tensor | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rank probabilities of one batch, and the model's own hard rule (see `predict_outputs`).
+
+    One batch at a time, so that a caller streaming its results (`l2rclip predict`) never holds
+    more than the batch; `text_features` are the prototypes, computed once by the caller.
+    """
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    with autocast(device, amp):
+        logits = model(**inputs, text_features=text_features)["logits"]  # (B, M) or (B, M-1)
+    probs = model.rank_probabilities(logits.float()).cpu().double().numpy()  # (B, M)
+    point = None  # (B,) under the model's published hard rule, if it has one
+    if isinstance(model, OrdinalHeadModel) and model.has_point_rule:
+        point = model.predict_ranks(logits.float()).cpu().numpy()
+    return probs, point
+
+
+@torch.no_grad()
 def predict_outputs(
     model: L2RCLIP | OrdinalHeadModel,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -50,19 +73,16 @@ def predict_outputs(
     was_training = model.training
     model.eval()
     text_features = model.prototypes()  # (M, E): once for the whole pass
-    point_rule = model if isinstance(model, OrdinalHeadModel) and model.has_point_rule else None
     chunks, points = [], []
     for batch in batches:
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, amp):
-            logits = model(**inputs, text_features=text_features)["logits"]  # (B, M) or (B, M-1)
-        chunks.append(model.rank_probabilities(logits.float()).cpu().double().numpy())
-        if point_rule is not None:
-            points.append(point_rule.predict_ranks(logits.float()).cpu().numpy())
+        probs, point = batch_outputs(model, batch, device, amp, text_features)
+        chunks.append(probs)
+        points.append(point)
     model.train(was_training)
     if not chunks:
         raise ValueError("predict_probabilities: expected at least one batch, found none (empty split?)")
-    return np.concatenate(chunks), (np.concatenate(points) if point_rule is not None else None)  # (N, M), (N,)
+    rules = [point for point in points if point is not None]
+    return np.concatenate(chunks), (np.concatenate(rules) if rules else None)  # (N, M), (N,)
 
 
 def predict_probabilities(

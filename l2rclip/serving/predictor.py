@@ -5,6 +5,10 @@ A `Predictor` wraps one l2rclip model folder (local, or fetched from MLflow by a
 the evaluate stage writes (`l2rclip.evaluation.predictions.predictions_table`), one row per input in input
 order. An input that cannot be read gets its error on its own row and the rest go on: in a
 folder of ten thousand photos one truncated file must not cost the other 9,999 predictions.
+
+Prediction streams: `Predictor.stream` yields the table batch by batch while threads read the next
+batches (`l2rclip.serving.reading`), and `write_rows` appends each batch to a temporary file that
+replaces the output only when complete, so a folder of any size runs in bounded memory.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +28,18 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from l2rclip.data.dataset import resolve_workers
 from l2rclip.data.sources.base import list_files
-from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, load_image_file, to_rgb
+from l2rclip.data.store import ImageStore
+from l2rclip.data.validate import DEFAULT_MAX_PIXELS, check_max_pixels, to_rgb
 from l2rclip.evaluation.conformal import Calibration, ConformalError
-from l2rclip.evaluation.predictions import predict_outputs, predictions_table
+from l2rclip.evaluation.predictions import batch_outputs, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.runtime import pick_device
+from l2rclip.serving.reading import Batch, PathReader, Read, prediction_store, read_batches
 
 log = logging.getLogger(__name__)
 
@@ -191,46 +195,50 @@ def check_output_file(path: str | Path, inputs: Sequence[str | Path] = ()) -> Pa
     return out
 
 
-def write_table(table: pd.DataFrame, out: Path) -> None:
-    """Write `table` as CSV at `out` atomically: a complete new file or the old one untouched."""
+@dataclass
+class WrittenRows:
+    """What `write_rows` wrote: row counts and the first failed row, not the rows themselves."""
+
+    rows: int = 0
+    failed: int = 0
+    example: tuple[str, str] | None = None  # (path, error) of the first row with an error
+
+    def add(self, chunk: pd.DataFrame) -> None:
+        """Count the rows of `chunk` (a predictions table with `path` and `error`)."""
+        failed = chunk[chunk["error"] != ""]
+        if self.example is None and not failed.empty:
+            self.example = (str(failed["path"].iloc[0]), str(failed["error"].iloc[0]))
+        self.rows += len(chunk)
+        self.failed += len(failed)
+
+
+def write_rows(chunks: Iterable[pd.DataFrame], out: Path) -> WrittenRows:
+    """Write tables with the same columns as one CSV at `out`, each as it comes, atomically.
+
+    The rows go to a temporary file beside `out` (same folder: `os.replace` is atomic there),
+    appended chunk by chunk, so nothing is kept in memory; it replaces `out` only when the last
+    chunk is written. On any error or Ctrl+C the temporary file is removed and an old `out` stays
+    as it was. No chunk at all gives an empty file.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic there
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    written, first = WrittenRows(), True
     try:
-        table.to_csv(temporary, index=False, float_format="%.6g")
+        for chunk in chunks:
+            chunk.to_csv(temporary, mode="w" if first else "a", header=first, index=False, float_format="%.6g")
+            written.add(chunk)
+            first = False
+        if first:
+            temporary.touch()
         os.replace(temporary, out)
     finally:
         temporary.unlink(missing_ok=True)
+    return written
 
 
-class _Inputs(Dataset):
-    """Inputs read and transformed one by one; a failure becomes the item's message, not an exception."""
-
-    def __init__(
-        self,
-        items: Sequence[Any],
-        read: Callable[[Any], Image.Image],
-        transform: Callable[[Image.Image], torch.Tensor],
-    ):
-        self.items, self.read, self.transform = items, read, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            return index, self.transform(self.read(self.items[index])), ""  # (3, H, W)
-        except Exception as error:  # noqa: BLE001 - any unreadable input is reported on its own row
-            return index, None, f"{type(error).__name__}: {error}"
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> dict[str, Any]:
-    """Stack the readable images of a batch; keep the others' errors by input index."""
-    good = [(index, image) for index, image, _ in batch if image is not None]
-    return {
-        "index": [index for index, _ in good],
-        "images": torch.stack([image for _, image in good]) if good else None,  # (B_ok, 3, H, W)
-        "errors": {index: error for index, image, error in batch if image is None},
-    }
+def write_table(table: pd.DataFrame, out: Path) -> None:
+    """Write `table` as CSV at `out` atomically: a complete new file or the old one untouched."""
+    write_rows([table], out)
 
 
 class Predictor:
@@ -314,24 +322,42 @@ class Predictor:
         extra = {key: value for key, value in self.meta.items() if key not in _REBUILT_META}
         return save_model(self.model, folder, self.meta["config"], self.rank_space, extra=extra)
 
+    def open_store(self, folder: str | Path) -> ImageStore:
+        """The preprocess stage's image store at `folder`, if it can stand in for this model's files.
+
+        Raises:
+            StoreError: why not (see `l2rclip.serving.reading.prediction_store`).
+        """
+        return prediction_store(folder, self.meta["recipe"])
+
     def predict_paths(
         self,
         paths: Sequence[str | Path],
         batch_size: int = 64,
-        num_workers: int | str = 0,
+        num_workers: int | str | None = 0,
         with_probabilities: bool = False,
         progress: bool = True,
+        store: ImageStore | None = None,
     ) -> pd.DataFrame:
-        """Predict image files; one row per path, in input order (see `predict`)."""
-        return self.predict(
-            [Path(p) for p in paths],
-            partial(load_image_file, max_pixels=self.max_pixels),
-            [str(p) for p in paths],
-            batch_size,
-            num_workers,
-            with_probabilities,
-            progress,
+        """Predict image files; one row per path, in input order (see `predict`, `stream_paths`)."""
+        return self._table(self.stream_paths(paths, batch_size, num_workers, with_probabilities, progress, store))
+
+    def stream_paths(
+        self,
+        paths: Sequence[str | Path],
+        batch_size: int = 64,
+        num_workers: int | str | None = 0,
+        with_probabilities: bool = False,
+        progress: bool = True,
+        store: ImageStore | None = None,
+    ) -> Generator[pd.DataFrame, None, None]:
+        """`stream` over image files, reading from `store` (an `open_store`) the files it holds unchanged."""
+        reader = PathReader(paths, self.transform, self.max_pixels, store)
+        yield from self._stream(
+            reader, [str(p) for p in paths], batch_size, num_workers, with_probabilities, progress
         )
+        if store is not None:
+            log.info("%d of %d images read from the image store %s", reader.from_store, len(paths), store.folder)
 
     def predict_images(
         self, images: Sequence[Image.Image], with_probabilities: bool = False, batch_size: int = 64
@@ -352,68 +378,115 @@ class Predictor:
         read: Callable[[Any], Image.Image],
         names: Sequence[str],
         batch_size: int = 64,
-        num_workers: int | str = 0,
+        num_workers: int | str | None = 0,
         with_probabilities: bool = False,
         progress: bool = True,
     ) -> pd.DataFrame:
-        """Predict any inputs that `read` turns into PIL images, batched through a DataLoader.
+        """Predict any inputs that `read` turns into PIL images: the whole table of `stream`."""
+        return self._table(self.stream(items, read, names, batch_size, num_workers, with_probabilities, progress))
+
+    def stream(
+        self,
+        items: Sequence[Any],
+        read: Callable[[Any], Image.Image],
+        names: Sequence[str],
+        batch_size: int = 64,
+        num_workers: int | str | None = 0,
+        with_probabilities: bool = False,
+        progress: bool = True,
+    ) -> Generator[pd.DataFrame, None, None]:
+        """The prediction table of any inputs that `read` turns into PIL images, one chunk per batch.
 
         Args:
-            items: the inputs (paths, images, encoded strings...); must be picklable for workers.
-            read: input -> PIL image (module-level, so that loader workers can use it).
+            items: the inputs (paths, images, encoded strings...).
+            read: input -> PIL image; called on reading threads (must be thread-safe).
             names: the `path` column, one per input.
             batch_size: images per forward pass.
-            num_workers: loader processes reading and transforming images (0: this process).
+            num_workers: threads reading and transforming inputs ahead of the model (None: one
+                per CPU, `auto`: as data loaders; 0: in this thread, between batches).
             with_probabilities: add one probability column per rank, named by its label
                 (`p_<label>`, e.g. `p_20` for age 20; `RankSpace.probability_columns`).
             progress: show a progress bar.
 
-        Returns:
-            One row per input, in input order: `path`, `pred_rank` (nullable int), `pred_label`,
-            `pred_name`, `pred_value`, `expected_value`, `std`, `entropy`, `confidence`, with a
-            calibration `interval_low`, `interval_high` (labels), `interval_low_value`,
-            `interval_high_value` and `interval_level`, the `p_<label>` columns when asked, and
-            `error` ("" when the input was read, else why not; its prediction columns are then
-            empty).
+        Yields:
+            Consecutive rows of the table, in input order, one chunk per batch: `path`,
+            `pred_rank` (nullable int), `pred_label`, `pred_name`, `pred_value`, `expected_value`,
+            `std`, `entropy`, `confidence`, with a calibration `interval_low`, `interval_high`
+            (labels), `interval_low_value`, `interval_high_value` and `interval_level`, the
+            `p_<label>` columns when asked, and `error` ("" when the input was read, else why
+            not; its prediction columns are then empty). The index is the input position.
         """
-        if len(names) != len(items):
-            raise ValueError(f"predict: expected one name per input, found {len(names)} for {len(items)}")
-        loader = DataLoader(
-            _Inputs(items, read, self.transform),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=resolve_workers(num_workers),
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
+        return self._stream(
+            lambda position: self.transform(read(items[position])),
+            names,
+            batch_size,
+            num_workers,
+            with_probabilities,
+            progress,
+            count=len(items),
         )
-        done: list[int] = []
-        errors: dict[int, str] = {}
 
-        def batches() -> Iterator[dict[str, torch.Tensor]]:
-            with tqdm(total=len(items), desc="predicting", unit="img", disable=not progress) as bar:
-                for batch in loader:
-                    done.extend(batch["index"])
-                    errors.update(batch["errors"])
-                    bar.update(len(batch["index"]) + len(batch["errors"]))
-                    if batch["images"] is not None:
-                        yield {"images": batch["images"]}
+    def _stream(
+        self,
+        read: Read,
+        names: Sequence[str],
+        batch_size: int,
+        num_workers: int | str | None,
+        with_probabilities: bool,
+        progress: bool,
+        count: int | None = None,
+    ) -> Generator[pd.DataFrame, None, None]:
+        """`stream` of the inputs that `read` gives by position, one per name."""
+        if count is not None and len(names) != count:
+            raise ValueError(f"predict: expected one name per input, found {len(names)} for {count}")
+        text_features = self.model.prototypes()  # (M, E), cached: no text-tower pass
+        empty = np.empty((0, len(self.rank_space)))
+        failed = 0
+        with (
+            tqdm(total=len(names), desc="predicting", unit="img", disable=not progress) as bar,
+            closing(read_batches(len(names), read, batch_size, num_workers)) as batches,
+        ):
+            for batch in batches:
+                probs, point = (empty, None)  # a batch of unreadable inputs only
+                if batch.images is not None:
+                    probs, point = batch_outputs(  # (B_ok, M), (B_ok,) or None
+                        self.model, {"images": batch.images}, self.device, self.amp, text_features
+                    )
+                failed += len(batch.errors)
+                bar.update(len(batch.positions))
+                yield self._rows(batch, names, probs, point, with_probabilities)
+        if failed:
+            log.warning("%d of %d inputs could not be read (see the error column)", failed, len(names))
 
-        try:
-            probs, point = predict_outputs(self.model, batches(), self.device, self.amp)  # (N_ok, M), (N_ok,)
-        except ValueError:
-            if done:
-                raise
-            probs = np.empty((0, len(self.rank_space)))  # no input could be read: every row is an error
-            point = None
-        table = pd.DataFrame({"path": [str(name) for name in names]})
+    def _rows(
+        self,
+        batch: Batch,
+        names: Sequence[str],
+        probs: np.ndarray,
+        point: np.ndarray | None,
+        with_probabilities: bool,
+    ) -> pd.DataFrame:
+        """The table rows of one batch: predictions of the read inputs, errors of the others."""
+        paths = pd.Series([str(names[i]) for i in batch.positions], index=batch.positions)
         found = predictions_table(
-            table.iloc[done], probs, self.rank_space, with_probabilities, self.calibration, self.alpha, point
+            pd.DataFrame({"path": paths.loc[batch.good]}),
+            probs,
+            self.rank_space,
+            with_probabilities,
+            self.calibration,
+            self.alpha,
+            point,
         )
         labels = [c for c in ("pred_label", "interval_low", "interval_high") if c in found.columns]
-        found = found.astype(dict.fromkeys(labels, object)).set_axis(done).reindex(range(len(items)))
-        found["path"] = table["path"]
+        found = found.astype(dict.fromkeys(labels, object)).set_axis(batch.good).reindex(batch.positions)
+        found["path"] = paths
         found["pred_rank"] = found["pred_rank"].astype("Int64")
-        found["error"] = [errors.get(index, "") for index in range(len(items))]
-        if errors:
-            log.warning("%d of %d inputs could not be read (see the error column)", len(errors), len(items))
+        found["error"] = [batch.errors.get(i, "") for i in batch.positions]
         return found
+
+    def _table(self, chunks: Iterable[pd.DataFrame]) -> pd.DataFrame:
+        """The whole table of a stream (empty, with its columns, for no input)."""
+        parts = list(chunks)
+        if not parts:
+            return self._rows(Batch([]), [], np.empty((0, len(self.rank_space))), None, False)
+        return pd.concat(parts, ignore_index=True)

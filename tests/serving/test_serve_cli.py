@@ -42,26 +42,28 @@ def test_serve_of_an_unknown_model_is_one_line_naming_the_store(tmp_path, capsys
 
 
 def test_ctrl_c_in_predict_is_one_line_exit_130_and_the_old_output_stays(tmp_path, capsys, monkeypatch):
-    """Issue 21.5: KeyboardInterrupt during prediction: no traceback, exit 130, --out untouched."""
+    """Issue 21.5: Ctrl+C at the 2nd batch: no traceback, exit 130, --out untouched, no temporary file left."""
     from PIL import Image
+    from support.models import on_forward, save_tiny_model
 
-    from l2rclip.serving import predictor as predictor_module
-
-    class Interrupted:
-        def predict_paths(self, *args, **kwargs):
+    def interrupt(call: int) -> None:
+        if call == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(predictor_module.Predictor, "load", classmethod(lambda cls, *a, **k: Interrupted()))
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    model = save_tiny_model(tmp_path / "model")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(images / f"{i}.png")
+    calls = on_forward(monkeypatch, interrupt)
     out = tmp_path / "predictions.csv"
     out.write_text("path,pred_label\nold.png,3\n")
-    assert cli.main(["predict", str(tmp_path / "model"), str(tmp_path / "a.png"), "--out", str(out)]) == 130
+    command = ["predict", str(model), str(images), "--out", str(out), "--batch-size", "2", "--store", "none"]
+    assert cli.main([*command, "--device", "cpu"]) == 130 and calls == [1, 2]
     err = capsys.readouterr().err
-    assert err == f"interrupted, nothing written ({out} unchanged)\n"
-    assert out.read_text() == "path,pred_label\nold.png,3\n" and sorted(p.name for p in tmp_path.iterdir()) == [
-        "a.png",
-        "predictions.csv",
-    ]
+    assert err.splitlines()[-1] == f"interrupted, nothing written ({out} unchanged)" and "Traceback" not in err
+    assert out.read_text() == "path,pred_label\nold.png,3\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "model", "predictions.csv"]
 
 
 def test_serve_accepts_a_logged_model_id_uri_and_names_an_unknown_one(logged, capsys, no_exec, monkeypatch):

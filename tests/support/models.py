@@ -66,3 +66,23 @@ def log_tiny_pyfunc(tmp_path_factory: pytest.TempPathFactory) -> dict:
     paths = sorted((root / "demo").rglob("*.png"))[:3]
     expected = Predictor.load(model_dir).predict_paths(paths, with_probabilities=True, progress=False)
     return {"uri": uri, "run_id": run_id, "model_uri": model_uri, "paths": paths, "expected": expected}
+
+
+def on_forward(monkeypatch: pytest.MonkeyPatch, action) -> list[int]:
+    """Call `action(call_number)` (1-based) before every L2RCLIP forward pass; returns the calls made.
+
+    An action that raises injects a failure at that batch, e.g. a `KeyboardInterrupt` (Ctrl+C)
+    or a crash in the middle of a prediction run.
+    """
+    from l2rclip.models.l2rclip import L2RCLIP
+
+    calls: list[int] = []
+    forward = L2RCLIP.forward
+
+    def wrapped(self, *args, **kwargs):
+        calls.append(len(calls) + 1)
+        action(calls[-1])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(L2RCLIP, "forward", wrapped)
+    return calls
