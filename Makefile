@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean ui serve flows docs
+.PHONY: demo methods fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean ui serve flows docs
 
 # constraints.txt: the exact tested versions (pyproject.toml has lower bounds; .ci/freeze-constraints writes it)
 $(STAMP): pyproject.toml constraints.txt
@@ -26,6 +26,12 @@ install: $(STAMP)
 ## demo: the main job: the DVC pipeline on the embedded demo set, tracked in MLflow
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/l2rclip demo
+
+## methods: the method study (studies/methods/dvc.yaml, a DVC pipeline of its own): every method on a shifted demo
+## task with the demo CLIP, by shots and under label shift, over 3 seeds; table and figures in studies/methods/report
+## (about 20 minutes on 2 CPU cores; docs/demo-clip.md)
+methods: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro studies/methods/dvc.yaml
 
 ## fgnet: 5 subject-grouped folds on FG-NET (ages 0..69) as a DVC experiment (needs ../shared/data/fgnet)
 FGNET ?= ../shared/data/fgnet

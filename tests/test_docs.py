@@ -71,6 +71,15 @@ COVERED = [
         ("test_stage_writes_fp16_weights_that_load_as_the_demo_clip",),
         "the stage's function on a 3-step budget; the full 2,400-step run is what the page measures",
     ),
+    Covered(
+        r"make methods|dvc repro studies/methods/dvc\.yaml",
+        (
+            "test_the_study_runs_end_to_end_and_its_table_shows_the_runs_numbers",
+            "test_study_stage_code_deps_cover_its_imports",
+        ),
+        "the study's stage functions on a tiny setting (3 methods, 1 seed, 1 epoch) and its dvc.yaml's deps; the "
+        "full run (`make methods` is `dvc repro studies/methods/dvc.yaml`) is what the page measures",
+    ),
     # --- configuration (docs/configuration.md)
     Covered(
         r"l2rclip config validate( --params params\.yaml)?",

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,79 @@ MIN_IMAGE_SIZE = 48  # smallest side where ten shapes of MIN_RADIUS reliably fit
 _PLACEMENT_ATTEMPTS = 100
 _PLACEMENT_TRIES = 200
 _CORNERS = {"square": 4, "triangle": 3}
+SIZES = ("count", "free")
+_FREE_SIZE_RANGE = (1.0, 2.0)  # "free" sizes: the largest radius, in units of the ten-shape radius
 
 
-def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96, seed: int = 0) -> pd.DataFrame:
+@dataclass(frozen=True)
+class DemoStyle:
+    """What a drawn image may show; the default is the demo set's own style, drawn exactly as before.
+
+    A shifted domain for the method study (l2rclip.stages.method_study): training shots restricted to
+    one kind, a band of hues and sizes that fall with the count, test images with every kind, hue and
+    size, so that a model which learnt "big red circles mean few" from the shots is found out.
+
+    Attributes:
+        kinds: the shape kinds drawn from (a non-empty subset of SHAPES).
+        hues: (low, high): every shape's hue is drawn uniformly from [low, high) modulo 1 (so
+            (-0.05, 0.1) is red to orange); None: any hue, as in the demo set.
+        sizes: `count`: the largest radius falls as 1/sqrt(count), as in the demo set (size hints
+            the count); `free`: the largest radius is drawn independently of the count, between
+            1 and 2 times the ten-shape radius (capped where the count's demo size is smaller).
+    """
+
+    kinds: tuple[str, ...] = SHAPES
+    hues: tuple[float, float] | None = None
+    sizes: str = "count"
+
+    def __post_init__(self) -> None:
+        if not self.kinds or set(self.kinds) - set(SHAPES):
+            raise ValueError(f"DemoStyle.kinds: expected a non-empty subset of {SHAPES}, found {self.kinds}")
+        if self.hues is not None and not (len(self.hues) == 2 and 0 < self.hues[1] - self.hues[0] <= 1):
+            raise ValueError(f"DemoStyle.hues: expected (low, high) with 0 < high - low <= 1, found {self.hues}")
+        if self.sizes not in SIZES:
+            raise ValueError(f"DemoStyle.sizes: expected one of {SIZES}, found {self.sizes!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DemoStyle:
+        """The style of a dict such as `to_dict` writes (lists for tuples); unknown keys are an error."""
+        unknown = sorted(set(values) - {"kinds", "hues", "sizes"})
+        if unknown:
+            raise ValueError(f"DemoStyle: unknown key(s) {', '.join(unknown)}; expected kinds, hues, sizes")
+        hues = values.get("hues")
+        return cls(
+            kinds=tuple(values.get("kinds", SHAPES)),
+            hues=None if hues is None else (float(hues[0]), float(hues[1])),
+            sizes=values.get("sizes", "count"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: lists for tuples."""
+        values = asdict(self)
+        return {**values, "kinds": list(self.kinds), "hues": None if self.hues is None else list(self.hues)}
+
+    def scale(self, rng: np.random.Generator, count: int) -> float:
+        """The `place_objects` scale of one image; draws from `rng` only for `free` sizes."""
+        if self.sizes == "count":
+            return 1.0
+        # place_objects' largest radius is scale * 0.3 * size / sqrt(count): aim it at a drawn
+        # multiple of the ten-shape radius 0.3 * size / sqrt(10), whatever the count.
+        target = float(rng.uniform(*_FREE_SIZE_RANGE)) / math.sqrt(max(COUNTS))
+        return min(1.0, target * math.sqrt(count))
+
+    def shape_hues(self, rng: np.random.Generator, n_shapes: int) -> list[float] | None:
+        """One hue per shape from the band, or None (random hues, drawn by shape_colours) without drawing."""
+        if self.hues is None:
+            return None
+        return [float(h) % 1.0 for h in rng.uniform(*self.hues, size=n_shapes)]
+
+
+DEMO_STYLE = DemoStyle()
+
+
+def generate_demo(
+    root: str | Path, n_per_rank: int = 60, image_size: int = 96, seed: int = 0, style: DemoStyle = DEMO_STYLE
+) -> pd.DataFrame:
     """Write the demo set under `root` (unless it is already there) and return its table.
 
     Args:
@@ -49,6 +120,7 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96, 
         n_per_rank: images per count 1..10 (also the number of pseudo-subject groups).
         image_size: side of the square images, in pixels.
         seed: everything drawn depends only on it (and on the image's count and group).
+        style: what the images may show (`DemoStyle`); the default draws the demo set.
 
     Returns:
         `path` (relative to root), `label` (int64, the number of shapes 1..10), `group` ("g0000"..),
@@ -62,7 +134,7 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96, 
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size: expected at least {MIN_IMAGE_SIZE} px, found {image_size}")
     root = Path(root)
-    settings = demo_settings(n_per_rank, image_size, seed)
+    settings = demo_settings(n_per_rank, image_size, seed, style)
     previous = _read_manifest(root)
     if previous is not None and previous["settings"] == settings and _complete(root, previous):
         log.info("demo set in %s is up to date (%s)", root, settings)
@@ -71,7 +143,7 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96, 
     images: list[dict[str, Any]] = []  # one manifest entry per image
     for count in COUNTS:
         for group, background in enumerate(backgrounds):
-            image, objects = demo_image(seed, group, count, image_size, background)
+            image, objects = demo_image(seed, group, count, image_size, background, style)
             path = f"images/{count:02d}/{group:04d}.png"
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             image.save(root / path, format="PNG")
@@ -88,9 +160,20 @@ def generate_demo(root: str | Path, n_per_rank: int = 60, image_size: int = 96, 
     return table
 
 
-def demo_settings(n_per_rank: int, image_size: int, seed: int) -> dict[str, int]:
-    """What a demo set's manifest records as `settings`; two sets with equal settings are byte-identical."""
-    return {"version": GENERATOR_VERSION, "n_per_rank": n_per_rank, "image_size": image_size, "seed": seed}
+def demo_settings(n_per_rank: int, image_size: int, seed: int, style: DemoStyle = DEMO_STYLE) -> dict[str, Any]:
+    """What a demo set's manifest records as `settings`; two sets with equal settings are byte-identical.
+
+    The style appears only when it is not the demo set's own, so the demo set's manifest is unchanged.
+    """
+    settings: dict[str, Any] = {
+        "version": GENERATOR_VERSION,
+        "n_per_rank": n_per_rank,
+        "image_size": image_size,
+        "seed": seed,
+    }
+    if style != DEMO_STYLE:
+        settings["style"] = style.to_dict()
+    return settings
 
 
 class DemoMismatchError(ValueError):
@@ -147,7 +230,12 @@ def demo_table(manifest: dict[str, Any]) -> pd.DataFrame:
 
 
 def demo_image(
-    seed: int, group: int, count: int, image_size: int, background: tuple[float, float, float] | None = None
+    seed: int,
+    group: int,
+    count: int,
+    image_size: int,
+    background: tuple[float, float, float] | None = None,
+    style: DemoStyle = DEMO_STYLE,
 ) -> tuple[Image.Image, list[list[Any]]]:
     """Draw one demo image in memory: the picture `generate_demo` writes for (seed, group, count).
 
@@ -161,6 +249,8 @@ def demo_image(
         count: number of shapes, 1..10.
         image_size: side in pixels.
         background: the group's HSV background when the caller has it already (else drawn).
+        style: what the image may show; the default style draws nothing more from the generator
+            than the demo set always did, so its pixels are unchanged.
 
     Returns:
         The RGB image and its objects `[shape, cx, cy, r]`.
@@ -168,8 +258,9 @@ def demo_image(
     if background is None:
         background = group_background(seed, group)
     rng = np.random.default_rng([seed, group, count])
-    objects = place_objects(rng, count, image_size)
-    return draw_shapes(objects, shape_colours(rng, objects, background), image_size, background), objects
+    objects = place_objects(rng, count, image_size, scale=style.scale(rng, count), kinds=style.kinds)
+    styles = shape_colours(rng, objects, background, style.shape_hues(rng, len(objects)))
+    return draw_shapes(objects, styles, image_size, background), objects
 
 
 def group_background(seed: int, group: int) -> tuple[float, float, float]:

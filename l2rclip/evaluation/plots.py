@@ -142,9 +142,31 @@ def _heatmap(
 
     `quantities` names the columns' and the rows' axis (e.g. "predicted", "true").
     """
-    side = max(5.0, 0.16 * len(space) + 2.0)  # cells stay visible at large M
+    side = _heatmap_side(space)
     fig, (ax,) = _figure(side + 1.0, side)
-    image = ax.imshow(matrix, cmap="viridis", interpolation="nearest")
+    _draw_heatmap(fig, ax, matrix, space, fmt, label, quantities, unit)
+    return fig, ax
+
+
+def _heatmap_side(space: RankSpace) -> float:
+    """Inches per heat-map panel: cells stay visible at large M."""
+    return max(5.0, 0.16 * len(space) + 2.0)
+
+
+def _draw_heatmap(
+    fig: Figure,
+    ax: Axes,
+    matrix: np.ndarray,
+    space: RankSpace,
+    fmt: str,
+    label: str,
+    quantities: tuple[str, str],
+    unit: str,
+    limits: tuple[float, float] | None = None,
+) -> None:
+    """Draw an (M, M) matrix on `ax` (see `_heatmap`); `limits` fixes the colour scale (shared by panels)."""
+    vmin, vmax = limits if limits is not None else (None, None)
+    image = ax.imshow(matrix, cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax)
     fig.colorbar(image, ax=ax, label=label, fraction=0.046, pad=0.04)
     _rank_axis(ax, space, "x", quantities[0], unit)
     _rank_axis(ax, space, "y", quantities[1], unit)
@@ -152,7 +174,6 @@ def _heatmap(
         for (row, col), value in np.ndenumerate(matrix):
             colour = "white" if np.less(image.norm(value), 0.5) else "black"  # readable on viridis
             ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=7, color=colour)
-    return fig, ax
 
 
 def confusion_matrix_plot(
@@ -321,6 +342,52 @@ def prototype_similarity_plot(
     return _save(
         fig, path, f"Prototype similarity (ordinality {prototype_ordinality(features):.3f})", title_suffix
     )
+
+
+def prototype_similarity_grid(
+    panels: Sequence[tuple[str, np.ndarray]],
+    rank_space: RankSpace,
+    path: str | Path,
+    ncols: int = 2,
+    title: str = "Prototype similarity",
+    title_suffix: str = "",
+    unit: str = "",
+) -> Path:
+    """Several prototype similarity matrices side by side on one colour scale (e.g. before / after training).
+
+    Args:
+        panels: (title, (M, E) prototypes) per panel, row by row; each panel's title gets its ordinality.
+        rank_space: the ranks of the prototypes, in order.
+        path: PNG file to write.
+        ncols: panels per row.
+        title: the figure's title.
+        title_suffix: extra title line.
+        unit: unit of the rank values ("" for none).
+    """
+    if not panels:
+        raise ValueError("prototype_similarity_grid: expected at least one panel, found none")
+    matrices = []
+    for name, prototypes in panels:
+        features = np.asarray(prototypes, dtype=np.float64)
+        if features.ndim != 2 or features.shape[0] != len(rank_space):
+            raise ValueError(
+                f"panel {name!r}: expected prototypes of shape ({len(rank_space)}, E), one per rank, "
+                f"found shape {features.shape}"
+            )
+        normed = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)  # (M, E)
+        matrices.append((name, normed @ normed.T, prototype_ordinality(features)))  # (M, M)
+    limits = (min(m.min() for _, m, _ in matrices), 1.0)
+    nrows = -(-len(panels) // ncols)
+    side = _heatmap_side(rank_space)
+    fig = Figure(figsize=((side + 1.0) * ncols, side * nrows), layout="compressed")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, matrix, ordinality) in zip(axes, matrices, strict=False):
+        _draw_heatmap(fig, ax, matrix, rank_space, ".2f", "cosine similarity", ("", ""), unit, limits)
+        ax.set_title(f"{name} (ordinality {ordinality:.3f})", fontsize="medium")
+    for ax in axes[len(matrices) :]:
+        ax.set_axis_off()
+    return _save(fig, path, title, title_suffix)
 
 
 def calibration_plot(

@@ -104,3 +104,37 @@ def test_placement_fits_in_the_smallest_allowed_image(count):
 def test_bad_settings_are_rejected(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_demo(tmp_path, **kwargs)
+
+
+def test_the_default_style_leaves_the_demo_set_as_it_was(tmp_path):
+    from l2rclip.data.demo import DEMO_STYLE, demo_image
+
+    generate_demo(tmp_path, n_per_rank=2, image_size=48, seed=3, style=DEMO_STYLE)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert "style" not in manifest["settings"]  # the committed demo set's manifest is unchanged
+    # The pixels of the default style are those of the plain call (dvc.lock's md5 of data/demo was checked too).
+    image, _ = demo_image(3, 1, 4, 48)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(tmp_path / "images/04/0001.png")))
+
+
+def test_a_style_restricts_kinds_and_hues_and_frees_sizes_from_the_count(tmp_path):
+    from l2rclip.data.demo import DemoStyle
+
+    narrow = DemoStyle(kinds=("circle",), hues=(-0.05, 0.1))
+    generate_demo(tmp_path / "narrow", n_per_rank=6, image_size=96, seed=5, style=narrow)
+    manifest = json.loads((tmp_path / "narrow/manifest.json").read_text())
+    assert manifest["settings"]["style"] == {"kinds": ["circle"], "hues": [-0.05, 0.1], "sizes": "count"}
+    assert {shape for image in manifest["images"] for shape, *_ in image["objects"]} == {"circle"}
+    free = DemoStyle(sizes="free")
+    generate_demo(tmp_path / "free", n_per_rank=6, image_size=96, seed=5, style=free)
+
+    def largest_by_count(root):
+        images = json.loads((root / "manifest.json").read_text())["images"]
+        return {c: np.mean([max(o[3] for o in i["objects"]) for i in images if i["label"] == c]) for c in (1, 10)}
+
+    demo, freed = largest_by_count(tmp_path / "narrow"), largest_by_count(tmp_path / "free")
+    assert demo[1] / demo[10] > 2.3 and freed[1] / freed[10] < 1.8  # one shape is no longer much larger
+    with pytest.raises(ValueError, match="DemoStyle.kinds"):
+        DemoStyle(kinds=("hexagon",))
+    with pytest.raises(ValueError, match="unknown key"):
+        DemoStyle.from_dict({"colours": "red"})
