@@ -55,6 +55,7 @@ from l2rclip.methods import UNTRAINED, resolve_method
 from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality
 from l2rclip.models.checkpoint import load_model
 from l2rclip.models.factory import build_model, resolve_backbone
+from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.kinds import backbone_label, least_clip
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
@@ -69,7 +70,7 @@ log = logging.getLogger("l2rclip.stages.method_study")
 
 # The study's method names: model.method, plus the two-stage schedule of L2RCLIP as its own entry
 # (stage 1 learns prompts on cached features, stage 2 trains the image tower: it cannot stay frozen).
-STUDY_METHODS: dict[str, dict[str, str]] = {
+STUDY_METHODS: dict[str, dict[str, Any]] = {  # values: ModelConfig/TrainConfig literals
     "zero_shot": {"method": "zero_shot"},
     "linear_probe": {"method": "linear_probe"},
     "coop": {"method": "coop"},
@@ -299,7 +300,7 @@ def run_one(
         "seconds": round(time.perf_counter() - start, 2),
         "backbone_kind": backbone.kind,
     }
-    if before is not None:
+    if before is not None and isinstance(best, L2RCLIP):
         after = best.cache_prototypes().numpy()  # (M, E)
         record["ordinality_before"] = prototype_ordinality(before)
         record["ordinality_after"] = prototype_ordinality(after)
@@ -319,7 +320,7 @@ def run_one(
 
 
 def _test_outputs(
-    model: torch.nn.Module,
+    model: L2RCLIP | OrdinalHeadModel,
     meta: dict[str, Any],
     test: pd.DataFrame,
     images: pd.DataFrame,
