@@ -72,6 +72,7 @@ def test_dvc_pipeline_reruns_exactly_what_changed_and_tracks_in_mlflow(scratch_r
         "train@1",
         "calibrate@1",
         "evaluate@1",
+        "zero-shot@1",
         "report",
         "curves",
         "register",
