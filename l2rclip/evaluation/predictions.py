@@ -177,7 +177,7 @@ def split_outputs(
     """`predict_outputs` on a split's images, in table order, as evaluation computes them.
 
     The inputs are `features` (n, E) of the split's rows when given (a frozen tower's cache,
-    `l2rclip.training.features.reuse_split_features`), else the images from the preprocess stage's
+    `l2rclip.training.features.read_feature_cache`), else the images from the preprocess stage's
     `store`, else from the files. Shows progress with an ETA (`desc`) on image batches.
     """
     size = params.train.eval_batch_size

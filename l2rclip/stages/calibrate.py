@@ -37,7 +37,7 @@ from l2rclip.runtime import pick_device, seed_everything
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version
 from l2rclip.tracking.runs import Tracker
-from l2rclip.training.features import reuse_split_features
+from l2rclip.training.features import read_feature_cache, rows_of
 
 log = logging.getLogger("l2rclip.stages.calibrate")  # not __main__ under python -m
 
@@ -95,11 +95,12 @@ def calibrate_fold(
     rank_space = meta["rank_space"]
     store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
     images = read_prepared(prepared)[0]
+    cached = read_feature_cache(  # (N_all, E) from a frozen tower's cache, or None: encode the images
+        model, images, params.data.root, meta["preprocess"], params.train.feature_cache, store
+    )
 
     def outputs(split: pd.DataFrame, name: str) -> np.ndarray:
-        features = reuse_split_features(  # (n, E) from a frozen tower's cache, or None: encode the images
-            model, images, split, params.data.root, meta["preprocess"], params.train.feature_cache, store
-        )
+        features = None if cached is None else rows_of(cached, images, split)  # (n, E)
         return split_outputs(
             model, meta["preprocess"], split, params, device, store, features, f"{name} fold {fold}"
         )[0]  # (n, M)

@@ -38,7 +38,7 @@ from l2rclip.stages.calibrate import read_calibration
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version
 from l2rclip.tracking.runs import Tracker
-from l2rclip.training.features import reuse_split_features
+from l2rclip.training.features import read_feature_cache, rows_of
 
 log = logging.getLogger("l2rclip.stages.evaluate")  # not __main__ under python -m
 
@@ -77,9 +77,10 @@ def evaluate_fold(
     cached = model.cache_prototypes()  # (M, E) once for the whole test set; None for ordinal heads
     prototypes = None if cached is None else cached.cpu().numpy()
     store = open_store(store_dir, meta["recipe"], params.preprocess.margin)
-    features = reuse_split_features(  # (N, E) from a frozen tower's cache, or None: encode the images
-        model, images, test, params.data.root, meta["preprocess"], params.train.feature_cache, store
+    cached_features = read_feature_cache(  # (N_all, E) from a frozen tower's cache, or None: encode the images
+        model, images, params.data.root, meta["preprocess"], params.train.feature_cache, store
     )
+    features = None if cached_features is None else rows_of(cached_features, images, test)  # (N, E)
     probs, point = split_outputs(
         model, meta["preprocess"], test, params, device, store, features, f"evaluating fold {fold}"
     )  # (N, M), (N,) or None

@@ -8,7 +8,7 @@ never runs it), whose stages call the subcommands here:
              in every style (all kinds, all hues, sizes free of the count), listed with their split
              in labels.csv for the `csv` source; the project's `prepare` stage then validates it
     run      one setting (all data, k shots per rank, label shift): every method x seed in this one
-             process, through the project's own training (`fit`, `fit_untrained`) on the frozen image
+             process, through the project's own training (`training.fit_method`) on the frozen image
              tower's cached features; writes one JSON of test metrics (and prototypes) per setting
     report   the table (markdown), the figures and a summary JSON from every setting's results
              (`l2rclip.evaluation.method_table`)
@@ -51,7 +51,7 @@ from l2rclip.data.demo import DemoStyle, generate_demo
 from l2rclip.data.splits import make_splits, select
 from l2rclip.evaluation.method_table import write_report
 from l2rclip.evaluation.predictions import predict_outputs, split_outputs
-from l2rclip.methods import UNTRAINED, resolve_method
+from l2rclip.methods import resolve_method
 from l2rclip.metrics import ordinal_metrics, prefix_metrics, prototype_ordinality
 from l2rclip.models.checkpoint import load_model
 from l2rclip.models.factory import build_model, resolve_backbone
@@ -61,9 +61,9 @@ from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import seed_everything
 from l2rclip.stages.common import read_prepared, run_main, write_json
-from l2rclip.training.baselines import fit_untrained
-from l2rclip.training.features import cached_image_features
-from l2rclip.training.loop import FoldData, check_schedule, fit
+from l2rclip.training.features import cached_image_features, rows_of
+from l2rclip.training.fit_method import fit_method
+from l2rclip.training.loop import FoldData, check_schedule
 from l2rclip.training.resume import TrainState
 
 log = logging.getLogger("l2rclip.stages.method_study")
@@ -249,39 +249,19 @@ def run_one(
     out = work / f"{setting_name}-{method}-{seed}"
     meta = {"method": model_config.method, "backbone_kind": backbone.kind}
     start = time.perf_counter()
-    if model_config.method in UNTRAINED:
-        result = fit_untrained(
-            model_config.method,
-            model,
-            backbone,
-            rank_space,
-            data,
-            model_config,
-            params.train,
-            params.eval,
-            backbone.preprocess_eval,
-            out,
-            seed,
-            device,
-            meta,
-        )
-    else:
-        check_schedule(model_config, params.train, params.loss, rank_space)
-        result = fit(
-            model,
-            rank_space,
-            data,
-            model_config,
-            params.train,
-            params.loss,
-            params.eval,
-            (backbone.preprocess_train, backbone.preprocess_eval),
-            out,
-            seed,
-            device,
-            TrainState(fingerprint=out.name),
-            meta=meta,
-        )
+    check_schedule(model_config, params.train, params.loss, rank_space)
+    result = fit_method(
+        model,
+        backbone,
+        dataclasses.replace(params, model=model_config),
+        rank_space,
+        data,
+        out,
+        seed,
+        device,
+        TrainState(fingerprint=out.name),
+        meta,
+    )
     best, best_meta = load_model(out / "best", device)
     probs, point = _test_outputs(best, best_meta, test, images, params, device)
     metrics = ordinal_metrics(
@@ -340,8 +320,7 @@ def _test_outputs(
         params.train.eval_batch_size,
         params.train.num_workers,
     )  # (N_all, E): the file fit wrote (same tower weights, same key)
-    index = {path: i for i, path in enumerate(images["path"])}
-    test_features = features[[index[p] for p in test["path"]]]  # (N_test, E)
+    test_features = rows_of(features, images, test)  # (N_test, E)
     batches = ({"image_features": chunk} for chunk in test_features.split(params.train.eval_batch_size))
     return predict_outputs(model, batches, device, params.train.amp)
 

@@ -55,7 +55,6 @@ from l2rclip.runtime import describe_device, device_report, pick_device, seed_ev
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.tracking.provenance import data_version, pipeline_key, pipeline_run_name, source_tags
 from l2rclip.tracking.runs import Tracker
-from l2rclip.training.baselines import fit_untrained
 from l2rclip.training.distributed import (
     SINGLE,
     World,
@@ -66,7 +65,8 @@ from l2rclip.training.distributed import (
     worker_device,
     world_size,
 )
-from l2rclip.training.loop import FoldData, check_schedule, fit
+from l2rclip.training.fit_method import fit_method
+from l2rclip.training.loop import FoldData, check_schedule
 from l2rclip.training.resume import TrainState, find_state, identity_fingerprint, run_identity
 from l2rclip.training.timings import Timings, timings_path
 
@@ -247,41 +247,22 @@ def _train_locked(
         tracker.log_metrics(run_id, metrics, step=epoch)
 
     with monitor:
-        if model_config.method in UNTRAINED:
-            result = fit_untrained(
-                model_config.method,
-                model,
-                backbone,
-                rank_space,
-                data,
-                model_config,
-                params.train,
-                params.eval,
-                backbone.preprocess_eval,
-                out_dir,
-                params.seed,
-                device,
-                meta,
-            )
+        result = fit_method(
+            model,
+            backbone,
+            effective,
+            rank_space,
+            data,
+            out_dir,
+            params.seed,
+            device,
+            state,
+            meta,
+            on_epoch=on_epoch,
+            world=world,
+        )
+        if model_config.method in UNTRAINED:  # no epochs: its validation is logged once here
             tracker.log_metrics(run_id, {k: v for k, v in result.best_metrics.items() if k.startswith("val/")})
-        else:
-            result = fit(
-                model,
-                rank_space,
-                data,
-                model_config,
-                params.train,
-                params.loss,
-                params.eval,
-                (backbone.preprocess_train, backbone.preprocess_eval),
-                out_dir,
-                params.seed,
-                device,
-                state,
-                meta=meta,
-                on_epoch=on_epoch,
-                world=world,
-            )
     history_frame(result.history).to_csv(out_dir / "history.csv", index=False, float_format="%.6g")
     summary = {
         **meta,

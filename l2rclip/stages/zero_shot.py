@@ -29,7 +29,7 @@ from l2rclip.ranks import RankSpace
 from l2rclip.runtime import pick_device, seed_everything
 from l2rclip.stages.common import read_prepared, run_main, stage_parser, write_json
 from l2rclip.training.baselines import zero_shot_prototypes
-from l2rclip.training.features import reuse_split_features
+from l2rclip.training.features import read_feature_cache, rows_of
 
 log = logging.getLogger("l2rclip.stages.zero_shot")  # not __main__ under python -m
 
@@ -55,9 +55,10 @@ def zero_shot_fold(
     model.cached_prototypes = zero_shot_prototypes(backbone, rank_space, config.prompt_template)  # (M, E)
     store = open_store(store_dir, backbone.recipe, params.preprocess.margin)
     transform = backbone.preprocess_eval
-    features = reuse_split_features(  # (N, E) when a frozen run cached this tower's features
-        model, images, test, params.data.root, transform, params.train.feature_cache, store
+    cached = read_feature_cache(  # (N_all, E) when a frozen run cached this tower's features
+        model, images, params.data.root, transform, params.train.feature_cache, store
     )
+    features = None if cached is None else rows_of(cached, images, test)  # (N, E)
     probs, point = split_outputs(model, transform, test, params, device, store, features, f"zero-shot fold {fold}")
     metrics = ordinal_metrics(
         probs, test["rank"].to_numpy(), rank_space.value_array, params.eval.cs_theta, params.eval.ece_bins, point

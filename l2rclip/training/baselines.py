@@ -28,7 +28,7 @@ from l2rclip.models.checkpoint import save_model
 from l2rclip.models.heads import OrdinalHeadModel
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
-from l2rclip.training.features import cached_image_features
+from l2rclip.training.features import cached_image_features, rows_of
 from l2rclip.training.loop import FoldData, TrainResult, validate
 
 log = logging.getLogger(__name__)
@@ -114,12 +114,8 @@ def fit_untrained(
             train.num_workers,
             train.amp,
             store=data.store,
-        ).numpy()
-        index = {path: i for i, path in enumerate(data.images["path"])}
-        x = {
-            name: features[[index[p] for p in table["path"]]]
-            for name, table in (("train", data.train), ("val", data.val))
-        }
+        )  # (N, E)
+        x = {name: rows_of(features, data.images, table).numpy() for name, table in data.fitting_splits()}
         weight, bias, c, _ = fit_linear_probe(
             x["train"],
             data.train["rank"].to_numpy(),

@@ -75,32 +75,35 @@ def feature_cache_file(
     return Path(cache_dir) / f"features-{key.hexdigest()}.safetensors"
 
 
-def reuse_split_features(
+def read_feature_cache(
     model: L2RCLIP | OrdinalHeadModel,
     images: pd.DataFrame,
-    split: pd.DataFrame,
     root: str | Path,
     transform: Callable,
     cache_dir: str | Path,
     store: ImageStore | None = None,
 ) -> torch.Tensor | None:
-    """Features of `split`'s rows, (n, E) in its order, from a cache of all `images`; None without one.
+    """The cached features of every row of `images` through `model`'s tower, (N, E); None without them.
 
     A model trained with its image tower frozen (`model.image_tower: frozen`, or `auto` on a CPU
     with a real CLIP) has the very tower the training stage encoded every prepared image with, so
-    evaluation and calibration read those features instead of encoding the split again (on a CPU
-    with ViT-B-16, minutes per fold). A fine-tuned tower has other weights, hence another key and
-    no file: its images are encoded as usual. Reading never writes a cache.
+    evaluation and calibration read those features (`rows_of` picks a split's) instead of encoding
+    again (on a CPU with ViT-B-16, minutes per fold). A fine-tuned tower has other weights, hence
+    another key and no file: its images are encoded as usual. Reading never writes a cache.
     """
     file = feature_cache_file(model, images, root, transform, cache_dir, store)
     if not file.is_file():
         return None
     features = load_file(file)["features"]  # (N, E), in `images` order
-    index = {path: i for i, path in enumerate(images["path"])}
-    missing = [p for p in split["path"] if p not in index]
-    if missing or len(features) != len(images):
+    if len(features) != len(images):
         return None  # not this table's cache: encode instead
-    log.info("image features: reusing %s for %d images (frozen image tower)", file, len(split))
+    log.info("image features: reusing %s for the %d prepared images (frozen image tower)", file, len(images))
+    return features
+
+
+def rows_of(features: torch.Tensor, images: pd.DataFrame, split: pd.DataFrame) -> torch.Tensor:
+    """`split`'s rows of `features` (N, E), which follow `images`' order: (n, E) in `split`'s order."""
+    index = {path: i for i, path in enumerate(images["path"])}
     return features[[index[p] for p in split["path"]]]
 
 
@@ -132,12 +135,11 @@ def cached_image_features(
         store: read the images from this store (`l2rclip.data.store`) instead of the files.
     """
     root = Path(root)
-    paths = [root / p for p in table["path"]]
     file = feature_cache_file(model, table, root, transform, cache_dir, store)
     if file.is_file():
-        log.info("image features: reusing %s (%d images)", file, len(paths))
+        log.info("image features: reusing %s (%d images)", file, len(table))
         return load_file(file)["features"]
-    log.info("image features: encoding %d images once (frozen image tower) into %s", len(paths), file)
+    log.info("image features: encoding %d images once (frozen image tower) into %s", len(table), file)
     if store is not None:
         batches = store_eval_batches(table, store, batch_size, num_workers, device)
     else:
@@ -152,7 +154,7 @@ def cached_image_features(
     chunks = []
     model.eval()
     with torch.no_grad():
-        for images in progress(batches, "encoding image features", -(-len(paths) // batch_size), "batch", log):
+        for images in progress(batches, "encoding image features", -(-len(table) // batch_size), "batch", log):
             with autocast(device, amp):
                 chunks.append(model.encode_images(images).float().cpu())  # (B, E)
     features = torch.cat(chunks)  # (N, E)

@@ -46,7 +46,7 @@ from l2rclip.training.distributed import (
     rank_positions,
     wrap,
 )
-from l2rclip.training.features import cached_image_features
+from l2rclip.training.features import cached_image_features, rows_of
 from l2rclip.training.optim import build_optimizer, warmup_cosine
 from l2rclip.training.resume import TrainState, restore, save_state
 
@@ -100,6 +100,10 @@ class FoldData:
     val: pd.DataFrame
     root: Path
     store: ImageStore | None = None  # the preprocess stage's uint8 store; None: decode the files
+
+    def fitting_splits(self) -> tuple[tuple[str, pd.DataFrame], ...]:
+        """(name, rows) of the splits a method fits on: train, then val for model selection."""
+        return (("train", self.train), ("val", self.val))
 
 
 @dataclass
@@ -202,11 +206,7 @@ def fit(
         )
         if world.is_main:
             world.barrier()
-        index = {path: i for i, path in enumerate(data.images["path"])}
-        features = {
-            split: encoded[[index[p] for p in table["path"]]]
-            for split, table in (("train", data.train), ("val", data.val))
-        }
+        features = {split: rows_of(encoded, data.images, table) for split, table in data.fitting_splits()}
     first_epoch, restored, resumed_after = 0, False, state.epoch
     store_batches = (
         StoreBatches(data.train, data.store, train, seed, device, world) if data.store is not None else None

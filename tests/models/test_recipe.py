@@ -20,7 +20,7 @@ from PIL import Image
 
 from l2rclip.config import ModelConfig, PromptConfig
 from l2rclip.data.demo import generate_demo
-from l2rclip.models.backbone import TINY_ARCH, create_clip, load_backbone
+from l2rclip.models.backbone import TINY_ARCH, create_clip
 from l2rclip.models.checkpoint import (
     CONFIG_FILE,
     LegacyModelWarning,
@@ -29,11 +29,12 @@ from l2rclip.models.checkpoint import (
     save_model,
     upgrade_model,
 )
-from l2rclip.models.factory import build_l2rclip, planned_recipe
+from l2rclip.models.factory import planned_recipe
 from l2rclip.models.recipe import BackboneRecipe, RecipeError, resolve_recipe
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import describe_device, device_report
 from l2rclip.training.features import cached_image_features
+from support.models import tiny_l2rclip
 
 
 def standard_text_tower(arch: str) -> bool:
@@ -185,12 +186,8 @@ def test_the_planned_recipe_reads_only_the_params_the_preprocess_stage_declares(
 
 
 def tiny_model(arch: str = TINY_ARCH, pretrained: str = "none", seed: int = 0):
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(arch, pretrained)
-    config = ModelConfig(arch=arch, pretrained=pretrained, prompt=PromptConfig(context_init="the number of"))
-    return build_l2rclip(backbone, RankSpace(list(range(1, 4))), config).eval(), config
+    _, model, config = tiny_l2rclip(3, "the number of", arch, pretrained, seed)
+    return model, config
 
 
 def test_a_format_1_model_is_upgraded_with_one_warning(tiny_tags, tmp_path):

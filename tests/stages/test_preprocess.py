@@ -12,19 +12,18 @@ import yaml
 from PIL import Image
 from support.project import ROOT, copy_project, environment, run, stages_run
 
-from l2rclip.config import ModelConfig, Params, PromptConfig, from_dict
+from l2rclip.config import Params, from_dict
 from l2rclip.data.batch_transforms import crop_boxes, store_eval_batches
 from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.store import ImageStore, StoreError, geometric_transform, open_store, spec_for
 from l2rclip.evaluation.predictions import predict_probabilities
 from l2rclip.models.backbone import TINY_ARCH, load_backbone
-from l2rclip.models.factory import build_l2rclip
 from l2rclip.models.recipe import resolve_recipe
-from l2rclip.ranks import RankSpace
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.preprocess import preprocess
 from l2rclip.training.loop import StoreBatches
+from support.models import tiny_l2rclip
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +46,8 @@ def demo_store(tmp_path_factory):
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(TINY_ARCH, "none")
-    config = ModelConfig(arch=TINY_ARCH, pretrained="none", prompt=PromptConfig(context_init="the number of"))
-    return backbone, build_l2rclip(backbone, RankSpace(list(range(1, 11))), config).eval()
+    backbone, model, _ = tiny_l2rclip(10, "the number of")
+    return backbone, model
 
 
 def test_spec_comes_from_open_clip_configs_without_loading_weights():

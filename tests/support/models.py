@@ -9,9 +9,10 @@ import torch
 
 from l2rclip.config import ModelConfig, PromptConfig
 from l2rclip.data.demo import generate_demo
-from l2rclip.models.backbone import TINY_ARCH, load_backbone
+from l2rclip.models.backbone import TINY_ARCH, Backbone, load_backbone
 from l2rclip.models.checkpoint import save_model
 from l2rclip.models.factory import build_l2rclip
+from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.ranks import RankSpace
 from l2rclip.serving.predictor import Predictor
 from l2rclip.serving.pyfunc import RequestLimits, log_pyfunc
@@ -23,19 +24,27 @@ NUMBERS = ["pred_rank", "pred_value", "expected_value", "std", "entropy", "confi
 PROBABILITIES = [f"p_{count}" for count in range(1, 11)]  # named by label: the tiny model's ranks are counts 1..10
 
 
+def tiny_l2rclip(
+    n_ranks: int = 10,
+    context_init: str = "the number of shapes is",
+    arch: str = TINY_ARCH,
+    pretrained: str = "none",
+    seed: int = 0,
+) -> tuple[Backbone, L2RCLIP, ModelConfig]:
+    """A random L2RCLIP over ranks 1..n_ranks on a tiny backbone, in eval mode, with its config."""
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no weights for the tiny architecture: random, on purpose
+        backbone = load_backbone(arch, pretrained)
+    config = ModelConfig(arch=arch, pretrained=pretrained, prompt=PromptConfig(context_init=context_init))
+    return backbone, build_l2rclip(backbone, RankSpace(list(range(1, n_ranks + 1))), config).eval(), config
+
+
 def save_tiny_model(folder: Path) -> Path:
     """A random L2RCLIP-Tiny model over the demo's counts 1..10, saved without cached prototypes."""
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = load_backbone(TINY_ARCH, "none")
-    config = ModelConfig(
-        arch=TINY_ARCH, pretrained="none", prompt=PromptConfig(context_init="the number of shapes is")
-    )
+    _, model, config = tiny_l2rclip()
     space = RankSpace(list(range(1, 11)))
-    return save_model(
-        build_l2rclip(backbone, space, config), folder, config, space, extra={"is_clip": False, "epoch": 1}
-    )
+    return save_model(model, folder, config, space, extra={"is_clip": False, "epoch": 1})
 
 
 _STORES: dict[Path, str] = {}
