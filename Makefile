@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: demo methods fgnet fgnet-reference fgnet-methods reproduce test test-all lint install clean ui serve flows docs
+.PHONY: demo methods fgnet fgnet-reference fgnet-methods reproduce test test-all test-slow lint install clean ui serve flows docs
 
 # constraints.txt: the exact tested versions (pyproject.toml has lower bounds; .ci/freeze-constraints writes it)
 $(STAMP): pyproject.toml constraints.txt
@@ -104,9 +104,13 @@ flows: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-## test-all: include slow tests
+## test-all: include slow tests (everything but `gpu`): the default tier and the slow one in one run
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not gpu"
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=10
+
+## test-slow: the slow tier alone (what `make test-all` adds to `make test`; CI runs it after `make test`)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not gpu" --durations=10
 
 ## docs: the documentation site (mkdocs.yml, pages in docs/) into site/, offline; any warning fails it
 DOCS_STAMP := $(VENV)/.installed-docs

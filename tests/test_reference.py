@@ -299,6 +299,13 @@ def test_report_states_units_and_results_use_the_papers_unit():
     assert "| 1.000 +- 0.100 | rank index |" in markdown_table([row])
     legacy = {"name": "old", "params": {}, "metrics": summary}  # a report written before paper_mae existed
     assert "| 10.000 +- 1.000 | value |" in markdown_table([legacy])
+    demo = {
+        "name": "demo",
+        "params": {},
+        "metrics": {**summary, "backbone": "L2RCLIP-Demo", "backbone_kind": "demo"},
+    }
+    table = markdown_table([demo])
+    assert "| L2RCLIP-Demo (DEMO CLIP, NOT real CLIP) |" in table and "*random init" not in table.split("\n")[2]
 
 
 # --- the reference bundle -------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from l2rclip.config import ConfigError, Params, from_dict, read_yaml, to_dict
+from l2rclip.models.kinds import weights_note
 from l2rclip.venv_path import interpreter_first_on_path
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def paper_table(preset: Preset, report: dict[str, Any] | None) -> str:
             + " |"
         )
     if report is not None:
-        weights = "CLIP" if report.get("is_clip") else "random init, NOT CLIP"
+        weights = weights_note(report)
         label = f"{report.get('method', 'l2rclip')} (this run: {report.get('backbone')}, {weights})"
         cells = []
         for metric in metrics:

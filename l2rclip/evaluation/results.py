@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from l2rclip.models.kinds import WEIGHTS_NOTES, kind_of, weights_note
+
 log = logging.getLogger(__name__)
 
 REPORT = "outputs/report/metrics.json"
@@ -80,7 +82,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         m, model = row["metrics"], row["params"].get("model", {})
-        weights = "CLIP " + str(model.get("pretrained")) if m.get("is_clip") else "random init, NOT CLIP"
+        weights = f"CLIP {model.get('pretrained')}" if kind_of(m) == "clip" else weights_note(m)
         mae = paper_mae_key(row)
         cells = [
             row["name"],
@@ -92,11 +94,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             _mean_std(m, "test/accuracy"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    if any(not row["metrics"].get("is_clip") for row in rows):
+    if any(kind_of(row["metrics"]) != "clip" for row in rows):
         lines += [
             "",
-            "Rows marked *random init, NOT CLIP* come from a randomly initialised backbone (no CLIP "
-            "weights were available): they check the pipeline, not the methods.",
+            f"Rows marked *{WEIGHTS_NOTES['random']}* come from a randomly initialised backbone: they check "
+            f"the pipeline, not the methods. Rows marked *{WEIGHTS_NOTES['demo']}* come from the demo CLIP, "
+            "pretrained here on drawn shapes only: not the methods' CLIP results either.",
         ]
     return "\n".join(lines) + "\n"
 

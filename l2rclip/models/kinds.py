@@ -31,6 +31,11 @@ BACKBONE_LABELS: dict[str, str] = {
     "demo": "DEMO CLIP (pretrained on drawn shapes only, NOT real CLIP results)",
     "random": "PIPELINE CHECK (random-initialised backbone, NOT CLIP results)",
 }
+WEIGHTS_NOTES: dict[str, str] = {  # the short form, for a table cell beside a backbone's name
+    "clip": "CLIP",
+    "demo": "DEMO CLIP, NOT real CLIP",
+    "random": "random init, NOT CLIP",
+}
 _ORDER = ("clip", "demo", "random")  # from most to least CLIP-like
 
 
@@ -79,6 +84,11 @@ def kind_of(meta: Mapping[str, Any]) -> BackboneKind:
     if meta.get("pretrained") is not None and meta.get("backbone") is not None:
         return backbone_kind(str(meta["backbone"]), str(meta["pretrained"]))
     return "clip" if meta.get("is_clip") else "random"
+
+
+def weights_note(meta: Mapping[str, Any]) -> str:
+    """A table cell's word on the weights behind a row (run or model metadata, as `kind_of` reads it)."""
+    return WEIGHTS_NOTES[kind_of(meta)]
 
 
 def least_clip(kinds: Iterable[BackboneKind]) -> BackboneKind:

@@ -37,6 +37,7 @@ from l2rclip.evaluation.conformal import Calibration, ConformalError
 from l2rclip.evaluation.predictions import batch_outputs, predictions_table
 from l2rclip.models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from l2rclip.models.heads import OrdinalHeadModel
+from l2rclip.models.kinds import backbone_label
 from l2rclip.models.l2rclip import L2RCLIP
 from l2rclip.runtime import pick_device
 from l2rclip.serving.reading import Batch, PathReader, Read, prediction_store, read_batches
@@ -307,10 +308,8 @@ class Predictor:
         torch_device = pick_device(device)
         with tempfile.TemporaryDirectory(prefix="l2rclip-model-") as download:
             model, meta = load_model(resolve_model_dir(str(uri), tracking_uri, download), device=torch_device)
-        if meta.get("is_clip") is False:
-            log.warning(
-                "%s has a random-initialised backbone: its predictions are a pipeline check, not CLIP results", uri
-            )
+        if label := backbone_label(meta):  # the demo CLIP or random weights: say which
+            log.warning("%s: %s", uri, label)
         if calibration is not None:
             where = "calibration" if isinstance(calibration, dict) else str(calibration)
             data = calibration if isinstance(calibration, dict) else _read_json(Path(calibration))

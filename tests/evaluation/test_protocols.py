@@ -181,6 +181,8 @@ def test_paper_table_prints_published_rows_and_this_run_in_paper_units(tmp_path)
         "| L2RCLIP (published) | 2 | 67.2 (1.6) | 0.43 (0.03) |",
         "| l2rclip (this run: L2RCLIP-Tiny, random init, NOT CLIP) | 2 | 50.00 +- 12.50 | 0.60 +- 0.10 |",
     ]
+    demo = {**report, "backbone": "L2RCLIP-Demo", "backbone_kind": "demo"}  # is_clip False, yet not random
+    assert "| l2rclip (this run: L2RCLIP-Demo, DEMO CLIP, NOT real CLIP) | 2 |" in paper_table(preset, demo)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 import torch
 from open_clip.utils import to_2tuple
 from PIL import Image
+from support.models import tiny_l2rclip
 
 from l2rclip.config import ModelConfig, PromptConfig
 from l2rclip.data.demo import generate_demo
@@ -34,7 +35,6 @@ from l2rclip.models.recipe import BackboneRecipe, RecipeError, resolve_recipe
 from l2rclip.ranks import RankSpace
 from l2rclip.runtime import describe_device, device_report
 from l2rclip.training.features import cached_image_features
-from support.models import tiny_l2rclip
 
 
 def standard_text_tower(arch: str) -> bool:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from support.models import NUMBERS, PROBABILITIES, save_tiny_model
+from support.models import NUMBERS, PROBABILITIES, save_tiny_model, tiny_l2rclip
 from support.sources import png_header_only
 
 from l2rclip import cli
@@ -18,7 +18,7 @@ from l2rclip.data.dataset import RankImageDataset, make_loader
 from l2rclip.data.demo import generate_demo
 from l2rclip.data.validate import DEFAULT_MAX_PIXELS, load_rgb, validate_table
 from l2rclip.evaluation.predictions import predict_probabilities, predictions_table
-from l2rclip.models.checkpoint import ModelFileError, load_model
+from l2rclip.models.checkpoint import ModelFileError, load_model, save_model
 from l2rclip.ranks import RankSpace
 from l2rclip.serving.predictor import Predictor, expand_inputs, resolve_model_dir, write_table
 from l2rclip.serving.pyfunc import predict_frame
@@ -266,3 +266,20 @@ def test_write_table_replaces_the_old_file_only_when_complete(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space left"):
         write_table(pd.DataFrame({"path": ["a"]}), out)
     assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "caveat"),
+    [
+        ({"is_clip": False}, "PIPELINE CHECK (random-initialised backbone"),  # older metadata: is_clip only
+        ({"is_clip": False, "backbone_kind": "demo"}, "DEMO CLIP (pretrained on drawn shapes only"),
+        ({"is_clip": True, "backbone_kind": "clip"}, None),
+    ],
+)
+def test_loading_a_model_names_the_weights_its_predictions_come_from(recorded, caveat, tmp_path, caplog):
+    _, model, config = tiny_l2rclip()
+    folder = save_model(model, tmp_path / "model", config, RankSpace(list(range(1, 11))), extra=recorded)
+    with caplog.at_level("WARNING", logger="l2rclip"):
+        Predictor.load(folder)
+    warned = [r.getMessage() for r in caplog.records if r.name == "l2rclip.serving.predictor"]
+    assert [f"{folder}: {caveat}" in message for message in warned] == ([True] if caveat else []), warned

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from support.models import tiny_l2rclip
 from support.project import ROOT, copy_project, environment, run, stages_run
 
 from l2rclip.config import Params, from_dict
@@ -23,7 +24,6 @@ from l2rclip.models.recipe import resolve_recipe
 from l2rclip.stages.prepare import prepare
 from l2rclip.stages.preprocess import preprocess
 from l2rclip.training.loop import StoreBatches
-from support.models import tiny_l2rclip
 
 
 @pytest.fixture(scope="module")
