@@ -9,7 +9,7 @@ variants alternating so that machine noise hits both alike:
    copies uint8 batches, and the crops and normalisation run on the device (`StoreBatches`).
    Target: at least 10x. A third row runs those device-side crops on this CPU as well, which is
    what CPU-only training pays.
-2. One training epoch of L2RCLIP-Tiny (64 px) with `l2rclip.training.loop.fit`, same settings, from the
+2. One training epoch of L2RCLIP-Tiny (64 px) with `l2rclip.training.fit_method` (the training loop), same settings, from the
    files against from the store (`FoldData.store`). Target: at least 3x.
 
 The store is built once beforehand (timed separately: that is the preprocess stage's one-off cost).
@@ -23,6 +23,7 @@ accuracy result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import tempfile
@@ -43,7 +44,8 @@ from l2rclip.models.backbone import TINY_ARCH, load_backbone
 from l2rclip.models.factory import build_l2rclip
 from l2rclip.models.recipe import resolve_recipe
 from l2rclip.ranks import RankSpace
-from l2rclip.training.loop import FoldData, StoreBatches, fit
+from l2rclip.training.fit_method import fit_method
+from l2rclip.training.loop import FoldData, StoreBatches
 from l2rclip.training.resume import TrainState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +96,7 @@ def store_cpu_pass(table: pd.DataFrame, store: ImageStore, batch: int, workers: 
 def epoch_seconds(
     table: pd.DataFrame, root: Path, store: ImageStore | None, space: RankSpace, workers: int, folder: Path
 ) -> float:
-    """Wall time of one `fit` epoch of L2RCLIP-Tiny (no validation split), from files or store."""
+    """Wall time of one training epoch of L2RCLIP-Tiny (no validation split), from files or store."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,21 +106,20 @@ def epoch_seconds(
     params = from_dict(
         Params, {"train": {"epochs": 1, "warmup_epochs": 0, "num_workers": workers, "device": "cpu"}}
     )
+    params = dataclasses.replace(params, model=config)
     data = FoldData(images=table, train=table, val=table.iloc[:0], root=root, store=store)
     times: list[float] = []
-    fit(
+    fit_method(
         model,
+        backbone,
+        params,
         space,
         data,
-        config,
-        params.train,
-        params.loss,
-        params.eval,
-        (backbone.preprocess_train, backbone.preprocess_eval),
         folder,
         0,
         torch.device("cpu"),
         TrainState("bench"),
+        {},
         on_epoch=lambda metrics, epoch: times.append(metrics["epoch_seconds"]),
     )
     return times[0]
