@@ -137,7 +137,7 @@ def shared_project(tmp_path: Path, env: dict) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_ablation_fans_out_to_two_workers_through_shared_remotes(tmp_path, monkeypatch):
+def test_ablation_fans_out_to_two_workers_through_shared_remotes(harness, tmp_path, monkeypatch):
     began = time.monotonic()
     prefect_url, mlflow_url = f"http://127.0.0.1:{free_port()}/api", f"http://127.0.0.1:{free_port()}"
     env = {

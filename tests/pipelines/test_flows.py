@@ -34,8 +34,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from support.project import ROOT, SMALL, copy_project, project_params
 from support.servers import GIT_IDENTITY, free_port, healthy, reporting_to, sh, stop, wait_for
 
@@ -62,21 +61,6 @@ from pipelines.retrain import ACCEPTED, NOT_COMPARED, RANK_CHANGE_TAG, decide, d
 from pipelines.settings import QUIET_DEFAULTS
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="session")
-def prefect_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("prefect-home")
-
-
-@pytest.fixture(scope="session")
-def harness(prefect_home):
-    """Flows run against a temporary Prefect server (started once: it takes seconds)."""
-    with (
-        temporary_settings(updates={PREFECT_HOME: prefect_home}),
-        prefect_test_harness(server_startup_timeout=180),
-    ):
-        yield
 
 
 @pytest.fixture
