@@ -9,8 +9,8 @@ variants alternating so that machine noise hits both alike:
    copies uint8 batches, and the crops and normalisation run on the device (`StoreBatches`).
    Target: at least 10x. A third row runs those device-side crops on this CPU as well, which is
    what CPU-only training pays.
-2. One training epoch of L2RCLIP-Tiny (64 px) with `l2rclip.training.fit_method` (the training loop), same settings, from the
-   files against from the store (`FoldData.store`). Target: at least 3x.
+2. One training epoch of L2RCLIP-Tiny (64 px) through `l2rclip.training.fit_method`, same settings,
+   from the files against from the store (`FoldData.store`). Target: at least 3x.
 
 The store is built once beforehand (timed separately: that is the preprocess stage's one-off cost).
 The backbone is random (`pretrained: none`): cost does not depend on weights; nothing here is an
