@@ -102,7 +102,7 @@ flows: $(STAMP)
 
 ## test: the default (fast, offline) test suite
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 ## test-all: include slow tests (everything but `gpu`): the default tier and the slow one in one run
 test-all: $(STAMP)
