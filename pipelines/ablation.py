@@ -30,7 +30,8 @@ prompts and one- vs two-stage training, and any params key can be given.
 
 Quirks (DVC 3.67): queued experiments contain the last commit plus uncommitted changes to tracked
 files, never untracked files, so commit new code first; `--run-all` also runs anything queued
-before; a fresh MLflow SQLite store is created once here, because parallel stage processes
+before; a queue worker can miss the queue's shutdown and is then stopped here (`pipelines.dvc_queue`);
+a fresh MLflow SQLite store is created once here, because parallel stage processes
 creating it at the same time collide (`duplicate column name`).
 """
 
@@ -58,6 +59,7 @@ from l2rclip.tracking.provenance import pipeline_key
 from l2rclip.tracking.runs import PARENT_TAG, PIPELINE_KEY_TAG, tag_experiment_commits
 from pipelines.checkout_lock import checkout_lock
 from pipelines.common import REPORT_METRICS, dvc_output, dvc_stream, project, run_cli, tracking_uri
+from pipelines.dvc_queue import stop_stranded_workers
 from pipelines.fanout import fan_out
 from pipelines.flow_run import announce_api, checkout_tags, tag_flow_run
 
@@ -142,7 +144,14 @@ def run_queue(repo: Path, jobs: int) -> None:
     uri = tracking_uri(repo)
     if uri.startswith("sqlite:"):
         MlflowClient(uri).search_experiments(max_results=1)  # create the store before parallel stages do
-    dvc_stream(repo, "exp", "run", "--run-all", "--jobs", str(jobs), echo=get_run_logger().info)
+    logger = get_run_logger()
+    dvc_stream(repo, "exp", "run", "--run-all", "--jobs", str(jobs), echo=logger.info)
+    if stopped := stop_stranded_workers(repo):
+        logger.warning(
+            "stopped %d DVC queue worker(s) left running after the queue emptied (pids %s; pipelines.dvc_queue)",
+            len(stopped),
+            ", ".join(map(str, stopped)),
+        )
 
 
 @task

@@ -19,6 +19,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,24 +115,53 @@ def dvc_stream(repo: Path, *args: str, echo: Callable[[str], None], env: Mapping
 
     Stages can run for hours: streaming lets the flow's log (and the Prefect UI) show progress.
     """
-    lines: list[str] = []
-    with subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=repo,
-        env=dvc_env(repo, env),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        bufsize=1,
-    ) as process:
-        for line in process.stdout:
-            lines.append(line)
-            if line.strip():
-                echo(line.rstrip())
-    output = "".join(lines)
-    if process.returncode != 0:
-        raise DvcError(args, repo, process.returncode, output)
+    returncode, output = stream_command(
+        [sys.executable, "-m", "dvc", *args], cwd=repo, env=dvc_env(repo, env), echo=echo
+    )
+    if returncode != 0:
+        raise DvcError(args, repo, returncode, output)
     return output
+
+
+def stream_command(
+    command: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    echo: Callable[[str], None],
+    poll_s: float = 0.2,
+) -> tuple[int, str]:
+    """Run `command`, passing each line it writes (stdout and stderr) to `echo`; (exit status, output).
+
+    The output goes to a file, not a pipe, and the call ends when the command does. With a pipe it
+    would end only when every process holding the pipe's write end had closed it: DVC's queue
+    (`dvc exp run --run-all`) forks daemons that inherit its stdout, and one that never exits (a
+    worker that missed its shutdown, see `pipelines.dvc_queue`) would keep the flow waiting forever.
+    """
+    lines: list[str] = []
+
+    def emit(text: str) -> None:
+        lines.append(text)
+        if text.strip():
+            echo(text.rstrip())
+
+    with tempfile.TemporaryDirectory(prefix="l2rclip-dvc-", ignore_cleanup_errors=True) as folder:
+        log_file = Path(folder) / "output.log"
+        with log_file.open("wb") as sink, log_file.open(encoding="utf-8", errors="replace") as source:
+            process = subprocess.Popen(list(command), cwd=cwd, env=dict(env), stdout=sink, stderr=sink)
+            partial = ""
+            while True:
+                ended = process.poll() is not None  # read once more after the end: nothing is left out
+                partial += source.read()
+                *complete, partial = partial.split("\n")
+                for line in complete:
+                    emit(line + "\n")
+                if ended:
+                    break
+                time.sleep(poll_s)
+            if partial:
+                emit(partial)
+    return process.returncode, "".join(lines)
 
 
 def stale_stages(repo: Path) -> list[str]:

@@ -54,6 +54,7 @@ from pipelines.ablation import DEFAULT_GRID, VARIANT_TAG, ablation, expand, publ
 from pipelines.checkout_lock import CheckoutBusyError, checkout_limit_name, checkout_lock, lease_file
 from pipelines.common import DvcError, is_transient
 from pipelines.deploy import DEFAULT_CRON, DEFAULT_NAME, deploy_to_pool, retrain_deployment
+from pipelines.dvc_queue import live_workers
 from pipelines.fanout import CLONE_ENV, experiment_deployment
 from pipelines.flow_run import TEMPORARY_SERVER, api_target
 from pipelines.pipeline import pipeline
@@ -638,6 +639,7 @@ def test_ablation_runs_four_experiments_and_compares_them(harness, env, tmp_path
 
     result = ablation(str(repo), jobs=2)
 
+    assert not live_workers(repo)  # no DVC queue worker outlives the flow (pipelines.dvc_queue)
     names = [v.name for v in expand(DEFAULT_GRID)]
     listed = sh([str(BIN / "dvc"), "exp", "list", "--name-only"], repo, os.environ).split()
     assert sorted(listed) == sorted(names)
