@@ -115,7 +115,7 @@ test-slow: $(STAMP)
 ## docs: the documentation site (mkdocs.yml, pages in docs/) into site/, offline; any warning fails it
 DOCS_STAMP := $(VENV)/.installed-docs
 $(DOCS_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install --quiet -e '.[dev,docs]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,docs]'
 	touch $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
